@@ -1,0 +1,94 @@
+"""What PyTorch's caching allocator holds, per CUDA device of this process.
+
+NVML sees only what the allocator reserved from the driver; this probe sees
+what tensors actually use (allocated) versus what is cached (reserved -
+allocated). Peaks between ticks are caught by reading the peak statistics
+and resetting them every tick, so a 5 ms spike is not missed at a 50 ms interval.
+"""
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from probes.readings import ERROR, NO_DEVICE, NOT_INITIALIZED, Unavailable
+
+ScopedValue = tuple[str, str, Any]
+
+# our metric name -> key in torch.cuda.memory_stats()
+STAT_KEYS = {
+    "torch_allocated_bytes": "allocated_bytes.all.current",
+    "torch_reserved_bytes": "reserved_bytes.all.current",
+    "torch_active_bytes": "active_bytes.all.current",
+    "torch_inactive_split_bytes": "inactive_split_bytes.all.current",
+    "torch_peak_allocated_bytes": "allocated_bytes.all.peak",
+    "torch_peak_reserved_bytes": "reserved_bytes.all.peak",
+    "torch_alloc_retries": "num_alloc_retries",
+    "torch_ooms": "num_ooms",
+}
+METRICS = tuple(STAT_KEYS)
+
+
+class TorchCudaBackend(Protocol):
+    def available(self) -> bool: ...
+    def is_initialized(self) -> bool: ...
+    def memory_stats(self, device: int) -> dict[str, int]: ...
+    def reset_peak_memory_stats(self, device: int) -> None: ...
+
+
+class RealTorchCuda:
+    """torch.cuda, imported lazily so the CLI starts fast."""
+
+    def __init__(self) -> None:
+        import torch
+
+        self._cuda = torch.cuda
+
+    def available(self) -> bool:
+        return bool(self._cuda.is_available())
+
+    def is_initialized(self) -> bool:
+        return bool(self._cuda.is_initialized())
+
+    def memory_stats(self, device: int) -> dict[str, int]:
+        return dict(self._cuda.memory_stats(device))
+
+    def reset_peak_memory_stats(self, device: int) -> None:
+        self._cuda.reset_peak_memory_stats(device)
+
+
+class AllocatorProbe:
+    """Reads torch allocator statistics for the given torch devices.
+
+    `scopes` maps a torch device index to the sample scope it belongs to
+    (`pid:1234/gpu:0`, using the NVML index, which can differ from torch's under
+    CUDA_VISIBLE_DEVICES).
+    """
+
+    def __init__(self, backend: TorchCudaBackend, scopes: dict[int, str], reset_peaks: bool = True) -> None:
+        self._backend = backend
+        self._scopes = scopes
+        self._reset_peaks = reset_peaks
+
+    def read(self) -> list[ScopedValue]:
+        out: list[ScopedValue] = []
+        if not self._backend.available():
+            missing = Unavailable(NO_DEVICE, "torch sees no CUDA device")
+        elif not self._backend.is_initialized():
+            missing = Unavailable(NOT_INITIALIZED, "CUDA is not initialised in this process yet")
+        else:
+            missing = None
+        for device, scope in self._scopes.items():
+            if missing is not None:
+                out += [(scope, metric, missing) for metric in METRICS]
+                continue
+            try:
+                stats = self._backend.memory_stats(device)
+                if self._reset_peaks:
+                    self._backend.reset_peak_memory_stats(device)
+            except Exception as exc:
+                failed = Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
+                out += [(scope, metric, failed) for metric in METRICS]
+                continue
+            for metric, key in STAT_KEYS.items():
+                # An allocator that has never allocated has no keys yet: that is a true 0.
+                out.append((scope, metric, int(stats.get(key, 0))))
+        return out

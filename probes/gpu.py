@@ -1,0 +1,161 @@
+"""Device and per-process GPU memory and utilisation, from an injected NvmlBackend.
+
+Each read is independent per metric: one failing call makes that reading
+`Unavailable(reason)` and leaves the rest intact (nvitop's rule). Rows from
+NVML are sanity-checked before they are trusted, because some binding/driver
+pairs have returned swapped `pid`/`usedGpuMemory` fields.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from probes.nvml import MetricError, NvmlBackend, ProcessRow
+from probes.processes import ProcessInfo, describe_process
+from probes.readings import ERROR, NOT_SUPPORTED, Unavailable
+
+MAX_PID = 4_194_304  # Linux pid_max upper bound (2**22)
+ScopedValue = tuple[str, str, Any]
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    index: int
+    name: str | Unavailable
+    uuid: str | Unavailable
+    total_bytes: int | Unavailable
+    driver: str | Unavailable
+
+    def to_json(self) -> dict:
+        from probes.readings import reading_to_json
+
+        return reading_to_json({"index": self.index, "name": self.name, "uuid": self.uuid,
+                                "total_bytes": self.total_bytes, "driver": self.driver})
+
+
+@dataclass(frozen=True)
+class CheckedRow:
+    """A process row after sanity checks."""
+
+    pid: int
+    used_bytes: int | Unavailable
+    in_namespace: bool
+    note: str = ""
+
+
+def device_scope(index: int) -> str:
+    return f"gpu:{index}"
+
+
+def process_device_scope(pid: int, index: int) -> str:
+    return f"pid:{pid}/gpu:{index}"
+
+
+def _attempt(fn: Callable[[], Any]) -> Any:
+    try:
+        return fn()
+    except MetricError as exc:
+        return Unavailable(exc.reason, exc.detail)
+    except Exception as exc:  # a binding bug must not kill the sampler
+        return Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
+
+
+def check_row(row: ProcessRow, total_bytes: int | Unavailable, pid_exists: Callable[[int], bool]) -> CheckedRow:
+    """Validate one NVML process row: swapped fields, impossible sizes, foreign pid namespaces."""
+    pid, used = row.pid, row.used_bytes
+    note = ""
+    total = total_bytes if isinstance(total_bytes, int) else None
+    if used is not None and pid > MAX_PID and 0 < used <= MAX_PID and (total is None or pid <= total):
+        pid, used, note = used, pid, "pid and usedGpuMemory were swapped by the binding"
+    if used is None:
+        checked_used: int | Unavailable = Unavailable(NOT_SUPPORTED, "NVML reports no per-process memory")
+    elif used < 0 or (total is not None and used > total):
+        checked_used = Unavailable(ERROR, f"implausible per-process memory {used} (device total {total})")
+    else:
+        checked_used = used
+    return CheckedRow(pid, checked_used, pid_exists(pid), note)
+
+
+class GpuProbe:
+    """Samples every device NVML can see, and every process on each."""
+
+    def __init__(self, backend: NvmlBackend, describe: Callable[[int, str], ProcessInfo] | None = None,
+                 pid_exists: Callable[[int], bool] | None = None, describe_every_s: float = 5.0) -> None:
+        import psutil
+
+        self._backend = backend
+        self._describe = describe or (lambda pid, name: describe_process(pid, name))
+        self._pid_exists = pid_exists or psutil.pid_exists
+        self._describe_every_s = describe_every_s
+        self._described_at: dict[int, float] = {}
+        self.processes: dict[int, ProcessInfo] = {}
+        self._events: list[dict] = []
+        self._last_util_us: dict[int, int] = {}
+        self.device_count = backend.device_count()
+        self.devices = [self._device_info(i) for i in range(self.device_count)]
+
+    def _device_info(self, index: int) -> DeviceInfo:
+        memory = _attempt(lambda: self._backend.memory_info(index))
+        total = memory.total_bytes if not isinstance(memory, Unavailable) else memory
+        return DeviceInfo(index, _attempt(lambda: self._backend.device_name(index)),
+                          _attempt(lambda: self._backend.device_uuid(index)), total,
+                          _attempt(self._backend.driver_version))
+
+    def drain_events(self) -> list[dict]:
+        events, self._events = self._events, []
+        return events
+
+    def _note_process(self, pid: int, index: int, now_s: float) -> None:
+        last = self._described_at.get(pid)
+        if last is not None and now_s - last < self._describe_every_s:
+            return
+        self._described_at[pid] = now_s
+        name = _attempt(lambda: self._backend.process_name(pid))
+        info = self._describe(pid, name if isinstance(name, str) else "")
+        if self.processes.get(pid) != info:
+            self.processes[pid] = info
+            self._events.append({"event": "process", "gpu": index, **info.to_json()})
+
+    def read(self) -> list[ScopedValue]:
+        out: list[ScopedValue] = []
+        now_s = time.monotonic()
+        for index in range(self.device_count):
+            scope = device_scope(index)
+            memory = _attempt(lambda: self._backend.memory_info(index))
+            if isinstance(memory, Unavailable):
+                for metric in ("total_bytes", "used_bytes", "free_bytes", "driver_reserved_bytes"):
+                    out.append((scope, metric, memory))
+                total: int | Unavailable = memory
+            else:
+                total = memory.total_bytes
+                out += [(scope, "total_bytes", memory.total_bytes), (scope, "used_bytes", memory.used_bytes),
+                        (scope, "free_bytes", memory.free_bytes),
+                        (scope, "driver_reserved_bytes", memory.reserved_bytes if memory.reserved_bytes is not None
+                         else Unavailable(NOT_SUPPORTED, "memory info v2 not available"))]
+            util = _attempt(lambda: self._backend.utilization_pct(index))
+            if isinstance(util, Unavailable):
+                out += [(scope, "util_pct", util), (scope, "mem_util_pct", util)]
+            else:
+                out += [(scope, "util_pct", util[0]), (scope, "mem_util_pct", util[1])]
+            rows = _attempt(lambda: self._backend.running_processes(index))
+            if isinstance(rows, Unavailable):
+                out.append((scope, "process_count", rows))
+                continue
+            checked = [check_row(row, total, self._pid_exists) for row in rows]
+            out.append((scope, "process_count", len(checked)))
+            now_us = int(time.time() * 1e6)
+            since_us = self._last_util_us.get(index, now_us - 1_000_000)
+            self._last_util_us[index] = now_us
+            proc_util = _attempt(lambda: self._backend.process_utilization_pct(index, since_us))
+            for row in checked:
+                pscope = process_device_scope(row.pid, index)
+                out.append((pscope, "used_bytes", row.used_bytes))
+                if isinstance(proc_util, Unavailable):
+                    out.append((pscope, "sm_util_pct", proc_util))
+                else:
+                    out.append((pscope, "sm_util_pct", proc_util.get(row.pid, 0)))
+                if row.note:
+                    self._events.append({"event": "nvml_row_fixed", "pid": row.pid, "gpu": index, "note": row.note})
+                self._note_process(row.pid, index, now_s)
+        return out

@@ -1,0 +1,64 @@
+"""Who a pid is: name, user, redacted command line, and whether /proc knows it.
+
+NVML reports pids from the host's pid namespace; inside a container those pids
+may not exist in our /proc (PID_NAMESPACE). `exists` records exactly that.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable
+
+import psutil
+
+from probes.engines import EngineReport, EnginesProbe
+from probes.readings import NO_PERMISSION, PROCESS_GONE, Unavailable
+from probes.redact import redact_argv
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    pid: int
+    exists: bool
+    name: str
+    user: str | Unavailable
+    cmdline: str | Unavailable  # redacted
+    engines: tuple[str, ...] | Unavailable
+    memory_env: dict[str, str] | Unavailable
+
+    def to_json(self) -> dict:
+        from probes.readings import reading_to_json
+
+        return reading_to_json({
+            "pid": self.pid, "exists": self.exists, "name": self.name, "user": self.user,
+            "cmdline": self.cmdline,
+            "engines": list(self.engines) if isinstance(self.engines, tuple) else self.engines,
+            "memory_env": self.memory_env,
+        })
+
+
+Describer = Callable[[int, str], ProcessInfo]
+
+
+def describe_process(pid: int, nvml_name: str = "", engines_probe: EnginesProbe | None = None) -> ProcessInfo:
+    """Describe a pid from psutil and /proc; `nvml_name` is the fallback name."""
+    probe = engines_probe or EnginesProbe()
+    try:
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            name = proc.name()
+            try:
+                user: str | Unavailable = proc.username()
+            except (psutil.AccessDenied, KeyError) as exc:
+                user = Unavailable(NO_PERMISSION, str(exc))
+            try:
+                cmdline: str | Unavailable = " ".join(redact_argv(proc.cmdline()))
+            except psutil.AccessDenied as exc:
+                cmdline = Unavailable(NO_PERMISSION, str(exc))
+    except psutil.NoSuchProcess:
+        gone = Unavailable(PROCESS_GONE, f"pid {pid} is not in this pid namespace")
+        return ProcessInfo(pid, False, nvml_name or "?", gone, gone, gone, gone)
+    except psutil.AccessDenied as exc:
+        denied = Unavailable(NO_PERMISSION, str(exc))
+        return ProcessInfo(pid, True, nvml_name or "?", denied, denied, denied, denied)
+    report: EngineReport = probe.report(pid)
+    return ProcessInfo(pid, True, name or nvml_name, user, cmdline, report.engines, report.memory_env)

@@ -1,0 +1,85 @@
+"""Readings: a number with its unit in its metric name, or an explicit Unavailable.
+
+Why a separate type rather than None/NaN: a profiler that prints 0 MiB for
+"could not read" sends people chasing phantom savings. `Unavailable` carries
+the reason so reports can say *why* a figure is missing.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Union
+
+# The closed set of reasons a reading can be missing (DESIGN.md, data model).
+NO_DEVICE = "no_device"
+NOT_SUPPORTED = "not_supported"
+NO_PERMISSION = "no_permission"
+PROCESS_GONE = "process_gone"
+NOT_INITIALIZED = "not_initialized"
+ERROR = "error"
+REASONS = (NO_DEVICE, NOT_SUPPORTED, NO_PERMISSION, PROCESS_GONE, NOT_INITIALIZED, ERROR)
+
+
+@dataclass(frozen=True)
+class Unavailable:
+    """A reading that could not be taken, and why."""
+
+    reason: str
+    detail: str = ""
+
+    def __post_init__(self) -> None:
+        if self.reason not in REASONS:
+            raise ValueError(f"unknown Unavailable reason {self.reason!r}")
+
+    def __bool__(self) -> bool:  # so `if reading:` never treats it as data
+        return False
+
+    def __str__(self) -> str:
+        return f"unavailable ({self.reason}{': ' + self.detail if self.detail else ''})"
+
+    def to_json(self) -> dict[str, str]:
+        out = {"unavailable": self.reason}
+        if self.detail:
+            out["detail"] = self.detail
+        return out
+
+
+Number = Union[int, float]
+Reading = Union[int, float, Unavailable]
+
+
+def is_available(value: Any) -> bool:
+    """True for a real number (bools excluded), False for Unavailable/None."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def reading_to_json(value: Any) -> Any:
+    """Encode a reading (or any nested structure holding readings) for JSON."""
+    if isinstance(value, Unavailable):
+        return value.to_json()
+    if isinstance(value, dict):
+        return {k: reading_to_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [reading_to_json(v) for v in value]
+    return value
+
+
+def reading_from_json(value: Any) -> Any:
+    """Inverse of `reading_to_json`: {"unavailable": r} dicts become Unavailable."""
+    if isinstance(value, dict):
+        if "unavailable" in value and set(value) <= {"unavailable", "detail"}:
+            return Unavailable(str(value["unavailable"]), str(value.get("detail", "")))
+        return {k: reading_from_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [reading_from_json(v) for v in value]
+    return value
+
+
+def max_reading(values: list[Any]) -> Reading:
+    """Largest available value; the first Unavailable if none is available."""
+    nums = [v for v in values if is_available(v)]
+    if nums:
+        return max(nums)
+    for v in values:
+        if isinstance(v, Unavailable):
+            return v
+    return Unavailable(ERROR, "no readings")

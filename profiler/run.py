@@ -1,0 +1,220 @@
+"""The run record (`run.json`): a public format whose keys are a contract.
+
+Scripts and dashboards read it, so keys are added freely and never renamed
+without bumping `SCHEMA`. Readings inside it that could not be taken are
+`{"unavailable": reason}`, never 0. `gpuscope report run.json` re-renders
+everything from it and the samples file beside it.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+from probes.readings import reading_from_json, reading_to_json
+
+SCHEMA = "gpuscope.run/1"
+SCHEMA_FAMILY = "gpuscope.run/"
+SUPPORTED_SCHEMAS = (SCHEMA,)
+
+STATUS_COMPLETE = "complete"
+STATUS_INTERRUPTED = "interrupted"
+STATUS_FAILED = "failed"
+STATUS_RUNNING = "running"
+
+SEVERITY_ORDER = {"fail": 0, "warn": 1, "info": 2}
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One diagnosis: a stable code, a severity, a title with the number that matters, evidence, a remedy."""
+
+    code: str
+    severity: str  # info | warn | fail
+    title: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+    remedy: str = ""
+    at_predictors: int | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return reading_to_json(asdict(self))
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Finding":
+        return cls(code=str(data["code"]), severity=str(data["severity"]), title=str(data.get("title", "")),
+                   evidence=reading_from_json(data.get("evidence", {})), remedy=str(data.get("remedy", "")),
+                   at_predictors=data.get("at_predictors"))
+
+
+@dataclass
+class Step:
+    """One measured predictor count of the sweep.
+
+    `memory` holds peak figures in bytes (keys end in `_bytes`) or Unavailable:
+    process_gpu_bytes (NVML, this process), device_used_bytes, torch_allocated_bytes,
+    torch_reserved_bytes, other_processes_bytes, rss_bytes, uss_bytes.
+    """
+
+    predictors: int
+    requests: int = 0
+    errors: int = 0
+    duration_s: float = 0.0
+    throughput_rps: float = 0.0
+    latency_ms: dict[str, float] = field(default_factory=dict)
+    queue_ms: dict[str, float] | None = None
+    compute_ms: dict[str, float] | None = None
+    memory: dict[str, Any] = field(default_factory=dict)
+    cpu_util_pct: Any = None
+    windows_rps: list[float] = field(default_factory=list)
+    stable: bool = False
+    oom: bool = False
+    error_messages: list[str] = field(default_factory=list)
+    distinct_weight_sets: int = 1
+    grad_enabled_in_workers: bool = False
+    outputs_with_grad: int = 0
+    intra_op_threads: int | None = None
+    ctx_switches_involuntary: Any = None
+    dead_predictors: int = 0
+    started_s: float = 0.0
+    ended_s: float = 0.0
+
+    @property
+    def error_rate(self) -> float:
+        total = self.requests + self.errors
+        return self.errors / total if total else 0.0
+
+    def to_json(self) -> dict[str, Any]:
+        out = reading_to_json(asdict(self))
+        out["error_rate"] = self.error_rate
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "Step":
+        known = {f for f in cls.__dataclass_fields__}
+        return cls(**{k: reading_from_json(v) for k, v in data.items() if k in known})
+
+
+@dataclass
+class RunRecord:
+    """Everything a run measured and concluded. Mutable while the run builds it."""
+
+    tool_version: str
+    started_at: str
+    status: str = STATUS_RUNNING
+    host: dict[str, Any] = field(default_factory=dict)
+    devices: list[dict[str, Any]] = field(default_factory=list)
+    device_unavailable: dict[str, str] | None = None
+    config: dict[str, Any] = field(default_factory=dict)
+    model: dict[str, Any] = field(default_factory=dict)
+    environment: dict[str, Any] = field(default_factory=dict)
+    baseline: dict[str, Any] = field(default_factory=dict)
+    steps: list[Step] = field(default_factory=list)
+    sharing: dict[str, Any] = field(default_factory=dict)
+    processes: list[dict[str, Any]] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    recommendation: dict[str, Any] = field(default_factory=dict)
+    check: dict[str, Any] | None = None
+    sampler: dict[str, Any] = field(default_factory=dict)
+    pid: int = 0
+    mode: str = "diagnose"
+    ended_at: str | None = None
+    failure: str | None = None
+    samples: str = "samples.jsonl"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"schema": SCHEMA}
+        for name in self.__dataclass_fields__:
+            value = getattr(self, name)
+            if name == "steps":
+                data[name] = [step.to_json() for step in value]
+            elif name == "findings":
+                data[name] = [finding.to_json() for finding in sorted_findings(value)]
+            else:
+                data[name] = reading_to_json(value)
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "RunRecord":
+        check_schema(data)
+        known = set(cls.__dataclass_fields__)
+        kwargs: dict[str, Any] = {}
+        for key, value in data.items():
+            if key not in known:
+                continue
+            if key == "steps":
+                kwargs[key] = [Step.from_json(s) for s in value]
+            elif key == "findings":
+                kwargs[key] = [Finding.from_json(f) for f in value]
+            else:
+                kwargs[key] = reading_from_json(value)
+        return cls(**kwargs)
+
+    def step_at(self, predictors: int) -> Step | None:
+        return next((s for s in self.steps if s.predictors == predictors), None)
+
+    @property
+    def gpu(self) -> bool:
+        return str(self.config.get("device", "cpu")).startswith("cuda")
+
+
+class RunFileError(ValueError):
+    """A run.json that is corrupt, foreign, or from a newer schema."""
+
+
+def check_schema(data: Any) -> None:
+    if not isinstance(data, dict) or not isinstance(data.get("schema"), str):
+        raise RunFileError("not a gpuscope run record (no \"schema\" key)")
+    schema = data["schema"]
+    if schema in SUPPORTED_SCHEMAS:
+        return
+    if schema.startswith(SCHEMA_FAMILY):
+        raise RunFileError(f"run record schema {schema!r} is newer than this gpuscope reads ({SCHEMA}); upgrade gpuscope")
+    raise RunFileError(f"not a gpuscope run record (schema {schema!r})")
+
+
+def sorted_findings(findings: list[Finding]) -> list[Finding]:
+    """Most severe first, then by code, so reports and JSON read the same way."""
+    return sorted(findings, key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), f.code))
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write JSON via a temp file and rename, so a reader never sees half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".run-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            json.dump(data, fh, indent=2, default=str)
+            fh.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def save_run(record: RunRecord, path: str) -> None:
+    write_json_atomic(path, record.to_json())
+
+
+def load_run(path: str) -> RunRecord:
+    """Load run.json; RunFileError (one clear line) for anything that is not a run we can read."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = json.load(fh)
+    except FileNotFoundError as exc:
+        raise RunFileError(f"{path}: no such file") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise RunFileError(f"{path}: not valid JSON ({exc})") from exc
+    except OSError as exc:
+        raise RunFileError(f"{path}: cannot read ({exc.strerror or exc})") from exc
+    try:
+        return RunRecord.from_json(data)
+    except RunFileError as exc:
+        raise RunFileError(f"{path}: {exc}") from exc
+    except (TypeError, KeyError, ValueError) as exc:
+        raise RunFileError(f"{path}: malformed run record ({exc})") from exc
