@@ -1,0 +1,127 @@
+"""JUnit XML from `gpuscope check --junit`: parses with a standard parser and counts right."""
+from __future__ import annotations
+
+import os
+import xml.etree.ElementTree as ET
+
+import pytest
+
+from profiler.check import evaluate, merge_limits
+from profiler.check_command import run_check
+from profiler.run import Finding, load_run
+from reports.junit import write_junit
+
+FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "check")
+
+
+def run(name):
+    return load_run(os.path.join(FIXTURES, f"{name}_run.json"))
+
+
+def suite_of(path):
+    root = ET.parse(path).getroot()
+    assert root.tag == "testsuites"
+    suites = root.findall("testsuite")
+    assert len(suites) == 1
+    return root, suites[0]
+
+
+def cases(suite):
+    return {case.get("name"): case for case in suite.findall("testcase")}
+
+
+def test_mixed_outcome_counts_and_cases(tmp_path):
+    record = run("cpu")
+    outcome = evaluate(record, merge_limits({}, {
+        "max_device_memory": "20GiB",          # unmeasured: no GPU
+        "max_host_memory": "2GiB",             # pass
+        "max_p99_ms": 25,                      # fail: 40 ms
+        "min_throughput": 60,                  # fail: 55 req/s
+        "forbid": "duplicate-model,foreign-process",  # pass, unmeasured
+    }))
+    path = tmp_path / "check.xml"
+    write_junit(outcome, str(path))
+    root, suite = suite_of(str(path))
+    assert suite.get("name") == "gpuscope.check"
+    expected = {"tests": "7", "failures": "2", "errors": "2", "skipped": "0"}
+    for attrs in (root.attrib, suite.attrib):
+        assert {k: attrs[k] for k in expected} == expected
+    by_name = cases(suite)
+    assert set(by_name) == {"max_device_memory", "max_host_memory", "max_p99_ms", "min_throughput",
+                            "forbid.DUPLICATE_MODEL", "forbid.FOREIGN_PROCESS", "findings"}
+    assert all(case.get("classname") == "gpuscope.check" for case in suite.findall("testcase"))
+
+    failure = by_name["max_p99_ms"].find("failure")
+    assert failure is not None and "40.0 ms" in failure.get("message") and "25 ms" in failure.get("message")
+    assert "55.0 req/s" in by_name["min_throughput"].find("failure").get("message")
+    error = by_name["max_device_memory"].find("error")
+    assert error is not None and "no GPU was measured" in error.get("message")
+    assert by_name["forbid.FOREIGN_PROCESS"].find("error") is not None
+    passed = by_name["max_host_memory"]
+    assert passed.find("failure") is None and passed.find("error") is None and passed.find("skipped") is None
+
+
+def test_counts_match_the_cases(tmp_path):
+    outcome = evaluate(run("cpu"), merge_limits({}, {"max_device_memory": "20GiB", "max_host_memory": "2GiB",
+                                                     "max_p99_ms": 25, "min_throughput": 60,
+                                                     "forbid": "duplicate-model,foreign-process"}))
+    path = tmp_path / "check.xml"
+    write_junit(outcome, str(path))
+    _, suite = suite_of(str(path))
+    testcases = suite.findall("testcase")
+    assert int(suite.get("tests")) == len(testcases) == len(outcome.results) == 7
+    assert int(suite.get("failures")) == sum(1 for c in testcases if c.find("failure") is not None) == 2
+    assert int(suite.get("errors")) == sum(1 for c in testcases if c.find("error") is not None) == 2
+
+
+def test_all_passing_run_has_no_failures(tmp_path):
+    outcome = evaluate(run("gpu"), merge_limits({}, {"max_device_memory": "20GiB", "max_p99_ms": 25,
+                                                     "min_throughput": 700, "min_headroom_pct": 20,
+                                                     "max_memory_per_predictor": "128MiB",
+                                                     "max_host_memory": "4GiB", "forbid": "duplicate-model"}))
+    assert outcome.exit_code == 0
+    path = tmp_path / "junit.xml"
+    write_junit(outcome, str(path))
+    _, suite = suite_of(str(path))
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("8", "0", "0")
+    assert set(cases(suite)) == {"max_device_memory", "max_host_memory", "min_headroom_pct", "max_p99_ms",
+                                 "min_throughput", "max_memory_per_predictor", "forbid.DUPLICATE_MODEL", "findings"}
+
+
+def test_findings_become_cases_and_hostile_text_stays_valid_xml(tmp_path):
+    record = run("gpu")
+    record.findings.append(Finding("DUPLICATE_MODEL", "fail", "copy in \x00proc <evil> & \"x\"\x1b[31m"))
+    outcome = evaluate(record, merge_limits({}, {"fail_on": "warn"}))
+    path = tmp_path / "j.xml"
+    write_junit(outcome, str(path))
+    _, suite = suite_of(str(path))
+    by_name = cases(suite)
+    assert set(by_name) == {"finding.DUPLICATE_MODEL", "finding.FOREIGN_PROCESS"}
+    message = by_name["finding.DUPLICATE_MODEL"].find("failure").get("message")
+    assert "<evil> & \"x\"" in message and "\x00" not in message
+    assert suite.get("failures") == "2"
+
+
+def test_written_from_the_json_stored_in_run_json_and_atomically(tmp_path):
+    record = run("gpu")
+    run_check(record, merge_limits({}, {"max_p99_ms": 10}), None, None, None, echo=lambda _: None)
+    nested = tmp_path / "reports" / "ci"
+    path = nested / "check.xml"
+    write_junit(record.check, str(path))  # the dict form, as a re-render from run.json would pass it
+    _, suite = suite_of(str(path))
+    assert (suite.get("tests"), suite.get("failures")) == ("2", "1")
+    assert os.listdir(nested) == ["check.xml"]  # no temp file left behind
+
+
+def test_run_check_writes_junit(tmp_path):
+    path = tmp_path / "check.xml"
+    code = run_check(run("cpu"), merge_limits({}, {"max_device_memory": "1GiB"}), None, str(path), None,
+                     echo=lambda _: None)
+    assert code == 2
+    _, suite = suite_of(str(path))
+    assert suite.get("errors") == "1" and suite.get("failures") == "0"
+
+
+def test_rejects_something_that_is_not_an_outcome(tmp_path):
+    with pytest.raises(TypeError):
+        write_junit(42, str(tmp_path / "x.xml"))
