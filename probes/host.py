@@ -105,6 +105,13 @@ class HostProbe:
         self._proc.cpu_percent(None)  # prime: the first call has no interval to measure
         psutil.cpu_percent(None, percpu=True)
 
+    def read_rss(self) -> int | Unavailable:
+        """This process's RSS now (a one-off reading outside the sampler)."""
+        try:
+            return int(self._proc.memory_info().rss)
+        except psutil.Error as exc:
+            return Unavailable(PROCESS_GONE, str(exc))
+
     def _uss_due(self) -> bool:
         if self._uss_every_s is None:
             return False

@@ -11,9 +11,10 @@ import re
 REDACTED = "***"
 
 _SECRET_NAME_RE = re.compile(
-    r"(?i)(token|secret|passw(or)?d|pwd|api[-_]?key|access[-_]?key|private[-_]?key|credential|auth|(^|[-_])key$)"
+    r"(?i)(token(?!iz)|secret|passw(or)?d|pwd|api[-_]?key|access[-_]?key|private[-_]?key|credential|auth|(^|[-_])key$)"
 )
-_URL_CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s:@]+):([^/\s@]+)@")
+# the password runs to the last "@" before the host: an unescaped "@" inside it must not leak its tail
+_URL_CREDENTIALS_RE = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)([^/\s:@]*):([^/\s]+)@")
 _FLAG_WITH_VALUE_RE = re.compile(r"^(--?[A-Za-z0-9][A-Za-z0-9_.-]*)=(.*)$", re.S)
 _ASSIGNMENT_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_.-]*)=(.*)$", re.S)
 

@@ -188,6 +188,7 @@ def write_json_atomic(path: str, data: Any) -> None:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             json.dump(data, fh, indent=2, default=str)
             fh.write("\n")
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run record is meant to be shared
         os.replace(tmp, path)
     except BaseException:
         try:

@@ -1,0 +1,166 @@
+"""Per-tick attribution of device memory to this process, its allocator, and everyone else.
+
+A tick listener: it turns the raw readings of one tick into the figures a step
+reports (this process's NVML memory, torch's peaks, other processes' sum) and
+keeps only running peaks plus the decomposition at the tick where this process
+peaked, so layers always add up to one real instant.
+"""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from probes.readings import Unavailable, is_available
+from profiler.decomposition import cpu_layers, gpu_layers
+
+ScopedValue = tuple[str, str, Any]
+
+
+class StepMonitor:
+    """Tracks peaks for the profiled pid on one device (or the CPU) since the last reset()."""
+
+    def __init__(self, pid: int, gpu_index: int | None, model_bytes: int) -> None:
+        self.pid = pid
+        self.gpu_index = gpu_index
+        self.model_bytes = model_bytes
+        self._lock = threading.Lock()
+        self._peaks: dict[str, Any] = {}
+        self._layers_at_peak: dict[str, int] = {}
+        self._anchor_peak: float = -1.0
+        self.other_pids_seen: dict[int, int] = {}  # pid -> peak used bytes, for the whole run
+        self.ticks = 0
+
+    def reset(self) -> None:
+        with self._lock:
+            self._peaks = {}
+            self._layers_at_peak = {}
+            self._anchor_peak = -1.0
+            self.ticks = 0
+
+    def _figures(self, values: list[ScopedValue]) -> dict[str, Any]:
+        me = f"pid:{self.pid}"
+        figures: dict[str, Any] = {"model_bytes": self.model_bytes}
+        if self.gpu_index is not None:
+            device = f"gpu:{self.gpu_index}"
+            mine = f"{me}/{device}"
+            suffix = f"/{device}"
+            other_total = 0
+            process_list: Any = None
+            for scope, metric, value in values:
+                if scope == device and metric == "process_count":
+                    process_list = value
+                elif scope == device:
+                    key = {"used_bytes": "device_used_bytes", "total_bytes": "device_total_bytes",
+                           "driver_reserved_bytes": "driver_reserved_bytes", "free_bytes": "device_free_bytes",
+                           "util_pct": "device_util_pct"}.get(metric)
+                    if key:
+                        figures[key] = value
+                elif scope == mine:
+                    key = {"used_bytes": "process_gpu_bytes", "torch_allocated_bytes": "torch_allocated_now_bytes",
+                           "torch_reserved_bytes": "torch_reserved_now_bytes",
+                           "torch_peak_allocated_bytes": "torch_allocated_bytes",
+                           "torch_peak_reserved_bytes": "torch_reserved_bytes",
+                           "torch_inactive_split_bytes": "torch_inactive_split_bytes",
+                           "torch_alloc_retries": "torch_alloc_retries", "torch_ooms": "torch_ooms",
+                           "sm_util_pct": "process_sm_util_pct"}.get(metric)
+                    if key:
+                        figures[key] = value
+                elif scope.startswith("pid:") and scope.endswith(suffix) and metric == "used_bytes":
+                    if is_available(value):
+                        other_total += int(value)
+                        pid = int(scope[4:-len(suffix)])
+                        self.other_pids_seen[pid] = max(self.other_pids_seen.get(pid, 0), int(value))
+            # A true 0 only when NVML's process list was read; otherwise say why it is missing.
+            figures["other_processes_bytes"] = other_total if is_available(process_list) else (
+                process_list if isinstance(process_list, Unavailable) else Unavailable("no_device", "no process list"))
+            if "process_gpu_bytes" not in figures and "device_used_bytes" in figures:
+                figures["process_gpu_bytes"] = Unavailable("process_gone", "NVML does not list this process")
+        for scope, metric, value in values:
+            if scope == me and metric in ("rss_bytes", "uss_bytes", "cpu_util_pct", "num_threads",
+                                          "ctx_switches_involuntary", "ctx_switches_voluntary"):
+                figures[metric] = value
+            elif scope == "host" and metric == "cpu_util_pct":
+                figures["host_cpu_util_pct"] = value
+        return figures
+
+    def __call__(self, t_ns: int, values: list[ScopedValue]) -> None:
+        figures = self._figures(values)
+        with self._lock:
+            self.ticks += 1
+            for key, value in figures.items():
+                current = self._peaks.get(key)
+                if is_available(value):
+                    if not is_available(current) or value > current:
+                        self._peaks[key] = value
+                elif key not in self._peaks:
+                    self._peaks[key] = value
+            if self.gpu_index is not None:
+                anchor = figures.get("process_gpu_bytes")
+                if is_available(anchor) and anchor > self._anchor_peak:
+                    self._anchor_peak = anchor
+                    self._layers_at_peak = gpu_layers(anchor, figures.get("torch_allocated_now_bytes"),
+                                                      figures.get("torch_reserved_now_bytes"), self.model_bytes,
+                                                      figures.get("other_processes_bytes"),
+                                                      figures.get("driver_reserved_bytes"))
+            else:
+                anchor = figures.get("rss_bytes")
+                if is_available(anchor) and anchor > self._anchor_peak:
+                    self._anchor_peak = anchor
+                    self._layers_at_peak = cpu_layers(anchor, self.model_bytes)
+
+    def snapshot(self) -> dict[str, Any]:
+        """Peak figures since reset, plus `layers` at the tick where this process peaked."""
+        with self._lock:
+            out = dict(self._peaks)
+            out["layers"] = dict(self._layers_at_peak)
+            return out
+
+
+class GapTracker:
+    """Notices readings that were available and then stopped (NVML failing mid-run, the GPU lost),
+    and the signs of a foreign pid namespace (memory used while NVML lists nobody)."""
+
+    WATCHED = ("used_bytes", "process_count", "util_pct")
+
+    def __init__(self, pid: int, gpu_index: int | None, unlisted_min_bytes: int = 64 * 1024**2) -> None:
+        self.pid = pid
+        self.gpu_index = gpu_index
+        self._seen_ok: set[tuple[str, str]] = set()
+        self.gaps: dict[str, dict[str, Any]] = {}
+        self.unlisted_used_bytes = 0
+        self.self_not_listed_ticks = 0
+
+    def __call__(self, t_ns: int, values: list[ScopedValue]) -> None:
+        if self.gpu_index is None:
+            return
+        device = f"gpu:{self.gpu_index}"
+        figures: dict[str, Any] = {}
+        self_listed = False
+        reserved = None
+        for scope, metric, value in values:
+            if scope == device:
+                figures[metric] = value
+                if metric in self.WATCHED:
+                    key = (scope, metric)
+                    if is_available(value):
+                        self._seen_ok.add(key)
+                    elif key in self._seen_ok and isinstance(value, Unavailable):
+                        gap = self.gaps.setdefault(f"{scope} {metric}", {"reason": value.reason, "detail": value.detail,
+                                                                          "ticks": 0, "first_t_ns": t_ns})
+                        gap["ticks"] += 1
+            elif scope == f"pid:{self.pid}/{device}":
+                if metric == "used_bytes" and is_available(value):
+                    self_listed = True
+                elif metric == "torch_reserved_bytes" and is_available(value):
+                    reserved = value
+        count, used, driver = figures.get("process_count"), figures.get("used_bytes"), figures.get("driver_reserved_bytes")
+        if count == 0 and is_available(used) and is_available(driver):  # without v2's reserve, idle looks used
+            unlisted = used - driver
+            self.unlisted_used_bytes = max(self.unlisted_used_bytes, unlisted)
+        if not self_listed and is_available(reserved) and reserved > 0 and is_available(count):
+            self.self_not_listed_ticks += 1
+
+    def evidence(self) -> dict[str, Any]:
+        return {"unlisted_used_bytes": self.unlisted_used_bytes,
+                "self_not_listed": self.self_not_listed_ticks > 0,
+                "self_not_listed_ticks": self.self_not_listed_ticks}

@@ -1,0 +1,181 @@
+"""The command line (composition root). Heavy imports (torch, matplotlib, reports) happen inside commands,
+so `gpuscope --help` answers instantly.
+
+Every failure a user can cause ends in one line on stderr and exit code 2; a
+crash inside gpuscope still leaves samples.jsonl and run.json on disk.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from typing import Any, Optional
+
+import typer
+from typing_extensions import Annotated
+
+from profiler.errors import EXIT_USAGE, OutputError, UsageError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="gpuscope: GPU memory and device-contention profiler for multi-threaded model inference.")
+
+# ---- options shared by `diagnose` and `check` (one definition each)
+Model = Annotated[str, typer.Option("--model", "-m", help="builtin:mlp|cnn|transformer, a TorchScript .pt, a torch.export .pt2, or package.module:factory")]
+ModelSize = Annotated[Optional[str], typer.Option("--model-size", help="built-in model size: small|medium|large (default: small on CPU, large on GPU)")]
+InputShape = Annotated[Optional[str], typer.Option("--input-shape", help="input shape, e.g. 8x3x224x224 (needed for user models without a default)")]
+DType = Annotated[Optional[str], typer.Option("--dtype", help="input dtype: float32 (default), float16, bfloat16, int64 ...")]
+Device = Annotated[str, typer.Option("--device", help="auto|cpu|cuda|cuda:N")]
+Predictors = Annotated[Optional[str], typer.Option("--predictors", "-p", help="predictor counts, e.g. 1,2,4,8 (default: powers of two up to 2x usable cores)")]
+Duration = Annotated[str, typer.Option("--duration", help="longest measured time per step, e.g. 6s")]
+Warmup = Annotated[str, typer.Option("--warmup", help="warm-up per step before measuring")]
+Window = Annotated[str, typer.Option("--window", help="throughput window; a step is stable when its last 3 agree within 10%")]
+Interval = Annotated[str, typer.Option("--interval", help="sampling interval (>= 5ms)")]
+Streams = Annotated[bool, typer.Option("--streams/--no-streams", help="one long-lived CUDA stream per predictor")]
+CopyModel = Annotated[bool, typer.Option("--copy-model", help="naive deployment: a copy of the model per predictor")]
+InferenceMode = Annotated[bool, typer.Option("--inference-mode/--no-inference-mode", help="enter torch.inference_mode() in each predictor (default on)")]
+IntraOp = Annotated[Optional[int], typer.Option("--intra-op-threads", help="torch intra-op threads (default: torch's default), to mirror your server")]
+Rate = Annotated[Optional[float], typer.Option("--rate", help="open-loop arrivals at this many requests/s instead of closed-loop")]
+MaxP99 = Annotated[Optional[float], typer.Option("--max-p99-ms", help="stop the sweep once p99 latency passes this (and recommend within it)")]
+Out = Annotated[str, typer.Option("--out", "-o", help="output folder")]
+Trust = Annotated[bool, typer.Option("--trust-model-file", help="allow loading a pickled model file (it can run arbitrary code: only for files you trust)")]
+
+
+def _options(**kwargs: Any) -> Any:
+    from profiler.options import DiagnoseOptions
+
+    return DiagnoseOptions(**kwargs)
+
+
+def _run_session(opts: Any) -> Any:
+    from profiler.session import run_diagnose
+
+    return run_diagnose(opts)
+
+
+@app.command()
+def diagnose(model: Model = "builtin:mlp", model_size: ModelSize = None, input_shape: InputShape = None,
+             dtype: DType = None, device: Device = "auto", predictors: Predictors = None, duration: Duration = "6s",
+             warmup: Warmup = "0.5s", window: Window = "1s", interval: Interval = "50ms", streams: Streams = False,
+             copy_model: CopyModel = False, inference_mode: InferenceMode = True, intra_op_threads: IntraOp = None,
+             rate: Rate = None, max_p99_ms: MaxP99 = None, out: Out = "gpuscope-report", trust_model_file: Trust = False,
+             json_output: Annotated[bool, typer.Option("--json", help="print the run summary as JSON instead of the table")] = False,
+             quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
+    """Run a multi-threaded inference sweep on a model and explain what it saw."""
+    from profiler.summary import format_summary, summary_json
+
+    opts = _options(model=model, model_size=model_size, input_shape=input_shape, dtype=dtype, device=device,
+                    predictors=predictors, duration=duration, warmup=warmup, window=window, interval=interval,
+                    streams=streams, copy_model=copy_model, inference_mode=inference_mode,
+                    intra_op_threads=intra_op_threads, rate=rate, max_p99_ms=max_p99_ms, out=out,
+                    trust_model_file=trust_model_file, json_output=json_output, quiet=quiet)
+    result = _run_session(opts)
+    if json_output:
+        typer.echo(json.dumps(summary_json(result.record), indent=2, default=str))
+    else:
+        typer.echo(format_summary(result.record))
+        typer.echo(f"\nwrote {os.path.join(result.out_dir, 'run.json')}"
+                   + (f" and {result.report_paths['html']}" if result.report_paths and "html" in result.report_paths else ""))
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
+def check(run: Annotated[Optional[str], typer.Option("--run", help="evaluate a saved run.json instead of running a sweep")] = None,
+          max_device_memory: Annotated[Optional[str], typer.Option("--max-device-memory", help="peak GPU memory of the process, e.g. 20GiB")] = None,
+          max_host_memory: Annotated[Optional[str], typer.Option("--max-host-memory", help="peak RSS, e.g. 8GiB")] = None,
+          min_headroom_pct: Annotated[Optional[str], typer.Option("--min-headroom-pct", help="free device memory left, in percent")] = None,
+          max_p99_ms_limit: Annotated[Optional[str], typer.Option("--max-p99-ms", help="p99 latency limit in ms")] = None,
+          min_throughput: Annotated[Optional[str], typer.Option("--min-throughput", help="requests/s")] = None,
+          max_memory_per_predictor: Annotated[Optional[str], typer.Option("--max-memory-per-predictor", help="e.g. 256MiB")] = None,
+          forbid: Annotated[Optional[str], typer.Option("--forbid", help="finding codes that fail the gate, e.g. duplicate-model,foreign-process")] = None,
+          fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="severity of findings that fail the gate: warn|fail")] = None,
+          at_predictors: Annotated[Optional[int], typer.Option("--at-predictors", help="evaluate at this predictor count (default: the recommendation)")] = None,
+          config: Annotated[Optional[str], typer.Option("--config", help="a gpuscope.toml with a [check] table")] = None,
+          junit: Annotated[Optional[str], typer.Option("--junit", help="write JUnit XML here")] = None,
+          json_path: Annotated[Optional[str], typer.Option("--json", help="write the outcome as JSON here")] = None,
+          model: Model = "builtin:mlp", model_size: ModelSize = None, input_shape: InputShape = None, dtype: DType = None,
+          device: Device = "auto", predictors: Predictors = None, duration: Duration = "6s", warmup: Warmup = "0.5s",
+          window: Window = "1s", interval: Interval = "50ms", streams: Streams = False, copy_model: CopyModel = False,
+          inference_mode: InferenceMode = True, intra_op_threads: IntraOp = None, rate: Rate = None,
+          out: Out = "gpuscope-report", trust_model_file: Trust = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
+    """Gate a deployment: exit 0 when every limit passes, 1 when one fails, 2 when one could not be measured."""
+    from profiler.check_command import limits_from_sources, run_check
+    from profiler.run import load_run
+
+    cli_values = {"max_device_memory": max_device_memory, "max_host_memory": max_host_memory,
+                  "min_headroom_pct": min_headroom_pct, "max_p99_ms": max_p99_ms_limit, "min_throughput": min_throughput,
+                  "max_memory_per_predictor": max_memory_per_predictor, "forbid": forbid, "fail_on": fail_on,
+                  "at_predictors": at_predictors}
+    limits = limits_from_sources(os.getcwd(), config, cli_values)
+    if run is not None:
+        record = load_run(run)
+        run_path = run
+    else:
+        p99_for_sweep = getattr(limits, "max_p99_ms", None)
+        opts = _options(model=model, model_size=model_size, input_shape=input_shape, dtype=dtype, device=device,
+                        predictors=predictors, duration=duration, warmup=warmup, window=window, interval=interval,
+                        streams=streams, copy_model=copy_model, inference_mode=inference_mode,
+                        intra_op_threads=intra_op_threads, rate=rate, max_p99_ms=p99_for_sweep, out=out,
+                        trust_model_file=trust_model_file, quiet=quiet)
+        result = _run_session(opts)
+        if result.exit_code != 0:
+            raise typer.Exit(result.exit_code)
+        record = result.record
+        run_path = os.path.join(result.out_dir, "run.json")
+    code = run_check(record, limits, at_predictors=at_predictors, junit_path=junit, json_path=json_path,
+                     run_path=run_path if run is None else None)
+    raise typer.Exit(code)
+
+
+@app.command()
+def report(run_json: Annotated[str, typer.Argument(help="a run.json written by gpuscope")],
+           out: Annotated[Optional[str], typer.Option("--out", "-o", help="folder for the report (default: beside run.json)")] = None) -> None:
+    """Render report.html and the PNG plots again from a saved run (also an interrupted one)."""
+    from reports.render import report_command
+
+    raise typer.Exit(report_command(run_json, out))
+
+
+@app.command()
+def version() -> None:
+    """Print gpuscope's version."""
+    from profiler import __version__
+
+    typer.echo(__version__)
+
+
+def _user_error_types() -> tuple[type[BaseException], ...]:
+    """Exception types that mean bad input, imported only if their modules are already loaded."""
+    types: list[type[BaseException]] = [UsageError, OutputError]
+    for module, name in (("profiler.run", "RunFileError"), ("profiler.check", "CheckConfigError"),
+                         ("profiler.models", "ModelLoadError"), ("probes.samplefile", "SamplesFileError")):
+        mod = sys.modules.get(module)
+        if mod is not None and hasattr(mod, name):
+            types.append(getattr(mod, name))
+    return tuple(types)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the Typer app, turning bad input into one line on stderr and exit code 2."""
+    try:
+        result = app(args=argv, prog_name="gpuscope", standalone_mode=False)
+        return int(result or 0)
+    except typer.Exit as exc:
+        return int(getattr(exc, "exit_code", 0))
+    except (typer.Abort, KeyboardInterrupt):
+        sys.stderr.write("gpuscope: interrupted\n")
+        return 130
+    except BrokenPipeError:
+        return 0
+    except Exception as exc:
+        if hasattr(exc, "format_message") and hasattr(exc, "exit_code"):  # click's usage errors (typer vendors click)
+            sys.stderr.write(f"gpuscope: error: {exc.format_message()}\n")
+            return EXIT_USAGE
+        if isinstance(exc, _user_error_types()):
+            sys.stderr.write(f"gpuscope: error: {exc}\n")
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

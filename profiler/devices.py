@@ -1,0 +1,50 @@
+"""Choosing the device to profile and matching torch's device index to NVML's.
+
+Under CUDA_VISIBLE_DEVICES torch's cuda:0 may be NVML's device 3; per-process
+NVML rows must be read from the right one, so indices are matched by UUID.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from profiler.errors import UsageError
+
+_CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
+
+
+def resolve_device(text: str) -> str:
+    """`auto` -> cuda:0 when a GPU is usable, else cpu; validates `cpu`, `cuda`, `cuda:N`."""
+    import torch
+
+    choice = (text or "auto").strip().lower()
+    if choice == "auto":
+        return "cuda:0" if torch.cuda.is_available() else "cpu"
+    if choice == "cpu":
+        return "cpu"
+    match = _CUDA_RE.match(choice)
+    if not match:
+        raise UsageError(f"unknown device {text!r} (use auto, cpu, cuda or cuda:N)")
+    if not torch.cuda.is_available():
+        raise UsageError(f"device {text!r} requested but no CUDA GPU is usable here (torch {torch.__version__}, "
+                         f"built {'with' if torch.version.cuda else 'without'} CUDA)")
+    index = int(match.group(1) or 0)
+    count = torch.cuda.device_count()
+    if index >= count:
+        raise UsageError(f"device {text!r} does not exist: this machine has {count} GPU{'s' if count != 1 else ''} "
+                         f"(cuda:0{f'..cuda:{count - 1}' if count > 1 else ''})")
+    return f"cuda:{index}"
+
+
+def nvml_index_for(torch_index: int, nvml_uuids: list[Any]) -> int:
+    """NVML index of torch's device `torch_index`, matched by UUID; the same index when UUIDs are unknown."""
+    try:
+        import torch
+
+        uuid = str(torch.cuda.get_device_properties(torch_index).uuid)
+        for index, nvml_uuid in enumerate(nvml_uuids):
+            if isinstance(nvml_uuid, str) and nvml_uuid.replace("GPU-", "").lower() == uuid.lower():
+                return index
+    except Exception:
+        pass
+    return torch_index

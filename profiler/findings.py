@@ -1,0 +1,536 @@
+"""Rules: pure functions from a run record to findings (../shared/FINDINGS.md).
+
+Each rule reads only the record, so `gpuscope report run.json` can re-derive
+findings and tests can feed scripted or replayed runs. Thresholds are fields of
+`Thresholds`, not literals in the rules; the defaults are FINDINGS.md's starting
+points, checked against the H200 readings in shared/gpu-facts.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+from probes.readings import Unavailable, is_available
+from probes.units import MiB, format_bytes
+from profiler.run import Finding, RunRecord, Step
+
+KNOWN_CODES = (
+    "CACHE_BLOAT", "OUTSIDE_ALLOCATOR", "PER_PREDICTOR_GROWTH", "DUPLICATE_MODEL", "FOREIGN_PROCESS",
+    "MULTIPLE_ENGINES", "ENGINE_PREALLOCATION", "DEFAULT_STREAM_SERIALIZATION", "THROUGHPUT_PLATEAU",
+    "CPU_OVERSUBSCRIPTION", "OOM", "GRAD_ENABLED", "LOW_HEADROOM", "FRAGMENTATION", "PID_NAMESPACE",
+    "PREDICTOR_ERRORS", "MEASUREMENT_GAP",
+)
+
+
+@dataclass(frozen=True)
+class Thresholds:
+    cache_share: float = 0.25                 # CACHE_BLOAT: cached / reserved
+    cache_min_bytes: int = 256 * MiB
+    outside_growth_bytes: int = 512 * MiB     # OUTSIDE_ALLOCATOR warns when it grows this much
+    growth_warn_device_share: float = 0.10    # PER_PREDICTOR_GROWTH: slope x recommended / device total
+    growth_min_bytes: int = 4 * MiB           # below this per predictor, growth is noise
+    duplicate_growth_share: float = 0.5       # DUPLICATE_MODEL: growth per predictor / model bytes
+    duplicate_min_model_bytes: int = 8 * MiB  # smaller models drown in allocator noise
+    headroom_warn: float = 0.85               # LOW_HEADROOM: peak used / total
+    headroom_fail: float = 0.95
+    fragmentation_split_share: float = 0.20
+    foreign_fail_share: float = 0.10
+    plateau_share: float = 0.05               # THROUGHPUT_PLATEAU and the recommendation
+    stream_gain: float = 0.05                 # DEFAULT_STREAM_SERIALIZATION: throughput gain N -> 2N
+    stream_latency_ratio: float = 1.7         # ... while p50 grows ~2x
+    oversubscription_drop: float = 0.05       # CPU_OVERSUBSCRIPTION warns when throughput falls this much
+    error_fail_rate: float = 0.5
+    pid_namespace_min_bytes: int = 64 * MiB
+
+
+DEFAULT_THRESHOLDS = Thresholds()
+
+
+# ---------------------------------------------------------------- helpers
+
+def _mem(step: Step, key: str) -> int | None:
+    value = step.memory.get(key)
+    return int(value) if is_available(value) else None
+
+
+def _ok_steps(record: RunRecord) -> list[Step]:
+    return [s for s in record.steps if s.requests > 0 and not s.oom]
+
+
+def _slope(points: list[tuple[float, float]]) -> float | None:
+    """Least-squares slope of y against x; None with fewer than two distinct x."""
+    if len({x for x, _ in points}) < 2:
+        return None
+    n = len(points)
+    mean_x = sum(x for x, _ in points) / n
+    mean_y = sum(y for _, y in points) / n
+    var = sum((x - mean_x) ** 2 for x, _ in points)
+    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var
+
+
+def memory_key(record: RunRecord) -> str:
+    """The figure that stands for 'this process's memory': NVML on a GPU, RSS on the CPU."""
+    return "process_gpu_bytes" if record.gpu else "rss_bytes"
+
+
+def bytes_per_extra_predictor(record: RunRecord, key: str | None = None) -> float | None:
+    key = key or memory_key(record)
+    points = [(s.predictors, v) for s in _ok_steps(record) if (v := _mem(s, key)) is not None]
+    return _slope(points)
+
+
+def recommend(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict[str, Any]:
+    """The smallest predictor count within 5% of the best throughput that meets the p99 limit."""
+    limit = record.config.get("max_p99_ms")
+    candidates = [s for s in _ok_steps(record) if s.error_rate < 0.01 or not _ok_steps(record)]
+    if limit:
+        within = [s for s in candidates if s.latency_ms.get("p99", float("inf")) <= float(limit)]
+        if not within and candidates:
+            return {"predictors": None, "reason": f"no predictor count met p99 <= {limit} ms"}
+        candidates = within
+    if not candidates:
+        return {"predictors": None, "reason": "no step completed requests"}
+    best = max(s.throughput_rps for s in candidates)
+    chosen = min((s for s in candidates if s.throughput_rps >= best * (1 - thresholds.plateau_share)),
+                 key=lambda s: s.predictors)
+    reason = (f"{chosen.predictors} predictor{'s' if chosen.predictors != 1 else ''} reach "
+              f"{chosen.throughput_rps:.0f} req/s, within {thresholds.plateau_share:.0%} of the best "
+              f"({best:.0f} req/s), at p99 {chosen.latency_ms.get('p99', 0):.1f} ms")
+    if limit:
+        reason += f" (limit {limit} ms)"
+    out: dict[str, Any] = {"predictors": chosen.predictors, "reason": reason,
+                           "throughput_rps": chosen.throughput_rps, "p99_ms": chosen.latency_ms.get("p99")}
+    key = memory_key(record)
+    memory = _mem(chosen, key)
+    out["memory_bytes"] = memory if memory is not None else chosen.memory.get(key, Unavailable("not_supported"))
+    slope = bytes_per_extra_predictor(record)
+    if record.gpu:
+        total, used = _mem(chosen, "device_total_bytes"), _mem(chosen, "device_used_bytes")
+        if total and used is not None and slope and slope > 0:
+            out["more_would_fit"] = max(0, int((total - used) / slope))
+    return out
+
+
+# ---------------------------------------------------------------- rules
+
+Rule = Callable[[RunRecord, Thresholds], list[Finding]]
+
+
+def rule_throughput_plateau(record: RunRecord, t: Thresholds) -> list[Finding]:
+    steps = _ok_steps(record)
+    if len(steps) < 2:
+        return []
+    best = max(steps, key=lambda s: s.throughput_rps)
+    knee = min((s for s in steps if s.throughput_rps >= best.throughput_rps * (1 - t.plateau_share)),
+               key=lambda s: s.predictors)
+    beyond = [s for s in steps if s.predictors > knee.predictors]
+    if not beyond:
+        return []
+    last = max(beyond, key=lambda s: s.predictors)
+    return [Finding(
+        "THROUGHPUT_PLATEAU", "info",
+        f"throughput stops growing at {knee.predictors} predictor{'s' if knee.predictors != 1 else ''} "
+        f"({knee.throughput_rps:.0f} req/s); {last.predictors} add only latency (p50 {knee.latency_ms.get('p50', 0):.1f}"
+        f" -> {last.latency_ms.get('p50', 0):.1f} ms)",
+        {"knee_predictors": knee.predictors, "knee_throughput_rps": knee.throughput_rps,
+         "best_predictors": best.predictors, "best_throughput_rps": best.throughput_rps,
+         "p50_ms_by_predictors": {str(s.predictors): s.latency_ms.get("p50") for s in steps},
+         "throughput_rps_by_predictors": {str(s.predictors): s.throughput_rps for s in steps}},
+        f"run {knee.predictors} predictor{'s' if knee.predictors != 1 else ''}; more only add latency and memory",
+        knee.predictors)]
+
+
+def rule_cpu_oversubscription(record: RunRecord, t: Thresholds) -> list[Finding]:
+    cores = record.host.get("usable_cores")
+    if not cores:
+        return []
+    steps = _ok_steps(record)
+    over = [s for s in steps if s.intra_op_threads and s.predictors * s.intra_op_threads > cores]
+    if not over:
+        return []
+    if record.gpu and all((s.cpu_util_pct or 0) < 90 for s in over if is_available(s.cpu_util_pct)):
+        return []  # on a GPU the threads mostly wait on the device: only a busy CPU makes this real
+    fitting = [s for s in steps if s not in over]
+    best_fitting = max((s.throughput_rps for s in fitting), default=None)
+    worst_over = min(over, key=lambda s: s.throughput_rps)
+    falls = best_fitting is not None and worst_over.throughput_rps < best_fitting * (1 - t.oversubscription_drop)
+    first = min(over, key=lambda s: s.predictors)
+    threads = first.intra_op_threads or 1
+    severity = "warn" if falls else "info"
+    title = (f"{first.predictors} predictors x {threads} intra-op threads = {first.predictors * threads} busy threads "
+             f"on {cores} usable core{'s' if cores != 1 else ''}")
+    if falls:
+        title += f"; throughput falls to {worst_over.throughput_rps:.0f} req/s at {worst_over.predictors}"
+    return [Finding(
+        "CPU_OVERSUBSCRIPTION", severity, title,
+        {"usable_cores": cores, "intra_op_threads": threads,
+         "oversubscribed_predictors": [s.predictors for s in over],
+         "throughput_rps_by_predictors": {str(s.predictors): s.throughput_rps for s in steps},
+         "involuntary_ctx_switches_by_predictors": {str(s.predictors): s.ctx_switches_involuntary for s in steps}},
+        f"torch.set_num_threads(max(1, {cores} // predictors)) in the server (or OMP_NUM_THREADS), "
+        "or run fewer predictors", first.predictors)]
+
+
+def rule_duplicate_model(record: RunRecord, t: Thresholds) -> list[Finding]:
+    steps = _ok_steps(record) or record.steps
+    distinct = max((s.distinct_weight_sets for s in steps), default=1)
+    model_bytes = int(record.model.get("model_bytes") or 0)
+    slope = bytes_per_extra_predictor(record)
+    growth_says_copy = (slope is not None and model_bytes >= t.duplicate_min_model_bytes
+                        and slope >= t.duplicate_growth_share * model_bytes)
+    if distinct <= 1 and not growth_says_copy:
+        return []
+    at = max(steps, key=lambda s: s.distinct_weight_sets).predictors if steps else None
+    if distinct > 1:
+        title = f"predictors run {distinct} distinct copies of the model"
+    else:
+        title = "memory grows by about one model per predictor"
+    if slope is not None:
+        title += f" ({format_bytes(slope)} per extra predictor; the model is {format_bytes(model_bytes)})"
+    return [Finding(
+        "DUPLICATE_MODEL", "fail", title,
+        {"distinct_weight_sets": distinct, "model_bytes": model_bytes,
+         "bytes_per_extra_predictor": slope, "memory_figure": memory_key(record)},
+        "load the model once and hand the same module to every predictor; for process-based servers, "
+        "fewer processes with more threads each", at)]
+
+
+def rule_grad_enabled(record: RunRecord, t: Thresholds) -> list[Finding]:
+    bad = [s for s in record.steps if s.grad_enabled_in_workers or s.outputs_with_grad]
+    if not bad:
+        return []
+    return [Finding(
+        "GRAD_ENABLED", "warn",
+        f"autograd is on inside the predictor threads ({sum(s.outputs_with_grad for s in bad)} outputs carried grad_fn)",
+        {"steps": [s.predictors for s in bad]},
+        "enter torch.inference_mode() inside each predictor thread: grad mode is thread-local, "
+        "so setting it in the main thread does nothing for workers", bad[0].predictors)]
+
+
+def rule_oom(record: RunRecord, t: Thresholds) -> list[Finding]:
+    oom = [s for s in record.steps if s.oom]
+    if not oom:
+        return []
+    step = oom[0]
+    good = [s for s in record.steps if not s.oom and s.predictors < step.predictors]
+    ceiling = max((s.predictors for s in good), default=None)
+    return [Finding(
+        "OOM", "fail",
+        f"out of memory at {step.predictors} predictors" + (f"; {ceiling} is the ceiling" if ceiling else ""),
+        {"oom_predictors": step.predictors, "last_good_predictors": ceiling,
+         "messages": step.error_messages[:3], "peak_memory": {k: v for k, v in step.memory.items() if k != "layers"}},
+        "the largest count that fit is the ceiling; see the memory breakdown for which layer grew", step.predictors)]
+
+
+def rule_predictor_errors(record: RunRecord, t: Thresholds) -> list[Finding]:
+    bad = [s for s in record.steps if (s.errors and not s.oom) or s.dead_predictors]
+    if not bad:
+        return []
+    worst = max(bad, key=lambda s: s.error_rate)
+    severity = "fail" if worst.error_rate >= t.error_fail_rate or worst.dead_predictors else "warn"
+    return [Finding(
+        "PREDICTOR_ERRORS", severity,
+        f"{worst.error_rate:.1%} of requests failed at {worst.predictors} predictors"
+        + (f"; {worst.dead_predictors} predictor thread(s) died" if worst.dead_predictors else ""),
+        {"error_rate_by_predictors": {str(s.predictors): s.error_rate for s in record.steps},
+         "messages": worst.error_messages[:5]},
+        "fix the model's errors first: throughput and latency of failing requests are not comparable", worst.predictors)]
+
+
+def _peak_step(record: RunRecord) -> Step | None:
+    steps = [s for s in _ok_steps(record) if _mem(s, "process_gpu_bytes") is not None]
+    return max(steps, key=lambda s: _mem(s, "process_gpu_bytes") or 0) if steps else None
+
+
+def rule_cache_bloat(record: RunRecord, t: Thresholds) -> list[Finding]:
+    if not record.gpu:
+        return []
+    candidates = []
+    for s in _ok_steps(record):
+        layers = s.memory.get("layers") or {}
+        cache = layers.get("allocator_cache_bytes")
+        if cache is None:
+            continue
+        reserved = cache + layers.get("activations_bytes", 0) + layers.get("model_weights_bytes", 0)
+        candidates.append((cache, reserved, s.predictors, "peak of step"))
+    end = record.baseline.get("end") or {}
+    if is_available(end.get("torch_reserved_bytes")) and is_available(end.get("torch_allocated_bytes")):
+        cache = end["torch_reserved_bytes"] - end["torch_allocated_bytes"]
+        candidates.append((cache, end["torch_reserved_bytes"], None, "end of run"))
+    fired = [c for c in candidates if c[1] > 0 and c[0] > t.cache_min_bytes and c[0] / c[1] > t.cache_share]
+    if not fired:
+        return []
+    cache, reserved, at, when = max(fired, key=lambda c: c[0])
+    return [Finding(
+        "CACHE_BLOAT", "warn",
+        f"{format_bytes(cache)} ({cache / reserved:.0%} of reserved) is cached by PyTorch's allocator, not used by tensors",
+        {"cached_bytes": cache, "reserved_bytes": reserved, "cached_share": cache / reserved, "when": when},
+        "nothing is leaking: NVML counts cached blocks as used until torch.cuda.empty_cache(). If other processes "
+        "must share the card, call empty_cache() between phases or cap the process with "
+        "torch.cuda.set_per_process_memory_fraction; consider PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True", at)]
+
+
+def rule_outside_allocator(record: RunRecord, t: Thresholds) -> list[Finding]:
+    if not record.gpu:
+        return []
+    per_step = [(s.predictors, (s.memory.get("layers") or {}).get("outside_allocator_bytes")) for s in _ok_steps(record)]
+    per_step = [(n, v) for n, v in per_step if v is not None]
+    context = record.baseline.get("context_bytes")
+    if not per_step and not is_available(context):
+        return []
+    peak = max((v for _, v in per_step), default=context if is_available(context) else 0)
+    growth = (per_step[-1][1] - per_step[0][1]) if len(per_step) >= 2 else 0
+    severity = "warn" if growth > t.outside_growth_bytes else "info"
+    title = f"{format_bytes(peak)} of this process's GPU memory is outside PyTorch's allocator"
+    if is_available(context):
+        title += f" (CUDA context and kernels: {format_bytes(context)} right after initialisation)"
+    if severity == "warn":
+        title += f"; it grew by {format_bytes(growth)} during the sweep"
+    return [Finding(
+        "OUTSIDE_ALLOCATOR", severity, title,
+        {"outside_bytes_by_predictors": {str(n): v for n, v in per_step}, "context_bytes": context,
+         "growth_bytes": growth, "CUDA_MODULE_LOADING": record.environment.get("memory_env", {}).get("CUDA_MODULE_LOADING")},
+        "this is the CUDA context, loaded kernels and cuBLAS/cuDNN workspaces: keep lazy module loading "
+        "(CUDA_MODULE_LOADING=LAZY), run fewer processes per GPU, see PER_PREDICTOR_GROWTH", None)]
+
+
+def rule_per_predictor_growth(record: RunRecord, t: Thresholds) -> list[Finding]:
+    if not record.gpu:
+        return []
+    steps = _ok_steps(record)
+    if len(steps) < 2 or max(s.distinct_weight_sets for s in steps) > 1:
+        return []
+    nvml_slope = bytes_per_extra_predictor(record, "process_gpu_bytes")
+    reserved_slope = bytes_per_extra_predictor(record, "torch_reserved_bytes")
+    if nvml_slope is None or nvml_slope < t.growth_min_bytes:
+        return []
+    recommended = record.recommendation.get("predictors") or max(s.predictors for s in steps)
+    total = next((d.get("total_bytes") for d in record.devices if is_available(d.get("total_bytes"))), None)
+    severity = "warn" if total and nvml_slope * recommended > t.growth_warn_device_share * total else "info"
+    outside_slope = nvml_slope - (reserved_slope or 0)
+    return [Finding(
+        "PER_PREDICTOR_GROWTH", severity,
+        f"each extra predictor costs {format_bytes(nvml_slope)} of device memory "
+        f"({format_bytes(max(0, reserved_slope or 0))} in PyTorch's pool, {format_bytes(max(0, outside_slope))} outside it) "
+        "although the model is shared",
+        {"nvml_bytes_per_predictor": nvml_slope, "reserved_bytes_per_predictor": reserved_slope,
+         "outside_bytes_per_predictor": outside_slope,
+         "process_gpu_bytes_by_predictors": {str(s.predictors): s.memory.get("process_gpu_bytes") for s in steps},
+         "streams": record.config.get("streams", False),
+         "CUBLAS_WORKSPACE_CONFIG": record.environment.get("memory_env", {}).get("CUBLAS_WORKSPACE_CONFIG")},
+        "keep a fixed pool of long-lived predictor threads (never a thread per request); set CUBLAS_WORKSPACE_CONFIG "
+        "to shrink or disable cuBLAS workspaces (measured on an H200: :0:0 removed all of it; measure the speed cost); "
+        "reuse one stream per thread", None)]
+
+
+def _others(record: RunRecord) -> list[dict[str, Any]]:
+    gpu = record.config.get("gpu_index")
+    return [p for p in record.processes if not p.get("self") and (gpu is None or p.get("gpu") == gpu)]
+
+
+def rule_foreign_process(record: RunRecord, t: Thresholds) -> list[Finding]:
+    if not record.gpu:
+        return []
+    others = [p for p in _others(record) if (p.get("peak_used_bytes") or 0) > 0]
+    if not others:
+        return []
+    total = next((d.get("total_bytes") for d in record.devices
+                  if d.get("index") == record.config.get("gpu_index") and is_available(d.get("total_bytes"))), None)
+    held = sum(int(p.get("peak_used_bytes") or 0) for p in others)
+    busy = [p for p in others if (p.get("peak_sm_util_pct") or 0) > 0]
+    severity = "fail" if (total and held > t.foreign_fail_share * total) or busy else "warn"
+    named = ", ".join(f"pid {p['pid']} ({p.get('name', '?')}, {format_bytes(p.get('peak_used_bytes') or 0)})" for p in others[:4])
+    return [Finding(
+        "FOREIGN_PROCESS", severity,
+        f"{len(others)} other process{'es' if len(others) != 1 else ''} on this GPU hold {format_bytes(held)}: {named}",
+        {"processes": [{k: p.get(k) for k in ("pid", "name", "user", "cmdline", "engines", "peak_used_bytes",
+                                               "peak_sm_util_pct")} for p in others],
+         "held_bytes": held, "device_total_bytes": total},
+        "one process per GPU with threads; or cap each engine's memory; or MPS for unavoidable sharing", None)]
+
+
+def _engines(p: dict[str, Any]) -> list[str]:
+    engines = p.get("engines")
+    return list(engines) if isinstance(engines, list) else []
+
+
+def rule_multiple_engines(record: RunRecord, t: Thresholds) -> list[Finding]:
+    out = []
+    for p in record.processes:
+        engines = _engines(p)
+        if len(engines) >= 2:
+            who = "this process" if p.get("self") else f"pid {p['pid']} ({p.get('name', '?')})"
+            out.append(Finding(
+                "MULTIPLE_ENGINES", "warn",
+                f"{who} has {len(engines)} GPU engines loaded, each with its own allocator: {', '.join(engines)}",
+                {"pid": p.get("pid"), "engines": engines, "memory_env": p.get("memory_env")},
+                "cap every engine's memory (XLA_PYTHON_CLIENT_MEM_FRACTION, TF memory limit, CuPy's "
+                "set_limit, torch.cuda.set_per_process_memory_fraction) or split engines across devices", None))
+    return out[:1] if len(out) > 1 and all(f.evidence["pid"] == out[0].evidence["pid"] for f in out) else out
+
+
+def _preallocating(engine: str, env: dict[str, str]) -> str | None:
+    if engine == "jax":
+        if env.get("XLA_PYTHON_CLIENT_PREALLOCATE", "").lower() in ("false", "0"):
+            return None
+        if env.get("XLA_PYTHON_CLIENT_MEM_FRACTION") or env.get("XLA_PYTHON_CLIENT_ALLOCATOR") == "platform":
+            return None
+        return "JAX preallocates ~75% of the card at its first operation (XLA_PYTHON_CLIENT_PREALLOCATE is not false)"
+    if engine == "tensorflow":
+        if env.get("TF_FORCE_GPU_ALLOW_GROWTH", "").lower() == "true":
+            return None
+        return "TensorFlow maps nearly all GPU memory unless memory growth is enabled"
+    return None
+
+
+def rule_engine_preallocation(record: RunRecord, t: Thresholds) -> list[Finding]:
+    out = []
+    for p in record.processes:
+        env = p.get("memory_env")
+        env_dict = env if isinstance(env, dict) and "unavailable" not in env else {}
+        for engine in _engines(p):
+            why = _preallocating(engine, env_dict)
+            if why is None:
+                continue
+            who = "this process" if p.get("self") else f"pid {p['pid']} ({p.get('name', '?')})"
+            held = p.get("peak_used_bytes") or 0
+            out.append(Finding(
+                "ENGINE_PREALLOCATION", "warn",
+                f"{who} runs {engine} at default memory settings and holds {format_bytes(held)}: {why}",
+                {"pid": p.get("pid"), "engine": engine, "held_bytes": held, "memory_env": env,
+                 "env_readable": not (isinstance(env, dict) and "unavailable" in env)},
+                "JAX: XLA_PYTHON_CLIENT_PREALLOCATE=false or XLA_PYTHON_CLIENT_MEM_FRACTION=0.3; TensorFlow: "
+                "TF_FORCE_GPU_ALLOW_GROWTH=true or a memory limit; ONNX Runtime: gpu_mem_limit and "
+                "arena_extend_strategy=kSameAsRequested", None))
+    return out
+
+
+def rule_default_stream_serialization(record: RunRecord, t: Thresholds) -> list[Finding]:
+    if not record.gpu or record.config.get("streams"):
+        return []
+    steps = sorted(_ok_steps(record), key=lambda s: s.predictors)
+    by_n = {s.predictors: s for s in steps}
+    for s in steps:
+        double = by_n.get(s.predictors * 2)
+        if double is None or not s.throughput_rps or not s.latency_ms.get("p50"):
+            continue
+        gain = double.throughput_rps / s.throughput_rps - 1
+        ratio = double.latency_ms.get("p50", 0) / s.latency_ms["p50"]
+        if gain < t.stream_gain and ratio >= t.stream_latency_ratio:
+            return [Finding(
+                "DEFAULT_STREAM_SERIALIZATION", "warn",
+                f"from {s.predictors} to {double.predictors} predictors throughput changes {gain:+.0%} while p50 "
+                f"grows {ratio:.1f}x: every predictor queues on the default CUDA stream",
+                {"from_predictors": s.predictors, "to_predictors": double.predictors, "throughput_gain": gain,
+                 "p50_ratio": ratio, "streams": False},
+                "give each predictor its own long-lived CUDA stream (gpuscope diagnose --streams shows the effect; "
+                "measured on an H200: +30%), or batch requests", double.predictors)]
+    return []
+
+
+def rule_low_headroom(record: RunRecord, t: Thresholds) -> list[Finding]:
+    if not record.gpu:
+        return []
+    n = record.recommendation.get("predictors")
+    step = record.step_at(n) if n else _peak_step(record)
+    if step is None:
+        return []
+    used, total = _mem(step, "device_used_bytes"), _mem(step, "device_total_bytes")
+    if not used or not total:
+        return []
+    share = used / total
+    if share <= t.headroom_warn:
+        return []
+    severity = "fail" if share > t.headroom_fail else "warn"
+    return [Finding(
+        "LOW_HEADROOM", severity,
+        f"the device is {share:.0%} full at {step.predictors} predictors ({format_bytes(total - used)} free)",
+        {"device_used_bytes": used, "device_total_bytes": total, "used_share": share, "predictors": step.predictors},
+        "fewer predictors, a smaller batch, a memory cap, or a bigger device", step.predictors)]
+
+
+def rule_fragmentation(record: RunRecord, t: Thresholds) -> list[Finding]:
+    if not record.gpu:
+        return []
+    for s in _ok_steps(record) + [s for s in record.steps if s.oom]:
+        retries = _mem(s, "torch_alloc_retries") or 0
+        split = _mem(s, "torch_inactive_split_bytes") or 0
+        reserved = _mem(s, "torch_reserved_bytes") or 0
+        if retries > 0 or (reserved and split / reserved > t.fragmentation_split_share):
+            return [Finding(
+                "FRAGMENTATION", "warn",
+                f"the allocator is fragmented at {s.predictors} predictors: {retries} alloc retries, "
+                f"{format_bytes(split)} in inactive split blocks ({split / reserved if reserved else 0:.0%} of reserved)",
+                {"alloc_retries": retries, "inactive_split_bytes": split, "reserved_bytes": reserved},
+                "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True; fixed input shapes or shape buckets; "
+                "garbage_collection_threshold", s.predictors)]
+    return []
+
+
+def rule_pid_namespace(record: RunRecord, t: Thresholds) -> list[Finding]:
+    evidence = record.extra.get("pid_namespace") or {}
+    missing = [p for p in record.processes if p.get("exists") is False]
+    unlisted = evidence.get("unlisted_used_bytes") or 0
+    self_unlisted = evidence.get("self_not_listed", False)
+    if not missing and unlisted < t.pid_namespace_min_bytes and not self_unlisted:
+        return []
+    parts = []
+    if missing:
+        parts.append(f"NVML lists pid{'s' if len(missing) != 1 else ''} {', '.join(str(p['pid']) for p in missing[:5])} "
+                     "that this pid namespace does not have")
+    if unlisted >= t.pid_namespace_min_bytes:
+        parts.append(f"{format_bytes(unlisted)} is used on the device while NVML lists no process")
+    if self_unlisted:
+        parts.append("this process holds GPU memory but NVML does not list its pid")
+    return [Finding(
+        "PID_NAMESPACE", "warn", "process attribution is not possible here: " + "; ".join(parts),
+        {"missing_pids": [p["pid"] for p in missing], **evidence},
+        "run with the host pid namespace (docker run --pid=host); the report falls back to device-level "
+        "figures and the process's own allocator statistics", None)]
+
+
+def rule_measurement_gap(record: RunRecord, t: Thresholds) -> list[Finding]:
+    gaps = record.extra.get("measurement_gaps") or {}
+    if not gaps:
+        return []
+    metrics = ", ".join(f"{k} ({v.get('reason', '?')}, {v.get('ticks', 0)} ticks)" for k, v in list(gaps.items())[:4])
+    return [Finding(
+        "MEASUREMENT_GAP", "warn", f"readings stopped during the run: {metrics}",
+        {"gaps": gaps},
+        "figures after the gap are missing, not zero; check the driver (nvidia-smi -q, dmesg for Xid errors) "
+        "and rerun", None)]
+
+
+RULES: tuple[Rule, ...] = (
+    rule_oom, rule_predictor_errors, rule_duplicate_model, rule_foreign_process, rule_multiple_engines,
+    rule_engine_preallocation, rule_low_headroom, rule_cache_bloat, rule_fragmentation, rule_per_predictor_growth,
+    rule_default_stream_serialization, rule_cpu_oversubscription, rule_grad_enabled, rule_pid_namespace,
+    rule_measurement_gap, rule_outside_allocator, rule_throughput_plateau,
+)
+
+
+def evaluate(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> list[Finding]:
+    """All findings for a run; a rule that crashes on odd data is skipped, never fatal to the report."""
+    findings: list[Finding] = []
+    for rule in RULES:
+        try:
+            findings.extend(rule(record, thresholds))
+        except Exception as exc:  # defensive: a report without one finding beats no report
+            findings.append(Finding("MEASUREMENT_GAP", "info", f"rule {rule.__name__} could not run: {exc}", {}, "", None))
+    return findings
+
+
+def conclude(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> None:
+    """Fill sharing, recommendation and findings from the measured steps (in place)."""
+    steps = _ok_steps(record) or record.steps
+    distinct = max((s.distinct_weight_sets for s in steps), default=0)
+    slope = bytes_per_extra_predictor(record)
+    record.sharing = {
+        "verified": bool(steps) and distinct == 1,
+        "distinct_weight_sets": distinct,
+        "bytes_per_extra_predictor": slope if slope is not None else Unavailable("not_supported", "fewer than two steps"),
+        "memory_figure": memory_key(record),
+        "model_bytes": record.model.get("model_bytes"),
+    }
+    record.recommendation = recommend(record, thresholds)
+    record.findings = evaluate(record, thresholds)

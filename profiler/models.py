@@ -1,0 +1,307 @@
+"""Models to profile: built-in ones, and the user's (TorchScript, torch.export, a factory).
+
+Model files are classified by their bytes before anything loads them: a plain
+pickle or a `torch.save` archive can run arbitrary code when unpickled, so it
+is refused unless the user passes `--trust-model-file`. TorchScript archives
+(torch.jit.load's restricted loader) and torch.export programs (.pt2: a JSON
+graph plus raw weights) are loaded by torch's own formats.
+"""
+from __future__ import annotations
+
+import importlib
+import os
+import sys
+import zipfile
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_NAMES = ("mlp", "cnn", "transformer")
+SIZES = ("small", "medium", "large")
+DTYPES = ("float32", "float16", "bfloat16", "float64", "int64", "int32")
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded or run; the message is one line for the user."""
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to serve: one module, where it came from, how to feed it, what it weighs."""
+
+    module: Any  # nn.Module / ScriptModule / GraphModule: callable on one input tensor
+    source: str
+    kind: str  # builtin | torchscript | export | factory | pickle
+    input_shape: tuple[int, ...]
+    dtype: str
+    device: str
+    param_bytes: int = 0
+    buffer_bytes: int = 0
+    unique_storages: int = 0
+    reload: Callable[[], Any] | None = field(default=None, repr=False)  # fresh copy, for --copy-model
+
+    @property
+    def model_bytes(self) -> int:
+        return self.param_bytes + self.buffer_bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"source": self.source, "kind": self.kind, "input_shape": list(self.input_shape), "dtype": self.dtype,
+                "param_bytes": self.param_bytes, "buffer_bytes": self.buffer_bytes,
+                "model_bytes": self.model_bytes, "unique_storages": self.unique_storages}
+
+
+def parse_input_shape(text: str) -> tuple[int, ...]:
+    """`8x3x224x224` -> (8, 3, 224, 224); ValueError with the reason otherwise."""
+    parts = str(text).lower().replace("*", "x").replace(",", "x").split("x")
+    try:
+        shape = tuple(int(p) for p in parts)
+    except ValueError:
+        raise ValueError(f"input shape {text!r} must be integers joined by 'x', e.g. 8x3x224x224") from None
+    if not shape or any(d <= 0 for d in shape):
+        raise ValueError(f"input shape {text!r} must have positive dimensions")
+    return shape
+
+
+def torch_dtype(name: str) -> Any:
+    import torch
+
+    if name not in DTYPES:
+        raise ValueError(f"unknown dtype {name!r} (choose from {', '.join(DTYPES)})")
+    return getattr(torch, name)
+
+
+# ---------------------------------------------------------------- built-in models
+
+def _builtin(name: str, size: str) -> tuple[Any, tuple[int, ...]]:
+    """Real torch models sized so CPU runs stay quick and GPU runs show memory worth looking at."""
+    from torch import nn
+
+    if name == "mlp":
+        width, depth, batch = {"small": (2048, 4, 16), "medium": (4096, 4, 16), "large": (4096, 8, 8)}[size]
+        layers: list[Any] = []
+        for _ in range(depth):
+            layers += [nn.Linear(width, width), nn.ReLU()]
+        return nn.Sequential(*layers), (batch, width)
+    if name == "cnn":
+        channels, image, batch = {"small": (32, 64, 8), "medium": (64, 128, 8), "large": (128, 224, 16)}[size]
+
+        def block(cin: int, cout: int) -> Any:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1), nn.BatchNorm2d(cout), nn.ReLU(), nn.MaxPool2d(2))
+
+        model = nn.Sequential(block(3, channels), block(channels, channels * 2), block(channels * 2, channels * 4),
+                              nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(channels * 4, 1000))
+        return model, (batch, 3, image, image)
+    if name == "transformer":
+        d_model, layers_n, seq, batch = {"small": (256, 4, 64, 8), "medium": (512, 6, 128, 8),
+                                         "large": (1024, 12, 256, 8)}[size]
+        layer = nn.TransformerEncoderLayer(d_model, nhead=8, dim_feedforward=4 * d_model, batch_first=True)
+        return nn.TransformerEncoder(layer, layers_n, enable_nested_tensor=False), (batch, seq, d_model)
+    raise ModelLoadError(f"unknown built-in model {name!r} (choose from {', '.join(BUILTIN_PREFIX + n for n in BUILTIN_NAMES)})")
+
+
+# ---------------------------------------------------------------- file classification
+
+PICKLE = "pickle"
+TORCH_SAVE = "torch_save"
+TORCHSCRIPT = "torchscript"
+EXPORT = "export"
+NOT_A_MODEL = "not_a_model"
+
+
+def classify_model_file(path: str) -> str:
+    """What a file is, from its bytes alone (nothing is loaded or unpickled)."""
+    with open(path, "rb") as fh:
+        head = fh.read(4)
+    if not head:
+        return NOT_A_MODEL
+    if head[:1] == b"\x80" and len(head) > 1 and head[1] in range(2, 6):
+        return PICKLE  # a raw pickle stream (protocol 2-5), e.g. pickle.dump or legacy torch.save
+    if head != b"PK\x03\x04":
+        return NOT_A_MODEL
+    try:
+        names = zipfile.ZipFile(path).namelist()
+    except (zipfile.BadZipFile, OSError):
+        return NOT_A_MODEL
+    if any(n.endswith("/archive_format") or n == "archive_format" for n in names) and any("models/" in n for n in names):
+        return EXPORT
+    if any("/code/" in n or n.startswith("code/") for n in names) and any(n.endswith("constants.pkl") for n in names):
+        return TORCHSCRIPT
+    if any(n.endswith("data.pkl") for n in names):
+        return TORCH_SAVE
+    return NOT_A_MODEL
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    first = next((line.strip() for line in text if line.strip()), "")
+    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+
+
+def _load_file(path: str, device: str, trust: bool) -> tuple[Any, str]:
+    import torch
+
+    if not os.path.exists(path):
+        raise ModelLoadError(f"model file not found: {path}")
+    if os.path.isdir(path):
+        raise ModelLoadError(f"model path is a directory, not a file: {path}")
+    try:
+        kind = classify_model_file(path)
+    except OSError as exc:
+        raise ModelLoadError(f"cannot read model file {path}: {exc.strerror or exc}") from exc
+    if kind == NOT_A_MODEL:
+        raise ModelLoadError(f"{path} is not a TorchScript (.pt) or torch.export (.pt2) model file")
+    if kind in (PICKLE, TORCH_SAVE):
+        if not trust:
+            raise ModelLoadError(f"{path} is a pickle ({'torch.save archive' if kind == TORCH_SAVE else 'raw pickle'}), "
+                                 "which can run arbitrary code when loaded: refused. Save it with torch.jit.save or "
+                                 "torch.export.save, or pass --trust-model-file if you trust its author")
+        try:
+            module = torch.load(path, map_location=device, weights_only=False)
+        except Exception as exc:
+            raise ModelLoadError(f"could not load {path}: {_one_line(exc)}") from exc
+        if not callable(module):
+            raise ModelLoadError(f"{path} holds a {type(module).__name__}, not a model (an nn.Module)")
+        return module, "pickle"
+    try:
+        if kind == TORCHSCRIPT:
+            return torch.jit.load(path, map_location=device), "torchscript"
+        program = torch.export.load(path)
+        return program.module().to(device), "export"
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {path}: {_one_line(exc)}") from exc
+
+
+def _load_factory(spec: str) -> Any:
+    module_name, _, attr = spec.partition(":")
+    if not module_name or not attr:
+        raise ModelLoadError(f"model {spec!r}: expected a file, builtin:NAME, or package.module:factory")
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.insert(0, os.getcwd())  # like `python -m`: the user's own package in the current folder
+    try:
+        mod = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        raise ModelLoadError(f"model factory {spec!r}: cannot import {module_name!r} ({exc.msg})") from exc
+    except Exception as exc:
+        raise ModelLoadError(f"model factory {spec!r}: importing {module_name!r} failed: {_one_line(exc)}") from exc
+    factory = getattr(mod, attr, None)
+    if factory is None:
+        raise ModelLoadError(f"model factory {spec!r}: {module_name!r} has no attribute {attr!r}")
+    try:
+        module = factory() if callable(factory) and not hasattr(factory, "forward") else factory
+    except Exception as exc:
+        raise ModelLoadError(f"model factory {spec!r} raised {_one_line(exc)}") from exc
+    if not callable(module):
+        raise ModelLoadError(f"model factory {spec!r} returned {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def weight_storages(module: Any) -> dict[int, int]:
+    """Unique storages of a module's parameters and buffers: data pointer -> bytes."""
+    storages: dict[int, int] = {}
+    tensors = []
+    for getter in ("parameters", "buffers"):
+        fn = getattr(module, getter, None)
+        if fn is not None:
+            try:
+                tensors += list(fn())
+            except Exception:
+                pass
+    for tensor in tensors:
+        try:
+            storage = tensor.untyped_storage()
+            storages[storage.data_ptr()] = storage.nbytes()
+        except Exception:
+            continue
+    return storages
+
+
+def weight_pointers(module: Any) -> frozenset[int]:
+    """The identity of a set of weights: which storages a predictor runs on."""
+    return frozenset(weight_storages(module))
+
+
+def _sizes(module: Any) -> tuple[int, int, int]:
+    param_ptrs: dict[int, int] = {}
+    buffer_ptrs: dict[int, int] = {}
+    for getter, target in (("parameters", param_ptrs), ("buffers", buffer_ptrs)):
+        fn = getattr(module, getter, None)
+        if fn is None:
+            continue
+        for tensor in fn():
+            storage = tensor.untyped_storage()
+            target[storage.data_ptr()] = storage.nbytes()
+    for ptr in param_ptrs:
+        buffer_ptrs.pop(ptr, None)
+    return sum(param_ptrs.values()), sum(buffer_ptrs.values()), len(param_ptrs) + len(buffer_ptrs)
+
+
+def load_model(spec: str, device: str, input_shape: tuple[int, ...] | None = None, dtype: str | None = None,
+               size: str = "small", trust_model_file: bool = False) -> LoadedModel:
+    """Load a model onto `device` once, in eval mode, with its sizes and how to feed it."""
+    import torch
+
+    if size not in SIZES:
+        raise ModelLoadError(f"unknown model size {size!r} (choose from {', '.join(SIZES)})")
+    if dtype is not None and dtype not in DTYPES:
+        raise ModelLoadError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
+
+    def build() -> tuple[Any, str, tuple[int, ...] | None]:
+        if spec.startswith(BUILTIN_PREFIX):
+            module, default_shape = _builtin(spec[len(BUILTIN_PREFIX):], size)
+            return module.to(device), "builtin", default_shape
+        if ":" in spec and not os.path.exists(spec) and not spec.endswith((".pt", ".pt2", ".pth")):
+            module = _load_factory(spec)
+            try:
+                return module.to(device), "factory", getattr(module, "example_input_shape", None)
+            except Exception as exc:
+                raise ModelLoadError(f"model factory {spec!r}: moving the model to {device} failed: {_one_line(exc)}") from exc
+        module, kind = _load_file(spec, device, trust_model_file)
+        return module, kind, None
+
+    module, kind, default_shape = build()
+    if hasattr(module, "eval"):
+        module.eval()
+    shape = input_shape or (tuple(default_shape) if default_shape else None)
+    if shape is None:
+        raise ModelLoadError(f"model {spec!r} has no default input shape: pass --input-shape, e.g. 8x3x224x224")
+    chosen_dtype = dtype or "float32"
+    params, buffers, storages = _sizes(module)
+    if kind == "builtin" and chosen_dtype in ("float16", "bfloat16", "float64"):
+        module = module.to(torch_dtype(chosen_dtype))
+        params, buffers, storages = _sizes(module)
+
+    def reload() -> Any:
+        if kind == "builtin" or kind == "factory":
+            import copy
+
+            return copy.deepcopy(module)
+        fresh, _ = _load_file(spec, device, trust_model_file)
+        return fresh.eval() if hasattr(fresh, "eval") else fresh
+
+    return LoadedModel(module=module, source=spec, kind=kind, input_shape=tuple(shape), dtype=chosen_dtype,
+                       device=device, param_bytes=params, buffer_bytes=buffers, unique_storages=storages, reload=reload)
+
+
+def make_input(model: LoadedModel, device: str | None = None) -> Any:
+    import torch
+
+    dtype = torch_dtype(model.dtype)
+    target = device or model.device
+    if dtype.is_floating_point:
+        return torch.randn(model.input_shape, dtype=dtype, device=target)
+    return torch.randint(0, 100, model.input_shape, dtype=dtype, device=target)
+
+
+def validate_model(model: LoadedModel) -> None:
+    """Run one request before the sweep, so a wrong shape fails with the model's own error in one line."""
+    import torch
+
+    try:
+        with torch.inference_mode():
+            model.module(make_input(model))
+        if model.device.startswith("cuda"):
+            torch.cuda.synchronize()
+    except Exception as exc:
+        raise ModelLoadError(f"the model rejected an input of shape {'x'.join(map(str, model.input_shape))} "
+                             f"({model.dtype}): {_one_line(exc)}") from exc

@@ -1,0 +1,65 @@
+"""Parsing and validating the sweep's options, shared by `diagnose` and `check`."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from profiler.errors import UsageError
+from probes.units import parse_duration_s
+
+
+def parse_predictors(text: str | None) -> tuple[int, ...] | None:
+    """`1,2,4,8` -> (1, 2, 4, 8). Rejects 0, negatives, words and empty items with one clear line."""
+    if text is None or text == "":
+        return None
+    counts = []
+    for item in str(text).split(","):
+        item = item.strip()
+        if not item:
+            raise UsageError(f"--predictors {text!r}: empty item (expected e.g. 1,2,4,8)")
+        try:
+            value = int(item)
+        except ValueError:
+            raise UsageError(f"--predictors {text!r}: {item!r} is not a whole number") from None
+        if value < 1:
+            raise UsageError(f"--predictors {text!r}: each count must be at least 1, got {value}")
+        counts.append(value)
+    return tuple(sorted(set(counts)))
+
+
+def parse_seconds(name: str, text: str | float | None, minimum: float = 0.0) -> float | None:
+    if text is None:
+        return None
+    try:
+        value = parse_duration_s(str(text))
+    except ValueError as exc:
+        raise UsageError(f"{name}: {exc}") from None
+    if value < minimum:
+        raise UsageError(f"{name}: must be at least {minimum:g} s, got {value:g} s")
+    return value
+
+
+@dataclass(frozen=True)
+class DiagnoseOptions:
+    """Everything `gpuscope diagnose` (and `check` when it runs a sweep) needs."""
+
+    model: str = "builtin:mlp"
+    model_size: str | None = None
+    input_shape: str | None = None
+    dtype: str | None = None
+    device: str = "auto"
+    predictors: str | None = None
+    duration: str = "6s"
+    warmup: str = "0.5s"
+    window: str = "1s"
+    interval: str = "50ms"
+    streams: bool = False
+    copy_model: bool = False
+    inference_mode: bool = True
+    intra_op_threads: int | None = None
+    rate: float | None = None
+    max_p99_ms: float | None = None
+    out: str = "gpuscope-report"
+    trust_model_file: bool = False
+    json_output: bool = False
+    report: bool = True
+    quiet: bool = False

@@ -1,0 +1,76 @@
+"""The terminal summary of a run: the step table, findings, and the recommendation."""
+from __future__ import annotations
+
+from typing import Any
+
+from probes.readings import is_available
+from probes.redact import redact_text
+from probes.units import format_bytes
+from profiler.run import RunRecord, sorted_findings
+
+_MARK = {"fail": "FAIL", "warn": "WARN", "info": "info"}
+
+
+def _mem(value: Any) -> str:
+    return format_bytes(value) if is_available(value) else "n/a"
+
+
+def format_summary(record: RunRecord) -> str:
+    lines: list[str] = []
+    model = record.model
+    lines.append(f"gpuscope {record.tool_version}: {redact_text(str(model.get('source', '?')))} "
+                 f"({format_bytes(model.get('model_bytes') or 0)} of weights) on {record.config.get('device', '?')}"
+                 f"  [{record.status}]")
+    if record.device_unavailable and not record.gpu:
+        lines.append(f"GPU readings: unavailable ({record.device_unavailable.get('reason')}: "
+                     f"{record.device_unavailable.get('detail')})")
+    gpu = record.gpu
+    header = f"{'predictors':>10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+    header += f"{'GPU (NVML)':>11} {'torch rsv':>10}" if gpu else f"{'RSS':>10} {'USS':>10}"
+    lines += ["", header]
+    for step in record.steps:
+        lat = step.latency_ms
+        row = (f"{step.predictors:>10} {step.throughput_rps:>9.1f} {lat.get('p50', 0):>8.2f} {lat.get('p99', 0):>8.2f} "
+               f"{step.errors:>7} ")
+        if gpu:
+            row += f"{_mem(step.memory.get('process_gpu_bytes')):>11} {_mem(step.memory.get('torch_reserved_bytes')):>10}"
+        else:
+            row += f"{_mem(step.memory.get('rss_bytes')):>10} {_mem(step.memory.get('uss_bytes')):>10}"
+        if step.oom:
+            row += "  OOM"
+        lines.append(row)
+    if not record.steps:
+        lines.append("  (no step completed)")
+    sharing = record.sharing
+    if sharing:
+        per = sharing.get("bytes_per_extra_predictor")
+        lines.append("")
+        lines.append(f"sharing: {'verified: all predictors ran one copy of the weights' if sharing.get('verified') else 'NOT verified'}"
+                     f" ({sharing.get('distinct_weight_sets')} distinct weight set(s)); "
+                     f"memory per extra predictor: {_mem(per) if not is_available(per) or per >= 0 else '-' + format_bytes(-per)}")
+    findings = sorted_findings(record.findings)
+    lines.append("")
+    lines.append(f"findings ({len(findings)}):" if findings else "findings: none")
+    for finding in findings:
+        lines.append(f"  {_MARK.get(finding.severity, finding.severity):<4} {finding.code}: {finding.title}")
+        if finding.severity != "info" and finding.remedy:
+            lines.append(f"       remedy: {finding.remedy}")
+    rec = record.recommendation or {}
+    lines.append("")
+    if rec.get("predictors"):
+        text = f"recommendation: {rec['predictors']} predictor{'s' if rec['predictors'] != 1 else ''}: {rec.get('reason', '')}"
+        if is_available(rec.get("memory_bytes")):
+            text += f"; needs {format_bytes(rec['memory_bytes'])}"
+        if rec.get("more_would_fit") is not None:
+            text += f"; about {rec['more_would_fit']} more would fit in memory"
+        lines.append(text)
+    else:
+        lines.append(f"recommendation: none ({rec.get('reason', 'nothing measured')})")
+    return "\n".join(lines)
+
+
+def summary_json(record: RunRecord) -> dict[str, Any]:
+    """A compact machine-readable summary (`--json`)."""
+    data = record.to_json()
+    return {k: data[k] for k in ("schema", "status", "config", "model", "steps", "sharing", "findings",
+                                 "recommendation", "devices", "device_unavailable") if k in data}

@@ -1,0 +1,260 @@
+"""The predictor pool: N long-lived threads serving one shared model.
+
+This mirrors how people serve from threads: the model is loaded once and
+every predictor calls the same module. Each thread enters
+`torch.inference_mode()` itself (grad mode is thread-local: setting it in the
+main thread does nothing for workers), optionally runs on its own long-lived
+CUDA stream, and records each request's latency. The hot loop does nothing but
+call the model, time it, and append two integers, so the pool stays within a
+few percent of a bare loop (benchmarks/ measures this).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from profiler.models import LoadedModel, make_input, weight_pointers
+
+MAX_ERROR_MESSAGES = 5
+
+
+def _is_oom(exc: BaseException) -> bool:
+    name = type(exc).__name__
+    return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
+
+
+@dataclass
+class PredictorResult:
+    """What one predictor thread saw during a step."""
+
+    latencies_ns: list[int] = field(default_factory=list)
+    end_times_ns: list[int] = field(default_factory=list)
+    queue_ns: list[int] = field(default_factory=list)
+    errors: int = 0
+    error_messages: list[str] = field(default_factory=list)
+    weights: frozenset[int] = frozenset()
+    grad_enabled: bool = False
+    outputs_with_grad: int = 0
+    oom: bool = False
+    died: str | None = None
+    completed: int = 0  # live counter the main thread reads for windows
+
+
+@dataclass
+class StepRun:
+    """The raw outcome of one measured step."""
+
+    predictors: int
+    results: list[PredictorResult]
+    measure_start_ns: int
+    measure_end_ns: int
+    windows_rps: list[float]
+    stable: bool
+    interrupted: bool
+
+    @property
+    def duration_s(self) -> float:
+        return max(1e-9, (self.measure_end_ns - self.measure_start_ns) / 1e9)
+
+    def latencies_ms(self) -> list[float]:
+        return [lat / 1e6 for r in self.results for lat, end in zip(r.latencies_ns, r.end_times_ns)
+                if end <= self.measure_end_ns]
+
+    def queue_ms(self) -> list[float]:
+        return [q / 1e6 for r in self.results for q, end in zip(r.queue_ns, r.end_times_ns) if end <= self.measure_end_ns]
+
+    @property
+    def requests(self) -> int:
+        return sum(1 for r in self.results for end in r.end_times_ns if end <= self.measure_end_ns)
+
+    @property
+    def errors(self) -> int:
+        return sum(r.errors for r in self.results)
+
+    @property
+    def oom(self) -> bool:
+        return any(r.oom for r in self.results)
+
+
+class PredictorPool:
+    """Runs steps of N predictor threads over one model (or, naively, a copy each)."""
+
+    def __init__(self, model: LoadedModel, streams: bool = False, copy_model: bool = False,
+                 inference_mode: bool = True) -> None:
+        self.model = model
+        self.streams = streams and model.device.startswith("cuda")
+        self.copy_model = copy_model
+        self.inference_mode = inference_mode
+        self._copies: list[Any] = []
+
+    def _module_for(self, index: int) -> Any:
+        if not self.copy_model:
+            return self.model.module
+        while len(self._copies) <= index:  # copies persist across steps, as a naive server's would
+            self._copies.append(self.model.reload() if self.model.reload else self.model.module)
+        return self._copies[index]
+
+    def _predictor(self, index: int, result: PredictorResult, ready: threading.Barrier, measuring: threading.Event,
+                   stop: threading.Event, requests: "queue.Queue[int] | None") -> None:
+        import torch
+
+        try:
+            module = self._module_for(index)
+            device = self.model.device
+            stream = torch.cuda.Stream(device=device) if self.streams else None
+            cuda = device.startswith("cuda")
+            grad_ctx = torch.inference_mode() if self.inference_mode else torch.enable_grad()
+            stream_ctx = torch.cuda.stream(stream) if stream is not None else _null_context()
+            with grad_ctx, stream_ctx:
+                result.weights = weight_pointers(module)
+                result.grad_enabled = torch.is_grad_enabled()
+                x = make_input(self.model)
+                sync = (stream.synchronize if stream is not None else
+                        torch.cuda.current_stream(device).synchronize) if cuda else None
+                ready.wait()
+                self._loop(module, x, sync, result, measuring, stop, requests)
+        except threading.BrokenBarrierError:
+            return
+        except BaseException as exc:  # the thread itself died: report it, never hang the step
+            result.died = f"{type(exc).__name__}: {exc}"
+            try:
+                ready.abort()
+            except Exception:
+                pass
+
+    @staticmethod
+    def _loop(module: Any, x: Any, sync: Callable[[], None] | None, result: PredictorResult,
+              measuring: threading.Event, stop: threading.Event, requests: "queue.Queue[int] | None") -> None:
+        perf = time.perf_counter_ns
+        lat_append, end_append, q_append = result.latencies_ns.append, result.end_times_ns.append, result.queue_ns.append
+        checked_grad = False
+        while not stop.is_set():
+            arrival = 0
+            if requests is not None:
+                try:
+                    arrival = requests.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+            started = perf()
+            try:
+                out = module(x)
+                if sync is not None:
+                    sync()
+            except Exception as exc:
+                result.errors += 1
+                if len(result.error_messages) < MAX_ERROR_MESSAGES:
+                    result.error_messages.append(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+                if _is_oom(exc):
+                    result.oom = True
+                    stop.set()
+                continue
+            ended = perf()
+            if not checked_grad:
+                checked_grad = True
+                if getattr(out, "grad_fn", None) is not None:
+                    result.outputs_with_grad += 1
+            if measuring.is_set():
+                if requests is not None:
+                    lat_append(ended - arrival)
+                    q_append(started - arrival)
+                else:
+                    lat_append(ended - started)
+                end_append(ended)
+                result.completed += 1
+
+    def run_step(self, predictors: int, max_duration_s: float, warmup_s: float = 0.5, window_s: float = 1.0,
+                 is_stable: Callable[[list[float]], bool] | None = None, stop: threading.Event | None = None,
+                 rate_rps: float | None = None, on_window: Callable[[float, list[float]], None] | None = None) -> StepRun:
+        """Start `predictors` threads, warm up, measure until stable or `max_duration_s`, stop and join them."""
+        if predictors < 1:
+            raise ValueError("predictors must be at least 1")
+        outside_stop = stop or threading.Event()
+        step_stop = threading.Event()
+        measuring = threading.Event()
+        ready = threading.Barrier(predictors + 1)
+        results = [PredictorResult() for _ in range(predictors)]
+        requests: queue.Queue[int] | None = queue.Queue() if rate_rps else None
+        threads = [threading.Thread(target=self._predictor, args=(i, results[i], ready, measuring, step_stop, requests),
+                                    name=f"gpuscope-predictor-{i}", daemon=True) for i in range(predictors)]
+        for thread in threads:
+            thread.start()
+        dispatcher = None
+        try:
+            try:
+                ready.wait(timeout=120)
+            except threading.BrokenBarrierError:
+                pass
+            if rate_rps:
+                dispatcher = threading.Thread(target=_dispatch, args=(requests, rate_rps, step_stop), daemon=True,
+                                              name="gpuscope-dispatcher")
+                dispatcher.start()
+            _wait(warmup_s, outside_stop, step_stop)
+            measure_start = time.perf_counter_ns()
+            measuring.set()
+            windows: list[float] = []
+            stable = False
+            last_count, last_t = 0, measure_start
+            deadline = measure_start + int(max_duration_s * 1e9)
+            while not step_stop.is_set() and not outside_stop.is_set():
+                remaining = (deadline - time.perf_counter_ns()) / 1e9
+                if remaining <= 0 or all(not t.is_alive() for t in threads):
+                    break
+                _wait(min(window_s, remaining), outside_stop, step_stop)
+                now = time.perf_counter_ns()
+                count = sum(r.completed for r in results)
+                if now - last_t >= window_s * 0.5e9:
+                    windows.append((count - last_count) / ((now - last_t) / 1e9))
+                    last_count, last_t = count, now
+                    if on_window:
+                        on_window((now - measure_start) / 1e9, windows)
+                    if is_stable and is_stable(windows):
+                        stable = True
+                        break
+            measure_end = time.perf_counter_ns()
+        finally:
+            step_stop.set()
+            try:
+                ready.abort()
+            except Exception:
+                pass
+            for thread in threads:
+                thread.join(timeout=30)
+            if dispatcher is not None:
+                dispatcher.join(timeout=5)
+        return StepRun(predictors, results, measure_start, measure_end, windows, stable, outside_stop.is_set())
+
+    def release_copies(self) -> None:
+        self._copies.clear()
+
+
+class _null_context:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _wait(seconds: float, *events: threading.Event) -> None:
+    """Sleep up to `seconds`, waking early (within 50 ms) if any event is set."""
+    end = time.monotonic() + seconds
+    while True:
+        remaining = end - time.monotonic()
+        if remaining <= 0 or any(e.is_set() for e in events):
+            return
+        events[0].wait(min(0.05, remaining))
+
+
+def _dispatch(requests: "queue.Queue[int]", rate_rps: float, stop: threading.Event) -> None:
+    """Open-loop arrivals at a fixed rate: each request carries its arrival time."""
+    interval_ns = int(1e9 / rate_rps)
+    next_ns = time.perf_counter_ns()
+    while not stop.is_set():
+        now = time.perf_counter_ns()
+        while next_ns <= now:
+            requests.put(next_ns)
+            next_ns += interval_ns
+        time.sleep(min(0.01, max(0.0, (next_ns - time.perf_counter_ns()) / 1e9)))
