@@ -44,10 +44,10 @@ def prepare_out_dir(path: str) -> str:
         os.unlink(probe)
     except OSError as exc:
         raise OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
-    for stale in (SAMPLES_FILE,):
+    for stale in (SAMPLES_FILE, RUN_FILE):
         target = os.path.join(path, stale)
         if os.path.exists(target):
-            os.unlink(target)  # a new run must not append to the last one's samples
+            os.unlink(target)  # a new run must not append to, or be mistaken for, the last one
     return path
 
 
@@ -228,9 +228,8 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
 
         scope_index = nvml_index if nvml_index is not None else int(device.split(":")[1])
         probes["allocator"] = AllocatorProbe(RealTorchCuda(), {int(device.split(":")[1]): f"pid:{pid}/gpu:{scope_index}"})
-    monitor = StepMonitor(pid, nvml_index if gpu_probe is not None else (0 if gpu else None), model.model_bytes)
-    if gpu and gpu_probe is None:
-        monitor.gpu_index = None  # no NVML: fall back to the CPU picture plus allocator figures
+    # Without NVML the picture falls back to the CPU one (RSS), plus the allocator's own figures.
+    monitor = StepMonitor(pid, nvml_index if gpu_probe is not None else None, model.model_bytes)
     run_peaks = PeakTracker()
     gaps = GapTracker(pid, nvml_index)
     t0_ns = time.monotonic_ns()
@@ -244,9 +243,16 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     pool = PredictorPool(model, streams=opts.streams, copy_model=opts.copy_model, inference_mode=opts.inference_mode)
     config = SweepConfig(predictors=counts, max_step_s=max_step_s, warmup_s=warmup_s, window_s=window_s,
                          max_p99_ms=opts.max_p99_ms, rate_rps=opts.rate)
+    run_path = os.path.join(out_dir, RUN_FILE)
+
+    def on_step(step: Any) -> None:
+        progress.line(_step_line(step))
+        record.steps = list(hooks.steps)
+        _save_progress(record, run_path)  # a kill -9 still leaves every finished step on disk
+
     hooks = SweepHooks(mark=sampler.mark, tick=sampler.tick, t0_ns=t0_ns, on_progress=progress.update,
-                       on_step=lambda s: progress.line(_step_line(s)), intra_op_threads=torch.get_num_threads)
-    record.status = STATUS_FAILED
+                       on_step=on_step, intra_op_threads=torch.get_num_threads)
+    _save_progress(record, run_path)  # status "running": what a killed run leaves behind
     crash: BaseException | None = None
     with Interrupts(stop) as interrupts:
         sampler.start()
@@ -280,9 +286,9 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         record.failure = record.failure or f"samples file: {writer.error}"
         exit_code = EXIT_USAGE
     try:
-        save_run(record, os.path.join(out_dir, RUN_FILE))
+        save_run(record, run_path)
     except OSError as exc:
-        raise OutputError(f"cannot write {os.path.join(out_dir, RUN_FILE)}: {exc.strerror or exc} "
+        raise OutputError(f"cannot write {run_path}: {exc.strerror or exc} "
                           f"(samples kept in {writer.path})") from None
     paths = None
     if opts.report:
@@ -292,6 +298,14 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     if crash is not None:
         raise crash
     return SessionResult(record, exit_code, out_dir, paths)
+
+
+def _save_progress(record: RunRecord, path: str) -> None:
+    """Write the record as it stands (status running); a failure here must not stop the measurement."""
+    try:
+        save_run(record, path)
+    except OSError:
+        pass
 
 
 def render(record: RunRecord, out_dir: str, progress: Progress) -> dict[str, str] | None:
@@ -361,6 +375,7 @@ def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, 
     record.extra["pid_namespace"] = gaps.evidence()
     record.sampler = {"interval_s": sampler.interval_s, "ticks": sampler.ticks, "missed_ticks": sampler.missed_ticks,
                       "mean_tick_cost_us": round(sampler.mean_tick_cost_us, 1),
+                      "mean_tick_cpu_us": round(sampler.mean_tick_cpu_us, 1),
                       "probe_cost_us": {k: round(v / max(1, sampler.ticks) / 1000, 1) for k, v in sampler.probe_cost_ns.items()},
                       "probe_errors": dict(sampler.probe_errors)}
 
