@@ -89,7 +89,7 @@ class Timeline:
         for (scope, metric), values in self.series.items():
             for t, value in zip(self.t_s, values):
                 if value is not None:
-                    yield Sample(t0_ns + int(t * 1e9), scope, metric, value)
+                    yield Sample(t0_ns + round(t * 1e9), scope, metric, value)  # round: t_s is a float
 
 
 def _read_lines(path: str) -> Iterator[tuple[dict[str, Any] | None, str]]:

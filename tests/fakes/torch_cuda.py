@@ -1,0 +1,183 @@
+"""A fake `torch.cuda` allocator view (probes.allocator.TorchCudaBackend) for tests without a GPU.
+
+It behaves like PyTorch's caching allocator statistics: `*.peak` keys hold the
+maximum since the last `reset_peak_memory_stats()`, which sets every peak back
+to the current value. Figures come from a script (one `TorchFigures` per
+tick, e.g. the H200 timeline) or from `set()` calls; `memory_stats()` returns
+a dict with the real key set captured on the H200
+(raw-h200-2026-11-26.json `memory_stats_ctx`), so code that looks up keys
+meets the shapes a real card gives. Only the `.all` byte counters the
+figures describe (allocated, reserved, active, inactive split, requested)
+and the retry/OOM counters follow the figures; the other keys keep their
+captured values.
+
+Every call is logged in order (`calls`), and every reset in `resets`, so a
+test can assert that peaks are read before they are reset.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence, Union
+
+from tests.fakes.nvml import load_raw_h200, load_timeline_h200
+
+
+@dataclass(frozen=True)
+class TorchFigures:
+    """Allocator figures of one device at one tick (bytes).
+
+    `peak_*` are the peaks since the previous tick's reset as a real card showed
+    them (the timeline has them); None means "no spike beyond the current value".
+    """
+
+    allocated: int
+    reserved: int
+    peak_allocated: int | None = None
+    peak_reserved: int | None = None
+    active: int | None = None           # None: same as allocated
+    inactive_split: int = 0
+    alloc_retries: int = 0
+    ooms: int = 0
+
+
+Entry = Union[TorchFigures, Sequence[TorchFigures]]
+
+# (our figure, stats key prefix) for the byte counters that have current/peak pairs
+_PAIRS = (("allocated", "allocated_bytes.all"), ("reserved", "reserved_bytes.all"),
+          ("active", "active_bytes.all"), ("inactive_split", "inactive_split_bytes.all"),
+          ("allocated", "requested_bytes.all"))
+
+
+def real_memory_stats_keys() -> dict[str, int]:
+    """torch.cuda.memory_stats() right after CUDA initialisation on the H200 (the full key set)."""
+    return dict(load_raw_h200()["memory_stats_ctx"])
+
+
+class _Device:
+    def __init__(self, template: dict[str, int]) -> None:
+        self.template = template
+        self.current: dict[str, int] = {"allocated": 0, "reserved": 0, "active": 0, "inactive_split": 0}
+        self.peak: dict[str, int] = dict(self.current)
+        self.alloc_retries = 0
+        self.ooms = 0
+        self.ever_used = False
+
+    def apply(self, figures: TorchFigures) -> None:
+        self.ever_used = True
+        self.current = {"allocated": figures.allocated, "reserved": figures.reserved,
+                        "active": figures.allocated if figures.active is None else figures.active,
+                        "inactive_split": figures.inactive_split}
+        spikes = {"allocated": figures.peak_allocated, "reserved": figures.peak_reserved,
+                  "active": figures.peak_allocated if figures.active is None else None}
+        for name, value in self.current.items():
+            spike = spikes.get(name)
+            self.peak[name] = max(self.peak.get(name, 0), value, spike if spike is not None else 0)
+        self.alloc_retries = figures.alloc_retries
+        self.ooms = figures.ooms
+
+    def reset_peaks(self) -> None:
+        self.peak = dict(self.current)
+
+    def stats(self) -> dict[str, int]:
+        if not self.ever_used:
+            return {}
+        out = dict(self.template)
+        for name, prefix in _PAIRS:
+            out[f"{prefix}.current"] = self.current[name]
+            out[f"{prefix}.peak"] = self.peak[name]
+        out["num_alloc_retries"] = self.alloc_retries
+        out["num_ooms"] = self.ooms
+        return out
+
+
+class FakeTorchCuda:
+    """TorchCudaBackend driven by a script of per-tick figures or by `set()`.
+
+    `follow`: an object with a `tick` attribute (a ScriptedNvml/ReplayNvml) whose
+    tick this fake uses, so both replay the same instant; without it, call `advance()`.
+    """
+
+    def __init__(self, script: Sequence[Entry] | None = None, *, devices: int = 1, available: bool = True,
+                 initialized: bool = True, follow: Any = None, stats_keys: dict[str, int] | None = None) -> None:
+        self._script = list(script) if script is not None else []
+        self._available = available
+        self._initialized = initialized
+        self._follow = follow
+        self._own_tick = 0
+        self._applied_tick: int | None = None
+        template = stats_keys if stats_keys is not None else real_memory_stats_keys()
+        self._devices = [_Device(template) for _ in range(devices)]
+        self.calls: list[tuple[str, int]] = []
+        self.resets: list[tuple[int, int]] = []  # (tick, device)
+        self.error: Exception | None = None  # raised by memory_stats when set (a broken CUDA context)
+
+    @classmethod
+    def from_timeline(cls, lines: list[dict[str, Any]] | None = None, **kwargs: Any) -> "FakeTorchCuda":
+        """Replay the torch columns of the H200 timeline (alloc, reserved, peak_alloc, peak_reserved)."""
+        lines = lines if lines is not None else load_timeline_h200()
+        script = [TorchFigures(int(line["alloc"]), int(line["reserved"]), int(line["peak_alloc"]),
+                               int(line["peak_reserved"])) for line in lines]
+        return cls(script, **kwargs)
+
+    # -- driving it ------------------------------------------------------------------
+    @property
+    def tick(self) -> int:
+        return int(self._follow.tick) if self._follow is not None else self._own_tick
+
+    def advance(self, ticks: int = 1) -> "FakeTorchCuda":
+        if self._follow is not None:
+            raise RuntimeError("this fake follows another backend's tick; advance that one")
+        self._own_tick += ticks
+        return self
+
+    def initialize(self) -> "FakeTorchCuda":
+        """What the first CUDA call in a process does."""
+        self._initialized = True
+        return self
+
+    def set(self, device: int = 0, **figures: Any) -> "FakeTorchCuda":
+        """Set the current figures now (allocated=..., reserved=..., ...); peaks rise to meet them."""
+        self._sync()
+        dev = self._devices[device]
+        current = {"allocated": dev.current["allocated"], "reserved": dev.current["reserved"],
+                   "inactive_split": dev.current["inactive_split"], "alloc_retries": dev.alloc_retries,
+                   "ooms": dev.ooms}
+        current.update(figures)
+        dev.apply(TorchFigures(**current))
+        return self
+
+    def peak(self, device: int = 0) -> dict[str, int]:
+        self._sync()
+        return dict(self._devices[device].peak)
+
+    def _sync(self) -> None:
+        tick = self.tick
+        if tick == self._applied_tick or not self._script:
+            return
+        self._applied_tick = tick
+        entry = self._script[min(tick, len(self._script) - 1)]
+        entries = [entry] if isinstance(entry, TorchFigures) else list(entry)
+        for device, figures in zip(self._devices, entries):
+            device.apply(figures)
+
+    # -- TorchCudaBackend --------------------------------------------------------------
+    def available(self) -> bool:
+        return self._available
+
+    def is_initialized(self) -> bool:
+        return self._available and self._initialized
+
+    def memory_stats(self, device: int) -> dict[str, int]:
+        self.calls.append(("memory_stats", device))
+        if self.error is not None:
+            raise self.error
+        if not self.is_initialized():
+            return {}  # what torch.cuda.memory_stats() returns before CUDA is initialised
+        self._sync()
+        return self._devices[device].stats()
+
+    def reset_peak_memory_stats(self, device: int) -> None:
+        self.calls.append(("reset_peak_memory_stats", device))
+        self._sync()
+        self.resets.append((self.tick, device))
+        self._devices[device].reset_peaks()

@@ -1,0 +1,171 @@
+"""HostProbe, usable_cores and read_rss_uss_bytes: real psutil readings of this test process, fake cgroup roots."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import psutil
+import pytest
+
+from probes.host import HostProbe, cgroup_cpu_quota, host_info, read_rss_uss_bytes, usable_cores
+from probes.readings import PROCESS_GONE, Unavailable
+
+MiB = 1024**2
+AFFINITY = len(os.sched_getaffinity(0))
+
+
+def as_dict(values) -> dict[tuple[str, str], object]:
+    return {(scope, metric): value for scope, metric, value in values}
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+# -- the test process itself -----------------------------------------------------------------------
+
+def test_rss_grows_when_a_200_mib_tensor_is_allocated_and_touched():
+    torch = pytest.importorskip("torch")
+    probe = HostProbe(uss_every_s=None)
+    scope = f"pid:{os.getpid()}"
+    before = as_dict(probe.read())[(scope, "rss_bytes")]
+    tensor = torch.ones(200 * MiB // 4, dtype=torch.float32)  # torch.ones writes every page
+    try:
+        after = as_dict(probe.read())[(scope, "rss_bytes")]
+        assert after - before >= 180 * MiB, f"RSS grew by {(after - before) / MiB:.0f} MiB"
+        assert float(tensor[-1]) == 1.0
+    finally:
+        del tensor
+
+
+def test_host_and_process_metrics_are_real_numbers():
+    probe = HostProbe(uss_every_s=0.0)
+    readings = as_dict(probe.read())
+    scope = f"pid:{os.getpid()}"
+    cores = psutil.cpu_count()
+    assert 0 <= readings[("host", "cpu_util_pct")] <= 100
+    assert {f"core{i}_util_pct" for i in range(cores)} <= {metric for _, metric in readings}
+    assert readings[("host", "mem_used_bytes")] + readings[("host", "mem_available_bytes")] == psutil.virtual_memory().total
+    assert readings[(scope, "rss_bytes")] > 10 * MiB
+    assert 0 < readings[(scope, "uss_bytes")] <= readings[(scope, "rss_bytes")]
+    assert readings[(scope, "num_threads")] >= 1
+    assert readings[(scope, "ctx_switches_voluntary")] >= 0
+    assert readings[(scope, "cpu_util_pct")] >= 0
+
+
+def test_per_core_readings_can_be_turned_off():
+    metrics = {metric for _, metric, _ in HostProbe(per_core=False, uss_every_s=None).read()}
+    assert not any(metric.startswith("core") for metric in metrics)
+    assert "uss_bytes" not in metrics
+
+
+def test_uss_is_read_at_most_every_uss_every_s():
+    clock = FakeClock()
+    probe = HostProbe(uss_every_s=1.0, clock_s=clock)
+    scope = f"pid:{os.getpid()}"
+    seen = []
+    for step in (0.0, 0.4, 0.5, 0.1, 0.9, 0.1):  # t = 0, .4, .9, 1.0, 1.9, 2.0
+        clock.now += step
+        seen.append((scope, "uss_bytes") in as_dict(probe.read()))
+    assert seen == [True, False, False, True, False, True]
+
+
+def test_a_process_that_exits_reads_process_gone():
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        probe = HostProbe(pid=child.pid, uss_every_s=None)
+        assert as_dict(probe.read())[(f"pid:{child.pid}", "rss_bytes")] > 0
+    finally:
+        child.kill()
+        child.wait()
+    readings = as_dict(probe.read())
+    gone = readings[(f"pid:{child.pid}", "rss_bytes")]
+    assert isinstance(gone, Unavailable) and gone.reason == PROCESS_GONE
+    assert isinstance(readings[("host", "cpu_util_pct")], float)  # host readings go on
+
+
+# -- usable cores from affinity and a fake cgroup root -------------------------------------------
+
+def _cgroup(tmp_path, cpu_max: str | None = None, v1: tuple[str, str] | None = None) -> str:
+    if cpu_max is not None:
+        (tmp_path / "cpu.max").write_text(cpu_max + "\n")
+    if v1 is not None:
+        (tmp_path / "cpu").mkdir()
+        (tmp_path / "cpu" / "cpu.cfs_quota_us").write_text(v1[0] + "\n")
+        (tmp_path / "cpu" / "cpu.cfs_period_us").write_text(v1[1] + "\n")
+    return str(tmp_path)
+
+
+def test_cgroup_v2_quota_of_two_cpus(tmp_path):
+    root = _cgroup(tmp_path, "200000 100000")
+    assert cgroup_cpu_quota(root) == 2.0
+    assert usable_cores(root) == min(2, AFFINITY)
+
+
+def test_cgroup_v2_unlimited_falls_back_to_affinity(tmp_path):
+    root = _cgroup(tmp_path, "max 100000")
+    assert cgroup_cpu_quota(root) is None
+    assert usable_cores(root) == AFFINITY
+
+
+def test_a_quota_below_one_cpu_still_gives_one_core(tmp_path):
+    assert usable_cores(_cgroup(tmp_path, "50000 100000")) == 1
+
+
+def test_a_quota_above_affinity_is_capped_by_affinity(tmp_path):
+    assert usable_cores(_cgroup(tmp_path, f"{(AFFINITY + 6) * 100000} 100000")) == AFFINITY
+
+
+def test_cgroup_v1_quota(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "unlimited").mkdir()
+    root = _cgroup(tmp_path / "one", v1=("100000", "100000"))
+    assert cgroup_cpu_quota(root) == 1.0
+    assert usable_cores(root) == 1
+    assert cgroup_cpu_quota(_cgroup(tmp_path / "unlimited", v1=("-1", "100000"))) is None
+
+
+def test_no_cgroup_files_means_no_quota(tmp_path):
+    assert cgroup_cpu_quota(str(tmp_path)) is None
+    assert usable_cores(str(tmp_path)) == AFFINITY
+
+
+def test_a_malformed_cpu_max_is_ignored(tmp_path):
+    assert cgroup_cpu_quota(_cgroup(tmp_path, "garbage")) is None
+
+
+def test_host_info_names_the_usable_cores():
+    info = host_info()
+    assert 1 <= info["usable_cores"] <= info["logical_cores"]
+    assert info["memory_total_bytes"] == psutil.virtual_memory().total
+
+
+# -- smaps_rollup -------------------------------------------------------------------------------
+
+def test_read_rss_uss_bytes_on_self_agrees_with_psutil():
+    rollup = read_rss_uss_bytes(os.getpid())
+    if rollup is None:
+        pytest.skip("this kernel has no /proc/PID/smaps_rollup")
+    rss, uss = rollup
+    psutil_rss = psutil.Process().memory_info().rss
+    assert 0 < uss <= rss
+    assert abs(rss - psutil_rss) < 32 * MiB
+
+
+def test_read_rss_uss_bytes_from_a_synthetic_rollup(tmp_path):
+    (tmp_path / "42").mkdir()
+    (tmp_path / "42" / "smaps_rollup").write_text(
+        "55d0c0a00000-7ffd1e9fe000 ---p 00000000 00:00 0                          [rollup]\n"
+        "Rss:              235520 kB\nPss:              200000 kB\nShared_Clean:      40960 kB\n"
+        "Shared_Dirty:          0 kB\nPrivate_Clean:     10240 kB\nPrivate_Dirty:    184320 kB\n"
+        "Private_Hugetlb:       0 kB\nSwap:                  0 kB\n")
+    assert read_rss_uss_bytes(42, proc_root=str(tmp_path)) == (235520 * 1024, (10240 + 184320) * 1024)
+
+
+def test_read_rss_uss_bytes_of_a_missing_process_is_none(tmp_path):
+    assert read_rss_uss_bytes(42, proc_root=str(tmp_path)) is None

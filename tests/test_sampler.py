@@ -1,0 +1,195 @@
+"""The sampler: a drift-free interval, one timestamp per tick, probes that fail without stopping it."""
+from __future__ import annotations
+
+import errno
+import time
+
+import pytest
+
+from probes.allocator import AllocatorProbe
+from probes.gpu import GpuProbe
+from probes.readings import ERROR, NO_DEVICE, Unavailable
+from probes.sampler import PeakTracker, Sampler
+from probes.samplefile import SampleWriter, load_timeline
+from tests.fakes.nvml import DeviceState, FakeProcess, MiB, ReplayNvml, ScriptedNvml
+from tests.fakes.torch_cuda import FakeTorchCuda
+
+
+class CountingProbe:
+    """Returns an increasing value and records when it was read."""
+
+    def __init__(self, scope: str = "host", metric: str = "n", sleep_s: dict[int, float] | None = None) -> None:
+        self.scope, self.metric = scope, metric
+        self.reads: list[float] = []
+        self._sleep_s = sleep_s or {}
+
+    def read(self):
+        self.reads.append(time.monotonic())
+        time.sleep(self._sleep_s.get(len(self.reads), 0.0))
+        return [(self.scope, self.metric, len(self.reads))]
+
+
+class RaisingProbe:
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def read(self):
+        self.calls += 1
+        raise RuntimeError("psutil exploded")
+
+
+class FakeClockNs:
+    def __init__(self) -> None:
+        self.now = 5_000_000_000
+        self.calls = 0
+
+    def __call__(self) -> int:
+        self.calls += 1
+        self.now += 1_000  # every call would see a new instant
+        return self.now
+
+
+def describe_stub(pid, name):
+    from probes.processes import ProcessInfo
+
+    return ProcessInfo(pid, True, name, "alice", "python serve.py", (), {})
+
+
+def test_an_interval_under_5_ms_is_refused():
+    with pytest.raises(ValueError, match="at least 5 ms"):
+        Sampler({}, interval_s=0.001)
+
+
+def test_ticks_keep_to_the_interval_without_drift_or_bunching():
+    probe = CountingProbe(sleep_s={5: 0.12})  # the 5th read stalls for 2.4 intervals
+    sampler = Sampler({"p": probe}, interval_s=0.05)
+    sampler.start()
+    time.sleep(1.0)
+    sampler.stop()
+    reads = probe.reads[:-1]  # the last read is stop()'s final tick, off the grid
+    start = reads[0]
+    offsets_ms = [(t - start) * 1000 for t in reads]
+    assert 14 <= len(reads) <= 21, f"{len(reads)} ticks in 1 s at 50 ms"
+    # on the grid: every tick starts near a multiple of 50 ms from the first, however late the previous one was
+    off_grid = [o for o in offsets_ms if abs(o - 50 * round(o / 50)) > 15]
+    assert len(off_grid) <= 2, f"ticks off the 50 ms grid: {off_grid}"
+    # the stall made the sampler skip the grid points it missed instead of catching up in a burst
+    gaps_ms = [b - a for a, b in zip(offsets_ms, offsets_ms[1:])]
+    assert min(gaps_ms) > 20, f"bunched ticks: {gaps_ms}"
+    assert sampler.missed_ticks >= 2
+    # no drift: the last tick lands on the grid point its index predicts, minus the skipped ones
+    last = offsets_ms[-1]
+    assert abs(last - 50 * (len(reads) - 1 + sampler.missed_ticks)) < 25
+
+
+def test_one_timestamp_is_shared_by_every_probe_in_a_tick(samples_path):
+    clock = FakeClockNs()
+    seen = []
+    writer = SampleWriter(str(samples_path), {"t0_ns": 0})
+    sampler = Sampler({"a": CountingProbe("host", "a"), "b": CountingProbe("gpu:0", "b")}, writer=writer,
+                      clock_ns=clock, listeners=[lambda t_ns, values: seen.append((t_ns, values))])
+    sampler.tick()
+    sampler.tick()
+    writer.close()
+    assert clock.calls == 2  # one clock reading per tick, whatever the number of probes
+    assert [t for t, _ in seen] == [5_000_001_000, 5_000_002_000]
+    assert {(s, m) for s, m, _ in seen[0][1]} == {("host", "a"), ("gpu:0", "b")}
+    lines = [line for line in samples_path.read_text().splitlines()[1:]]
+    assert [line.count('"t_ns"') for line in lines] == [1, 1]
+    timeline = load_timeline(str(samples_path))
+    assert timeline.column("host", "a") == [1, 2] and timeline.column("gpu:0", "b") == [1, 2]
+
+
+def test_a_raising_probe_does_not_stop_sampling():
+    bad, good = RaisingProbe(), CountingProbe()
+    sampler = Sampler({"bad": bad, "good": good}, interval_s=0.01)
+    values = sampler.tick()
+    assert ("host", "n", 1) in values
+    assert ("bad", "probe_error", Unavailable(ERROR, "RuntimeError: psutil exploded")) in values
+    assert sampler.probe_errors == {"bad": "RuntimeError: psutil exploded"}
+    sampler.start()
+    time.sleep(0.1)
+    sampler.stop()
+    assert bad.calls >= 3 and len(good.reads) == bad.calls
+
+
+def test_peak_tracker_keeps_max_last_first_and_resets():
+    tracker = PeakTracker()
+    lost = Unavailable(NO_DEVICE)
+    tracker(1, [("gpu:0", "used_bytes", lost), ("host", "rss_bytes", 10)])
+    assert tracker.peaks()[("gpu:0", "used_bytes")] == lost  # the reason, until a real value arrives
+    tracker(2, [("gpu:0", "used_bytes", 300), ("host", "rss_bytes", 30)])
+    tracker(3, [("gpu:0", "used_bytes", lost), ("host", "rss_bytes", 20)])
+    assert tracker.peaks() == {("gpu:0", "used_bytes"): 300, ("host", "rss_bytes"): 30}
+    assert tracker.last() == {("gpu:0", "used_bytes"): lost, ("host", "rss_bytes"): 20}
+    assert tracker.first() == {("gpu:0", "used_bytes"): lost, ("host", "rss_bytes"): 10}
+    assert tracker.ticks == 3
+    tracker.reset()
+    assert tracker.peaks() == {} and tracker.first() == {} and tracker.ticks == 0
+    assert tracker.last()[("host", "rss_bytes")] == 20  # the last reading outlives a reset
+    tracker(4, [("host", "rss_bytes", 5)])
+    assert tracker.peaks() == {("host", "rss_bytes"): 5}
+
+
+def test_a_peak_tracker_listening_to_the_h200_replay_finds_the_peaks():
+    replay = ReplayNvml()
+    torch_cuda = FakeTorchCuda.from_timeline(replay.lines, follow=replay)
+    tracker = PeakTracker()
+    sampler = Sampler({"gpu": GpuProbe(replay, describe=describe_stub, pid_exists=lambda pid: True),
+                       "alloc": AllocatorProbe(torch_cuda, {0: "pid:474/gpu:0"})}, listeners=[tracker])
+    for tick in range(len(replay.lines)):
+        replay.goto(tick)
+        sampler.tick()
+    peaks = tracker.peaks()
+    assert peaks[("pid:474/gpu:0", "used_bytes")] == 5716 * MiB
+    assert peaks[("pid:527/gpu:0", "used_bytes")] == 107_918 * MiB
+    assert peaks[("pid:474/gpu:0", "torch_peak_allocated_bytes")] >= 4773 * MiB
+    assert peaks[("gpu:0", "used_bytes")] == max(line["dev_used"] for line in replay.lines)
+
+
+def test_events_are_drained_into_the_samples_file(samples_path):
+    own = FakeProcess(474, 1620 * MiB)
+    foreign = FakeProcess(505, 2566 * MiB, "/opt/torch/.venv/bin/python3")
+    nvml = ScriptedNvml(script=[DeviceState((own,)), DeviceState((own, foreign))])
+    gpu = GpuProbe(nvml, describe=describe_stub, pid_exists=lambda pid: True)
+    writer = SampleWriter(str(samples_path), {"t0_ns": 0})
+    sampler = Sampler({"gpu": gpu}, writer=writer, event_sources=[gpu])
+    sampler.tick()
+    nvml.advance()
+    sampler.tick()
+    sampler.mark("step_start", predictors=4)
+    writer.close()
+    events = load_timeline(str(samples_path)).events
+    assert [(e["event"], e.get("pid")) for e in events] == [("process", 474), ("process", 505), ("step_start", None)]
+    assert events[1]["name"] == "/opt/torch/.venv/bin/python3"
+    assert gpu.drain_events() == []
+
+
+def test_stop_takes_a_final_tick(samples_path):
+    probe = CountingProbe()
+    writer = SampleWriter(str(samples_path), {"t0_ns": 0})
+    sampler = Sampler({"p": probe}, interval_s=0.5, writer=writer)
+    with sampler:
+        time.sleep(0.05)  # one tick at start; the next would be 0.5 s later
+    writer.close()
+    column = load_timeline(str(samples_path)).column("host", "n")
+    assert column == [1, 2]  # the start tick and the final one
+    assert sampler.ticks == 2 and sampler.mean_tick_cost_us > 0
+
+
+def test_stop_without_start_still_records_the_end_state():
+    sampler = Sampler({"p": CountingProbe()})
+    sampler.stop()
+    assert sampler.ticks == 1
+
+
+def test_a_writer_error_is_recorded_not_raised():
+    writer = SampleWriter("/dev/full", {"t0_ns": 0})  # every write: ENOSPC, as on a full disk
+    sampler = Sampler({"p": CountingProbe()}, interval_s=0.01, writer=writer)
+    sampler.tick()
+    sampler.start()
+    time.sleep(0.05)
+    sampler.stop()
+    assert writer.error is not None and writer.error.errno == errno.ENOSPC
+    assert sampler.ticks >= 3  # the sampler went on
+    writer.close()
