@@ -16,7 +16,8 @@ from probes.redact import redact_env
 # Library path fragments that prove an engine's GPU runtime is mapped (FINDINGS.md).
 ENGINE_SIGNATURES: dict[str, tuple[str, ...]] = {
     "torch": ("libtorch_cuda",),
-    "jax": ("xla_cuda_plugin", "/_xla.so", "jaxlib/_jax", "/_jax.so", "jax_cuda"),
+    # jaxlib's _jax.so/_xla.so are mapped by CPU-only installs too: only the CUDA plugin means a GPU engine.
+    "jax": ("xla_cuda_plugin", "jax_cuda", "jax_plugins/xla_cuda"),
     "cupy": ("/cupy/", "/cupy_backends/"),
     "tensorflow": ("libtensorflow_framework", "_pywrap_tensorflow_internal"),
     "onnxruntime": ("libonnxruntime_providers_cuda",),

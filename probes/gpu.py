@@ -89,7 +89,10 @@ class GpuProbe:
         self._pid_exists = pid_exists or psutil.pid_exists
         self._describe_every_s = describe_every_s
         self._described_at: dict[int, float] = {}
+        # Every process seen during the run (a foreign process that came and went still matters),
+        # capped so a day-long watch on a box with churning processes stays bounded.
         self.processes: dict[int, ProcessInfo] = {}
+        self.max_processes = 512
         self._events: list[dict] = []
         self._last_util_us: dict[int, int] = {}
         self.device_count = backend.device_count()
@@ -114,6 +117,10 @@ class GpuProbe:
         name = _attempt(lambda: self._backend.process_name(pid))
         info = self._describe(pid, name if isinstance(name, str) else "")
         if self.processes.get(pid) != info:
+            if pid not in self.processes and len(self.processes) >= self.max_processes:
+                oldest = min(self._described_at, key=lambda p: self._described_at[p] if p != pid else now_s)
+                self.processes.pop(oldest, None)
+                self._described_at.pop(oldest, None)
             self.processes[pid] = info
             self._events.append({"event": "process", "gpu": index, **info.to_json()})
 

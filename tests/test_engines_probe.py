@@ -22,7 +22,7 @@ def maps_line(path: str, address: str = "7f3a1c000000-7f3a1c400000") -> str:
 # Library paths as the H200's /proc/PID/maps showed them (h200-2026-11-26.json), one set per engine.
 ENGINE_PATHS = {
     "torch": [f"{SITE}/torch/lib/libtorch_cuda.so"],
-    "jax": [f"{SITE}/jax_plugins/xla_cuda13/xla_cuda_plugin.so", f"{SITE}/jaxlib/_jax.so"],
+    "jax": [f"{SITE}/jax_plugins/xla_cuda13/xla_cuda_plugin.so"],
     "cupy": [f"{SITE}/cupy/_core/core.cpython-312-x86_64-linux-gnu.so"],
     "tensorflow": [f"{SITE}/tensorflow/libtensorflow_framework.so.2",
                    f"{SITE}/tensorflow/python/_pywrap_tensorflow_internal.so"],
@@ -54,6 +54,9 @@ def test_each_engine_is_found_from_each_of_its_libraries(engine):
 
 def test_no_engine_in_a_process_with_only_cpu_libraries():
     assert engines_in_maps(COMMON_MAPS) == ()
+    # a CPU-only jaxlib maps _jax.so and _xla.so but no CUDA plugin: not a GPU engine
+    cpu_jax = "\n".join(maps_line(f"{SITE}/jaxlib/{lib}") for lib in ("_jax.so", "_xla.so"))
+    assert engines_in_maps(COMMON_MAPS + "\n" + cpu_jax) == ()
     assert engines_in_maps("") == ()
 
 

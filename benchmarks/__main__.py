@@ -1,0 +1,27 @@
+"""`python -m benchmarks [--quick] [--json PATH] [--only NAME,...]`"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from benchmarks.suite import BENCHMARKS, run_all
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="shorter runs (about 3 minutes)")
+    parser.add_argument("--json", dest="json_path", help="write the results as JSON here")
+    parser.add_argument("--only", help=f"comma-separated subset of: {', '.join(BENCHMARKS)}")
+    args = parser.parse_args(argv)
+    only = [name.strip() for name in args.only.split(",")] if args.only else None
+    results = run_all(quick=args.quick, only=only, echo=lambda text: print(text, flush=True))
+    if args.json_path:
+        with open(args.json_path, "w", encoding="utf-8") as fh:
+            json.dump(results, fh, indent=2)
+        print(f"wrote {args.json_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
