@@ -1,0 +1,627 @@
+"""report.html: one self-contained file, readable without scripts or network.
+
+- Images are embedded as data URIs; CSS is inline and pinned by its hash in a
+  strict Content-Security-Policy meta tag (no script, no remote anything).
+- Every string from the outside world (model path, process names, command
+  lines, environment values, finding evidence) is escaped here, and command
+  lines and free text go through probes.redact again at render time, even
+  though the probes redacted them already (defence in depth).
+- Unavailable readings read "unavailable (reason)", never 0.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import html
+import json
+import re
+import struct
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, Iterable
+
+from probes.readings import is_available
+from probes.redact import REDACTED, is_secret_name, redact_cmdline, redact_env, redact_text
+from probes.units import format_bytes
+from profiler.decomposition import CPU_LAYERS, GPU_LAYERS, LAYER_LABELS
+from profiler.run import SEVERITY_ORDER, sorted_findings
+
+from reports.plots import LAYER_COLORS, as_unavailable, capacity_bytes, step_layers  # light: matplotlib is imported lazily
+
+if TYPE_CHECKING:  # pragma: no cover
+    from profiler.run import RunRecord, Step
+    from reports.plots import Plot
+
+
+_CSS = """
+:root { color-scheme: light; --fg: #1b1f24; --muted: #57606a; --line: #d0d7de; --bg-soft: #f6f8fa;
+  --fail: #b00020; --warn: #9a4a00; --info: #3b5b7a; --ok: #1a7f37; }
+* { box-sizing: border-box; }
+html { -webkit-text-size-adjust: 100%; }
+body { margin: 0; color: var(--fg); background: #fff; line-height: 1.45;
+  font: 15px/1.45 system-ui, -apple-system, "Segoe UI", Roboto, "Helvetica Neue", Arial, sans-serif; }
+main { max-width: 1180px; margin: 0 auto; padding: 20px 28px 48px; }
+header.top { border-bottom: 1px solid var(--line); padding-bottom: 10px; margin-bottom: 18px; }
+header.top h1 { font-size: 22px; margin: 0 0 4px; }
+.sub { color: var(--muted); margin: 0; overflow-wrap: anywhere; }
+h2 { font-size: 19px; margin: 30px 0 10px; padding-bottom: 4px; border-bottom: 1px solid var(--line); }
+h3 { font-size: 16px; margin: 18px 0 8px; }
+code, .mono { font-family: ui-monospace, SFMono-Regular, Menlo, Consolas, "Liberation Mono", monospace;
+  font-size: 0.9em; }
+code { background: var(--bg-soft); padding: 0 3px; border-radius: 3px; overflow-wrap: anywhere; }
+nav.toc { font-size: 14px; color: var(--muted); margin: 6px 0 0; }
+nav.toc a { color: inherit; margin-right: 12px; }
+.verdict { border: 1px solid var(--line); border-left: 8px solid var(--ok); border-radius: 6px;
+  padding: 14px 18px; background: var(--bg-soft); }
+.verdict.v-fail { border-left-color: var(--fail); }
+.verdict.v-warn { border-left-color: var(--warn); }
+.verdict .headline { font-size: 20px; font-weight: 650; margin: 0 0 6px; }
+.verdict p { margin: 4px 0; }
+.kpis { display: flex; flex-wrap: wrap; gap: 10px 26px; margin: 10px 0 2px; padding: 0; list-style: none; }
+.kpis li { min-width: 140px; }
+.kpis .k { display: block; font-size: 12px; color: var(--muted); text-transform: uppercase; letter-spacing: .03em; }
+.kpis .v { font-size: 18px; font-weight: 600; }
+.badge { display: inline-block; font-size: 12px; font-weight: 700; letter-spacing: .04em; padding: 1px 8px;
+  border-radius: 10px; color: #fff; background: var(--info); vertical-align: 2px; text-transform: uppercase; }
+.b-fail { background: var(--fail); } .b-warn { background: var(--warn); } .b-info { background: var(--info); }
+.b-ok, .b-pass { background: var(--ok); } .b-skip, .b-unmeasured, .b-error { background: #6e7781; }
+.banner { border: 1px solid #e3b341; background: #fff8c5; padding: 8px 12px; border-radius: 6px; margin: 10px 0; }
+.notes { color: var(--muted); font-size: 14px; }
+.finding { border: 1px solid var(--line); border-left: 6px solid var(--info); border-radius: 6px;
+  padding: 10px 14px; margin: 10px 0; break-inside: avoid; }
+.finding.sev-fail { border-left-color: var(--fail); }
+.finding.sev-warn { border-left-color: var(--warn); }
+.finding h3 { margin: 0 0 4px; font-size: 16px; overflow-wrap: anywhere; }
+.finding .code { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 13px; color: var(--muted); }
+.finding .remedy { margin: 8px 0 2px; }
+dl.ev { display: grid; grid-template-columns: max-content 1fr; gap: 2px 14px; margin: 6px 0; font-size: 14px; }
+dl.ev dt { color: var(--muted); }
+dl.ev dd { margin: 0; overflow-wrap: anywhere; }
+figure { margin: 16px 0 22px; break-inside: avoid; }
+figure img { display: block; max-width: 100%; height: auto; border: 1px solid var(--line); border-radius: 4px; }
+figcaption { font-size: 14px; color: var(--muted); margin-top: 4px; }
+.scroll { overflow-x: auto; }
+table { border-collapse: collapse; font-size: 14px; margin: 6px 0 12px; }
+th, td { border-bottom: 1px solid var(--line); padding: 4px 10px; text-align: left; vertical-align: top; }
+th { background: var(--bg-soft); font-weight: 600; }
+table.steps th { font-size: 13px; vertical-align: bottom; }
+table.steps td, table.steps th { padding: 4px 7px; }
+.envs { display: block; margin-top: 3px; font-size: 12px; }
+.envs code { overflow-wrap: anywhere; }
+td.num, th.num { text-align: right; font-variant-numeric: tabular-nums; }
+td.num { white-space: nowrap; }
+tr.rec td { background: #fff5d6; }
+td.cmd { font-family: ui-monospace, Menlo, Consolas, monospace; font-size: 12.5px; overflow-wrap: anywhere;
+  min-width: 260px; max-width: 560px; }
+.sw { display: inline-block; width: 11px; height: 11px; border-radius: 2px; margin-right: 6px; vertical-align: -1px;
+  border: 1px solid rgba(0,0,0,.15); }
+.na { color: #8a1c1c; }
+.muted { color: var(--muted); }
+footer { margin-top: 36px; font-size: 13px; color: var(--muted); border-top: 1px solid var(--line); padding-top: 8px; }
+@media (max-width: 760px) { main { padding: 12px; } .kpis li { min-width: 120px; } }
+@media print {
+  @page { margin: 12mm; }
+  body { font-size: 10.5pt; }
+  main { max-width: none; padding: 0; }
+  nav.toc { display: none; }
+  h2 { break-after: avoid; }
+  .verdict, .finding, figure, tr { break-inside: avoid; }
+  .scroll { overflow: visible; }
+  figure img { max-width: 100%; border: none; }
+  * { -webkit-print-color-adjust: exact; print-color-adjust: exact; }
+}
+""" + "".join(f".sw-{key} {{ background: {color}; }}\n" for key, color in LAYER_COLORS.items())
+
+
+def esc(value: Any) -> str:
+    """Escape text for HTML content and attribute values (quotes included)."""
+    return html.escape(str(value), quote=True)
+
+
+def _unavailable_text(value: Any) -> str | None:
+    missing = as_unavailable(value)
+    return str(missing) if missing is not None else None
+
+
+def fmt(value: Any, key: str = "") -> str:
+    """Plain text for one value (escape the result!). Units from the key's suffix."""
+    missing = _unavailable_text(value)
+    if missing is not None:
+        return missing
+    if value is None:
+        return "\u2014"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, (int, float)):
+        if key.endswith("_bytes") or "bytes" in key.split("_"):
+            return format_bytes(value)
+        if key.endswith("_pct"):
+            return f"{value:.1f} %"
+        if key.endswith("_ms") or key in ("p50", "p90", "p99", "max", "mean"):
+            return f"{value:.2f} ms" if value < 100 else f"{value:,.0f} ms"
+        if key.endswith("_rps"):
+            return f"{value:,.1f} requests/s"
+        if key.endswith("_s"):
+            return f"{value:,.3g} s"
+        if isinstance(value, float):
+            return f"{value:,.4g}"
+        return f"{value:,}" if abs(value) >= 10000 else str(value)
+    if isinstance(value, (list, tuple)):
+        return ", ".join(fmt(v, key) for v in value) if value else "none"
+    if isinstance(value, dict):
+        return "; ".join(f"{k}: {fmt(v, str(k))}" for k, v in value.items()) if value else "none"
+    return redact_text(str(value))
+
+
+def e(value: Any, key: str = "") -> str:
+    return esc(fmt(value, key))
+
+
+def _na(value: Any, key: str = "") -> str:
+    """A table cell's content: missing values styled as such."""
+    text = e(value, key)
+    return f'<span class="na">{text}</span>' if _unavailable_text(value) is not None else text
+
+
+def _png_size(png: bytes) -> tuple[int, int] | None:
+    if len(png) >= 24 and png[:8] == b"\x89PNG\r\n\x1a\n":
+        width, height = struct.unpack(">II", png[16:24])
+        return width, height
+    return None
+
+
+def _inline_code(text: str) -> str:
+    """Escape, then show `backticked` spans as code (safe: runs after escaping)."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(text))
+
+
+def csp(css: str) -> str:
+    digest = base64.b64encode(hashlib.sha256(css.encode("utf-8")).digest()).decode("ascii")
+    return ("default-src 'none'; img-src data:; style-src 'sha256-" + digest + "'; "
+            "base-uri 'none'; form-action 'none'")
+
+
+# ---------------------------------------------------------------- sections
+
+def _worst(record: "RunRecord") -> str:
+    severities = [f.severity for f in record.findings]
+    if "fail" in severities or (record.check or {}).get("exit_code") == 1 or record.status == "failed":
+        return "fail"
+    if "warn" in severities or record.status != "complete":
+        return "warn"
+    return "ok"
+
+
+def _device_label(record: "RunRecord") -> str:
+    device = str(record.config.get("device", "cpu"))
+    if record.gpu:
+        for d in record.devices or []:
+            if f"cuda:{d.get('index')}" == device and is_available(d.get("total_bytes")):
+                return f"{device} ({fmt(d.get('name'))}, {format_bytes(d['total_bytes'])})"
+        return device
+    return "CPU"
+
+
+def _peak_memory(record: "RunRecord", step: "Step") -> tuple[str, Any]:
+    memory = step.memory or {}
+    if record.gpu:
+        return "device memory (this process)", memory.get("process_gpu_bytes")
+    return "resident memory (RSS)", memory.get("rss_bytes")
+
+
+def _verdict(record: "RunRecord") -> str:
+    worst = _worst(record)
+    rec = (record.recommendation or {}).get("predictors")
+    reason = (record.recommendation or {}).get("reason", "")
+    counts = {s: sum(1 for f in record.findings if f.severity == s) for s in ("fail", "warn", "info")}
+    parts = [f'<section id="verdict" class="verdict v-{worst}">']
+    if record.status == "failed":
+        headline = "The run failed"
+    elif not record.steps:
+        headline = ("No predictor count was measured: the run was interrupted"
+                    if record.status == "interrupted" else "No predictor count was measured")
+    elif isinstance(rec, int) and not isinstance(rec, bool):
+        headline = f"Run {rec} predictor{'s' if rec != 1 else ''}"
+    else:
+        headline = "No recommendation could be made"
+    badge = {"fail": "problems found", "warn": "warnings", "ok": "healthy"}[worst]
+    parts.append(f'<p class="headline"><span class="badge b-{worst}">{esc(badge)}</span> {esc(headline)}</p>')
+    if reason:
+        parts.append(f"<p>{_inline_code(redact_text(str(reason)))}</p>")
+    if record.failure:
+        parts.append(f'<p class="na">{esc(redact_text(str(record.failure)))}</p>')
+    summary = ", ".join(f"{n} {s}" for s, n in counts.items() if n) or "no findings"
+    parts.append(f"<p>Findings: {esc(summary)}. Model <code>{e(record.model.get('source') or record.config.get('model'))}"
+                 f"</code> on {esc(_device_label(record))}.</p>")
+    step = record.step_at(rec) if isinstance(rec, int) else None
+    if step is not None:
+        label, peak = _peak_memory(record, step)
+        kpis = [("throughput", fmt(step.throughput_rps, "throughput_rps")),
+                ("p50 latency", fmt((step.latency_ms or {}).get("p50"), "p50")),
+                ("p99 latency", fmt((step.latency_ms or {}).get("p99"), "p99")),
+                (f"peak {label}", fmt(peak, "peak_bytes"))]
+        if record.gpu and is_available(peak):
+            cap = capacity_bytes(record)
+            if cap:
+                kpis.append(("share of the device", f"{peak / cap:.0%} of {format_bytes(cap)}"))
+        parts.append('<ul class="kpis">' + "".join(
+            f'<li><span class="k">{esc(k)}</span><span class="v">{esc(v)}</span></li>' for k, v in kpis) + "</ul>")
+        parts.append(f'<p class="muted">Figures at {rec} predictors.</p>')
+    check = record.check
+    if isinstance(check, dict) and "exit_code" in check:
+        outcome = {0: "passed", 1: "failed", 2: "could not measure"}.get(check.get("exit_code"), "unknown")
+        parts.append(f'<p>Check: <strong>{esc(outcome)}</strong> (exit code {e(check.get("exit_code"))}); '
+                     f'see <a href="#check">the check</a>.</p>')
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _banner(record: "RunRecord", notes: Iterable[str]) -> str:
+    out = []
+    if record.status == "interrupted":
+        out.append('<p class="banner"><strong>Interrupted run.</strong> This report shows what was measured '
+                   "before the run stopped; later predictor counts are missing.</p>")
+    elif record.status not in ("complete", "failed"):
+        out.append(f'<p class="banner">Run status: <strong>{e(record.status)}</strong>.</p>')
+    for note in notes:
+        out.append(f'<p class="banner">{esc(redact_text(note))}</p>')
+    return "\n".join(out)
+
+
+def _check(record: "RunRecord") -> str:
+    check = record.check
+    if not isinstance(check, dict):
+        return ""
+    rows = []
+    for result in check.get("results") or []:
+        if not isinstance(result, dict):
+            continue
+        status = str(result.get("status", ""))
+        css = re.sub(r"[^a-z]", "", status.lower()) or "info"
+        name = str(result.get("name", ""))
+        unit_key = "_bytes" if "memory" in name else ("_ms" if name.endswith("-ms") or "_ms" in name else "")
+        rows.append(f'<tr><td>{e(name)}</td><td><span class="badge b-{esc(css)}">{esc(status)}</span></td>'
+                    f'<td class="num">{_na(result.get("measured"), unit_key)}</td>'
+                    f'<td class="num">{_na(result.get("limit"), unit_key)}</td>'
+                    f"<td>{_inline_code(fmt(result.get('message', '')))}</td></tr>")
+    exit_code = check.get("exit_code")
+    outcome = {0: "passed", 1: "failed", 2: "could not measure"}.get(exit_code, "unknown")
+    return (f'<section id="check"><h2>Check</h2><p>Outcome: <strong>{esc(outcome)}</strong> '
+            f"(exit code {e(exit_code)}).</p>"
+            '<div class="scroll"><table><thead><tr><th>rule</th><th>status</th><th class="num">measured</th>'
+            '<th class="num">limit</th><th>message</th></tr></thead><tbody>' + "".join(rows) +
+            "</tbody></table></div></section>")
+
+
+def _evidence(evidence: Any) -> str:
+    if not isinstance(evidence, dict) or not evidence:
+        return ""
+    items = []
+    for key, value in evidence.items():
+        text = fmt(value, str(key))
+        if is_secret_name(str(key)) and not isinstance(value, (int, float)):
+            text = REDACTED
+        items.append(f"<dt>{esc(key)}</dt><dd>{esc(text)}</dd>")
+    return '<dl class="ev">' + "".join(items) + "</dl>"
+
+
+def _findings(record: "RunRecord") -> str:
+    findings = sorted_findings(list(record.findings))
+    if not findings:
+        body = ("<p>No findings: nothing in this run needs attention.</p>" if record.steps
+                else "<p>No findings (nothing was measured).</p>")
+        return f'<section id="findings"><h2>Findings</h2>{body}</section>'
+    parts = ['<section id="findings"><h2>Findings <span class="muted">(most severe first)</span></h2>']
+    for f in findings:
+        sev = f.severity if f.severity in SEVERITY_ORDER else "info"
+        where = f" at {e(f.at_predictors)} predictors" if f.at_predictors is not None else ""
+        parts.append(
+            f'<article class="finding sev-{sev}"><h3><span class="badge b-{sev}">{esc(sev)}</span> '
+            f"{_inline_code(redact_text(f.title))}</h3>"
+            f'<div class="code">{esc(f.code)}{where}</div>'
+            f"{_evidence(f.evidence)}"
+            + (f'<p class="remedy"><strong>Remedy:</strong> {_inline_code(redact_text(f.remedy))}</p>'
+               if f.remedy else "")
+            + "</article>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _figure(plot: "Plot", caption: str, anchor: str) -> str:
+    data = base64.b64encode(plot.png).decode("ascii")
+    size = _png_size(plot.png)
+    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
+    return (f'<figure id="{esc(anchor)}"><img src="data:image/png;base64,{data}" alt="{esc(plot.title)}"{dims}>'
+            f"<figcaption>{esc(caption)} (also saved as <code>{esc(plot.name)}</code>)</figcaption></figure>")
+
+
+def _layers_table(record: "RunRecord") -> str:
+    if not record.steps:
+        return ""
+    keys = [k for k, _ in (GPU_LAYERS if record.gpu else CPU_LAYERS)]
+    per_step = [step_layers(record, s) for s in record.steps]
+    keys = [k for k in keys if any(k in layers for layers in per_step)]
+    if not keys:
+        return ""
+    head = "".join(f'<th class="num">{e(s.predictors)}</th>' for s in record.steps)
+    rows = []
+    for key in keys:
+        cells = "".join(f'<td class="num">{e(layers[key], key) if key in layers else "&mdash;"}</td>'
+                        for layers in per_step)
+        rows.append(f'<tr><td><span class="sw sw-{key}"></span>{esc(LAYER_LABELS.get(key, key))}</td>{cells}</tr>')
+    totals = "".join(f'<td class="num"><strong>{e(sum(layers.values()), "_bytes") if layers else "&mdash;"}'
+                     f"</strong></td>" for layers in per_step)
+    rows.append(f"<tr><td><strong>total</strong></td>{totals}</tr>")
+    return ('<div class="scroll"><table><thead><tr><th>layer at each step\'s peak \u2193 / predictors \u2192</th>'
+            + head + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
+
+
+def _plots(record: "RunRecord", plots: list["Plot"]) -> str:
+    by_name = {p.name: p for p in plots}
+    parts = ['<section id="plots"><h2>Memory and throughput</h2>']
+    if "memory_breakdown.png" in by_name:
+        parts.append("<h3>Memory decomposition per predictor count</h3>")
+        first = ("Stacked layers at the tick where this process's memory peaked in each step; " if record.steps
+                 else "No step completed: the bars are the peak and the last reading in the samples; ")
+        parts.append(_figure(by_name["memory_breakdown.png"], first
+                             + ("the dashed line, when it fits the scale, is the device's capacity." if record.gpu
+                                else "diamonds, when shown, mark USS (memory private to the process)."),
+                             "plot-breakdown"))
+        parts.append(_layers_table(record))
+    if "memory_timeline.png" in by_name:
+        parts.append("<h3>Memory over time</h3>")
+        parts.append(_figure(by_name["memory_timeline.png"],
+                             "The same layers at every tick; the grey bands at the top are the sweep's steps "
+                             "(n = predictors), dashed lines mark when findings happened.", "plot-timeline"))
+    if "throughput_latency.png" in by_name:
+        parts.append("<h3>Throughput and latency per predictor count</h3>")
+        parts.append(_figure(by_name["throughput_latency.png"],
+                             "Throughput (left axis) and p50/p99 latency (right axis); the gold band is the "
+                             "recommended count.", "plot-throughput"))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _count(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else _na(value)
+
+
+def _rate(value: Any) -> str:
+    if not is_available(value):
+        return _na(value)
+    return f"{value:,.0f}" if value >= 1000 else f"{value:,.1f}"
+
+
+def _millis(value: Any) -> str:
+    if value is None:
+        return "&mdash;"
+    if not is_available(value):
+        return _na(value)
+    return f"{value:,.0f}" if value >= 1000 else (f"{value:.1f}" if value >= 100 else f"{value:.2f}")
+
+
+def _steps(record: "RunRecord") -> str:
+    if not record.steps:
+        return '<section id="steps"><h2>Steps</h2><p>No step completed.</p></section>'
+    rec = (record.recommendation or {}).get("predictors")
+    if record.gpu:
+        mem_cols = [("process_gpu_bytes", "this process (GPU)"), ("torch_reserved_bytes", "torch reserved"),
+                    ("torch_allocated_bytes", "torch allocated"), ("device_used_bytes", "device used"),
+                    ("other_processes_bytes", "other processes")]
+    else:
+        mem_cols = [("rss_bytes", "RSS"), ("uss_bytes", "USS"), ("model_bytes", "model")]
+    head = ("<tr><th class=\"num\">predictors</th><th class=\"num\">requests</th><th class=\"num\">errors</th>"
+            "<th class=\"num\">throughput (requests/s)</th><th class=\"num\">p50 (ms)</th>"
+            "<th class=\"num\">p90 (ms)</th><th class=\"num\">p99 (ms)</th><th class=\"num\">max (ms)</th>"
+            + "".join(f'<th class="num">{esc(label)} peak</th>' for _k, label in mem_cols)
+            + "<th class=\"num\">CPU</th><th>stable</th><th>notes</th></tr>")
+    rows = []
+    for s in record.steps:
+        lat = s.latency_ms or {}
+        notes = []
+        if s.oom:
+            notes.append("out of memory")
+        if s.distinct_weight_sets != 1:
+            notes.append(f"{s.distinct_weight_sets} weight sets")
+        if s.dead_predictors:
+            notes.append(f"{s.dead_predictors} predictors died")
+        if s.grad_enabled_in_workers:
+            notes.append("autograd on in workers")
+        if s.error_messages:
+            notes.append(redact_text("; ".join(str(m) for m in s.error_messages[:3])))
+        errors = _count(s.errors) + (f" ({s.error_rate:.1%})" if s.errors else "")
+        cls = ' class="rec"' if s.predictors == rec else ""
+        star = " \u2605" if s.predictors == rec else ""
+        rows.append(
+            f"<tr{cls}><td class=\"num\">{e(s.predictors)}{star}</td>"
+            f'<td class="num">{_count(s.requests)}</td><td class="num">{esc(errors)}</td>'
+            f'<td class="num">{_rate(s.throughput_rps)}</td>'
+            + "".join(f'<td class="num">{_millis(lat.get(p))}</td>' for p in ("p50", "p90", "p99", "max"))
+            + "".join(f'<td class="num">{_na((s.memory or {}).get(k), k)}</td>' for k, _l in mem_cols)
+            + f'<td class="num">{_na(s.cpu_util_pct, "cpu_util_pct")}</td>'
+            f"<td>{'yes' if s.stable else 'no'}</td><td>{esc('; '.join(notes))}</td></tr>")
+    legend = '<p class="muted">\u2605 recommended predictor count.</p>' if isinstance(rec, int) else ""
+    return ('<section id="steps"><h2>Steps</h2><div class="scroll"><table class="steps"><thead>' + head + "</thead><tbody>"
+            + "".join(rows) + "</tbody></table></div>" + legend + "</section>")
+
+
+def _engines_cell(value: Any) -> str:
+    missing = _unavailable_text(value)
+    if missing is not None:
+        return f'<span class="na">{esc(missing)}</span>'
+    if isinstance(value, (list, tuple)):
+        return esc(", ".join(str(v) for v in value)) if value else '<span class="muted">none</span>'
+    return e(value)
+
+
+def _cmdline_cell(value: Any) -> str:
+    missing = _unavailable_text(value)
+    if missing is not None:
+        return f'<span class="na">{esc(missing)}</span>'
+    if isinstance(value, (list, tuple)):
+        value = " ".join(str(v) for v in value)
+    return esc(redact_text(redact_cmdline(str(value))))
+
+
+def _env_cell(value: Any) -> str:
+    missing = _unavailable_text(value)
+    if missing is not None:
+        return f'<span class="na">{esc(missing)}</span>'
+    if isinstance(value, dict):
+        if not value:
+            return '<span class="muted">none set</span>'
+        safe = redact_env({str(k): str(v) for k, v in value.items()})
+        return "<br>".join(f"<code>{esc(k)}={esc(v)}</code>" for k, v in safe.items())
+    return e(value)
+
+
+def _process_env(p: dict[str, Any]) -> str:
+    env = p.get("memory_env")
+    if env is None or (isinstance(env, dict) and not env):
+        return ""
+    return f'<span class="envs">{_env_cell(env)}</span>'
+
+
+def _processes(record: "RunRecord") -> str:
+    processes = [p for p in record.processes or [] if isinstance(p, dict)]
+    parts = ['<section id="processes"><h2>Processes and engines on each device</h2>']
+    groups: dict[Any, list[dict[str, Any]]] = {}
+    for p in processes:
+        groups.setdefault(p.get("gpu"), []).append(p)
+    if not record.gpu and record.device_unavailable:
+        du = record.device_unavailable
+        parts.append(f"<p>No GPU was used: {e(du.get('reason'))}"
+                     + (f" ({e(du.get('detail'))})" if du.get("detail") else "") + ".</p>")
+    if not processes:
+        parts.append("<p>No process was recorded.</p>")
+    devices = {d.get("index"): d for d in record.devices or [] if isinstance(d, dict)}
+    for gpu in sorted(groups, key=lambda g: (g is None, g if isinstance(g, int) else 0)):
+        if gpu is None:
+            parts.append("<h3>Host</h3>")
+        else:
+            d = devices.get(gpu, {})
+            desc = ", ".join(x for x in (fmt(d.get("name")) if d.get("name") is not None else "",
+                                         fmt(d.get("total_bytes"), "total_bytes") if d.get("total_bytes") is not None
+                                         else "") if x)
+            parts.append(f"<h3>cuda:{e(gpu)}" + (f" <span class=\"muted\">{esc(desc)}</span>" if desc else "")
+                         + "</h3>")
+        rows = []
+        for p in sorted(groups[gpu], key=lambda p: (not p.get("self"), str(p.get("pid")))):
+            flags = []
+            if p.get("self"):
+                flags.append("this run")
+            if p.get("exists") is False:
+                flags.append("not in this pid namespace")
+            rows.append(
+                f'<tr><td class="num">{e(p.get("pid"))}</td><td>{e(p.get("name"))}'
+                + (f' <span class="muted">({esc(", ".join(flags))})</span>' if flags else "") + "</td>"
+                f'<td>{_na(p.get("user"))}</td><td class="num">{_na(p.get("peak_used_bytes"), "_bytes")}</td>'
+                f'<td>{_engines_cell(p.get("engines"))}{_process_env(p)}</td>'
+                f'<td class="cmd">{_cmdline_cell(p.get("cmdline"))}</td></tr>')
+        parts.append('<div class="scroll"><table><thead><tr><th class="num">pid</th><th>name</th><th>user</th>'
+                     '<th class="num">peak memory</th><th>engines and their memory variables</th>'
+                     "<th>command line (secrets redacted)</th></tr></thead><tbody>" + "".join(rows)
+                     + "</tbody></table></div>")
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _kv_table(pairs: list[tuple[str, str]]) -> str:
+    return ('<div class="scroll"><table><tbody>' + "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>"
+                                                           for k, v in pairs) + "</tbody></table></div>")
+
+
+def _environment(record: "RunRecord") -> str:
+    env = record.environment or {}
+    pairs = [(name, _na(env.get(key)) if key in env else '<span class="muted">not recorded</span>')
+             for key, name in (("gpuscope", "gpuscope"), ("torch", "torch"), ("cuda", "CUDA"),
+                               ("driver", "driver"), ("python", "Python"))]
+    for d in record.devices or []:
+        if isinstance(d, dict):
+            pairs.append((f"device cuda:{fmt(d.get('index'))}",
+                          esc(f"{fmt(d.get('name'))}, {fmt(d.get('total_bytes'), 'total_bytes')}, "
+                              f"driver {fmt(d.get('driver'))}, {fmt(d.get('uuid'))}")))
+    if not record.gpu:
+        du = record.device_unavailable or {}
+        pairs.append(("device", esc("CPU" + (f" (no GPU: {fmt(du.get('reason'))}"
+                                             + (f", {fmt(du.get('detail'))}" if du.get("detail") else "") + ")"
+                                             if du else ""))))
+    host = record.host or {}
+    for key in ("hostname", "platform", "logical_cores", "usable_cores", "cgroup_cpu_quota", "memory_total_bytes"):
+        if key in host:
+            pairs.append((f"host {key.replace('_bytes', '').replace('_', ' ')}", _na(host[key], key)))
+    for key, value in env.items():
+        if key not in ("gpuscope", "torch", "cuda", "driver", "python", "memory_env"):
+            pairs.append((str(key), esc("***" if is_secret_name(str(key)) else fmt(value, str(key)))))
+    pairs.append(("engines' memory variables", _env_cell(env.get("memory_env", {}))))
+    return f'<section id="environment"><h2>Environment</h2>{_kv_table(pairs)}</section>'
+
+
+def _config_value(key: str, value: Any) -> str:
+    if is_secret_name(key) and not isinstance(value, (int, float, bool)) and value is not None:
+        return esc(REDACTED)
+    if isinstance(value, (dict, list)) and _unavailable_text(value) is None:
+        try:
+            text = json.dumps(value, default=str, ensure_ascii=False)
+        except (TypeError, ValueError):
+            text = str(value)
+        return f"<code>{esc(redact_text(text))}</code>"
+    return _na(value, key)
+
+
+def _configuration(record: "RunRecord") -> str:
+    run = [("status", e(record.status)), ("mode", e(record.mode)), ("started at", e(record.started_at)),
+           ("ended at", e(record.ended_at)), ("profiled pid", e(record.pid)),
+           ("gpuscope (run)", e(record.tool_version)), ("samples file", f"<code>{e(record.samples)}</code>")]
+    config = [(str(k), _config_value(str(k), v)) for k, v in (record.config or {}).items()]
+    model = [(str(k), _config_value(str(k), v)) for k, v in (record.model or {}).items()]
+    parts = ['<section id="configuration"><h2>Configuration</h2>', "<h3>Run</h3>", _kv_table(run)]
+    if config:
+        parts += ["<h3>Options</h3>", _kv_table(config)]
+    if model:
+        parts += ["<h3>Model</h3>", _kv_table(model)]
+    if record.sharing:
+        parts += ["<h3>Sharing</h3>", _kv_table([(str(k), _config_value(str(k), v))
+                                                  for k, v in record.sharing.items()])]
+    if record.sampler:
+        parts += ["<h3>Sampler</h3>", _kv_table([(str(k), _config_value(str(k), v))
+                                                  for k, v in record.sampler.items()])]
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def render_html(record: "RunRecord", plots: list["Plot"], notes: Iterable[str] = (),
+                generated_at: str | None = None) -> str:
+    """The whole report as one HTML string."""
+    generated_at = generated_at or datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    model = record.model.get("source") or record.config.get("model") or "model"
+    title = f"gpuscope report: {fmt(model)} on {_device_label(record)}"
+    toc = [("verdict", "Verdict"), ("check", "Check") if record.check else None, ("findings", "Findings"),
+           ("plots", "Plots"), ("steps", "Steps"), ("processes", "Processes"), ("environment", "Environment"),
+           ("configuration", "Configuration")]
+    nav = " ".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in (x for x in toc if x))
+    body = "\n".join([
+        '<header class="top">',
+        "<h1>gpuscope report</h1>",
+        f'<p class="sub">Model <code>{e(model)}</code> on {esc(_device_label(record))}, '
+        f"started {e(record.started_at)}, {e(len(record.steps))} step{'s' if len(record.steps) != 1 else ''}, "
+        f"status {e(record.status)}.</p>",
+        f'<nav class="toc">{nav}</nav>',
+        "</header>",
+        _banner(record, notes),
+        _verdict(record),
+        _check(record),
+        _findings(record),
+        _plots(record, plots),
+        _steps(record),
+        _processes(record),
+        _environment(record),
+        _configuration(record),
+        f"<footer>Generated by gpuscope {e(record.tool_version)} at {esc(generated_at)} from run.json "
+        f"(schema gpuscope.run/1). Self-contained: no scripts, no network requests.</footer>",
+    ])
+    return ("<!DOCTYPE html>\n<html lang=\"en\">\n<head>\n<meta charset=\"utf-8\">\n"
+            f'<meta http-equiv="Content-Security-Policy" content="{esc(csp(_CSS))}">\n'
+            '<meta name="referrer" content="no-referrer">\n'
+            '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+            f"<title>{esc(title)}</title>\n<style>{_CSS}</style>\n</head>\n<body>\n<main>\n{body}\n</main>\n"
+            "</body>\n</html>\n")

@@ -1,0 +1,711 @@
+"""The three PNG plots of a run: memory breakdown, memory over time, throughput and latency.
+
+Rendered with matplotlib's Agg canvas on a bare `Figure` (no pyplot, no global
+backend switch, no display), with style settings scoped by `rc_context`, so a
+host application that imported gpuscope keeps its own matplotlib state.
+matplotlib and numpy are imported inside functions: the CLI must start fast.
+
+The data preparation (layers per step, layers per tick, min/max downsampling)
+is separate from the drawing and testable without matplotlib.
+"""
+from __future__ import annotations
+
+import io
+import math
+import textwrap
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from probes.readings import Unavailable, is_available
+from probes.units import GiB, MiB, format_bytes
+from profiler.decomposition import CPU_LAYERS, GPU_LAYERS, LAYER_LABELS, cpu_layers, gpu_layers
+
+if TYPE_CHECKING:  # pragma: no cover
+    from probes.samplefile import Timeline
+    from profiler.run import RunRecord, Step
+
+# One colour per layer key, in every plot and in the HTML legend (colour-blind safe, Okabe-Ito based).
+LAYER_COLORS = {
+    "model_weights_bytes": "#0072B2",
+    "activations_bytes": "#56B4E9",
+    "allocator_cache_bytes": "#E69F00",
+    "outside_allocator_bytes": "#CC79A7",
+    "unattributed_process_bytes": "#B8B8B8",
+    "other_processes_bytes": "#D55E00",
+    "driver_reserved_bytes": "#6E6E6E",
+    "rest_of_process_bytes": "#009E73",
+}
+SERIES_COLORS = {
+    "capacity": "#000000",
+    "uss": "#332288",
+    "throughput": "#117733",
+    "p50": "#332288",
+    "p99": "#882255",
+    "recommended": "#DDAA33",
+    "oom": "#CC0000",
+}
+SEVERITY_COLORS = {"fail": "#B00020", "warn": "#B35900", "info": "#3B5B7A"}
+
+FIGSIZE = (10.0, 5.6)
+DPI = 110
+MAX_BUCKETS = 1200  # buckets for the timeline: each keeps its min/max total and every layer's max
+_RC = {
+    "font.size": 10.5,
+    "axes.titlesize": 12.5,
+    "axes.titleweight": "bold",
+    "axes.labelsize": 10.5,
+    "axes.spines.top": False,
+    "axes.spines.right": False,
+    "axes.grid": True,
+    "grid.alpha": 0.3,
+    "legend.fontsize": 9,
+    "legend.frameon": False,
+    "text.usetex": False,
+    "svg.fonttype": "none",
+}
+
+
+@dataclass
+class Plot:
+    """A rendered plot: its file name, PNG bytes and its title (the conclusion, reused as alt text)."""
+
+    name: str
+    png: bytes
+    title: str
+
+
+@dataclass
+class TimelineLayers:
+    """Layers per tick for the memory-over-time plot (numpy arrays), already downsampled."""
+
+    t_s: Any
+    layers: dict[str, Any]
+    keys: list[str]
+    capacity_bytes: float | None = None
+    uss: Any = None
+    ticks: int = 0
+    peak_total: float = 0.0
+    peak_t_s: float = 0.0
+    note: str = ""
+    unit_t: tuple[str, float] = ("s", 1.0)
+    extras: dict[str, Any] = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- data preparation (no matplotlib)
+
+def gpu_index(record: "RunRecord") -> int:
+    device = str(record.config.get("device", "cuda:0"))
+    try:
+        return int(device.split(":", 1)[1]) if ":" in device else 0
+    except ValueError:
+        return 0
+
+
+def model_bytes(record: "RunRecord") -> int | None:
+    model = record.model or {}
+    params, buffers = model.get("param_bytes"), model.get("buffer_bytes")
+    if is_available(params):
+        return int(params) + (int(buffers) if is_available(buffers) else 0)
+    if is_available(model.get("model_bytes")):
+        return int(model["model_bytes"])
+    return None
+
+
+def layer_order(record: "RunRecord") -> list[str]:
+    return [key for key, _ in (GPU_LAYERS if record.gpu else CPU_LAYERS)]
+
+
+def step_layers(record: "RunRecord", step: "Step") -> dict[str, int]:
+    """The step's decomposition at its peak: `memory["layers"]`, or recomputed from the peak figures."""
+    memory = step.memory or {}
+    layers = memory.get("layers")
+    if isinstance(layers, dict) and layers:
+        return {k: int(v) for k, v in layers.items() if is_available(v)}
+    model = memory.get("model_bytes") if is_available(memory.get("model_bytes")) else model_bytes(record)
+    if record.gpu:
+        return gpu_layers(memory.get("process_gpu_bytes"), memory.get("torch_allocated_bytes"),
+                          memory.get("torch_reserved_bytes"), model, memory.get("other_processes_bytes"),
+                          memory.get("driver_reserved_bytes"))
+    return cpu_layers(memory.get("rss_bytes"), model)
+
+
+def as_unavailable(value: Any) -> Unavailable | None:
+    """Unavailable for an Unavailable or its JSON forms ({"unavailable": r} and dataclass-dict {"reason": r})."""
+    if isinstance(value, Unavailable):
+        return value
+    if isinstance(value, dict):
+        reason = value.get("unavailable", value.get("reason"))
+        if isinstance(reason, str) and set(value) <= {"unavailable", "reason", "detail"}:
+            try:
+                return Unavailable(reason, str(value.get("detail", "") or ""))
+            except ValueError:
+                return None
+    return None
+
+
+def missing_reason(memory: dict[str, Any], keys: tuple[str, ...]) -> str:
+    for key in keys:
+        missing = as_unavailable(memory.get(key))
+        if missing is not None:
+            return str(missing)
+    return "not measured"
+
+
+def capacity_bytes(record: "RunRecord", timeline: "Timeline | None" = None) -> float | None:
+    """The device's total memory (GPU runs) or the host's (CPU runs), None when unknown."""
+    if record.gpu:
+        index = gpu_index(record)
+        for device in record.devices or []:
+            if device.get("index", 0) == index and is_available(device.get("total_bytes")):
+                return float(device["total_bytes"])
+        for step in record.steps:
+            if is_available((step.memory or {}).get("device_total_bytes")):
+                return float(step.memory["device_total_bytes"])
+        if timeline is not None:
+            values = [v for v in timeline.column(f"gpu:{index}", "total_bytes") if is_available(v)]
+            if values:
+                return float(max(values))
+        return None
+    total = (record.host or {}).get("memory_total_bytes")
+    return float(total) if is_available(total) else None
+
+
+def profiled_pid(record: "RunRecord", timeline: "Timeline | None") -> int | None:
+    if record.pid:
+        return int(record.pid)
+    if timeline is not None and isinstance(timeline.header.get("pid"), int):
+        return int(timeline.header["pid"])
+    return None
+
+
+def _minmax_indices(total: Any, layers: list[Any], max_buckets: int) -> Any:
+    """Indices to keep: per bucket, the ticks of the min and max total and of every layer's max."""
+    import numpy as np
+
+    n = len(total)
+    if n <= 3 * max_buckets:
+        return np.arange(n)
+    size = int(math.ceil(n / max_buckets))
+    full = (n // size) * size
+    keep = [np.array([0, n - 1])]
+    starts = np.arange(0, full, size)
+
+    def per_bucket(values: Any) -> list[Any]:
+        blocks = values[:full].reshape(-1, size)
+        out = [starts + blocks.argmax(axis=1)]
+        if full < n:
+            out.append(np.array([full + int(values[full:].argmax())]))
+        return out
+
+    keep += per_bucket(total)
+    keep += per_bucket(-total)
+    for series in layers:
+        keep += per_bucket(series)
+    return np.unique(np.concatenate(keep))
+
+
+def downsample_minmax(t_s: Any, total: Any, layers: dict[str, Any] | None = None,
+                      max_buckets: int = MAX_BUCKETS) -> Any:
+    """Indices of the ticks to plot so that no peak is lost.
+
+    Long runs (a 24-hour watch at 1 s is 86,400 ticks) are cut into `max_buckets`
+    buckets; each bucket keeps the ticks with its minimum and maximum total and
+    the tick with each layer's maximum. Every kept point is a real tick, so the
+    stacked layers still add up, and the global peak of the total and of every
+    layer survives exactly.
+    """
+    import numpy as np
+
+    total = np.asarray(total, dtype=float)
+    series = [np.asarray(v, dtype=float) for v in (layers or {}).values()]
+    return _minmax_indices(total, series, max_buckets)
+
+
+def time_unit(duration_s: float) -> tuple[str, float]:
+    if duration_s >= 3 * 3600:
+        return "h", 3600.0
+    if duration_s >= 600:
+        return "min", 60.0
+    return "s", 1.0
+
+
+def timeline_layers(record: "RunRecord", timeline: "Timeline | None",
+                    max_buckets: int = MAX_BUCKETS) -> TimelineLayers | None:
+    """The decomposition at every tick of the samples file (the same layers as the steps), downsampled."""
+    import numpy as np
+
+    if timeline is None or not timeline.t_s:
+        return None
+    pid = profiled_pid(record, timeline)
+    model = model_bytes(record)
+    keys = layer_order(record)
+    rows_t: list[float] = []
+    rows: dict[str, list[float]] = {k: [] for k in keys}
+    uss_values: list[float] = []
+    if record.gpu:
+        index = gpu_index(record)
+        gscope, pscope = f"gpu:{index}", f"pid:{pid}/gpu:{index}"
+        used = timeline.column(pscope, "used_bytes")
+        allocated = timeline.column(pscope, "torch_allocated_bytes")
+        reserved = timeline.column(pscope, "torch_reserved_bytes")
+        driver = timeline.column(gscope, "driver_reserved_bytes")
+        suffix = f"/gpu:{index}"
+        others = [timeline.column(scope, "used_bytes") for scope in sorted(timeline.scopes())
+                  if scope.startswith("pid:") and scope.endswith(suffix) and scope != pscope]
+        for i, t in enumerate(timeline.t_s):
+            other_values = [col[i] for col in others if is_available(col[i])]
+            other = sum(other_values) if other_values else (0 if others or used[i] is not None else None)
+            layers = gpu_layers(used[i], allocated[i], reserved[i], model, other, driver[i])
+            if not layers or used[i] is None and driver[i] is None:
+                continue
+            rows_t.append(t)
+            for k in keys:
+                rows[k].append(layers.get(k, 0))
+    else:
+        rss = timeline.column(f"pid:{pid}", "rss_bytes")
+        uss = timeline.column(f"pid:{pid}", "uss_bytes")
+        for i, t in enumerate(timeline.t_s):
+            layers = cpu_layers(rss[i], model)
+            if not layers:
+                continue
+            rows_t.append(t)
+            for k in keys:
+                rows[k].append(layers.get(k, 0))
+            uss_values.append(float(uss[i]) if is_available(uss[i]) else float("nan"))
+    if not rows_t:
+        return TimelineLayers(t_s=np.array([]), layers={}, keys=[], ticks=0,
+                              note="the samples file holds no memory readings for this process")
+    t_arr = np.asarray(rows_t, dtype=float)
+    arrays = {k: np.asarray(v, dtype=float) for k, v in rows.items() if any(v)}
+    present = [k for k in keys if k in arrays]
+    total = np.zeros(len(t_arr))
+    for k in present:
+        total += arrays[k]
+    peak_i = int(total.argmax())
+    keep = downsample_minmax(t_arr, total, arrays, max_buckets)
+    result = TimelineLayers(
+        t_s=t_arr[keep], layers={k: arrays[k][keep] for k in present}, keys=present,
+        capacity_bytes=capacity_bytes(record, timeline), ticks=len(t_arr),
+        peak_total=float(total[peak_i]), peak_t_s=float(t_arr[peak_i]),
+        unit_t=time_unit(float(t_arr[-1] - min(0.0, t_arr[0]))))
+    if uss_values:
+        uss_arr = np.asarray(uss_values, dtype=float)
+        if not np.all(np.isnan(uss_arr)):
+            result.uss = uss_arr[keep]
+    result.extras["peak_layers"] = {k: float(arrays[k][peak_i]) for k in present}
+    return result
+
+
+def step_spans(record: "RunRecord", timeline: "Timeline | None") -> list[tuple[float, float, int]]:
+    """(start_s, end_s, predictors) per step, from the steps or else from the samples' events."""
+    spans = [(float(s.started_s), float(s.ended_s), s.predictors) for s in record.steps
+             if is_available(s.started_s) and is_available(s.ended_s) and s.ended_s > s.started_s]
+    if spans or timeline is None:
+        return spans
+    open_steps: dict[Any, float] = {}
+    for event in timeline.events:
+        kind, n = event.get("event"), event.get("predictors")
+        if kind == "step_start":
+            open_steps[n] = event["t_s"]
+        elif kind == "step_end" and n in open_steps:
+            spans.append((open_steps.pop(n), event["t_s"], n))
+    if open_steps and timeline.t_s:  # a step still running when the run was interrupted
+        for n, start in open_steps.items():
+            spans.append((start, timeline.t_s[-1], n))
+    return sorted(spans)
+
+
+def finding_moments(record: "RunRecord", spans: list[tuple[float, float, int]]) -> list[tuple[float, Any]]:
+    """(t_s, finding) for findings with a moment: evidence t_s, or the start of their step."""
+    starts = {n: a for a, _b, n in spans}
+    out = []
+    for finding in record.findings:
+        t = (finding.evidence or {}).get("t_s")
+        if not is_available(t) and finding.at_predictors in starts:
+            t = starts[finding.at_predictors]
+        if is_available(t):
+            out.append((float(t), finding))
+    return out
+
+
+def byte_unit(max_bytes: float) -> tuple[str, float]:
+    return ("GiB", float(GiB)) if max_bytes >= GiB else ("MiB", float(MiB))
+
+
+def _wrap(text: str, width: int = 86) -> str:
+    return "\n".join(textwrap.wrap(text, width)) or text
+
+
+def _safe(text: Any) -> str:
+    """Outside text shown in a plot: no mathtext (`$`) interpretation, bounded length."""
+    text = str(text)
+    if len(text) > 60:
+        text = text[:57] + "..."
+    return text.replace("$", r"\$")
+
+
+def _fmt_rps(value: float) -> str:
+    return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
+
+
+def _fmt_ms(value: Any) -> str:
+    if not is_available(value):
+        return "n/a"
+    return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
+
+
+def _slope(points: list[tuple[int, float]]) -> float | None:
+    if len(points) < 2 or len({x for x, _ in points}) < 2:
+        return None
+    n = len(points)
+    mx = sum(x for x, _ in points) / n
+    my = sum(y for _, y in points) / n
+    sxx = sum((x - mx) ** 2 for x, _ in points)
+    return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else None
+
+
+PROCESS_KEYS = ("model_weights_bytes", "activations_bytes", "allocator_cache_bytes", "outside_allocator_bytes",
+                "unattributed_process_bytes", "rest_of_process_bytes")
+
+
+# ---------------------------------------------------------------- drawing
+
+def _new_figure() -> Any:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": "gpuscope"})
+    return buf.getvalue()
+
+
+def _placeholder(fig: Any, title: str, message: str) -> None:
+    ax = fig.add_subplot(1, 1, 1)
+    ax.set_axis_off()
+    ax.set_title(_wrap(title), loc="left")
+    ax.text(0.5, 0.5, _wrap(message, 70), ha="center", va="center", fontsize=12, color="#555555",
+            transform=ax.transAxes)
+
+
+def _legend_below(fig: Any, ax: Any, ncol: int = 3, extra: list[Any] | None = None) -> None:
+    handles, labels = ax.get_legend_handles_labels()
+    for artist in extra or []:
+        handles.append(artist)
+        labels.append(artist.get_label())
+    if handles:
+        fig.legend(handles, labels, loc="outside lower center", ncol=ncol)
+
+
+def _off_scale_note(ax: Any, record: "RunRecord", capacity: float) -> None:
+    what = "device" if record.gpu else "host"
+    ax.text(0.0, -0.11, f"{what} capacity {format_bytes(capacity)} is far above the plot (not to scale)",
+            transform=ax.transAxes, ha="left", va="top", fontsize=8.5, color="#555555")
+
+
+def memory_breakdown_png(record: "RunRecord", tl: TimelineLayers | None = None) -> Plot:
+    """Stacked bars of the layers at each predictor count's peak, the device capacity as a line."""
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure()
+        title, drew = _draw_breakdown(fig, record, tl)
+        if not drew:
+            fig.clf()
+            _placeholder(fig, title, "No memory readings: the run ended before a step was measured "
+                         "and the samples file holds no memory readings.")
+        return Plot("memory_breakdown.png", _png(fig), title)
+
+
+def _draw_breakdown(fig: Any, record: "RunRecord", tl: TimelineLayers | None) -> tuple[str, bool]:
+    keys = layer_order(record)
+    bars: list[tuple[str, dict[str, int], str, Any]] = []  # label, layers, missing reason, uss
+    for step in record.steps:
+        layers = step_layers(record, step)
+        memory = step.memory or {}
+        reason = "" if layers else missing_reason(memory, ("process_gpu_bytes", "torch_reserved_bytes", "rss_bytes")
+                                                 if record.gpu else ("rss_bytes",))
+        label = f"{step.predictors}" + ("\n(OOM)" if step.oom else "")
+        bars.append((label, layers, reason, memory.get("uss_bytes") if not record.gpu else None))
+    by_peak = False
+    if not bars and tl is not None and tl.keys:
+        peak = tl.extras.get("peak_layers", {})
+        bars.append((f"peak at {tl.peak_t_s / tl.unit_t[1]:.1f} {tl.unit_t[0]}", {k: int(v) for k, v in peak.items()},
+                     "", None))
+        last = {k: int(tl.layers[k][-1]) for k in tl.keys}
+        bars.append(("end of run", last, "", None))
+        by_peak = True
+    if not bars:
+        return ("Memory breakdown: nothing was measured", False)
+    if not any(layers for _l, layers, _r, _u in bars):
+        reasons = sorted({reason for _l, _layers, reason, _u in bars})
+        title = "Memory breakdown: no memory figure could be read at any step"
+        _placeholder(fig, title, "Memory readings were " + "; ".join(reasons) + ".")
+        return title, True
+    totals = [sum(layers.values()) for _l, layers, _r, _u in bars]
+    capacity = capacity_bytes(record)
+    top = max(totals) if totals else 0
+    unit, scale = byte_unit(max(top, 1))
+    ax = fig.add_subplot(1, 1, 1)
+    x = list(range(len(bars)))
+    bottoms = [0.0] * len(bars)
+    for key in keys:
+        heights = [layers.get(key, 0) / scale for _l, layers, _r, _u in bars]
+        if not any(heights):
+            continue
+        ax.bar(x, heights, bottom=bottoms, width=0.62, color=LAYER_COLORS.get(key, "#999999"),
+               label=LAYER_LABELS.get(key, key), edgecolor="white", linewidth=0.6)
+        bottoms = [b + h for b, h in zip(bottoms, heights)]
+    headroom_ylim = top / scale * 1.18 if top else 1.0
+    uss_labelled = False
+    for xi, (total, (_l, layers, reason, uss)) in enumerate(zip(totals, bars)):
+        if layers:
+            ax.annotate(format_bytes(total), (xi, total / scale), xytext=(0, 3), textcoords="offset points",
+                        ha="center", va="bottom", fontsize=9)
+        else:
+            ax.text(xi, headroom_ylim * 0.05, _wrap(reason, 22), ha="center", va="bottom", fontsize=8.5,
+                    color="#8a1c1c", rotation=0)
+        if is_available(uss):
+            ax.plot([xi], [uss / scale], marker="D", color=SERIES_COLORS["uss"], markersize=6, linestyle="none",
+                    label=None if uss_labelled else "USS (memory private to the process)")
+            uss_labelled = True
+    ymax = headroom_ylim
+    if capacity:
+        if capacity <= 3 * max(top, 1):
+            ax.axhline(capacity / scale, color=SERIES_COLORS["capacity"], linestyle="--", linewidth=1.3,
+                       label=f"{'device' if record.gpu else 'host'} capacity ({format_bytes(capacity)})")
+            ymax = max(ymax, capacity / scale * 1.08)
+        else:
+            _off_scale_note(ax, record, capacity)
+    ax.set_ylim(0, ymax)
+    ax.set_xlim(-0.6, len(bars) - 0.4)
+    ax.set_xticks(x, [b[0] for b in bars])
+    ax.set_xlabel("predictors (threads sharing one model)" if not by_peak else "moment of the run")
+    ax.set_ylabel(f"memory ({unit})")
+    ax.grid(axis="x", visible=False)
+    title = _breakdown_title(record, bars, totals, capacity)
+    ax.set_title(_wrap(title), loc="left")
+    _legend_below(fig, ax, ncol=3 if record.gpu else 3)
+    return title, True
+
+
+def _breakdown_title(record: "RunRecord", bars: list[Any], totals: list[int], capacity: float | None) -> str:
+    measured = [(label, total) for (label, layers, _r, _u), total in zip(bars, totals) if layers]
+    if not measured:
+        return "Memory breakdown: no memory figure could be read (see the reasons on the bars)"
+    label, peak = max(measured, key=lambda p: p[1])
+    label = label.split("\n")[0]
+    what = "device memory" if record.gpu else "resident memory (RSS)"
+    where = f"at {label} predictors" if label.isdigit() else \
+        (label.replace("peak at", "at") + " into the run" if label.startswith("peak at") else f"at the {label}")
+    text = f"Peak {what} {format_bytes(peak)} {where}"
+    if capacity and record.gpu:
+        text += f" ({peak / capacity:.0%} of {format_bytes(capacity)})"
+    points = []
+    for step in record.steps:
+        layers = step_layers(record, step)
+        own = sum(v for k, v in layers.items() if k in PROCESS_KEYS)
+        if layers:
+            points.append((step.predictors, float(own)))
+    slope = _slope(points)
+    if slope is not None:
+        text += f"; each extra predictor adds {format_bytes(slope)}" if slope >= MiB / 2 else \
+            "; extra predictors add no memory"
+    peak_layers = next((b[1] for b, total in zip(bars, totals) if b[1] and total == peak), {})
+    own = sum(v for k, v in peak_layers.items() if k in PROCESS_KEYS)
+    weights = peak_layers.get("model_weights_bytes", 0)
+    if weights and own:
+        text += f"; model weights are {weights / own:.0%} of this process"
+    return text
+
+
+def memory_timeline_png(record: "RunRecord", tl: TimelineLayers | None, timeline: "Timeline | None" = None,
+                        note: str = "") -> Plot:
+    """The layers as a stacked area over the run, steps shaded and findings' moments annotated."""
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure()
+        if tl is None or not tl.keys:
+            title = "Memory over time: no samples to plot"
+            reason = note or (tl.note if tl is not None else "") or "no samples file was found for this run"
+            _placeholder(fig, title, reason[0].upper() + reason[1:] + ".")
+            return Plot("memory_timeline.png", _png(fig), title)
+        title = _draw_timeline(fig, record, tl, timeline)
+        return Plot("memory_timeline.png", _png(fig), title)
+
+
+def _draw_timeline(fig: Any, record: "RunRecord", tl: TimelineLayers, timeline: "Timeline | None") -> str:
+    import numpy as np
+
+    unit_t, tscale = tl.unit_t
+    unit, scale = byte_unit(tl.peak_total)
+    ax = fig.add_subplot(1, 1, 1)
+    t = tl.t_s / tscale
+    stack = [tl.layers[k] / scale for k in tl.keys]
+    ax.stackplot(t, *stack, colors=[LAYER_COLORS.get(k, "#999999") for k in tl.keys],
+                 labels=[LAYER_LABELS.get(k, k) for k in tl.keys], linewidth=0, step=None, alpha=0.95)
+    total = np.sum(np.vstack(stack), axis=0)
+    ax.plot(t, total, color="#1b1b1b", linewidth=0.6, label="total (outline: single-tick spikes stay visible)")
+    ytop = tl.peak_total / scale * 1.45
+    if tl.uss is not None:
+        ax.plot(t, tl.uss / scale, color=SERIES_COLORS["uss"], linewidth=1.0,
+                label="USS (memory private to the process)")
+    if tl.capacity_bytes and tl.capacity_bytes <= 3 * tl.peak_total:
+        ax.axhline(tl.capacity_bytes / scale, color=SERIES_COLORS["capacity"], linestyle="--", linewidth=1.3,
+                   label=f"{'device' if record.gpu else 'host'} capacity ({format_bytes(tl.capacity_bytes)})")
+        ytop = max(ytop, tl.capacity_bytes / scale * 1.08)
+    elif tl.capacity_bytes:
+        _off_scale_note(ax, record, tl.capacity_bytes)
+    ax.set_ylim(0, ytop)
+    spans = step_spans(record, timeline)
+    for i, (a, b, n) in enumerate(spans):
+        ax.axvspan(a / tscale, b / tscale, ymin=0.935, ymax=1.0, color="#000000", alpha=0.10 if i % 2 == 0 else 0.05,
+                   linewidth=0)
+        ax.axvline(a / tscale, color="#444444", linewidth=0.7, linestyle=":")
+        ax.axvline(b / tscale, color="#444444", linewidth=0.7, linestyle=":")
+        ax.text((a + b) / 2 / tscale, 0.995, f"n={n}", transform=ax.get_xaxis_transform(), ha="center",
+                va="top", fontsize=9, color="#222222", fontweight="bold")
+    extra = []
+    if spans:
+        from matplotlib.patches import Patch
+
+        extra.append(Patch(facecolor="#d9d9d9", edgecolor="#444444", linestyle=":",
+                           label="sweep step (n = predictors, top band)"))
+    moments = finding_moments(record, spans)
+    per_time: dict[float, int] = {}
+    for t_s, finding in sorted(moments, key=lambda m: m[0]):
+        slot = per_time.get(round(t_s, 3), 0)
+        per_time[round(t_s, 3)] = slot + 1
+        color = SEVERITY_COLORS.get(finding.severity, "#333333")
+        x = t_s / tscale
+        ax.axvline(x, color=color, linewidth=1.0, linestyle="--", alpha=0.8)
+        ax.annotate(_safe(finding.code), (x, 0.90 - 0.065 * slot), xycoords=("data", "axes fraction"),
+                    xytext=(3, 0), textcoords="offset points", fontsize=8, color=color, fontweight="bold",
+                    va="top", bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": color, "lw": 0.6,
+                                    "alpha": 0.9})
+    peak_x = tl.peak_t_s / tscale
+    ax.annotate(f"peak {format_bytes(tl.peak_total)}", (peak_x, tl.peak_total / scale), xytext=(0, 12),
+                textcoords="offset points", ha="center", fontsize=9,
+                arrowprops={"arrowstyle": "-|>", "color": "#222222", "lw": 0.8})
+    t_end = float(np.max(tl.t_s)) if len(tl.t_s) else 0.0
+    ax.set_xlim(min(0.0, float(np.min(tl.t_s)) / tscale), max(t_end / tscale, 1e-9))
+    ax.set_xlabel(f"time since start ({unit_t})")
+    ax.set_ylabel(f"memory ({unit})")
+    duration = f"{t_end / tscale:.1f} {unit_t}" if unit_t != "s" else f"{t_end:.0f} s"
+    peak_layers = tl.extras.get("peak_layers", {})
+    biggest = max(peak_layers, key=peak_layers.get) if peak_layers else None
+    what = "device memory" if record.gpu else "resident memory (RSS)"
+    title = f"Over {duration}, {what} peaked at {format_bytes(tl.peak_total)} ({tl.peak_t_s / tscale:.1f} {unit_t} in)"
+    if biggest:
+        title += f"; largest layer then: {LAYER_LABELS.get(biggest, biggest).split(' (')[0]} " \
+                 f"({format_bytes(peak_layers[biggest])})"
+    ax.set_title(_wrap(title), loc="left")
+    if tl.ticks > len(tl.t_s):
+        ax.text(1.0, -0.11, f"{tl.ticks:,} ticks shown as {len(tl.t_s):,} points (min/max per bucket: peaks kept)",
+                transform=ax.transAxes, ha="right", va="top", fontsize=8, color="#555555")
+    _legend_below(fig, ax, ncol=3, extra=extra)
+    return title
+
+
+def throughput_latency_png(record: "RunRecord") -> Plot:
+    """Throughput and p50/p99 latency against predictor count, the recommended count marked."""
+    import matplotlib
+
+    with matplotlib.rc_context(_RC):
+        fig = _new_figure()
+        steps = [s for s in record.steps]
+        if not steps:
+            title = "Throughput and latency: no step of the sweep completed"
+            _placeholder(fig, title, "The run ended before any predictor count was measured"
+                         + (f" ({record.status})." if record.status != "complete" else "."))
+            return Plot("throughput_latency.png", _png(fig), title)
+        if not any(is_available(s.throughput_rps) and s.throughput_rps > 0 for s in steps):
+            title = "Throughput and latency: no request completed at any predictor count"
+            errors = sum(s.errors for s in steps if isinstance(s.errors, int))
+            _placeholder(fig, title, f"{errors:,} requests failed across {len(steps)} steps; "
+                         "see the errors in the steps table.")
+            return Plot("throughput_latency.png", _png(fig), title)
+        title = _draw_throughput(fig, record, steps)
+        return Plot("throughput_latency.png", _png(fig), title)
+
+
+def _draw_throughput(fig: Any, record: "RunRecord", steps: list["Step"]) -> str:
+    ax = fig.add_subplot(1, 1, 1)
+    ax2 = ax.twinx()
+    ax2.spines["right"].set_visible(True)
+    ax2.grid(False)
+    xs = [s.predictors for s in steps]
+    thr = [float(s.throughput_rps) if is_available(s.throughput_rps) else float("nan") for s in steps]
+    ax.plot(xs, thr, color=SERIES_COLORS["throughput"], marker="o", linewidth=2.2, label="throughput (requests/s)")
+    for s in steps:
+        if is_available(s.throughput_rps) and s.throughput_rps > 0:
+            ax.annotate(_fmt_rps(s.throughput_rps), (s.predictors, s.throughput_rps), xytext=(0, -16),
+                        textcoords="offset points", ha="center", fontsize=8.5, color=SERIES_COLORS["throughput"],
+                        bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": "none", "alpha": 0.85}, zorder=5)
+    for pct, style in (("p50", "-"), ("p99", "--")):
+        ys = [float(s.latency_ms.get(pct)) if is_available((s.latency_ms or {}).get(pct)) else float("nan")
+              for s in steps]
+        ax2.plot(xs, ys, color=SERIES_COLORS[pct], marker="s", markersize=4.5, linestyle=style, linewidth=1.6,
+                 label=f"{pct} latency (ms)")
+    if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 8:
+        ax.set_xscale("log", base=2)
+    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.minorticks_off()
+    rec = (record.recommendation or {}).get("predictors")
+    if isinstance(rec, int) and not isinstance(rec, bool):
+        ax.axvline(rec, color=SERIES_COLORS["recommended"], linewidth=7, alpha=0.35, zorder=0,
+                   label=f"recommended: {rec} predictors")
+    oom = [s for s in steps if s.oom]
+    for s in oom:
+        ax.plot([s.predictors], [0], marker="X", markersize=11, color=SERIES_COLORS["oom"], linestyle="none",
+                clip_on=False, label="out of memory" if s is oom[0] else None)
+    for s in steps:
+        if s.error_rate > 0:
+            ax.annotate(f"{s.error_rate:.1%} errors", (s.predictors, 0), xytext=(0, 4), textcoords="offset points",
+                        ha="center", fontsize=8, color=SERIES_COLORS["oom"], xycoords=("data", "axes fraction"))
+    finite = [v for v in thr if v == v]
+    ax.set_ylim(0, (max(finite) if finite else 1.0) * 1.2 or 1.0)
+    lat_values = [float(s.latency_ms.get(p)) for s in steps for p in ("p50", "p99")
+                  if is_available((s.latency_ms or {}).get(p))]
+    ax2.set_ylim(0, (max(lat_values) if lat_values else 1.0) * 1.2 or 1.0)
+    ax.set_xlabel("predictors (threads sharing one model)")
+    ax.set_ylabel("throughput (requests/s)", color=SERIES_COLORS["throughput"])
+    ax2.set_ylabel("latency (ms)")
+    title = _throughput_title(record, steps, rec)
+    ax.set_title(_wrap(title), loc="left")
+    h1, l1 = ax.get_legend_handles_labels()
+    h2, l2 = ax2.get_legend_handles_labels()
+    fig.legend(h1 + h2, l1 + l2, loc="outside lower center", ncol=4)
+    return title
+
+
+def _throughput_title(record: "RunRecord", steps: list["Step"], rec: Any) -> str:
+    measured = [s for s in steps if is_available(s.throughput_rps) and s.throughput_rps > 0]
+    if not measured:
+        return "Throughput and latency: no request completed"
+    best = max(measured, key=lambda s: s.throughput_rps)
+    chosen = record.step_at(rec) if isinstance(rec, int) else None
+    if chosen is not None and is_available(chosen.throughput_rps):
+        p99 = (chosen.latency_ms or {}).get("p99")
+        text = (f"Run {rec} predictors: {_fmt_rps(chosen.throughput_rps)} requests/s at p99 {_fmt_ms(p99)}")
+        if best.predictors != chosen.predictors:
+            gain = best.throughput_rps / chosen.throughput_rps - 1 if chosen.throughput_rps else 0.0
+            best_p99 = (best.latency_ms or {}).get("p99")
+            text += (f"; {best.predictors} give only {gain:+.0%} throughput for p99 {_fmt_ms(best_p99)}")
+        return text
+    p99 = (best.latency_ms or {}).get("p99")
+    return f"Best throughput {_fmt_rps(best.throughput_rps)} requests/s at {best.predictors} predictors " \
+           f"(p99 {_fmt_ms(p99)})"
+
+
+def render_plots(record: "RunRecord", timeline: "Timeline | None", note: str = "") -> list[Plot]:
+    """All three plots of a run, in the report's order."""
+    tl = timeline_layers(record, timeline)
+    return [memory_breakdown_png(record, tl), memory_timeline_png(record, tl, timeline, note),
+            throughput_latency_png(record)]

@@ -1,0 +1,173 @@
+"""reports.html: a self-contained, escaped, redacted report with every section."""
+from __future__ import annotations
+
+import base64
+import hashlib
+import re
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from probes.readings import NO_PERMISSION, Unavailable
+from profiler.run import Finding, load_run
+from reports.html import _CSS, csp, fmt, render_html
+from reports.plots import Plot
+from reports.render import render_report
+from tests import report_fixtures as rf
+
+ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "main", "header", "h1", "h2", "h3", "p", "nav",
+                "a", "section", "span", "code", "ul", "li", "strong", "article", "div", "dl", "dt", "dd", "figure",
+                "img", "figcaption", "table", "thead", "tbody", "tr", "th", "td", "br", "footer"}
+
+
+class _Collector(HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.text: list[str] = []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+
+def _parse(text: str) -> _Collector:
+    parser = _Collector()
+    parser.feed(text)
+    return parser
+
+
+def _fake_plots() -> list[Plot]:
+    png = base64.b64decode("iVBORw0KGgoAAAANSUhEUgAAAAEAAAABCAQAAAC1HAwCAAAAC0lEQVR42mNkYAAAAAYAAjCB0C8AAAAASUVORK5CYII=")
+    return [Plot(name, png, f"title of {name}") for name in
+            ("memory_breakdown.png", "memory_timeline.png", "throughput_latency.png")]
+
+
+@pytest.fixture(scope="module")
+def gpu_html(tmp_path_factory: pytest.TempPathFactory) -> str:
+    directory = tmp_path_factory.mktemp("gpu")
+    _record, run, _samples = rf.gpu_run(str(directory))
+    return render_html(load_run(run), _fake_plots())
+
+
+def test_model_name_with_markup_is_escaped(gpu_html: str) -> None:
+    assert rf.EVIL_NAME not in gpu_html
+    assert "&lt;img src=x onerror=alert(1)&gt;.pt" in gpu_html
+    parsed = _parse(gpu_html)
+    assert rf.EVIL_NAME in "".join(parsed.text)  # it reads as text
+
+
+def test_no_injected_markup_only_known_tags_and_no_handlers(gpu_html: str) -> None:
+    parsed = _parse(gpu_html)
+    tags = {tag for tag, _ in parsed.tags}
+    assert tags <= ALLOWED_TAGS, tags - ALLOWED_TAGS
+    for _tag, attrs in parsed.tags:
+        assert not any(name.startswith("on") for name in attrs), attrs
+    assert "<script" not in gpu_html.lower()
+    assert "&lt;script&gt;alert(&#x27;proc&#x27;)&lt;/script&gt;" in gpu_html
+    assert "FOREIGN_PROCESS &lt;b&gt;fired&lt;/b&gt;" in gpu_html  # check messages are escaped too
+
+
+def test_secrets_are_redacted_at_render_time(gpu_html: str) -> None:
+    for secret in ("hunter2", "s3cret", "abc123", "do-not-show", ":pw@"):
+        assert secret not in gpu_html, secret
+    assert "--token=***" in gpu_html
+    assert "postgres://bob:***@db" in gpu_html
+
+
+def test_self_contained_with_a_strict_csp(gpu_html: str) -> None:
+    parsed = _parse(gpu_html)
+    metas = [attrs for tag, attrs in parsed.tags if tag == "meta" and attrs.get("http-equiv")]
+    assert len(metas) == 1 and metas[0]["http-equiv"] == "Content-Security-Policy"
+    policy = metas[0]["content"]
+    digest = base64.b64encode(hashlib.sha256(_CSS.encode()).digest()).decode()
+    assert policy == csp(_CSS)
+    assert "default-src 'none'" in policy and "img-src data:" in policy and f"'sha256-{digest}'" in policy
+    assert "unsafe-inline" not in policy and "script-src" not in policy  # default-src 'none' forbids scripts
+    style = re.search(r"<style>(.*?)</style>", gpu_html, re.S).group(1)
+    assert style == _CSS  # the hash pins exactly this stylesheet
+    for tag, attrs in parsed.tags:
+        assert "style" not in attrs  # inline style attributes would be blocked by the CSP
+        for name in ("src", "href"):
+            value = attrs.get(name)
+            if value is not None:
+                assert value.startswith(("data:", "#")), (tag, name, value)
+    images = [attrs for tag, attrs in parsed.tags if tag == "img"]
+    assert len(images) == 3 and all(a["src"].startswith("data:image/png;base64,") for a in images)
+    assert "@media print" in gpu_html
+
+
+def test_sections_in_order(gpu_html: str) -> None:
+    ids = [attrs.get("id") for tag, attrs in _parse(gpu_html).tags if tag == "section"]
+    assert ids == ["verdict", "check", "findings", "plots", "steps", "processes", "environment", "configuration"]
+
+
+def test_verdict_and_findings_most_severe_first(gpu_html: str) -> None:
+    verdict = gpu_html[gpu_html.index('id="verdict"'):gpu_html.index('id="check"')]
+    assert "Run 4 predictors" in verdict and "problems found" in verdict
+    start = gpu_html.index('id="findings"')
+    section = gpu_html[start:gpu_html.index('id="plots"')]
+    codes = re.findall(r'<div class="code">([A-Z_]+)', section)
+    assert codes == ["DUPLICATE_MODEL", "FOREIGN_PROCESS", "PER_PREDICTOR_GROWTH", "OUTSIDE_ALLOCATOR",
+                     "THROUGHPUT_PLATEAU"]
+    assert "Remedy:" in section and "Load the model once" in section
+    assert "unavailable (not_supported: one step only)" in section  # evidence readings keep their reason
+
+
+def test_environment_and_check_are_shown(gpu_html: str) -> None:
+    for text in ("550.54.15", "2.5.1+cu124", "12.4", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
+                 "CUDA_MODULE_LOADING=LAZY", "SECRET_TOKEN=***", "NVIDIA H100 80GB HBM3"):
+        assert text in gpu_html, text
+    check = gpu_html[gpu_html.index('id="check"'):gpu_html.index('id="findings"')]
+    assert "failed" in check and "max-p99-ms" in check and "unavailable (error: no steps)" in check
+
+
+def test_unavailable_reads_as_unavailable_never_zero(tmp_path: Path) -> None:
+    _record, run, _samples = rf.unavailable_run(str(tmp_path))
+    text = render_html(load_run(run), _fake_plots())
+    steps = text[text.index('id="steps"'):text.index('id="processes"')]
+    assert "unavailable (no_permission: NVML: insufficient permissions)" in steps
+    assert "0 B" not in steps and ">0.00<" not in steps
+
+
+def test_dataclass_dict_unavailable_shape_is_tolerated() -> None:
+    assert fmt({"reason": "no_permission", "detail": "x"}) == "unavailable (no_permission: x)"
+    assert fmt(Unavailable(NO_PERMISSION)) == "unavailable (no_permission)"
+    assert fmt(3 * 1024**3, "used_bytes") == "3.00 GiB"
+    assert fmt(None) == "\u2014"
+
+
+def test_cpu_and_interrupted_runs_render(tmp_path: Path) -> None:
+    _record, run, _samples = rf.cpu_run(str(tmp_path / "cpu"))
+    cpu = render_html(load_run(run), _fake_plots())
+    assert "Run 2 predictors" in cpu and "RSS peak" in cpu and "No GPU was used" in cpu
+    _record, run, _samples = rf.interrupted_run(str(tmp_path / "int"))
+    interrupted = render_html(load_run(run), _fake_plots(), notes=["1 unreadable line in the samples file"])
+    assert "Interrupted run." in interrupted and "No step completed." in interrupted
+    assert "1 unreadable line" in interrupted
+
+
+def test_finding_titles_and_evidence_from_outside_are_escaped(tmp_path: Path) -> None:
+    _record, run, _samples = rf.gpu_run(str(tmp_path))
+    record = load_run(run)
+    record.findings.append(Finding("FOREIGN_PROCESS", "warn", 'pid 9 "<svg onload=x>" holds 1 GiB',
+                                   {"cmdline": "srv --password=pw123 <x>", "api_key": "k-999"},
+                                   "kill `<b>`"))
+    text = render_html(record, _fake_plots())
+    assert "<svg" not in text and "&lt;svg onload=x&gt;" in text
+    assert "k-999" not in text
+    assert "<code>&lt;b&gt;</code>" in text  # backticks become code, after escaping
+
+
+def test_render_report_writes_the_four_files(tmp_path: Path) -> None:
+    record, _run, samples = rf.gpu_run(str(tmp_path / "run"))
+    paths = render_report(record, str(tmp_path / "out"), samples)
+    assert set(paths) == {"html", "memory_breakdown", "memory_timeline", "throughput_latency"}
+    for path in paths.values():
+        assert Path(path).parent == tmp_path / "out" and Path(path).stat().st_size > 1000
+    assert Path(paths["html"]).name == "report.html"
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "memory_breakdown.png", "memory_timeline.png", "report.html", "throughput_latency.png"]

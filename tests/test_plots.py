@@ -1,0 +1,169 @@
+"""reports.plots: data preparation (layers per step and per tick, downsampling) and the PNGs themselves."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from probes.readings import NO_PERMISSION, Unavailable
+from probes.samplefile import load_timeline
+from profiler.decomposition import CPU_LAYERS, GPU_LAYERS
+from profiler.run import Finding, load_run
+from reports import plots
+from tests import report_fixtures as rf
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _png_ok(png: bytes) -> None:
+    assert png.startswith(PNG_MAGIC)
+    assert len(png) > 5_000
+
+
+def test_every_layer_has_one_distinct_colour() -> None:
+    keys = [k for k, _ in GPU_LAYERS + CPU_LAYERS]
+    assert set(keys) <= set(plots.LAYER_COLORS)
+    colours = [plots.LAYER_COLORS[k] for k in dict.fromkeys(keys)]
+    assert len(set(colours)) == len(colours)
+
+
+def test_downsample_keeps_short_series_whole() -> None:
+    t = np.arange(100.0)
+    assert list(plots.downsample_minmax(t, t * 2)) == list(range(100))
+
+
+def test_downsample_keeps_every_peak_of_a_long_series() -> None:
+    n = 86_400
+    rng = np.random.default_rng(0)
+    a = rng.integers(0, 100, n).astype(float)
+    b = rng.integers(0, 100, n).astype(float)
+    a[12_345] = 10_000.0  # a one-tick spike in one layer only
+    b[70_001] = -5.0       # the total's deepest trough
+    total = a + b
+    keep = plots.downsample_minmax(np.arange(n, dtype=float), total, {"a": a, "b": b}, max_buckets=1000)
+    assert len(keep) < 5_000
+    assert keep[0] == 0 and keep[-1] == n - 1
+    assert total[keep].max() == total.max() and total[keep].min() == total.min()
+    assert a[keep].max() == a.max() and b[keep].max() == b.max()
+    assert np.all(np.diff(keep) > 0)  # time order, no duplicates
+
+
+def test_gpu_timeline_layers_add_up_to_what_nvml_reported(tmp_path: Path) -> None:
+    record, _run, samples = rf.gpu_run(str(tmp_path))
+    timeline = load_timeline(samples)
+    tl = plots.timeline_layers(record, timeline)
+    assert tl is not None and tl.ticks == len(timeline.t_s)
+    assert set(tl.keys) <= {k for k, _ in GPU_LAYERS}
+    used = dict(zip(timeline.t_s, timeline.column(f"pid:{rf.PID}/gpu:0", "used_bytes")))
+    own = sum(tl.layers[k] for k in tl.keys if k in plots.PROCESS_KEYS)
+    for t, value in zip(tl.t_s, own):
+        assert value == used[t]
+    assert np.all(tl.layers["other_processes_bytes"] == rf.OTHER_PROCESS_BYTES)
+    assert np.all(tl.layers["driver_reserved_bytes"] == rf.DRIVER_RESERVED)
+    assert tl.capacity_bytes == rf.GPU_TOTAL
+    device_used = [v for v in timeline.column("gpu:0", "used_bytes") if v is not None]
+    assert tl.peak_total == max(device_used)  # the layers add up to NVML's device `used`
+
+
+def test_cpu_timeline_uses_only_ticks_with_rss(tmp_path: Path) -> None:
+    record, _run, samples = rf.cpu_run(str(tmp_path))
+    timeline = load_timeline(samples)
+    tl = plots.timeline_layers(record, timeline)
+    rss_ticks = sum(1 for v in timeline.column(f"pid:{rf.PID}", "rss_bytes") if v is not None)
+    assert tl.ticks == rss_ticks < len(timeline.t_s)
+    assert tl.keys == ["model_weights_bytes", "rest_of_process_bytes"]
+    assert tl.uss is not None and np.all(tl.uss > 0)
+
+
+def test_step_spans_fall_back_to_events(tmp_path: Path) -> None:
+    record, _run, samples = rf.gpu_run(str(tmp_path))
+    expected = [(s.started_s, s.ended_s, s.predictors) for s in record.steps]
+    for step in record.steps:
+        step.started_s = step.ended_s = 0.0
+    spans = plots.step_spans(record, load_timeline(samples))
+    assert [n for _a, _b, n in spans] == [n for _a, _b, n in expected]
+    for (a, b, _), (ea, eb, _) in zip(spans, expected):
+        assert a == pytest.approx(ea, abs=1e-6) and b == pytest.approx(eb, abs=1e-6)
+
+
+def test_step_layers_recomputed_when_the_step_has_none() -> None:
+    record = rf._base_record(True, "m", (1,))
+    step = rf._gpu_step(1, 0.0, 1.0)
+    expected = dict(step.memory.pop("layers"))
+    assert plots.step_layers(record, step) == expected
+
+
+def test_unavailable_in_json_shapes_is_recognised() -> None:
+    assert plots.as_unavailable({"unavailable": "no_permission"}) == Unavailable(NO_PERMISSION)
+    assert plots.as_unavailable({"reason": "no_permission", "detail": "x"}) == Unavailable(NO_PERMISSION, "x")
+    assert plots.as_unavailable({"reason": "bogus"}) is None
+    assert plots.as_unavailable(5) is None
+
+
+def test_gpu_plots_render_with_conclusions_as_titles(tmp_path: Path) -> None:
+    record, _run, samples = rf.gpu_run(str(tmp_path))
+    rendered = plots.render_plots(load_run(_run), load_timeline(samples))
+    assert [p.name for p in rendered] == ["memory_breakdown.png", "memory_timeline.png", "throughput_latency.png"]
+    for p in rendered:
+        _png_ok(p.png)
+    breakdown, timeline, throughput = (p.title for p in rendered)
+    assert breakdown.startswith("Peak device memory") and "at 8 predictors" in breakdown
+    assert "each extra predictor adds" in breakdown
+    assert "peaked at" in timeline
+    assert throughput.startswith("Run 4 predictors")
+
+
+def test_plots_render_without_steps_samples_or_readings(tmp_path: Path) -> None:
+    record, _run, _samples = rf.unavailable_run(str(tmp_path / "u"))
+    rendered = plots.render_plots(load_run(_run), None, note="no samples file was found")
+    for p in rendered:
+        _png_ok(p.png)
+    assert "no memory figure could be read" in rendered[0].title
+    assert "no samples" in rendered[1].title
+    assert "no request completed" in rendered[2].title
+
+    record, _run, samples = rf.interrupted_run(str(tmp_path / "i"))
+    rendered = plots.render_plots(load_run(_run), load_timeline(samples))
+    for p in rendered:
+        _png_ok(p.png)
+    assert "into the run" in rendered[0].title  # the peak from the samples stands in for the steps
+    assert "no step" in rendered[2].title
+
+
+def test_outside_text_cannot_trigger_mathtext(tmp_path: Path) -> None:
+    record, _run, samples = rf.gpu_run(str(tmp_path))
+    record.findings.append(Finding("WEIRD_$x^2$_$", "warn", "t", {}, "", at_predictors=2))
+    _png_ok(plots.memory_timeline_png(record, plots.timeline_layers(record, load_timeline(samples))).png)
+    assert plots._safe("$a$") == r"\$a\$"
+
+
+def test_rendering_leaves_matplotlib_global_state_alone() -> None:
+    code = (
+        "import sys, matplotlib\n"
+        "snap = lambda: {k: matplotlib.rcParams[k] for k in matplotlib.rcParams if k != 'backend'}\n"
+        "before = snap()\n"
+        "from tests import report_fixtures as rf\n"
+        "import tempfile\n"
+        "from reports.plots import render_plots\n"
+        "d = tempfile.mkdtemp()\n"
+        "record, run, samples = rf.cpu_run(d)\n"
+        "render_plots(record, None)\n"
+        "after = snap()\n"
+        "changed = [k for k in before if before[k] != after[k]]\n"
+        "assert not changed, changed\n"
+        "assert 'matplotlib.pyplot' not in sys.modules\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def test_importing_the_report_modules_does_not_import_matplotlib() -> None:
+    code = ("import sys\nimport reports, reports.render, reports.html, reports.plots\n"
+            "assert 'matplotlib' not in sys.modules and 'numpy' not in sys.modules, "
+            "[m for m in ('matplotlib', 'numpy') if m in sys.modules]\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
