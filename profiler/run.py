@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 from probes.readings import reading_from_json, reading_to_json
@@ -27,6 +27,12 @@ STATUS_RUNNING = "running"
 SEVERITY_ORDER = {"fail": 0, "warn": 1, "info": 2}
 
 
+def _fields_to_json(obj: Any) -> dict[str, Any]:
+    """Encode a dataclass's fields; not dataclasses.asdict, which would flatten a nested
+    Unavailable into {"reason": ...} before it could become {"unavailable": ...}."""
+    return reading_to_json({f.name: getattr(obj, f.name) for f in fields(obj)})
+
+
 @dataclass(frozen=True)
 class Finding:
     """One diagnosis: a stable code, a severity, a title with the number that matters, evidence, a remedy."""
@@ -39,7 +45,7 @@ class Finding:
     at_predictors: int | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return reading_to_json(asdict(self))
+        return _fields_to_json(self)
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Finding":
@@ -86,7 +92,7 @@ class Step:
         return self.errors / total if total else 0.0
 
     def to_json(self) -> dict[str, Any]:
-        out = reading_to_json(asdict(self))
+        out = _fields_to_json(self)
         out["error_rate"] = self.error_rate
         return out
 
@@ -217,5 +223,5 @@ def load_run(path: str) -> RunRecord:
         return RunRecord.from_json(data)
     except RunFileError as exc:
         raise RunFileError(f"{path}: {exc}") from exc
-    except (TypeError, KeyError, ValueError) as exc:
-        raise RunFileError(f"{path}: malformed run record ({exc})") from exc
+    except (TypeError, KeyError, ValueError, AttributeError) as exc:
+        raise RunFileError(f"{path}: malformed run record ({type(exc).__name__}: {exc})") from exc
