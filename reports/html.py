@@ -260,6 +260,10 @@ def _banner(record: "RunRecord", notes: Iterable[str]) -> str:
     if record.status == "interrupted":
         out.append('<p class="banner"><strong>Interrupted run.</strong> This report shows what was measured '
                    "before the run stopped; later predictor counts are missing.</p>")
+    elif record.status == "running":
+        out.append('<p class="banner"><strong>This run never finished</strong> (the process was killed or crashed '
+                   "before it could write its final record). The report shows the steps completed and the samples "
+                   "written up to the last interval.</p>")
     elif record.status not in ("complete", "failed"):
         out.append(f'<p class="banner">Run status: <strong>{e(record.status)}</strong>.</p>')
     for note in notes:
