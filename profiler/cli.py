@@ -137,6 +137,36 @@ def report(run_json: Annotated[str, typer.Argument(help="a run.json written by g
 
 
 @app.command()
+def compare(model: Model = "builtin:mlp", model_size: ModelSize = None, input_shape: InputShape = None,
+            dtype: DType = None, device: Device = "auto",
+            predictors: Annotated[Optional[str], typer.Option("--predictors", "-p", help="predictor counts, e.g. 1,2,4 (default: 1, 2, ... up to the usable cores, at most 4)")] = None,
+            duration: Annotated[str, typer.Option("--duration", help="measured time per step and mode, e.g. 5s")] = "5s",
+            warmup: Annotated[str, typer.Option("--warmup", help="warm-up per step before measuring")] = "1s",
+            interval: Annotated[str, typer.Option("--interval", help="memory sampling interval (>= 5ms)")] = "200ms",
+            streams: Streams = False, intra_op_threads: IntraOp = None, out: Out = "gpuscope-compare",
+            trust_model_file: Trust = False,
+            json_output: Annotated[bool, typer.Option("--json", help="print the comparison as JSON instead of the table")] = False,
+            quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
+    """Threads versus processes: N predictor threads sharing one model against N spawned worker processes."""
+    from profiler.compare import CompareOptions, format_comparison, run_compare
+
+    result = run_compare(CompareOptions(model=model, model_size=model_size, input_shape=input_shape, dtype=dtype,
+                                        device=device, predictors=predictors, duration=duration, warmup=warmup,
+                                        interval=interval, streams=streams, intra_op_threads=intra_op_threads, out=out,
+                                        trust_model_file=trust_model_file, json_output=json_output, quiet=quiet))
+    if result.record is not None:
+        if json_output:
+            typer.echo(json.dumps(result.record.extra.get("comparison"), indent=2, default=str))
+        else:
+            typer.echo(format_comparison(result.record))
+            html = (result.report_paths or {}).get("html")
+            typer.echo(f"\nwrote {os.path.join(result.out_dir, 'run.json')}" + (f" and {html}" if html else ""))
+    else:
+        sys.stderr.write("gpuscope: interrupted before the model loaded: nothing measured\n")
+    raise typer.Exit(result.exit_code)
+
+
+@app.command()
 def version() -> None:
     """Print gpuscope's version."""
     from profiler import __version__
