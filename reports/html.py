@@ -359,6 +359,54 @@ def _layers_table(record: "RunRecord") -> str:
             + head + "</tr></thead><tbody>" + "".join(rows) + "</tbody></table></div>")
 
 
+def _comparison(record: "RunRecord", plots: list["Plot"]) -> str:
+    """`gpuscope compare`: threads versus processes per N (record.extra["comparison"]), with compare.png."""
+    comp = record.extra.get("comparison") if isinstance(record.extra, dict) else None
+    if not isinstance(comp, dict) or not comp.get("rows"):
+        return ""
+    cols = [("throughput_rps", "req/s"), ("p50", "p50 (ms)"), ("p99", "p99 (ms)"), ("host_uss_bytes", "host USS"),
+            ("host_pss_bytes", "host PSS"), ("device_bytes", "device")]
+    rows = {(r.get("mode"), r.get("predictors")): r for r in comp["rows"] if isinstance(r, dict)}
+
+    def cells(row: Any) -> str:
+        if not isinstance(row, dict):
+            return "".join("<td>&mdash;</td>" for _ in cols)
+        if row.get("error"):
+            return f'<td colspan="{len(cols)}" class="na">failed: {esc(redact_text(str(row["error"])))}</td>'
+        lat = row.get("latency_ms") or {}
+        return "".join(f'<td class="num">{_millis(lat.get(k)) if k in ("p50", "p99") else (_rate(row.get(k)) if k.endswith("_rps") else _na(row.get(k), k))}</td>'
+                       for k, _l in cols)
+
+    modes = (("threads", "N threads, 1 process"), ("processes", "N processes, 1 predictor each"))
+    head = ('<tr><th rowspan="2" class="num">N</th>' + "".join(f'<th colspan="{len(cols)}">{esc(t)}</th>' for _m, t in modes)
+            + "</tr><tr>" + "".join(f'<th class="num">{esc(label)}</th>' for _m in modes for _k, label in cols) + "</tr>")
+    counts = sorted({n for _m, n in rows if isinstance(n, int)})
+    body = [f'<tr><td class="num">{e(n)}</td>' + "".join(cells(rows.get((m, n))) for m, _t in modes) + "</tr>" for n in counts]
+    extra = comp.get("per_extra_predictor") or {}
+    body.append('<tr><td>per extra predictor</td>' + "".join(
+        f'<td colspan="{len(cols)}">host USS {_na((extra.get(m) or {}).get("host_uss_bytes"), "_bytes")}, '
+        f'device {_na((extra.get(m) or {}).get("device_bytes"), "_bytes")}</td>' for m, _t in modes) + "</tr>")
+    parts = ['<section id="comparison"><h2>Threads versus processes</h2>',
+             f"<p><strong>{esc(redact_text(str(comp.get('verdict') or '')))}</strong></p>",
+             '<div class="scroll"><table><thead>' + head + "</thead><tbody>" + "".join(body) + "</tbody></table></div>",
+             f'<p class="muted">Host memory: {esc(comp.get("host_memory", ""))}. Device memory: '
+             f'{esc(comp.get("device_memory", ""))}.</p>']
+    plot = next((p for p in plots if p.name == "compare.png"), None)
+    if plot is None:
+        try:  # the same figure as compare.png, drawn from run.json (also when re-rendered by `gpuscope report`)
+            from reports.compare_plot import compare_png
+            from reports.plots import Plot
+
+            plot = Plot("compare.png", compare_png(comp), str(comp.get("verdict") or "threads versus processes"))
+        except Exception:
+            plot = None
+    if plot is not None:
+        parts.append(_figure(plot, "Host memory, device memory when measured, and throughput against N for both modes",
+                             "plot-comparison"))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
 def _plots(record: "RunRecord", plots: list["Plot"]) -> str:
     by_name = {p.name: p for p in plots}
     parts = ['<section id="plots"><h2>Memory and throughput</h2>']
@@ -600,6 +648,7 @@ def render_html(record: "RunRecord", plots: list["Plot"], notes: Iterable[str] =
     model = record.model.get("source") or record.config.get("model") or "model"
     title = f"gpuscope report: {fmt(model)} on {_device_label(record)}"
     toc = [("verdict", "Verdict"), ("check", "Check") if record.check else None, ("findings", "Findings"),
+           ("comparison", "Threads vs processes") if (record.extra or {}).get("comparison") else None,
            ("plots", "Plots"), ("steps", "Steps"), ("processes", "Processes"), ("environment", "Environment"),
            ("configuration", "Configuration")]
     nav = " ".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in (x for x in toc if x))
@@ -615,6 +664,7 @@ def render_html(record: "RunRecord", plots: list["Plot"], notes: Iterable[str] =
         _verdict(record),
         _check(record),
         _findings(record),
+        _comparison(record, plots),
         _plots(record, plots),
         _steps(record),
         _processes(record),
