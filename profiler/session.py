@@ -131,6 +131,10 @@ class Progress:
     def line(self, text: str) -> None:
         if self.quiet:
             return
+        self.error(text)
+
+    def error(self, text: str) -> None:
+        """A line the user must see (a failure), written even with --quiet."""
         if self.tty:
             self.stream.write("\r\033[K")
         self.stream.write(text + "\n")
@@ -281,8 +285,8 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     conclude(record)
     exit_code = interrupts.exit_code or EXIT_OK
     if writer.error is not None:
-        progress.line(f"gpuscope: writing samples failed: {writer.error.strerror or writer.error} "
-                      f"({writer.lines_written} lines kept in {writer.path})")
+        progress.error(f"gpuscope: writing samples failed: {writer.error.strerror or writer.error} "
+                       f"({writer.lines_written} lines kept in {writer.path})")
         record.failure = record.failure or f"samples file: {writer.error}"
         exit_code = EXIT_USAGE
     try:
@@ -317,7 +321,7 @@ def render(record: RunRecord, out_dir: str, progress: Progress) -> dict[str, str
     try:
         return render_report(record, out_dir, os.path.join(out_dir, record.samples))
     except Exception as exc:
-        progress.line(f"gpuscope: could not render the report: {type(exc).__name__}: {exc} (run.json is kept)")
+        progress.error(f"gpuscope: could not render the report: {type(exc).__name__}: {exc} (run.json is kept)")
         return None
 
 
