@@ -1,0 +1,302 @@
+"""Prometheus metrics for `gpuscope watch --prometheus-port` and `gpuscope export --port`.
+
+A custom prometheus-client Collector over a registry of our own (never the
+library's global one, which would also publish this process's Python/GC
+metrics and clash with a host application's): at each scrape it turns the
+latest tick (a `LiveView`) into gauges. `watch` hands it the view its loop
+just produced; `export` reads NVML at scrape time (cached for `min_interval_s`
+so a burst of scrapers cannot hammer the driver).
+
+The endpoint binds to 127.0.0.1 unless `--bind` says otherwise: process names
+and command-line-derived labels are information about the node.
+
+Metrics (bytes and ratios in 0..1, Prometheus naming):
+  gpuscope_nvml_available                          1 when NVML could be read
+  gpuscope_device_info{gpu,name,uuid}              1
+  gpuscope_device_memory_{total,used,free}_bytes{gpu}
+  gpuscope_device_driver_reserved_bytes{gpu}
+  gpuscope_device_utilization_ratio{gpu}           SM busy share (NVML utilization.gpu / 100)
+  gpuscope_device_memory_utilization_ratio{gpu}    memory controller busy share
+  gpuscope_device_processes{gpu}                   processes NVML lists on the device
+  gpuscope_process_gpu_memory_bytes{gpu,pid,name,engine,role}
+  gpuscope_process_sm_utilization_ratio{gpu,pid,name,role}
+  gpuscope_target_resident_memory_bytes{pid,name}  (watch only) RSS of the watched process
+  gpuscope_target_cpu_utilization_ratio{pid,name}  (watch only) CPU time share, 1.0 = one core
+  gpuscope_target_threads{pid,name}                (watch only)
+  gpuscope_findings_active{code}                   active findings by code (0 for every known code)
+  gpuscope_finding_severity{code}                  worst severity: 0 none, 1 info, 2 warn, 3 fail
+Readings that could not be taken are left out, never exported as 0.
+"""
+from __future__ import annotations
+
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterator
+
+from probes.readings import is_available
+from profiler.errors import EXIT_OK, EXIT_USAGE, UsageError
+
+SEVERITY_LEVEL = {"info": 1, "warn": 2, "fail": 3}
+MAX_LABEL_CHARS = 120
+
+
+@dataclass
+class LiveView:
+    """One tick as the exporter sees it."""
+
+    devices: list[dict[str, Any]]                # DeviceInfo.to_json() per device
+    values: list[tuple[str, str, Any]]           # the tick's readings (scope, metric, value)
+    processes: dict[int, Any] = field(default_factory=dict)  # pid -> probes.processes.ProcessInfo
+    findings: list[Any] = field(default_factory=list)         # profiler.run.Finding
+    target_pid: int | None = None
+    nvml_available: bool = True
+    device_unavailable: dict[str, str] | None = None
+    children: set[int] = field(default_factory=set)
+
+
+def _label(value: Any) -> str:
+    text = "" if value is None else str(value) if not isinstance(value, dict) else ""
+    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    return text[:MAX_LABEL_CHARS]
+
+
+def _engine_label(info: Any) -> str:
+    engines = getattr(info, "engines", None)
+    if isinstance(engines, tuple):
+        return ",".join(engines) if engines else "none"
+    return "unknown"
+
+
+def known_codes() -> tuple[str, ...]:
+    from profiler.findings import KNOWN_CODES
+    from profiler.watch_findings import GROWTH_CODE
+
+    return tuple(KNOWN_CODES) + ((GROWTH_CODE,) if GROWTH_CODE not in KNOWN_CODES else ())
+
+
+class GpuscopeCollector:
+    """prometheus-client collector: `collect()` yields metric families from `source()` (a LiveView or None)."""
+
+    def __init__(self, source: Callable[[], LiveView | None]) -> None:
+        self._source = source
+
+    def describe(self) -> list[Any]:
+        return []  # unchecked collector: families depend on what the node has
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        view = self._source()
+        up = GaugeMetricFamily("gpuscope_nvml_available", "1 when NVML could be read on this node")
+        up.add_metric([], 1.0 if view is not None and view.nvml_available else 0.0)
+        yield up
+        findings_active = GaugeMetricFamily("gpuscope_findings_active", "Active gpuscope findings by code",
+                                            labels=["code"])
+        severity = GaugeMetricFamily("gpuscope_finding_severity",
+                                     "Worst severity of the active findings of a code: 0 none, 1 info, 2 warn, 3 fail",
+                                     labels=["code"])
+        counts: dict[str, int] = {code: 0 for code in known_codes()}
+        worst: dict[str, int] = {code: 0 for code in counts}
+        for finding in (view.findings if view is not None else []):
+            counts[finding.code] = counts.get(finding.code, 0) + 1
+            worst[finding.code] = max(worst.get(finding.code, 0), SEVERITY_LEVEL.get(finding.severity, 0))
+        for code in sorted(counts):
+            findings_active.add_metric([code], float(counts[code]))
+            severity.add_metric([code], float(worst[code]))
+        yield findings_active
+        yield severity
+        if view is None:
+            return
+        yield from self._device_families(view)
+        yield from self._process_families(view)
+
+    def _device_families(self, view: LiveView) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        info = GaugeMetricFamily("gpuscope_device_info", "A GPU on this node (value 1)", labels=["gpu", "name", "uuid"])
+        for device in view.devices:
+            info.add_metric([str(device.get("index")), _label(device.get("name")), _label(device.get("uuid"))], 1.0)
+        yield info
+        specs = {
+            "total_bytes": ("gpuscope_device_memory_total_bytes", "Device memory", 1.0),
+            "used_bytes": ("gpuscope_device_memory_used_bytes", "Device memory in use (NVML v1 used: includes the driver reserve)", 1.0),
+            "free_bytes": ("gpuscope_device_memory_free_bytes", "Device memory free", 1.0),
+            "driver_reserved_bytes": ("gpuscope_device_driver_reserved_bytes", "Memory the driver reserves (NVML memory info v2)", 1.0),
+            "util_pct": ("gpuscope_device_utilization_ratio", "Share of time a kernel ran on the device (0..1)", 0.01),
+            "mem_util_pct": ("gpuscope_device_memory_utilization_ratio", "Share of time device memory was read or written (0..1)", 0.01),
+            "process_count": ("gpuscope_device_processes", "Processes NVML lists on the device", 1.0),
+        }
+        families = {m: GaugeMetricFamily(name, doc, labels=["gpu"]) for m, (name, doc, _) in specs.items()}
+        for scope, metric, value in view.values:
+            if metric in families and scope.startswith("gpu:") and "/" not in scope and is_available(value):
+                families[metric].add_metric([scope[4:]], float(value) * specs[metric][2])
+        yield from families.values()
+
+    def _process_families(self, view: LiveView) -> Iterator[Any]:
+        from prometheus_client.core import GaugeMetricFamily
+
+        memory = GaugeMetricFamily("gpuscope_process_gpu_memory_bytes", "GPU memory NVML attributes to a process",
+                                   labels=["gpu", "pid", "name", "engine", "role"])
+        sm = GaugeMetricFamily("gpuscope_process_sm_utilization_ratio", "A process's SM utilisation (0..1)",
+                               labels=["gpu", "pid", "name", "role"])
+        rss = GaugeMetricFamily("gpuscope_target_resident_memory_bytes", "Resident memory of the watched process",
+                                labels=["pid", "name"])
+        cpu = GaugeMetricFamily("gpuscope_target_cpu_utilization_ratio",
+                                "CPU time share of the watched process (1.0 = one core busy)", labels=["pid", "name"])
+        threads = GaugeMetricFamily("gpuscope_target_threads", "Threads of the watched process", labels=["pid", "name"])
+
+        def role(pid: int) -> str:
+            if view.target_pid is None:
+                return "process"
+            if pid == view.target_pid:
+                return "target"
+            return "child" if pid in view.children else "other"
+
+        for scope, metric, value in view.values:
+            if not scope.startswith("pid:") or not is_available(value):
+                continue
+            pid_text, _, gpu_text = scope[4:].partition("/gpu:")
+            try:
+                pid = int(pid_text)
+            except ValueError:
+                continue
+            info = view.processes.get(pid)
+            name = _label(getattr(info, "name", "") or "")
+            if gpu_text:
+                if metric == "used_bytes":
+                    memory.add_metric([gpu_text, str(pid), name, _engine_label(info), role(pid)], float(value))
+                elif metric == "sm_util_pct":
+                    sm.add_metric([gpu_text, str(pid), name, role(pid)], float(value) / 100.0)
+            elif pid == view.target_pid:
+                if metric == "rss_bytes":
+                    rss.add_metric([str(pid), name], float(value))
+                elif metric == "cpu_util_pct":
+                    cpu.add_metric([str(pid), name], float(value) / 100.0)
+                elif metric == "num_threads":
+                    threads.add_metric([str(pid), name], float(value))
+        yield memory
+        yield sm
+        if view.target_pid is not None:
+            yield rss
+            yield cpu
+            yield threads
+
+
+class Exporter:
+    """A running HTTP endpoint; `close()` stops it."""
+
+    def __init__(self, server: Any, thread: threading.Thread, registry: Any, bind: str) -> None:
+        self._server = server
+        self._thread = thread
+        self.registry = registry
+        self.bind = bind
+        self.port = int(server.server_address[1])
+
+    @property
+    def url(self) -> str:
+        host = f"[{self.bind}]" if ":" in self.bind else self.bind
+        return f"http://{host}:{self.port}/metrics"
+
+    def close(self) -> None:
+        try:
+            self._server.shutdown()
+            self._server.server_close()
+        except Exception:
+            pass
+        self._thread.join(timeout=5)
+
+
+def start_exporter(source: Callable[[], LiveView | None], port: int, bind: str = "127.0.0.1") -> Exporter:
+    """Serve `source`'s views on http://BIND:PORT/metrics (port 0: any free port). UsageError if it cannot listen."""
+    from prometheus_client import CollectorRegistry, start_http_server
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(GpuscopeCollector(source))
+    try:
+        server, thread = start_http_server(int(port), addr=bind, registry=registry)
+    except OSError as exc:
+        raise UsageError(f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}") from None
+    except ValueError as exc:  # not an address
+        raise UsageError(f"cannot serve metrics on {bind}:{port}: {exc}") from None
+    return Exporter(server, thread, registry, bind)
+
+
+class NodeSource:
+    """`export`'s source: every device and process, read from NVML at scrape time (at most every min_interval_s)."""
+
+    def __init__(self, backend: Any, describe: Callable[[int, str], Any] | None = None,
+                 pid_exists: Callable[[int], bool] | None = None, min_interval_s: float = 1.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        from probes.gpu import GpuProbe
+
+        self._backend = backend
+        self._probe = GpuProbe(backend, describe=describe, pid_exists=pid_exists)
+        self._min_interval_s = min_interval_s
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._view: LiveView | None = None
+        self._read_at = float("-inf")
+        self.reads = 0
+
+    def __call__(self) -> LiveView:
+        from profiler.ps import snapshot_findings, snapshot_from_readings
+
+        with self._lock:
+            now = self._clock()
+            if self._view is not None and now - self._read_at < self._min_interval_s:
+                return self._view
+            values = self._probe.read()
+            self._probe.drain_events()
+            listed = {int(s[4:].partition("/")[0]) for s, m, _ in values if s.startswith("pid:") and m == "used_bytes"}
+            for pid in [p for p in self._probe.processes if p not in listed]:
+                del self._probe.processes[pid]  # pids come and go for weeks: keep only the listed ones
+            snapshot = snapshot_from_readings(self._probe.devices, values, self._probe.processes)
+            self._view = LiveView(devices=[d.to_json() for d in self._probe.devices], values=values,
+                                  processes=dict(self._probe.processes), findings=snapshot_findings(snapshot))
+            self._read_at = now
+            self.reads += 1
+            return self._view
+
+
+def run_export(port: int, bind: str = "127.0.0.1", opener: Callable[[], Any] | None = None,
+               stop: threading.Event | None = None, describe: Callable[[int, str], Any] | None = None,
+               pid_exists: Callable[[int], bool] | None = None, err: Any = None,
+               handle_signals: bool = True, on_ready: Callable[[Exporter], None] | None = None) -> int:
+    """`gpuscope export --port PORT`: serve every GPU and process until Ctrl-C/SIGTERM. Exit 2 without a GPU."""
+    from probes.nvml import DeviceUnavailable, open_backend
+    from profiler.session import Interrupts
+    from profiler.watch import validate_port
+
+    err = err or sys.stderr
+    validate_port(port, "--port")
+    try:
+        backend = (opener or open_backend)()
+    except DeviceUnavailable as exc:
+        err.write(f"gpuscope export: no GPU here: {exc.detail}\n")
+        return EXIT_USAGE
+    stop = stop or threading.Event()
+    try:
+        exporter = start_exporter(NodeSource(backend, describe, pid_exists), port, bind)
+    except UsageError:
+        backend.shutdown()
+        raise
+    err.write(f"gpuscope export: serving Prometheus metrics on {exporter.url} (Ctrl-C stops)\n")
+    err.flush()
+    if on_ready is not None:
+        on_ready(exporter)
+    interrupts = Interrupts(stop) if handle_signals else None
+    try:
+        if interrupts is not None:
+            interrupts.__enter__()
+        while not stop.wait(0.5):
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        if interrupts is not None:
+            interrupts.__exit__(None, None, None)
+        exporter.close()
+        backend.shutdown()
+    return EXIT_OK

@@ -1,0 +1,334 @@
+"""`profiler.profile()`: allocator-level truth from inside your own server.
+
+    import profiler
+
+    with profiler.profile(out="gpuscope-report", interval=0.05):
+        serve()                      # your threads, your loop
+
+    @profiler.profile(out="gpuscope-report")
+    def main(): ...
+
+    prof = profiler.profile(out="gpuscope-report").start()
+    ...
+    prof.stop()                      # returns the RunRecord; prof.report_paths has report.html
+
+It samples this process on one background daemon thread: host RSS/USS, CPU and
+threads; PyTorch's caching allocator per CUDA device once torch is imported
+and CUDA is initialised (nothing here imports torch or initialises CUDA for
+you); NVML's per-process and device figures when a driver is present. On exit
+it writes run.json, samples.jsonl and the report, like `gpuscope watch`, with
+the memory outside the allocator measured directly (NVML used - torch reserved).
+
+Good-guest rules for running inside someone else's process: no signal
+handlers, no global matplotlib state (the report renders on a bare Agg
+figure), no output unless something fails, and an exception inside the block
+is recorded (status failed) and then re-raised unchanged. One side effect to
+know: peaks between ticks are caught by `torch.cuda.reset_peak_memory_stats()`
+after each reading; pass `reset_peaks=False` if your code reads
+`torch.cuda.max_memory_allocated()` itself.
+"""
+from __future__ import annotations
+
+import atexit
+import functools
+import os
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_RUNNING, RunRecord
+
+ScopedValue = tuple[str, str, Any]
+
+
+class LazyAllocatorProbe:
+    """Reads torch's allocator once the application has imported torch and CUDA is usable; silent before.
+
+    `backend` and `scopes` (torch device -> NVML index) are injectable for tests;
+    by default they come from torch itself the first time torch is importable.
+    """
+
+    def __init__(self, pid: int, backend: Any = None, scopes: dict[int, int] | None = None,
+                 nvml_uuids: list[Any] | None = None, reset_peaks: bool = True) -> None:
+        self.pid = pid
+        self._backend = backend
+        self._scopes = scopes
+        self._nvml_uuids = nvml_uuids or []
+        self._reset_peaks = reset_peaks
+        self._probe: Any = None
+        self._given_up = False
+
+    def _build(self) -> Any:
+        from probes.allocator import AllocatorProbe, RealTorchCuda
+
+        backend = self._backend
+        if backend is None:
+            module = sys.modules.get("torch")
+            if module is None:  # never import torch into an application that does not use it
+                return None
+            if getattr(getattr(module, "__spec__", None), "_initializing", False):
+                return None  # the application is importing torch right now: next tick
+            backend = RealTorchCuda()
+            if not backend.available():
+                self._given_up = True
+                return None
+            if not backend.is_initialized():
+                return None  # never initialise CUDA (a context costs ~600 MiB) for an app that has not
+        scopes = self._scopes
+        if scopes is None:
+            from profiler.devices import nvml_index_for
+
+            import torch
+
+            scopes = {i: nvml_index_for(i, self._nvml_uuids) for i in range(torch.cuda.device_count())}
+        return AllocatorProbe(backend, {t: f"pid:{self.pid}/gpu:{n}" for t, n in scopes.items()},
+                              reset_peaks=self._reset_peaks)
+
+    def read(self) -> list[ScopedValue]:
+        if self._probe is None and not self._given_up:
+            try:
+                self._probe = self._build()
+            except Exception:  # torch half-imported or CUDA in a bad state: try again next tick
+                self._probe = None
+        return self._probe.read() if self._probe is not None else []
+
+
+class Profile:
+    """An in-process profile: a context manager, a decorator, or explicit start()/stop()."""
+
+    def __init__(self, out: str = "gpuscope-report", interval: float = 0.05, *, report: bool = True,
+                 reset_peaks: bool = True, label: str | None = None,
+                 nvml_opener: Callable[[], tuple[Any, dict[str, str] | None]] | None = None,
+                 torch_cuda: Any = None, torch_scopes: dict[int, int] | None = None,
+                 describe: Callable[[int, str], Any] | None = None, pid_exists: Callable[[int], bool] | None = None,
+                 listeners: list[Callable[[int, list[ScopedValue]], None]] | None = None) -> None:
+        if isinstance(interval, str):
+            from probes.units import parse_duration_s
+
+            interval = parse_duration_s(interval)
+        if float(interval) < 0.005:
+            raise ValueError(f"profile(interval={interval}): the sampling interval must be at least 0.005 s")
+        self.out = out
+        self.interval_s = float(interval)
+        self.report = report
+        self.reset_peaks = reset_peaks
+        self.label = label
+        self._settings = dict(out=out, interval=interval, report=report, reset_peaks=reset_peaks, label=label,
+                              nvml_opener=nvml_opener, torch_cuda=torch_cuda, torch_scopes=torch_scopes,
+                              describe=describe, pid_exists=pid_exists, listeners=listeners)
+        self._nvml_opener = nvml_opener
+        self._torch_cuda = torch_cuda
+        self._torch_scopes = torch_scopes
+        self._describe = describe
+        self._pid_exists = pid_exists
+        self._extra_listeners = list(listeners or [])
+        self._lock = threading.Lock()
+        self._state = "new"
+        self.pid = os.getpid()
+        self.record: RunRecord | None = None
+        self.report_paths: dict[str, str] | None = None
+        self.out_dir: str | None = None
+        self.error: str | None = None
+
+    # -- decorator
+    def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        settings = dict(self._settings)
+
+        @functools.wraps(fn)
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            with Profile(**settings):  # a fresh profile per call: calls may overlap in threads
+                return fn(*args, **kwargs)
+
+        return wrapper
+
+    # -- context manager
+    def __enter__(self) -> "Profile":
+        return self.start()
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc_type is None:
+            self.stop()
+        elif issubclass(exc_type, KeyboardInterrupt):
+            self.stop(_status=STATUS_INTERRUPTED, _ended_by="interrupt")
+        else:
+            self.stop(_status=STATUS_FAILED, _ended_by="exception", _failure=f"{exc_type.__name__}: {exc}")
+        return None  # never swallow the application's exception
+
+    def mark(self, event: str, **fields: Any) -> None:
+        """Write an event (a phase, a request burst) into samples.jsonl, stamped with the sampler's clock."""
+        if self._state == "running":
+            self._sampler.mark(event, **fields)
+
+    # -- start/stop
+    def start(self) -> "Profile":
+        from probes.host import HostProbe, host_info
+        from probes.sampler import PeakTracker, Sampler
+        from probes.samplefile import SampleWriter
+        from profiler import __version__
+        from profiler.attribution import GapTracker
+        from profiler.session import SAMPLES_FILE, now_iso, open_nvml, prepare_out_dir
+        from profiler.watch import LiveTracker, children_of
+
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError("this profile was already started; create a new profiler.profile() per run")
+            self.out_dir = prepare_out_dir(self.out)
+            self._nvml, unavailable = (self._nvml_opener or open_nvml)()
+            record = RunRecord(tool_version=__version__, started_at=now_iso(), host=host_info(), pid=self.pid,
+                               mode="profile")
+            record.device_unavailable = unavailable
+            self._gpu_probe = None
+            uuids: list[Any] = []
+            if self._nvml is not None:
+                from probes.gpu import GpuProbe
+
+                self._gpu_probe = GpuProbe(self._nvml, describe=self._describe, pid_exists=self._pid_exists)
+                record.devices = [d.to_json() for d in self._gpu_probe.devices]
+                uuids = [d.uuid for d in self._gpu_probe.devices]
+            probes: dict[str, Any] = {"host": HostProbe(self.pid, uss_every_s=2.0)}
+            if self._gpu_probe is not None:
+                probes["gpu"] = self._gpu_probe
+            probes["allocator"] = LazyAllocatorProbe(self.pid, self._torch_cuda, self._torch_scopes, uuids,
+                                                     self.reset_peaks)
+            self._t0_ns = time.monotonic_ns()
+            self._peaks = PeakTracker()
+            self._tracker = LiveTracker(self.pid, self._t0_ns)
+            count = self._gpu_probe.device_count if self._gpu_probe is not None else 0
+            self._gaps = [GapTracker(self.pid, index) for index in range(count)]
+            self._writer = SampleWriter(os.path.join(self.out_dir, SAMPLES_FILE),
+                                        {"started_at": record.started_at, "t0_ns": self._t0_ns,
+                                         "interval_s": self.interval_s, "pid": self.pid, "mode": "profile"})
+            self._sampler = Sampler(probes, self.interval_s, self._writer,
+                                    [self._peaks, self._tracker, *self._gaps, *self._extra_listeners],
+                                    event_sources=[self._gpu_probe] if self._gpu_probe is not None else [])
+            record.config = {"device": "cpu", "gpu_index": None, "interval_s": self.interval_s, "out": self.out_dir,
+                             "label": self.label, "reset_peaks": self.reset_peaks, "device_index_space": "nvml",
+                             "argv": list(sys.argv)}
+            record.status = STATUS_RUNNING
+            self.record = record
+            self._children_at_start = children_of(self.pid)
+            self._state = "running"
+            atexit.register(self._at_exit)
+            self._sampler.start()
+        return self
+
+    def _at_exit(self) -> None:
+        """The interpreter is exiting with the profile still running: keep run.json (no report)."""
+        try:
+            self.stop(_status=STATUS_INTERRUPTED, _ended_by="interpreter_exit", _render=False,
+                      _failure="the process exited before profile.stop() was called")
+        except Exception:
+            pass
+
+    def stop(self, *, _status: str = STATUS_COMPLETE, _ended_by: str = "stop", _failure: str | None = None,
+             _render: bool = True) -> RunRecord | None:
+        """Stop sampling, write run.json and the report; returns the record (None if never started)."""
+        from profiler.run import save_run
+        from profiler.session import RUN_FILE, Progress, render
+
+        with self._lock:
+            if self._state != "running":
+                return self.record
+            self._state = "stopped"
+            try:
+                atexit.unregister(self._at_exit)
+            except Exception:
+                pass
+            self._sampler.stop()  # joins the thread and takes one last reading
+            self._writer.close()
+            record = self._build_record(_ended_by)
+            record.status = _status
+            record.failure = _failure
+            if self._writer.error is not None:
+                record.failure = record.failure or f"samples file: {self._writer.error}"
+            if self._nvml is not None:
+                try:
+                    self._nvml.shutdown()
+                except Exception:
+                    pass
+            try:
+                save_run(record, os.path.join(self.out_dir or ".", RUN_FILE))
+            except OSError as exc:
+                self.error = f"cannot write run.json: {exc.strerror or exc}"
+                sys.stderr.write(f"gpuscope profile: {self.error}\n")
+                return record
+            if self.report and _render:
+                self.report_paths = render(record, self.out_dir or ".", Progress(quiet=False))
+            return record
+
+    # -- the record
+    def _build_record(self, ended_by: str) -> RunRecord:
+        from probes.engines import memory_variables
+        from probes.processes import describe_process
+        from profiler.session import now_iso
+        from profiler.watch import children_of, live_processes, merge_gaps, sampler_stats
+        from profiler.watch_findings import live_findings
+
+        record = self.record
+        assert record is not None
+        live = self._tracker.summary("profile")
+        gpu_index = live.get("gpu_index")
+        record.ended_at = now_iso()
+        record.config.update({"device": f"cuda:{gpu_index}" if gpu_index is not None else "cpu",
+                              "gpu_index": gpu_index, "ended_by": ended_by})
+        me = (self._describe or (lambda pid, name: describe_process(pid, name)))(self.pid, "")
+        record.model = {"source": self.label or f"this process (pid {self.pid}, {me.name})"}
+        environment: dict[str, Any] = {"gpuscope": record.tool_version, "python": sys.version.split()[0],
+                                       "memory_env": memory_variables(dict(os.environ))}
+        torch = sys.modules.get("torch")
+        if torch is not None:
+            environment["torch"] = getattr(torch, "__version__", None)
+            environment["cuda"] = getattr(getattr(torch, "version", None), "cuda", None)
+            try:
+                environment["torch_num_threads"] = torch.get_num_threads()
+            except Exception:
+                pass
+        if self._gpu_probe is not None and self._gpu_probe.devices:
+            environment["driver"] = self._gpu_probe.devices[0].driver
+        record.environment = environment
+        described = dict(self._gpu_probe.processes) if self._gpu_probe is not None else {}
+        children = self._children_at_start | children_of(self.pid)
+        record.processes = live_processes(self.pid, me, described, self._peaks.peaks(), self._tracker.pid_spans(),
+                                          children, live.get("duration_s", 0.0), self.interval_s)
+        if gpu_index is not None:
+            last = self._peaks.last()
+            mine = f"pid:{self.pid}/gpu:{gpu_index}"
+            record.baseline["end"] = {
+                "process_gpu_bytes": last.get((mine, "used_bytes")),
+                "torch_allocated_bytes": last.get((mine, "torch_allocated_bytes")),
+                "torch_reserved_bytes": last.get((mine, "torch_reserved_bytes")),
+                "device_used_bytes": last.get((f"gpu:{gpu_index}", "used_bytes")),
+            }
+        rss = (live.get("series") or {}).get("rss_bytes") or {}
+        record.baseline["rss_at_start_bytes"] = rss.get("first_value")
+        gaps, evidence = merge_gaps(self._gaps)
+        record.extra.update({"live": live, "measurement_gaps": gaps, "pid_namespace": evidence,
+                             "context_baseline": live.get("context")})
+        record.sampler = sampler_stats(self._sampler)
+        record.sharing = {}
+        record.recommendation = {"predictors": None,
+                                 "reason": f"this process was profiled for {live.get('duration_s', 0):.1f} s "
+                                           "in place; no predictor sweep was run (gpuscope diagnose recommends a count)"}
+        record.findings = live_findings(record)
+        return record
+
+    @property
+    def running(self) -> bool:
+        return self._state == "running"
+
+    def summary(self) -> str:
+        """The terminal summary of the finished profile (as `gpuscope watch` prints)."""
+        from profiler.watch import format_live_summary
+
+        return format_live_summary(self.record) if self.record is not None else "profile not started"
+
+
+def profile(*args: Any, **kwargs: Any) -> Any:
+    """`with profile(out=..., interval=0.05):`, `@profile(...)`, `@profile`, or `profile(...).start()`/`.stop()`."""
+    if len(args) == 1 and callable(args[0]) and not kwargs and not isinstance(args[0], str):
+        return Profile()(args[0])
+    return Profile(*args, **kwargs)
+
+
+__all__ = ["LazyAllocatorProbe", "Profile", "profile"]

@@ -1,0 +1,388 @@
+"""`gpuscope watch --pid`: a live process sampled from outside, against the scripted NVML, the H200 replay,
+and real child processes on the CPU.
+
+The scripted scenarios run on a fake clock: `wait()` moves time and the fake NVML one tick forward, so a
+ten-second watch takes milliseconds and every tick is the scripted one.
+"""
+from __future__ import annotations
+
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from typing import Any, Callable
+
+import pytest
+
+from probes.processes import ProcessInfo, describe_process
+from probes.samplefile import load_timeline
+from profiler.errors import UsageError
+from profiler.run import Finding, RunRecord, load_run
+from profiler.session import Progress
+from profiler.watch import BoundedSeries, WatchOptions, format_live_summary, run_watch
+from profiler.watch_findings import (GROWTH_CODE, REFERENCE_CONTEXT_BYTES, rule_live_low_headroom,
+                                     rule_memory_growth)
+from tests.fakes.nvml import H200_DRIVER_RESERVED_BYTES, DeviceState, FakeDevice, FakeProcess, GiB, MiB, ReplayNvml, ScriptedNvml
+
+FOREIGN = FakeProcess(4_000_201, 2566 * MiB, "/opt/torch/.venv/bin/python3", sm_util_pct=5)
+OTHER_GPU = FakeProcess(4_000_202, 1 * GiB, "python3")
+JAX = 4_000_203
+
+
+def fake_describe(pid: int, nvml_name: str) -> ProcessInfo:
+    """Real /proc for real pids (the watched child), made-up neighbours for the fake ones."""
+    if pid == JAX:
+        return ProcessInfo(pid, True, nvml_name, "bob", "python3 jax_job.py", ("jax",), {})
+    if pid >= 4_000_000:
+        return ProcessInfo(pid, True, nvml_name or "?", "carol", "python3 other.py", ("torch",), {})
+    return describe_process(pid, nvml_name)
+
+
+class FakeTime:
+    """clock() and wait() for a watch: each wait moves time and the fake NVML one tick forward."""
+
+    def __init__(self, nvml: Any = None, on_wait: Callable[["FakeTime"], None] | None = None) -> None:
+        self.t = 10_000.0
+        self.nvml = nvml
+        self.waits = 0
+        self.on_wait = on_wait
+
+    def clock(self) -> float:
+        return self.t
+
+    def wait(self, seconds: float) -> None:
+        self.t += seconds
+        self.waits += 1
+        if self.nvml is not None:
+            self.nvml.advance()
+        if self.on_wait is not None:
+            self.on_wait(self)
+
+
+def watch(pid: int, out, nvml: Any = None, time_: FakeTime | None = None, *, interval: str = "1s",
+          duration: str = "10s", report: bool = False, **kwargs: Any):
+    time_ = time_ or FakeTime(nvml)
+    opener = (lambda: (nvml, None)) if nvml is not None else (lambda: (None, {"reason": "no_device", "detail": "test: no GPU"}))
+    kwargs.setdefault("describe", fake_describe)
+    kwargs.setdefault("pid_exists", lambda p: True)
+    kwargs.setdefault("handle_signals", False)
+    kwargs.setdefault("progress", Progress(quiet=True))
+    return run_watch(WatchOptions(pid=pid, interval=interval, duration=duration, out=str(out), report=report),
+                     nvml_opener=opener, clock=time_.clock, wait=time_.wait, **kwargs)
+
+
+def codes(record: RunRecord) -> dict[str, Finding]:
+    return {f.code: f for f in record.findings}
+
+
+@pytest.fixture
+def sleeper():
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+# -- scripted NVML ----------------------------------------------------------------------------------
+
+def test_several_processes_on_shared_devices_and_a_neighbour_exiting_mid_watch(sleeper, tmp_path):
+    pid = sleeper.pid
+
+    def script(tick: int):
+        gpu0 = [] if tick >= 5 else [FOREIGN]                      # the neighbour exits after tick 4
+        if tick >= 2:                                               # the target initialises CUDA at tick 2
+            gpu0.append(FakeProcess(pid, (612 + 60 * (tick - 2)) * MiB, "python3", sm_util_pct=40))
+        return [DeviceState(tuple(gpu0), gpu_util_pct=50), DeviceState((OTHER_GPU,))]
+
+    nvml = ScriptedNvml([FakeDevice(), FakeDevice(uuid="GPU-2")], script)
+    result = watch(pid, tmp_path / "w", nvml)
+    record = result.record
+    assert result.exit_code == 0 and record.status == "complete" and record.mode == "watch"
+    assert record.config["ended_by"] == "duration" and record.config["device"] == "cuda:0"
+    assert record.config["gpu_index"] == 0 and record.pid == pid
+    live = record.extra["live"]
+    assert live["ticks"] == 11 and live["duration_s"] == 10.0
+
+    by_pid = {(p["pid"], p["gpu"]): p for p in record.processes}
+    me = by_pid[(pid, 0)]
+    assert me["self"] is True and me["peak_used_bytes"] == (612 + 60 * 8) * MiB and me["peak_sm_util_pct"] == 40
+    assert me["first_seen_s"] == 2.0 and me["gone"] is False
+    gone = by_pid[(FOREIGN.pid, 0)]
+    assert gone["self"] is False and gone["gone"] is True and gone["last_seen_s"] == 4.0
+    assert gone["peak_used_bytes"] == FOREIGN.used_bytes and gone["engines"] == ["torch"]
+    assert by_pid[(OTHER_GPU.pid, 1)]["gone"] is False
+
+    found = codes(record)
+    foreign = found["FOREIGN_PROCESS"]
+    assert [p["pid"] for p in foreign.evidence["processes"]] == [FOREIGN.pid]  # gpu:1's process is not on its device
+    assert foreign.severity == "fail"  # it used the SMs during the watch
+    outside = found["OUTSIDE_ALLOCATOR"]
+    assert outside.evidence["context_source"] == "observed" and outside.evidence["context_bytes"] == 612 * MiB
+    assert "612 MiB when it first appeared" in outside.title
+    growth = found[GROWTH_CODE]
+    assert growth.severity == "warn" and growth.evidence["figure"] == "process_gpu_bytes"
+    assert growth.evidence["still_growing"] is True
+
+    saved = load_run(str(tmp_path / "w" / "run.json"))
+    assert saved.mode == "watch" and {f.code for f in saved.findings} == set(found)
+    timeline = load_timeline(str(tmp_path / "w" / "samples.jsonl"))
+    assert len(timeline.t_s) == 11 and timeline.t_s[-1] == 10.0
+    assert timeline.column(f"pid:{pid}/gpu:0", "used_bytes")[:2] == [None, None]
+    assert any(e.get("event") == "process" and e.get("pid") == FOREIGN.pid for e in timeline.events)
+
+
+def test_the_target_exiting_mid_watch_ends_the_watch_and_keeps_the_report(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    pid = child.pid
+    exited_at = 3
+
+    def script(tick: int):
+        procs = [FOREIGN] + ([FakeProcess(pid, 900 * MiB, "python3")] if tick < exited_at else [])
+        return DeviceState(tuple(procs))
+
+    nvml = ScriptedNvml(script=script)
+
+    def on_wait(t: FakeTime) -> None:
+        if t.waits == exited_at:
+            child.kill()
+            child.wait()
+
+    try:
+        result = watch(pid, tmp_path / "w", nvml, FakeTime(nvml, on_wait), duration="1h")
+    finally:
+        child.kill()
+        child.wait()
+    record = result.record
+    assert result.exit_code == 0 and record.status == "complete"
+    assert record.config["ended_by"] == "process_exit"
+    assert record.extra["live"]["duration_s"] == 3.0  # not the hour it was asked for
+    me = next(p for p in record.processes if p["pid"] == pid)
+    assert me["peak_used_bytes"] == 900 * MiB and me["gone"] is True
+    assert "FOREIGN_PROCESS" in codes(record)
+    assert load_run(str(tmp_path / "w" / "run.json")).config["ended_by"] == "process_exit"
+    assert "ended by process_exit" in format_live_summary(record)
+
+
+def test_the_container_case_memory_used_but_nobody_listed(sleeper, tmp_path):
+    nvml = ScriptedNvml(script=[DeviceState(used_bytes=6 * GiB + H200_DRIVER_RESERVED_BYTES, gpu_util_pct=80)])
+    result = watch(sleeper.pid, tmp_path / "w", nvml, duration="3s")
+    record = result.record
+    assert record.config["device"] == "cpu" and record.config["gpu_index"] is None
+    pid_ns = codes(record)["PID_NAMESPACE"]
+    assert "while NVML lists no process" in pid_ns.title and pid_ns.evidence["unlisted_used_bytes"] == 6 * GiB
+    assert "FOREIGN_PROCESS" not in codes(record)
+    assert "the process did not appear on any GPU" in format_live_summary(record)
+
+
+def test_a_clean_watch_raises_no_warnings(sleeper, tmp_path):
+    nvml = ScriptedNvml(script=[DeviceState((FakeProcess(sleeper.pid, 1620 * MiB, "python3", 30),))])
+    record = watch(sleeper.pid, tmp_path / "w", nvml).record
+    assert [f.severity for f in record.findings] == ["info"]
+    outside = codes(record)["OUTSIDE_ALLOCATOR"]  # always said: it answers "where did my memory go"
+    assert outside.evidence["context_source"] == "reference" and outside.evidence["context_bytes"] == REFERENCE_CONTEXT_BYTES
+    assert "typically" in outside.title
+
+
+def test_replayed_h200_readings_foreign_process_then_a_jax_sibling(sleeper, tmp_path):
+    pid = sleeper.pid
+    lines = ReplayNvml().lines
+    remapped = [{**line, "procs": [{**p, "pid": {474: pid, 527: JAX}.get(p["pid"], p["pid"] + 4_000_000)}
+                                   for p in line["procs"]]} for line in lines]
+    replay = ReplayNvml(remapped)
+    result = watch(pid, tmp_path / "w", replay, interval="50ms", duration=f"{0.05 * (len(lines) - 1):.2f}s",
+                   report=True)
+    record = result.record
+    assert record.extra["live"]["ticks"] == len(lines)
+    found = codes(record)
+    assert found["FOREIGN_PROCESS"].severity == "fail"  # a 105 GiB sibling holds far more than 10% of the card
+    assert {p["pid"] for p in found["FOREIGN_PROCESS"].evidence["processes"]} == {505 + 4_000_000, JAX}
+    assert found["ENGINE_PREALLOCATION"].evidence["pid"] == JAX
+    me = next(p for p in record.processes if p["pid"] == pid)
+    assert me["peak_used_bytes"] == max(p["used"] for line in lines for p in line["procs"] if p["pid"] == 474)
+    jax = next(p for p in record.processes if p["pid"] == JAX)
+    assert jax["gone"] is True and jax["peak_used_bytes"] == 107_918 * MiB
+    assert record.extra["live"]["devices"][0]["peak_used_bytes"] == max(line["dev_used"] for line in lines)
+    assert os.path.getsize(result.report_paths["memory_timeline"]) > 10_000
+    html = open(result.report_paths["html"], encoding="utf-8").read()
+    assert "FOREIGN_PROCESS" in html and "ENGINE_PREALLOCATION" in html
+
+
+# -- real processes on the CPU --------------------------------------------------------------------
+
+GROWER = """
+import sys, time
+sys.stdin.readline()                      # start when the watch says so
+blocks = []
+for _ in range(40):
+    blocks.append(bytearray(b"\\x01") * (4 * 2**20))   # 4 MiB, every page touched
+    time.sleep(0.05)
+time.sleep(120)
+"""
+
+
+def test_watching_a_real_child_shows_its_rss_growth_in_the_report(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", GROWER], stdin=subprocess.PIPE)
+    stop = threading.Event()
+    started = []
+
+    def wait(seconds: float) -> None:
+        if not started:
+            started.append(time.monotonic())
+            child.stdin.write(b"go\n")
+            child.stdin.flush()
+        stop.wait(seconds)
+
+    try:
+        result = run_watch(WatchOptions(pid=child.pid, interval="100ms", duration="2.6s", out=str(tmp_path / "w")),
+                           nvml_opener=lambda: (None, {"reason": "no_device", "detail": "test: no GPU"}),
+                           wait=wait, stop=stop, handle_signals=False, progress=Progress(quiet=True))
+    finally:
+        child.kill()
+        child.wait()
+    record = result.record
+    assert record.config["device"] == "cpu" and record.config["ended_by"] == "duration"
+    growth = codes(record)[GROWTH_CODE]
+    assert growth.evidence["figure"] == "rss_bytes" and growth.evidence["growth_bytes"] >= 100 * MiB
+    assert "resident memory (RSS) grew by" in growth.title
+    timeline = load_timeline(os.path.join(result.out_dir, "samples.jsonl"))
+    rss = [v for v in timeline.column(f"pid:{child.pid}", "rss_bytes") if isinstance(v, int)]
+    assert rss[-1] - rss[0] >= 100 * MiB
+    html = open(result.report_paths["html"], encoding="utf-8").read()
+    assert GROWTH_CODE in html and f"pid {child.pid}" in html
+    assert os.path.getsize(result.report_paths["memory_timeline"]) > 10_000
+
+
+def test_the_cli_watches_a_real_child_and_prints_a_summary(sleeper, tmp_path):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = tmp_path / "cli"
+    result = subprocess.run([sys.executable, "-m", "profiler", "watch", "--pid", str(sleeper.pid), "--interval", "100ms",
+                             "--duration", "0.5s", "--out", str(out)], capture_output=True, text=True, cwd=root,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert f"watched pid {sleeper.pid}" in result.stdout and "ended by duration" in result.stdout
+    assert (out / "run.json").exists() and (out / "report.html").exists()
+    assert json.loads((out / "run.json").read_text())["mode"] == "watch"
+    bad = subprocess.run([sys.executable, "-m", "profiler", "watch", "--pid", "4000999"], capture_output=True,
+                         text=True, cwd=root, timeout=60)
+    assert bad.returncode == 2 and bad.stdout == ""
+    assert bad.stderr == "gpuscope: error: --pid 4000999: no such process in this pid namespace\n"
+
+
+# -- endings and bad input ------------------------------------------------------------------------------
+
+def test_ctrl_c_is_an_ordinary_end(sleeper, tmp_path):
+    stop = threading.Event()
+    nvml = ScriptedNvml(script=[DeviceState((FakeProcess(sleeper.pid, GiB, "python3"),))])
+    result = watch(sleeper.pid, tmp_path / "w", nvml, FakeTime(nvml, lambda t: t.waits == 3 and stop.set()),
+                   stop=stop, duration="10m")
+    assert result.exit_code == 0 and result.record.status == "complete"
+    assert result.record.config["ended_by"] == "interrupt" and result.record.extra["live"]["duration_s"] == 3.0
+
+
+def test_sigterm_writes_the_report_and_exits_143_with_handlers_restored(sleeper, tmp_path):
+    before = signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)
+    nvml = ScriptedNvml(script=[DeviceState((FakeProcess(sleeper.pid, GiB, "python3"),))])
+    result = watch(sleeper.pid, tmp_path / "w", nvml,
+                   FakeTime(nvml, lambda t: t.waits == 2 and os.kill(os.getpid(), signal.SIGTERM)),
+                   duration="10m", handle_signals=True)
+    assert result.exit_code == 143 and result.record.status == "interrupted"
+    assert result.record.config["ended_by"] == "sigterm"
+    assert load_run(str(tmp_path / "w" / "run.json")).status == "interrupted"
+    assert (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT)) == before
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"pid": 4_000_999}, "--pid 4000999: no such process in this pid namespace"),
+    ({"pid": 0}, "--pid 0: not a process id"),
+    ({"interval": "fast"}, "--interval: not a duration: 'fast'"),
+    ({"interval": "1ms"}, "--interval: must be at least 0.005 s"),
+    ({"duration": "0s"}, "--duration '0s': must be longer than 0 s"),
+    ({"prometheus_port": 70000}, "--prometheus-port 70000: not a TCP port"),
+])
+def test_bad_input_is_one_line_before_anything_is_written(sleeper, tmp_path, options, message):
+    out = tmp_path / "never"
+    opts = {"pid": sleeper.pid, "out": str(out), **options}
+    with pytest.raises(UsageError) as info:
+        run_watch(WatchOptions(**opts), nvml_opener=lambda: pytest.fail("NVML opened before input was checked"))
+    assert str(info.value).startswith(message) and "\n" not in str(info.value)
+    assert not out.exists()
+
+
+def test_a_process_that_already_exited_is_refused(tmp_path):
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    time.sleep(0.3)  # exited, not yet reaped: a zombie
+    try:
+        with pytest.raises(UsageError, match="already exited|no such process"):
+            run_watch(WatchOptions(pid=child.pid, out=str(tmp_path / "w")))
+    finally:
+        child.wait()
+
+
+def test_the_live_status_line_refreshes_on_a_terminal(sleeper, tmp_path):
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    nvml = ScriptedNvml(script=[DeviceState((FakeProcess(sleeper.pid, 1620 * MiB, "python3", 62), FOREIGN))])
+    watch(sleeper.pid, tmp_path / "w", nvml, duration="3s", progress=Progress(stream=stream))
+    text = stream.getvalue()
+    assert text.count("\r\033[K") >= 4
+    status = text.split("\r\033[K")[1]
+    assert status.startswith(f"watch pid {sleeper.pid} (python")
+    assert "gpu:0 1.58 GiB sm 62%" in status and "RSS " in status and "1 other process on its GPU" in status
+    assert text.endswith("\r\033[K")  # the status line is cleared before the summary is printed
+
+
+# -- the live rules and bounded memory ------------------------------------------------------------------
+
+def live_record(series: dict[str, Any] | None = None, devices: list[dict[str, Any]] | None = None) -> RunRecord:
+    record = RunRecord(tool_version="t", started_at="", mode="watch", pid=42)
+    record.extra["live"] = {"target_pid": 42, "gpu_index": 0, "series": series or {}, "devices": devices or []}
+    return record
+
+
+def series(first: float, mid: float, last: float, span_s: float = 600.0, points: int = 600) -> dict[str, Any]:
+    return {"first": first, "mid": mid, "last": last, "peak": max(first, mid, last), "first_t_s": 0.0,
+            "last_t_s": span_s, "peak_t_s": span_s, "slope_bytes_per_s": (last - first) / span_s, "points": points}
+
+
+def test_growth_that_levelled_off_is_info_small_growth_is_silent():
+    levelled = rule_memory_growth(live_record({"rss_bytes": series(1 * GiB, 2 * GiB, 2 * GiB + 10 * MiB, span_s=3600)}))
+    assert [(f.code, f.severity) for f in levelled] == [(GROWTH_CODE, "info")]
+    assert "levelled off" in levelled[0].title and "/min" in levelled[0].title
+    assert rule_memory_growth(live_record({"rss_bytes": series(1 * GiB, 1 * GiB, 1 * GiB + 32 * MiB)})) == []
+    assert rule_memory_growth(live_record({"rss_bytes": series(10 * GiB, 10 * GiB, 10 * GiB + 200 * MiB)})) == []
+    assert rule_memory_growth(live_record({"rss_bytes": series(0, 0, GiB, points=3)})) == []  # too few ticks
+    leak = rule_memory_growth(live_record({"process_gpu_bytes": series(1 * GiB, 3 * GiB, 5 * GiB, span_s=7200)}))
+    assert leak[0].severity == "warn" and "still growing" in leak[0].title and "34.1 MiB/min" in leak[0].title
+
+
+def test_low_headroom_over_a_watch():
+    total = 80 * GiB
+    assert rule_live_low_headroom(live_record(devices=[{"index": 0, "total_bytes": total,
+                                                        "peak_used_bytes": int(0.80 * total)}])) == []
+    warn = rule_live_low_headroom(live_record(devices=[{"index": 0, "total_bytes": total,
+                                                        "peak_used_bytes": int(0.90 * total), "peak_t_s": 3.0}]))
+    assert warn[0].severity == "warn" and "90% full" in warn[0].title and warn[0].evidence["t_s"] == 3.0
+    fail = rule_live_low_headroom(live_record(devices=[{"index": 0, "total_bytes": total,
+                                                        "peak_used_bytes": int(0.97 * total)},
+                                                       {"index": 1, "total_bytes": total,
+                                                        "peak_used_bytes": int(0.99 * total)}]))
+    assert [f.severity for f in fail] == ["fail"]  # only the watched process's device
+
+
+def test_a_day_of_ticks_stays_bounded():
+    s = BoundedSeries(max_points=256)
+    for i in range(86_400):
+        s.append(float(i), float(i % 1000) + (5000 if i == 50_000 else 0))
+    assert len(s.points) < 256 and len(s) == 86_400
+    summary = s.summary()
+    assert summary["peak"] == 5000 + 50_000 % 1000 and summary["peak_t_s"] == 50_000.0
+    assert summary["first_value"] == 0.0 and summary["last_value"] == 86_399 % 1000 and summary["last_t_s"] == 86_399.0
+    ts = [t for t, _ in s.points]
+    assert ts[0] == 0.0 and ts[-1] > 80_000 and ts == sorted(ts)
