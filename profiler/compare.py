@@ -130,6 +130,8 @@ class ParticipantsProbe:
         self._pids: tuple[int, ...] = ()
         self._children: tuple[int, ...] = ()
         self._children_at = 0.0
+        self.device_baseline: dict[int, int] = {}
+        self.sources: set[str] = set()  # how device_bytes was measured: nvml_pids and/or device_delta
 
     def set_pids(self, pids: list[int]) -> None:
         with self._lock:
@@ -178,7 +180,7 @@ class ParticipantsProbe:
 
     def _device(self, pids: set[int], out: list[tuple[str, str, Any]]) -> Any:
         if self.nvml is None or self.nvml_index is None:
-            return Unavailable(NO_DEVICE, "no NVML: device memory is not measured on the CPU")
+            return Unavailable(NO_DEVICE, "CPU run: no NVML")
         from probes.gpu import check_row
         from probes.nvml import MetricError
 
@@ -199,9 +201,37 @@ class ParticipantsProbe:
                 seen[checked.pid] = checked.used_bytes
                 out.append((f"pid:{checked.pid}/gpu:{self.nvml_index}", "used_bytes", checked.used_bytes))
         if not seen:
+            # NVML reports host pids; inside a container's pid namespace none match. Fall back to the device's
+            # growth since the mode started (exact on a GPU nobody else uses), and say so in the row.
+            baseline = self.device_baseline.get(self.nvml_index)
+            if baseline is not None:
+                try:
+                    used = self.nvml.memory_info(self.nvml_index).used_bytes
+                except MetricError as exc:
+                    return Unavailable(exc.reason, exc.detail)
+                self.sources.add("device_delta")
+                return max(0, used - baseline)
             return Unavailable(NOT_SUPPORTED, "NVML lists none of the workers' pids (another pid namespace?)")
+        self.sources.add("nvml_pids")
         bad = next((v for v in seen.values() if not is_available(v)), None)
         return bad if bad is not None else sum(seen.values())
+
+    def mark_device_baseline(self) -> None:
+        """Device used memory now, on every device, before a mode's workers start (for the pid-namespace fallback)."""
+        self.device_baseline = {}
+        if self.nvml is None:
+            return
+        from probes.nvml import MetricError
+
+        try:
+            count = self.nvml.device_count()
+        except Exception:
+            return
+        for index in range(count):
+            try:
+                self.device_baseline[index] = self.nvml.memory_info(index).used_bytes
+            except (MetricError, Exception):
+                continue
 
 
 class WindowPeaks:
@@ -452,7 +482,9 @@ def build_comparison(rows: list[dict[str, Any]], gpu: bool, model_bytes: int) ->
         "verdict_numbers": numbers,
         "host_memory": "peak during the measured window of the sum of USS (and PSS) over the workers of the mode "
                        "and their descendants, each process once; the orchestrating parent is not counted",
-        "device_memory": ("peak of NVML per-process used memory summed over the workers' pids" if gpu
+        "device_memory": ("peak of NVML per-process used memory summed over the workers' pids (a row whose "
+                          "device_source is device_delta could not see their pids, e.g. from a container: there it is "
+                          "the device's growth since the mode started)" if gpu
                           else "not measured: no GPU (NVML unavailable)"),
     })
 
@@ -579,6 +611,7 @@ def run_compare(opts: CompareOptions, progress: Any = None,
         if stop.is_set():
             raise Interrupted()
         probe.set_pids([w.pid for w in workers])
+        probe.sources = set()
         peaks.begin()
         window_start = time.perf_counter_ns()
         sampler.tick()
@@ -592,6 +625,8 @@ def run_compare(opts: CompareOptions, progress: Any = None,
         payloads = group.finish_run(workers, window_start, window_end)
         sampler.mark("step_end", mode=mode, predictors=n)
         row = build_row(mode, n, payloads, (window_end - window_start) / 1e9, found, ticks)
+        if gpu:
+            row["device_source"] = "+".join(sorted(probe.sources)) or None
         progress.line(_row_line(row))
         return row
 
@@ -603,6 +638,7 @@ def run_compare(opts: CompareOptions, progress: Any = None,
             # ---- threads: one worker process, loaded first: a model that cannot load fails before any file is written
             progress.update(f"threads: starting a worker process and loading {opts.model}")
             try:
+                probe.mark_device_baseline()
                 [thread_worker] = group.spawn(1, "loading the model")
             except WorkerError as exc:
                 raise UsageError(f"the model could not be loaded in a worker process: {exc}") from None
@@ -644,6 +680,7 @@ def run_compare(opts: CompareOptions, progress: Any = None,
                         break
                 group.retire(workers)  # threads' worker goes before processes start: they never compete
                 probe.set_pids([])
+                probe.mark_device_baseline()
         except Interrupted:
             interrupted = True
         except KeyboardInterrupt:  # a second Ctrl-C

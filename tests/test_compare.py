@@ -141,6 +141,8 @@ def test_builtin_mlp_processes_pay_a_model_and_an_interpreter_each_threads_stay_
     assert (out / "samples.jsonl").stat().st_size > 0
     png = out / "compare.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    html = (out / "report.html").read_text()
+    assert '<section id="comparison">' in html and 'id="plot-comparison"' in html
     table = format_comparison(record)
     assert "threads (1 process)" in table and "processes (1 predictor each)" in table and "verdict:" in table
 
@@ -265,11 +267,17 @@ def test_participants_are_summed_once_and_nvml_rows_are_attributed_by_pid() -> N
     values = {(s, m): v for s, m, v in probe.read()}
     assert isinstance(values[("compare", "host_uss_bytes")], Unavailable)
 
-    no_rows = ParticipantsProbe(ScriptedNvml(script=[DeviceState(processes=(FakeProcess(999, MiB),))]), 0,
-                                children_every_s=float("inf"), read_memory=lambda pid: fake[101])
+    # another pid namespace: NVML lists host pids, none of them ours
+    other_ns = ScriptedNvml(script=[DeviceState(processes=(FakeProcess(999, MiB),), used_bytes=1024 * MiB),
+                                    DeviceState(processes=(FakeProcess(4001, 700 * MiB),), used_bytes=1724 * MiB)])
+    no_rows = ParticipantsProbe(other_ns, 0, children_every_s=float("inf"), read_memory=lambda pid: fake[101])
     no_rows.set_pids([101])
     values = {(s, m): v for s, m, v in no_rows.read()}
-    assert values[("compare", "device_bytes")].reason == "not_supported"  # e.g. another pid namespace
+    assert values[("compare", "device_bytes")].reason == "not_supported"  # no baseline: say so, never 0
+    no_rows.mark_device_baseline()  # before the mode's workers start: the device holds 1 GiB of others' memory
+    other_ns.advance()
+    values = {(s, m): v for s, m, v in no_rows.read()}
+    assert values[("compare", "device_bytes")] == 700 * MiB and no_rows.sources == {"device_delta"}
 
     cpu = ParticipantsProbe(None, None)
     cpu.set_pids([me])
