@@ -174,6 +174,38 @@ def version() -> None:
     typer.echo(__version__)
 
 
+@app.command()
+def ps(json_output: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False) -> None:
+    """Every GPU with its memory and utilisation, and every process on it: user, command line, engines; shared devices flagged."""
+    from profiler.ps import run_ps
+
+    raise typer.Exit(run_ps(json_output))
+
+
+@app.command()
+def watch(pid: Annotated[int, typer.Option("--pid", help="the running process to watch")],
+          interval: Annotated[str, typer.Option("--interval", help="sampling interval, e.g. 1s, 200ms")] = "1s",
+          duration: Annotated[str, typer.Option("--duration", help="how long to watch; it also ends when the process exits, or on Ctrl-C")] = "10m",
+          out: Out = "gpuscope-report",
+          prometheus_port: Annotated[Optional[int], typer.Option("--prometheus-port", help="also serve Prometheus metrics on this port while watching")] = None,
+          bind: Annotated[str, typer.Option("--bind", help="address the metrics endpoint listens on")] = "127.0.0.1",
+          json_output: Annotated[bool, typer.Option("--json", help="print the outcome as JSON instead of the summary")] = False,
+          quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live status line")] = False) -> None:
+    """Sample a running process from outside (GPU memory, host memory and CPU, engines, neighbours) and write the report."""
+    from profiler.watch import watch_command
+
+    raise typer.Exit(watch_command(pid, interval, duration, out, prometheus_port, bind, quiet, json_output))
+
+
+@app.command()
+def export(port: Annotated[int, typer.Option("--port", help="TCP port of the /metrics endpoint")],
+           bind: Annotated[str, typer.Option("--bind", help="address to listen on (default: loopback only)")] = "127.0.0.1") -> None:
+    """Serve every GPU and process on this node as Prometheus metrics until Ctrl-C."""
+    from profiler.exporter import run_export
+
+    raise typer.Exit(run_export(port, bind))
+
+
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, imported only if their modules are already loaded."""
     types: list[type[BaseException]] = [UsageError, OutputError]
