@@ -216,6 +216,9 @@ def _verdict(record: "RunRecord") -> str:
     parts = [f'<section id="verdict" class="verdict v-{worst}">']
     if record.status == "failed":
         headline = "The run failed"
+    elif record.mode in ("watch", "profile") and not record.steps:
+        watched = "a running process" if record.mode == "watch" else "this process, in place"
+        headline = f"Observed {watched}" + (f" (pid {record.pid})" if record.pid else "")
     elif not record.steps:
         headline = ("No predictor count was measured: the run was interrupted"
                     if record.status == "interrupted" else "No predictor count was measured")
