@@ -386,6 +386,9 @@ def verdict(rows: list[dict[str, Any]], gpu: bool, model_bytes: int) -> tuple[st
     measured = sorted(set(r["predictors"] for r in ok_rows(rows, THREADS)) & set(r["predictors"] for r in ok_rows(rows, PROCESSES)))
     # at 1 predictor both modes are the same deployment (one process, one model): judge at 2 or more when possible
     n = recommended if recommended >= 2 else next((m for m in measured if m >= 2), recommended)
+    if n == 1:
+        return ("at 1 predictor both modes are the same deployment (one process, one model): measure 2 or more "
+                "predictors to compare threads with processes", None, {"predictors": 1, "recommended_predictors": 1})
     t = next(r for r in ok_rows(rows, THREADS) if r["predictors"] == n)
     p = next(r for r in ok_rows(rows, PROCESSES) if r["predictors"] == n)
     ratio = p["throughput_rps"] / t["throughput_rps"] if t["throughput_rps"] > 0 else float("inf")
@@ -434,7 +437,7 @@ def comparison_findings(comparison: dict[str, Any], gpu: bool, model_bytes: int)
     findings: list[Finding] = []
     n = comparison.get("recommended_predictors")
     numbers = comparison.get("verdict_numbers") or {}
-    if n is not None and numbers:
+    if n is not None and numbers.get("threads"):
         largest = max(set(r["predictors"] for r in ok_rows(rows, THREADS)) & set(r["predictors"] for r in ok_rows(rows, PROCESSES)))
         t = next(r for r in ok_rows(rows, THREADS) if r["predictors"] == largest)
         p = next(r for r in ok_rows(rows, PROCESSES) if r["predictors"] == largest)

@@ -335,6 +335,15 @@ def test_noise_at_one_predictor_widens_the_tie_and_is_said() -> None:
     assert "differed by 40%" in comparison["verdict"]
 
 
+def test_one_predictor_alone_compares_nothing() -> None:
+    rows = [_synthetic(THREADS, 1, 60, 300 * MiB, Unavailable("no_device")),
+            _synthetic(PROCESSES, 1, 100, 301 * MiB, Unavailable("no_device"))]
+    comparison = build_comparison(rows, gpu=False, model_bytes=64 * MiB)
+    assert comparison["winner"] is None and "same deployment" in comparison["verdict"]
+    assert comparison_findings(comparison, gpu=False, model_bytes=64 * MiB) == []
+    assert comparison["per_extra_predictor"][THREADS]["host_uss_bytes"]["unavailable"] == "not_supported"
+
+
 def test_compare_plot_draws_both_modes() -> None:
     pytest.importorskip("matplotlib")
     from reports.compare_plot import compare_png, series
