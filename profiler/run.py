@@ -138,6 +138,8 @@ class RunRecord:
                 data[name] = [step.to_json() for step in value]
             elif name == "findings":
                 data[name] = [finding.to_json() for finding in sorted_findings(value)]
+            elif name == "processes":
+                data[name] = [_redacted_process(p) for p in reading_to_json(value)]
             else:
                 data[name] = reading_to_json(value)
         return data
@@ -164,6 +166,15 @@ class RunRecord:
     @property
     def gpu(self) -> bool:
         return str(self.config.get("device", "cpu")).startswith("cuda")
+
+
+def _redacted_process(process: Any) -> Any:
+    """Command lines are redacted when first read; again here so no record path can leak one."""
+    from probes.redact import redact_cmdline
+
+    if isinstance(process, dict) and isinstance(process.get("cmdline"), str):
+        return {**process, "cmdline": redact_cmdline(process["cmdline"])}
+    return process
 
 
 class RunFileError(ValueError):

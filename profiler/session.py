@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from probes.host import HostProbe, host_info, usable_cores
 from probes.readings import is_available, reading_to_json
+from probes.redact import redact_argv
 from probes.sampler import PeakTracker, Sampler
 from probes.samplefile import SampleWriter
 from profiler import __version__
@@ -217,7 +218,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
                      "interval_s": interval_s, "streams": bool(opts.streams and gpu), "copy_model": opts.copy_model,
                      "inference_mode": opts.inference_mode, "intra_op_threads": opts.intra_op_threads,
                      "rate_rps": opts.rate, "max_p99_ms": opts.max_p99_ms, "out": out_dir,
-                     "argv": sys.argv[1:]}
+                     "argv": redact_argv(sys.argv[1:])}
     record.model = model.to_json()
     record.environment = environment_facts(device)
     if nvml is not None:
