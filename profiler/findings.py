@@ -176,7 +176,10 @@ def rule_duplicate_model(record: RunRecord, t: Thresholds) -> list[Finding]:
     distinct = max((s.distinct_weight_sets for s in steps), default=1)
     model_bytes = int(record.model.get("model_bytes") or 0)
     slope = bytes_per_extra_predictor(record)
-    growth_says_copy = (slope is not None and model_bytes >= t.duplicate_min_model_bytes
+    # Growth alone speaks only where no predictor could read its weight pointers (distinct == 0): once the
+    # pointers show one shared set, growth is per-thread activations and cuBLAS workspaces (H200: 104 MiB per
+    # thread for a 16 MiB Linear(2048)), which would otherwise fail every small or activation-heavy model.
+    growth_says_copy = (distinct == 0 and slope is not None and model_bytes >= t.duplicate_min_model_bytes
                         and slope >= t.duplicate_growth_share * model_bytes)
     if distinct <= 1 and not growth_says_copy:
         return []
@@ -342,7 +345,8 @@ def rule_foreign_process(record: RunRecord, t: Thresholds) -> list[Finding]:
     named = ", ".join(f"pid {p['pid']} ({p.get('name', '?')}, {format_bytes(p.get('peak_used_bytes') or 0)})" for p in others[:4])
     return [Finding(
         "FOREIGN_PROCESS", severity,
-        f"{len(others)} other process{'es' if len(others) != 1 else ''} on this GPU hold {format_bytes(held)}: {named}",
+        f"{len(others)} other process{'es' if len(others) != 1 else ''} on this GPU hold{'s' if len(others) == 1 else ''} "
+        f"{format_bytes(held)}: {named}",
         {"processes": [{k: p.get(k) for k in ("pid", "name", "user", "cmdline", "engines", "peak_used_bytes",
                                                "peak_sm_util_pct")} for p in others],
          "held_bytes": held, "device_total_bytes": total},

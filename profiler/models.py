@@ -4,7 +4,8 @@ Model files are classified by their bytes before anything loads them: a plain
 pickle or a `torch.save` archive can run arbitrary code when unpickled, so it
 is refused unless the user passes `--trust-model-file`. TorchScript archives
 (torch.jit.load's restricted loader) and torch.export programs (.pt2: a JSON
-graph plus raw weights) are loaded by torch's own formats.
+graph plus raw weights) are loaded by torch's own formats, a .pt2 only after
+every entry torch.export.load would unpickle has passed a weights-only load.
 """
 from __future__ import annotations
 
@@ -132,6 +133,67 @@ def classify_model_file(path: str) -> str:
     return NOT_A_MODEL
 
 
+_EXPORT_TEXT_FILES = ("archive_format", "archive_version", "version", "byteorder", "serialization_id",
+                      ".format_version", ".storage_alignment")
+
+
+def export_archive_risks(path: str) -> list[str]:
+    """Entries of a torch.export archive that loading it would unpickle or run, and that are not plain tensors.
+
+    torch.export.load is not a weights-only loader: it unpickles sample inputs (retrying with
+    weights_only=False when the safe load fails), pickled weights and constants (weights_only=False, plain
+    pickle.loads for opaque objects) and loads AOTInductor libraries. Raw tensor payloads named by the
+    weights/constants configs, JSON and the archive's text markers are safe; every other entry must load
+    under torch.load(weights_only=True), or it is named here.
+    """
+    import io
+    import json
+    import warnings
+
+    import torch
+
+    risky: list[str] = []
+    with zipfile.ZipFile(path) as archive:
+        names = [n for n in archive.namelist() if not n.endswith("/")]
+        rel = {n: n.split("/", 1)[1] if "/" in n else n for n in names}  # entries sit under one root folder
+        raw: set[str] = set()
+        referenced: set[str] = set()
+        for name in names:
+            folder, _, base = rel[name].rpartition("/")
+            if folder not in ("data/weights", "data/constants") or not base.endswith("_config.json"):
+                continue
+            try:
+                config = json.loads(archive.read(name)).get("config", {})
+            except (ValueError, AttributeError):
+                continue  # torch cannot read it either, so nothing it names gets loaded
+            for meta in config.values() if isinstance(config, dict) else ():
+                if not isinstance(meta, dict):
+                    continue
+                target = f"{folder}/{meta.get('path_name', '')}"
+                referenced.add(target)
+                if not meta.get("use_pickle") and (folder == "data/weights" or
+                                                   str(meta.get("path_name", "")).startswith("tensor_")):
+                    raw.add(target)
+        for name in names:
+            relative = rel[name]
+            base = relative.rpartition("/")[2]
+            if relative in raw:
+                continue
+            if relative.startswith("data/aotinductor/"):
+                risky.append(name)  # compiled code: loading it runs it
+                continue
+            if relative not in referenced and (base.endswith(".json") or base in _EXPORT_TEXT_FILES
+                                               or relative.startswith("extra/")):
+                continue
+            try:
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch's notes on odd pickle protocols are not the user's
+                    torch.load(io.BytesIO(archive.read(name)), map_location="cpu", weights_only=True)
+            except Exception:
+                risky.append(name)
+    return risky
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     first = next((line.strip() for line in text if line.strip()), "")
@@ -163,6 +225,15 @@ def _load_file(path: str, device: str, trust: bool) -> tuple[Any, str]:
         if not callable(module):
             raise ModelLoadError(f"{path} holds a {type(module).__name__}, not a model (an nn.Module)")
         return module, "pickle"
+    if kind == EXPORT and not trust:
+        try:
+            risky = export_archive_risks(path)
+        except (zipfile.BadZipFile, OSError) as exc:
+            raise ModelLoadError(f"could not load {path}: {_one_line(exc)}") from exc
+        if risky:
+            raise ModelLoadError(f"{path} is a torch.export archive whose {', '.join(risky[:3])} would be unpickled "
+                                 "or run when loaded (not plain tensors): refused. Pass --trust-model-file if you "
+                                 "trust its author")
     try:
         if kind == TORCHSCRIPT:
             return torch.jit.load(path, map_location=device), "torchscript"
@@ -236,6 +307,17 @@ def _sizes(module: Any) -> tuple[int, int, int]:
     return sum(param_ptrs.values()), sum(buffer_ptrs.values()), len(param_ptrs) + len(buffer_ptrs)
 
 
+def _eval(module: Any) -> Any:
+    """Eval mode where the module has one; torch.export's modules raise on eval() (the mode was fixed
+    when the program was exported)."""
+    try:
+        if hasattr(module, "eval"):
+            module.eval()
+    except NotImplementedError:
+        pass
+    return module
+
+
 def load_model(spec: str, device: str, input_shape: tuple[int, ...] | None = None, dtype: str | None = None,
                size: str = "small", trust_model_file: bool = False) -> LoadedModel:
     """Load a model onto `device` once, in eval mode, with its sizes and how to feed it."""
@@ -260,8 +342,7 @@ def load_model(spec: str, device: str, input_shape: tuple[int, ...] | None = Non
         return module, kind, None
 
     module, kind, default_shape = build()
-    if hasattr(module, "eval"):
-        module.eval()
+    _eval(module)
     shape = input_shape or (tuple(default_shape) if default_shape else None)
     if shape is None:
         raise ModelLoadError(f"model {spec!r} has no default input shape: pass --input-shape, e.g. 8x3x224x224")
@@ -277,7 +358,7 @@ def load_model(spec: str, device: str, input_shape: tuple[int, ...] | None = Non
 
             return copy.deepcopy(module)
         fresh, _ = _load_file(spec, device, trust_model_file)
-        return fresh.eval() if hasattr(fresh, "eval") else fresh
+        return _eval(fresh)
 
     return LoadedModel(module=module, source=spec, kind=kind, input_shape=tuple(shape), dtype=chosen_dtype,
                        device=device, param_bytes=params, buffer_bytes=buffers, unique_storages=storages, reload=reload)

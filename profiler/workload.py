@@ -89,18 +89,28 @@ class PredictorPool:
         self.copy_model = copy_model
         self.inference_mode = inference_mode
         self._copies: list[Any] = []
+        self._copies_lock = threading.Lock()
 
     def _module_for(self, index: int) -> Any:
         if not self.copy_model:
             return self.model.module
-        while len(self._copies) <= index:  # copies persist across steps, as a naive server's would
-            self._copies.append(self.model.reload() if self.model.reload else self.model.module)
-        return self._copies[index]
+        # Copies persist across steps, as a naive server's would. Each predictor makes only its own copy:
+        # appending from every thread at once made more copies than predictors (and more memory per predictor).
+        with self._copies_lock:
+            while len(self._copies) <= index:
+                self._copies.append(None)
+            module = self._copies[index]
+        if module is None:
+            module = self.model.reload() if self.model.reload else self.model.module
+            with self._copies_lock:
+                self._copies[index] = module
+        return module
 
     def _predictor(self, index: int, result: PredictorResult, ready: threading.Barrier, measuring: threading.Event,
                    stop: threading.Event, requests: "queue.Queue[int] | None") -> None:
         import torch
 
+        started = False
         try:
             module = self._module_for(index)
             device = self.model.device
@@ -115,15 +125,17 @@ class PredictorPool:
                 sync = (stream.synchronize if stream is not None else
                         torch.cuda.current_stream(device).synchronize) if cuda else None
                 ready.wait()
+                started = True
                 self._loop(module, x, sync, result, measuring, stop, requests)
         except threading.BrokenBarrierError:
             return
         except BaseException as exc:  # the thread itself died: report it, never hang the step
             result.died = f"{type(exc).__name__}: {exc}"
-            try:
-                ready.abort()
-            except Exception:
-                pass
+            if not started:  # only a death before the start may release the others; after it, it would
+                try:         # break the barrier under predictors still waking from it and end them silently
+                    ready.abort()
+                except Exception:
+                    pass
 
     @staticmethod
     def _loop(module: Any, x: Any, sync: Callable[[], None] | None, result: PredictorResult,

@@ -1,0 +1,136 @@
+"""`gpuscope diagnose` end to end on the CPU: a real sweep of builtin:mlp, the files it leaves, and the
+findings a shared model, a copied model and an oversubscribed CPU produce. A few seconds each."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from probes.host import usable_cores
+from probes.samplefile import load_timeline
+from profiler.options import DiagnoseOptions
+from profiler.run import SCHEMA, load_run
+from profiler.session import run_diagnose
+
+pytestmark = pytest.mark.slow
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def diagnose(out: Path, **kwargs):
+    options = dict(model="builtin:mlp", device="cpu", predictors="1,2", duration="2s", warmup="0.2s",
+                   window="0.5s", out=str(out), quiet=True, report=False)
+    options.update(kwargs)
+    threads = torch.get_num_threads()
+    try:
+        return run_diagnose(DiagnoseOptions(**options))
+    finally:
+        torch.set_num_threads(threads)  # never leak a setting into the rest of the test process
+
+
+def codes(record) -> dict[str, str]:
+    return {f.code: f.severity for f in record.findings}
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("diagnose") / "report"
+    result = diagnose(out)
+    return result, out
+
+
+def test_run_json_has_two_measured_steps(shared_run):
+    result, out = shared_run
+    assert result.exit_code == 0
+    data = json.loads((out / "run.json").read_text())
+    assert data["schema"] == SCHEMA == "gpuscope.run/1"
+    assert data["status"] == "complete"
+    assert data["config"]["device"] == "cpu" and data["config"]["predictors"] == [1, 2]
+    assert [s["predictors"] for s in data["steps"]] == [1, 2]
+    for step in data["steps"]:
+        assert step["requests"] > 0 and step["throughput_rps"] > 0
+        assert 0 < step["latency_ms"]["p50"] <= step["latency_ms"]["p99"]
+        assert step["memory"]["rss_bytes"] > 0
+        assert step["memory"]["layers"]["model_weights_bytes"] == data["model"]["model_bytes"]
+        assert step["error_rate"] == 0.0 and step["dead_predictors"] == 0
+    assert data["model"]["model_bytes"] == 4 * (2048 * 2048 + 2048) * 4
+
+
+def test_sharing_is_verified_with_one_weight_set(shared_run):
+    result, out = shared_run
+    record = load_run(str(out / "run.json"))
+    assert record.sharing["verified"] is True
+    assert record.sharing["distinct_weight_sets"] == 1
+    assert record.sharing["memory_figure"] == "rss_bytes"
+    assert all(s.distinct_weight_sets == 1 for s in record.steps)
+    assert "DUPLICATE_MODEL" not in codes(record)
+    assert "GRAD_ENABLED" not in codes(record)
+    assert "PREDICTOR_ERRORS" not in codes(record)
+
+
+def test_a_recommendation_is_made(shared_run):
+    result, out = shared_run
+    record = load_run(str(out / "run.json"))
+    assert record.recommendation["predictors"] in (1, 2)
+    assert "within 5% of the best" in record.recommendation["reason"]
+    assert record.recommendation["p99_ms"] == record.step_at(record.recommendation["predictors"]).latency_ms["p99"]
+
+
+def test_samples_file_parses(shared_run):
+    result, out = shared_run
+    timeline = load_timeline(str(out / "samples.jsonl"))
+    assert timeline.header["mode"] == "diagnose" and timeline.header["device"] == "cpu"
+    assert timeline.torn_lines == 0
+    assert len(timeline.t_s) >= 10  # 50 ms ticks over a few seconds
+    marks = [(e["event"], e.get("predictors")) for e in timeline.events if e["event"] in ("step_start", "step_end")]
+    assert marks == [("step_start", 1), ("step_end", 1), ("step_start", 2), ("step_end", 2)]
+    pid = timeline.header["pid"]
+    rss = [v for v in timeline.column(f"pid:{pid}", "rss_bytes") if v is not None]
+    assert rss and min(rss) > 0
+
+
+def test_copy_model_is_a_duplicate_model_failure(tmp_path):
+    result = diagnose(tmp_path / "copies", copy_model=True, duration="1s")
+    record = load_run(str(tmp_path / "copies" / "run.json"))
+    assert [s.distinct_weight_sets for s in record.steps] == [1, 2]
+    assert record.sharing["verified"] is False
+    duplicate = next(f for f in record.findings if f.code == "DUPLICATE_MODEL")
+    assert duplicate.severity == "fail"
+    assert "2 distinct copies" in duplicate.title
+    assert result.exit_code == 0
+
+
+def test_four_predictors_at_default_threads_oversubscribe_this_machine(tmp_path):
+    cores, threads = usable_cores(), torch.get_num_threads()
+    if 4 * threads <= cores:
+        pytest.skip(f"4 x {threads} intra-op threads fit in {cores} cores here")
+    result = diagnose(tmp_path / "four", predictors="4", duration="1s")
+    record = result.record
+    assert record.steps[0].intra_op_threads == threads
+    finding = next(f for f in record.findings if f.code == "CPU_OVERSUBSCRIPTION")
+    assert f"4 predictors x {threads} intra-op threads = {4 * threads} busy threads on {cores} usable core" in finding.title
+
+
+def test_one_intra_op_thread_per_predictor_does_not_oversubscribe(tmp_path):
+    """Through the real command in a child process, so torch.set_num_threads(1) stays there."""
+    if usable_cores() < 2:
+        pytest.skip("needs 2 usable cores")
+    out = tmp_path / "fits"
+    threads_here = torch.get_num_threads()
+    env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    proc = subprocess.run([sys.executable, "-m", "profiler", "diagnose", "--device", "cpu", "--predictors", "2",
+                           "--intra-op-threads", "1", "--duration", "1s", "--warmup", "0.2s", "--window", "0.5s",
+                           "--out", str(out), "--quiet", "--json"],
+                          cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    record = load_run(str(out / "run.json"))
+    assert record.config["intra_op_threads"] == 1
+    assert [(s.predictors, s.intra_op_threads) for s in record.steps] == [(2, 1)]
+    assert "CPU_OVERSUBSCRIPTION" not in codes(record)
+    assert record.environment["torch_num_threads"] == 1
+    assert torch.get_num_threads() == threads_here  # this process was not touched

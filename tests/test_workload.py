@@ -1,0 +1,232 @@
+"""The predictor pool on the CPU with tiny models: one shared weight set (or a copy each), grad mode as
+the worker threads see it, failing requests, OOM, open-loop arrivals, and predictor threads that die."""
+from __future__ import annotations
+
+import copy
+import threading
+import time
+
+import pytest
+import torch
+from torch import nn
+
+from profiler.models import LoadedModel, weight_pointers
+from profiler.sweep import step_from_run
+from profiler.workload import PredictorPool
+
+STEP = dict(warmup_s=0.05, window_s=0.1)
+
+
+def loaded(module: nn.Module, reload=None) -> LoadedModel:
+    module.eval()
+    return LoadedModel(module=module, source="test", kind="builtin", input_shape=(4, 8), dtype="float32",
+                       device="cpu", param_bytes=8 * 8 * 4 + 8 * 4,
+                       reload=reload or (lambda: copy.deepcopy(module)))
+
+
+def step_of(run):
+    return step_from_run(run, {}, torch.get_num_threads(), 0, run.measure_start_ns, run.measure_end_ns)
+
+
+class Flaky(nn.Module):
+    """Raises on every third request (across all predictors)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.calls = 0
+        self.lock = threading.Lock()
+
+    def forward(self, x):
+        with self.lock:
+            self.calls += 1
+            n = self.calls
+        if n % 3 == 0:
+            raise ValueError(f"request {n} has a NaN")
+        return self.linear(x)
+
+
+class OutOfMemoryError(RuntimeError):
+    """Named like torch.cuda.OutOfMemoryError."""
+
+
+class RunsOutOfMemory(nn.Module):
+    def __init__(self, after: int, exc: BaseException) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.after = after
+        self.exc = exc
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > self.after:
+            raise self.exc
+        return self.linear(x)
+
+
+class Fatal(BaseException):
+    """Not an Exception: escapes the request loop and ends the thread."""
+
+
+class KillsPredictorOne(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        if threading.current_thread().name.endswith("-1"):
+            raise Fatal("predictor 1 lost its interpreter state")
+        return self.linear(x)
+
+
+class RecordsGradMode(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+        self.seen: dict[str, bool] = {}
+
+    def forward(self, x):
+        self.seen[threading.current_thread().name] = torch.is_grad_enabled()
+        return self.linear(x)
+
+
+def test_all_predictors_share_one_weight_set():
+    model = nn.Linear(8, 8)
+    pool = PredictorPool(loaded(model))
+    run = pool.run_step(3, 0.3, **STEP)
+    assert {r.weights for r in run.results} == {weight_pointers(model)}
+    step = step_of(run)
+    assert step.distinct_weight_sets == 1
+    assert step.requests > 0 and step.errors == 0 and step.dead_predictors == 0
+    assert step.latency_ms["p50"] > 0
+    assert pool._copies == []
+
+
+def test_copy_model_gives_each_predictor_its_own_weights():
+    model = nn.Linear(8, 8)
+    pool = PredictorPool(loaded(model), copy_model=True)
+    run = pool.run_step(3, 0.3, **STEP)
+    sets = [r.weights for r in run.results]
+    assert len(set(sets)) == 3
+    assert weight_pointers(model) not in sets
+    assert step_of(run).distinct_weight_sets == 3
+    # copies persist across steps, as a naive server's would: the next step reuses them
+    again = pool.run_step(3, 0.3, **STEP)
+    assert {r.weights for r in again.results} == set(sets)
+    pool.release_copies()
+    assert pool._copies == []
+
+
+def test_copy_model_makes_exactly_one_copy_per_predictor_when_copying_is_slow():
+    """A slow reload (a big model) used to race: several predictors appended copies at once and the pool
+    kept more copies than predictors, inflating memory per predictor."""
+    model = nn.Linear(8, 8)
+    made = []
+
+    def slow_reload():  # predictor 0's copy is the slow one, so the others race past it
+        time.sleep(0.3 if threading.current_thread().name.endswith("-0") else 0.01)
+        made.append(1)
+        return copy.deepcopy(model)
+
+    pool = PredictorPool(loaded(model, reload=slow_reload), copy_model=True)
+    run = pool.run_step(4, 0.2, **STEP)
+    assert len(pool._copies) == 4
+    assert len(made) == 4
+    assert step_of(run).distinct_weight_sets == 4
+
+
+def test_grad_enabled_detected_inside_the_worker_threads():
+    model = RecordsGradMode()
+    with torch.inference_mode():  # the main thread's mode does not reach the workers
+        run = PredictorPool(loaded(model), inference_mode=False).run_step(2, 0.2, **STEP)
+    step = step_of(run)
+    assert step.grad_enabled_in_workers is True
+    assert step.outputs_with_grad == 2  # one output checked per predictor
+    assert set(model.seen.values()) == {True}
+    assert all(name.startswith("gpuscope-predictor-") for name in model.seen)
+
+
+def test_grad_not_enabled_with_inference_mode_even_when_the_main_thread_has_grad():
+    model = RecordsGradMode()
+    assert torch.is_grad_enabled()
+    run = PredictorPool(loaded(model), inference_mode=True).run_step(2, 0.2, **STEP)
+    step = step_of(run)
+    assert step.grad_enabled_in_workers is False
+    assert step.outputs_with_grad == 0
+    assert set(model.seen.values()) == {False}
+
+
+def test_a_model_that_raises_on_some_requests_counts_errors():
+    run = PredictorPool(loaded(Flaky())).run_step(2, 0.3, **STEP)
+    step = step_of(run)
+    assert step.errors > 0 and step.requests > 0
+    assert not step.oom and step.dead_predictors == 0
+    assert 0.1 < step.error_rate < 0.6
+    assert step.error_messages and step.error_messages[0].startswith("ValueError: request ")
+    assert len(step.error_messages) <= 5
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+                                 OutOfMemoryError("Tried to allocate 20.00 MiB")], ids=["message", "type"])
+def test_an_out_of_memory_error_sets_oom_and_stops_the_step(exc):
+    started = time.monotonic()
+    run = PredictorPool(loaded(RunsOutOfMemory(50, exc))).run_step(2, 5.0, warmup_s=0.0, window_s=0.1)
+    assert time.monotonic() - started < 3.0  # stopped at the OOM, not after the 5 s
+    assert run.oom
+    step = step_of(run)
+    assert step.oom
+    assert step.errors >= 1
+    assert any("Tried to allocate" in m for m in step.error_messages)
+
+
+def test_rate_mode_reports_queue_and_compute_latencies():
+    run = PredictorPool(loaded(nn.Linear(8, 8))).run_step(2, 0.6, warmup_s=0.05, window_s=0.2, rate_rps=200.0)
+    step = step_of(run)
+    assert step.queue_ms is not None and step.compute_ms is not None
+    assert {"p50", "p99"} <= set(step.queue_ms) and {"p50", "p99"} <= set(step.compute_ms)
+    assert step.queue_ms["p50"] >= 0 and step.compute_ms["p50"] > 0
+    assert step.latency_ms["p50"] >= step.compute_ms["p50"] * 0.5
+    assert step.throughput_rps == pytest.approx(200.0, rel=0.35)  # arrivals, not the model's speed
+
+
+def test_closed_loop_has_no_queue():
+    step = step_of(PredictorPool(loaded(nn.Linear(8, 8))).run_step(1, 0.2, **STEP))
+    assert step.queue_ms is None and step.compute_ms is None
+
+
+def test_a_predictor_thread_dying_is_reported_and_the_others_keep_serving():
+    run = PredictorPool(loaded(KillsPredictorOne())).run_step(2, 0.3, **STEP)
+    step = step_of(run)
+    assert step.dead_predictors == 1
+    assert "predictor died: Fatal: predictor 1 lost its interpreter state" in step.error_messages
+    assert run.results[1].died and run.results[0].died is None
+    assert step.requests > 0  # predictor 0 was not taken down with it
+    assert len(run.results[0].latencies_ns) > 0
+
+
+def test_a_predictor_dying_before_the_start_does_not_hang_the_step():
+    def broken_reload():
+        raise MemoryError("cannot copy the model")
+
+    started = time.monotonic()
+    run = PredictorPool(loaded(nn.Linear(8, 8), reload=broken_reload), copy_model=True).run_step(2, 1.0, **STEP)
+    assert time.monotonic() - started < 5.0
+    step = step_of(run)
+    assert step.dead_predictors == 2
+    assert step.requests == 0
+    assert "predictor died: MemoryError: cannot copy the model" in step.error_messages
+
+
+def test_an_outside_stop_interrupts_the_step():
+    stop = threading.Event()
+    threading.Timer(0.2, stop.set).start()
+    started = time.monotonic()
+    run = PredictorPool(loaded(nn.Linear(8, 8))).run_step(1, 5.0, warmup_s=0.05, window_s=0.1, stop=stop)
+    assert time.monotonic() - started < 3.0
+    assert run.interrupted
+
+
+def test_zero_predictors_is_refused():
+    with pytest.raises(ValueError):
+        PredictorPool(loaded(nn.Linear(8, 8))).run_step(0, 0.1)
