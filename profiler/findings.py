@@ -35,6 +35,9 @@ class Thresholds:
     headroom_fail: float = 0.95
     fragmentation_split_share: float = 0.20
     foreign_fail_share: float = 0.10
+    # FOREIGN_PROCESS fails when another process computes on the card. Tuned on the H200 readings:
+    # a process that only holds a 2 GiB tensor still shows 1% SM, so "any utilisation" would fail idle holders.
+    foreign_busy_sm_pct: float = 5.0
     plateau_share: float = 0.05               # THROUGHPUT_PLATEAU and the recommendation
     stream_gain: float = 0.05                 # DEFAULT_STREAM_SERIALIZATION: throughput gain N -> 2N
     stream_latency_ratio: float = 1.7         # ... while p50 grows ~2x
@@ -340,7 +343,7 @@ def rule_foreign_process(record: RunRecord, t: Thresholds) -> list[Finding]:
     total = next((d.get("total_bytes") for d in record.devices
                   if d.get("index") == record.config.get("gpu_index") and is_available(d.get("total_bytes"))), None)
     held = sum(int(p.get("peak_used_bytes") or 0) for p in others)
-    busy = [p for p in others if (p.get("peak_sm_util_pct") or 0) > 0]
+    busy = [p for p in others if (p.get("peak_sm_util_pct") or 0) >= t.foreign_busy_sm_pct]
     severity = "fail" if (total and held > t.foreign_fail_share * total) or busy else "warn"
     named = ", ".join(f"pid {p['pid']} ({p.get('name', '?')}, {format_bytes(p.get('peak_used_bytes') or 0)})" for p in others[:4])
     return [Finding(

@@ -41,7 +41,7 @@ FIRES = {
                             ["10.0% of requests failed at 2 predictors"]),
     rule_duplicate_model: (S.copied_model_run, "DUPLICATE_MODEL", "fail",
                            ["4 distinct copies", "256 MiB per extra predictor", "the model is 256 MiB"]),
-    rule_foreign_process: (S.foreign_process_run, "FOREIGN_PROCESS", "fail",
+    rule_foreign_process: (S.foreign_process_run, "FOREIGN_PROCESS", "warn",  # holds 2 GiB at 1% SM: idle
                            ["1 other process", "2.51 GiB", "pid 576"]),
     rule_multiple_engines: (S.engines_in_one_process_run, "MULTIPLE_ENGINES", "warn",
                             ["this process has 2 GPU engines", "torch, cupy"]),
@@ -211,8 +211,15 @@ def test_low_headroom_reads_the_recommended_count_not_the_peak():
 # ---------------------------------------------------------------- FOREIGN_PROCESS / engines
 
 def test_foreign_process_fail_with_sm_utilisation_warn_without():
-    busy = only(rule_foreign_process(S.foreign_process_run(sm_util=True), T), "FOREIGN_PROCESS")
+    computing = S.foreign_process_run(sm_util=True)
+    for process in computing.processes:
+        if not process["self"]:
+            process["peak_sm_util_pct"] = 40  # the other process computes on the card
+    busy = only(rule_foreign_process(computing, T), "FOREIGN_PROCESS")
     assert busy.severity == "fail"
+    # The real reading of a process that only holds 2 GiB: 1% SM. An idle holder warns, it does not fail.
+    holder = only(rule_foreign_process(S.foreign_process_run(sm_util=True), T), "FOREIGN_PROCESS")
+    assert holder.severity == "warn"
     assert busy.evidence["held_bytes"] == 2566 * MiB
     idle = only(rule_foreign_process(S.foreign_process_run(sm_util=False), T), "FOREIGN_PROCESS")
     assert idle.severity == "warn"
