@@ -237,10 +237,29 @@ def _load_file(path: str, device: str, trust: bool) -> tuple[Any, str]:
     try:
         if kind == TORCHSCRIPT:
             return torch.jit.load(path, map_location=device), "torchscript"
-        program = torch.export.load(path)
+        with _quiet_logger("torch.export"):  # it logs a traceback to stderr before raising on a corrupt file
+            program = torch.export.load(path)
         return program.module().to(device), "export"
     except Exception as exc:
         raise ModelLoadError(f"could not load {path}: {_one_line(exc)}") from exc
+
+
+class _quiet_logger:
+    """Silence one library logger for a block: the error it would log is reported once, by us."""
+
+    def __init__(self, name: str) -> None:
+        import logging
+
+        self._logger = logging.getLogger(name)
+        self._level = self._logger.level
+
+    def __enter__(self) -> None:
+        import logging
+
+        self._logger.setLevel(logging.CRITICAL + 1)
+
+    def __exit__(self, *exc: Any) -> None:
+        self._logger.setLevel(self._level)
 
 
 def _load_factory(spec: str) -> Any:
