@@ -20,6 +20,7 @@ KNOWN_CODES = (
     "CPU_OVERSUBSCRIPTION", "OOM", "GRAD_ENABLED", "LOW_HEADROOM", "FRAGMENTATION", "PID_NAMESPACE",
     "PREDICTOR_ERRORS", "MEASUREMENT_GAP",
     "MEMORY_GROWTH",  # watch and in-process runs (profiler/watch_findings.py)
+    "PROCESSES_VS_THREADS",  # gpuscope compare (profiler/compare.py)
 )
 
 
@@ -44,6 +45,7 @@ class Thresholds:
     stream_latency_ratio: float = 1.7         # ... while p50 grows ~2x
     oversubscription_drop: float = 0.05       # CPU_OVERSUBSCRIPTION warns when throughput falls this much
     error_fail_rate: float = 0.5
+    preallocation_unreadable_share: float = 0.5  # ENGINE_PREALLOCATION when the environment cannot be read
     pid_namespace_min_bytes: int = 64 * MiB
 
 
@@ -393,20 +395,25 @@ def _preallocating(engine: str, env: dict[str, str]) -> str | None:
 
 def rule_engine_preallocation(record: RunRecord, t: Thresholds) -> list[Finding]:
     out = []
+    total = next((d.get("total_bytes") for d in record.devices if is_available(d.get("total_bytes"))), None)
     for p in record.processes:
         env = p.get("memory_env")
-        env_dict = env if isinstance(env, dict) and "unavailable" not in env else {}
+        readable = not (isinstance(env, dict) and "unavailable" in env) and env is not None
+        env_dict = env if readable and isinstance(env, dict) else {}
+        held = p.get("peak_used_bytes") or 0
         for engine in _engines(p):
             why = _preallocating(engine, env_dict)
             if why is None:
                 continue
+            # Without its environment we cannot see the settings: only the memory it holds can tell.
+            if not readable and not (total and held >= t.preallocation_unreadable_share * total):
+                continue
             who = "this process" if p.get("self") else f"pid {p['pid']} ({p.get('name', '?')})"
-            held = p.get("peak_used_bytes") or 0
             out.append(Finding(
                 "ENGINE_PREALLOCATION", "warn",
                 f"{who} runs {engine} at default memory settings and holds {format_bytes(held)}: {why}",
                 {"pid": p.get("pid"), "engine": engine, "held_bytes": held, "memory_env": env,
-                 "env_readable": not (isinstance(env, dict) and "unavailable" in env)},
+                 "env_readable": readable},
                 "JAX: XLA_PYTHON_CLIENT_PREALLOCATE=false or XLA_PYTHON_CLIENT_MEM_FRACTION=0.3; TensorFlow: "
                 "TF_FORCE_GPU_ALLOW_GROWTH=true or a memory limit; ONNX Runtime: gpu_mem_limit and "
                 "arena_extend_strategy=kSameAsRequested", None))

@@ -73,9 +73,10 @@ FIRES = {
 
 def test_every_rule_and_code_has_a_scenario():
     assert set(FIRES) == set(RULES)
+    from profiler.compare import FINDING_CODE as COMPARE_CODE  # tested in test_compare.py
     from profiler.watch_findings import GROWTH_CODE  # fired by watch/in-process rules, tested in test_watch.py
 
-    assert {code for _, code, _, _ in FIRES.values()} | {GROWTH_CODE} == set(KNOWN_CODES)
+    assert {code for _, code, _, _ in FIRES.values()} | {GROWTH_CODE, COMPARE_CODE} == set(KNOWN_CODES)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.__name__)
@@ -272,8 +273,11 @@ def test_engine_preallocation_tensorflow_and_unreadable_environments():
     assert rule_engine_preallocation(record, T) == []
     record = S.jax_sibling_run()
     record.processes[1]["memory_env"] = {"unavailable": "no_permission"}
-    finding = only(rule_engine_preallocation(record, T), "ENGINE_PREALLOCATION")
+    finding = only(rule_engine_preallocation(record, T), "ENGINE_PREALLOCATION")  # it holds 75% of the card
     assert finding.evidence["env_readable"] is False
+    # unreadable settings and a modest footprint: no evidence of preallocation, so no finding
+    record.processes[1]["peak_used_bytes"] = 2 * 1024**3
+    assert rule_engine_preallocation(record, T) == []
 
 
 def test_multiple_engines_in_another_process_and_not_for_one_engine():
