@@ -216,6 +216,9 @@ def _verdict(record: "RunRecord") -> str:
     parts = [f'<section id="verdict" class="verdict v-{worst}">']
     if record.status == "failed":
         headline = "The run failed"
+    elif record.mode == "compare" and (record.extra or {}).get("comparison"):
+        verdict = str(record.extra["comparison"].get("verdict") or "")
+        headline = "Threads versus processes" + (f": {verdict}" if verdict else "")
     elif record.mode in ("watch", "profile") and not record.steps:
         watched = "a running process" if record.mode == "watch" else "this process, in place"
         headline = f"Observed {watched}" + (f" (pid {record.pid})" if record.pid else "")
