@@ -48,14 +48,14 @@ def usable_cores(cgroup_root: str = "/sys/fs/cgroup") -> int:
     return max(1, affinity)
 
 
-def read_rss_uss_bytes(pid: int, proc_root: str = "/proc") -> tuple[int, int] | None:
-    """RSS and USS from /proc/PID/smaps_rollup, or None where the kernel lacks it.
+def read_smaps_rollup(pid: int, proc_root: str = "/proc") -> dict[str, int] | None:
+    """RSS, PSS and USS (bytes) from /proc/PID/smaps_rollup, or None where the kernel lacks it.
 
     Cheaper than psutil.memory_full_info() (which parses every mapping in
-    smaps), but the kernel still walks the page tables: measured ~3.8 ms for a
-    process holding torch (230 MiB RSS) on this 2-core machine. So USS is read
-    at most once per `uss_every_s` (default 2 s: ~90 us per 50 ms tick on average),
-    RSS (statm, ~20 us) every tick.
+    smaps), but the kernel still walks the page tables: measured ~3.7 ms for a
+    process holding torch (230 MiB RSS) on this 2-core machine. So the host
+    probe reads USS at most once per `uss_every_s` (default 2 s: ~90 us per 50 ms
+    tick on average), RSS (statm, ~20 us) every tick.
     """
     try:
         with open(f"{proc_root}/{pid}/smaps_rollup", "rb") as fh:
@@ -71,7 +71,13 @@ def read_rss_uss_bytes(pid: int, proc_root: str = "/proc") -> tuple[int, int] | 
     if b"Rss" not in fields:
         return None
     uss = fields.get(b"Private_Clean", 0) + fields.get(b"Private_Dirty", 0) + fields.get(b"Private_Hugetlb", 0)
-    return fields[b"Rss"], uss
+    return {"rss_bytes": fields[b"Rss"], "pss_bytes": fields.get(b"Pss", fields[b"Rss"]), "uss_bytes": uss}
+
+
+def read_rss_uss_bytes(pid: int, proc_root: str = "/proc") -> tuple[int, int] | None:
+    """RSS and USS of a process (see read_smaps_rollup for the cost)."""
+    rollup = read_smaps_rollup(pid, proc_root)
+    return (rollup["rss_bytes"], rollup["uss_bytes"]) if rollup else None
 
 
 def host_info() -> dict[str, Any]:

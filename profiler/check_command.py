@@ -21,7 +21,8 @@ from typing import Any, Callable, Mapping
 
 from profiler.check import (EXIT_BAD_INPUT, EXIT_FAIL, CheckConfigError, CheckOutcome, Limits, evaluate,
                             format_lines, load_config, merge_limits)
-from profiler.run import RunRecord, save_run, write_json_atomic
+from profiler.files import write_json_atomic
+from profiler.run import RunRecord, save_run
 
 __all__ = ["run_check", "limits_from_sources", "CheckConfigError"]
 

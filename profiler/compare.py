@@ -28,8 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from probes.readings import ERROR, NO_DEVICE, NOT_SUPPORTED, PROCESS_GONE, Unavailable, is_available, reading_to_json
+from probes.host import read_smaps_rollup
 from probes.units import format_bytes
 from profiler.errors import EXIT_OK, EXIT_USAGE, UsageError
+from profiler.findings import least_squares_slope
 from profiler.run import Finding, RunRecord
 
 THREADS = "threads"
@@ -78,27 +80,8 @@ def default_counts(usable_cores: int) -> tuple[int, ...]:
 
 # ---------------------------------------------------------------- memory of a set of processes
 
-def read_rollup(pid: int, proc_root: str = "/proc") -> dict[str, int] | None:
-    """RSS, PSS and USS of one process from /proc/PID/smaps_rollup (None where the kernel lacks it)."""
-    try:
-        with open(f"{proc_root}/{pid}/smaps_rollup", "rb") as fh:
-            text = fh.read()
-    except OSError:
-        return None
-    fields: dict[bytes, int] = {}
-    for line in text.splitlines():
-        name, _, rest = line.partition(b":")
-        parts = rest.split()
-        if parts and parts[0].isdigit():
-            fields[name] = int(parts[0]) * 1024
-    if b"Rss" not in fields:
-        return None
-    uss = fields.get(b"Private_Clean", 0) + fields.get(b"Private_Dirty", 0) + fields.get(b"Private_Hugetlb", 0)
-    return {"rss_bytes": fields[b"Rss"], "pss_bytes": fields.get(b"Pss", fields[b"Rss"]), "uss_bytes": uss}
-
-
 def _read_process_memory(pid: int) -> dict[str, int] | Unavailable:
-    rollup = read_rollup(pid)
+    rollup = read_smaps_rollup(pid)
     if rollup is not None:
         return rollup
     import psutil
@@ -295,16 +278,6 @@ def build_row(mode: str, predictors: int, payloads: list[dict[str, Any]], window
     }
 
 
-def _slope(points: list[tuple[float, float]]) -> float | None:
-    if len({x for x, _ in points}) < 2:
-        return None
-    n = len(points)
-    mean_x = sum(x for x, _ in points) / n
-    mean_y = sum(y for _, y in points) / n
-    var = sum((x - mean_x) ** 2 for x, _ in points)
-    return sum((x - mean_x) * (y - mean_y) for x, y in points) / var
-
-
 def ok_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
     return sorted((r for r in rows if r.get("mode") == mode and not r.get("error") and r.get("requests", 0) > 0),
                   key=lambda r: r["predictors"])
@@ -318,7 +291,7 @@ def per_extra_predictor(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]
         entry: dict[str, Any] = {}
         for key in ("host_uss_bytes", "host_pss_bytes", "device_bytes"):
             points = [(r["predictors"], r[key]) for r in mine if is_available(r.get(key))]
-            slope = _slope(points)
+            slope = least_squares_slope(points)
             if slope is not None:
                 entry[key] = int(round(slope))
             else:

@@ -63,7 +63,7 @@ def _ok_steps(record: RunRecord) -> list[Step]:
     return [s for s in record.steps if s.requests > 0 and not s.oom]
 
 
-def _slope(points: list[tuple[float, float]]) -> float | None:
+def least_squares_slope(points: list[tuple[float, float]]) -> float | None:
     """Least-squares slope of y against x; None with fewer than two distinct x."""
     if len({x for x, _ in points}) < 2:
         return None
@@ -82,7 +82,7 @@ def memory_key(record: RunRecord) -> str:
 def bytes_per_extra_predictor(record: RunRecord, key: str | None = None) -> float | None:
     key = key or memory_key(record)
     points = [(s.predictors, v) for s in _ok_steps(record) if (v := _mem(s, key)) is not None]
-    return _slope(points)
+    return least_squares_slope(points)
 
 
 def recommend(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict[str, Any]:

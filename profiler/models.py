@@ -340,8 +340,6 @@ def _eval(module: Any) -> Any:
 def load_model(spec: str, device: str, input_shape: tuple[int, ...] | None = None, dtype: str | None = None,
                size: str = "small", trust_model_file: bool = False) -> LoadedModel:
     """Load a model onto `device` once, in eval mode, with its sizes and how to feed it."""
-    import torch
-
     if size not in SIZES:
         raise ModelLoadError(f"unknown model size {size!r} (choose from {', '.join(SIZES)})")
     if dtype is not None and dtype not in DTYPES:

@@ -8,12 +8,11 @@ everything from it and the samples file beside it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from probes.readings import reading_from_json, reading_to_json
+from profiler.files import write_json_atomic
 
 SCHEMA = "gpuscope.run/1"
 SCHEMA_FAMILY = "gpuscope.run/"
@@ -195,24 +194,6 @@ def check_schema(data: Any) -> None:
 def sorted_findings(findings: list[Finding]) -> list[Finding]:
     """Most severe first, then by code, so reports and JSON read the same way."""
     return sorted(findings, key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), f.code))
-
-
-def write_json_atomic(path: str, data: Any) -> None:
-    """Write JSON via a temp file and rename, so a reader never sees half a file."""
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".run-", suffix=".json", dir=directory)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            json.dump(data, fh, indent=2, default=str)
-            fh.write("\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a run record is meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def save_run(record: RunRecord, path: str) -> None:

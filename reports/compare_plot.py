@@ -8,8 +8,7 @@ Panels: host memory (sum of USS), device memory when measured (NVML), throughput
 from __future__ import annotations
 
 import io
-import os
-import tempfile
+from profiler.files import write_bytes_atomic
 import textwrap
 from typing import Any
 
@@ -89,17 +88,5 @@ def write_compare_plot(comparison: dict[str, Any], path: str) -> str | None:
     if not comparison.get("rows"):
         return None
     data = compare_png(comparison)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".compare-", suffix=".png", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_bytes_atomic(path, data)
     return path

@@ -15,9 +15,8 @@ of characters XML 1.0 cannot carry; the file is written atomically.
 """
 from __future__ import annotations
 
-import os
 import re
-import tempfile
+from profiler.files import write_bytes_atomic
 import xml.etree.ElementTree as ET
 from typing import Any
 
@@ -100,18 +99,4 @@ def write_junit(outcome: Any, path: str) -> None:
     root = build_junit(outcome)
     ET.indent(root)
     payload = ET.tostring(root, encoding="utf-8", xml_declaration=True)
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=".junit-", suffix=".xml", dir=directory)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
-            fh.write(b"\n")
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; CI artifact collectors may run as another user
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    write_bytes_atomic(path, payload + b"\n", make_dirs=True)
