@@ -99,7 +99,7 @@ def recommend(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) ->
     best = max(s.throughput_rps for s in candidates)
     chosen = min((s for s in candidates if s.throughput_rps >= best * (1 - thresholds.plateau_share)),
                  key=lambda s: s.predictors)
-    reason = (f"{chosen.predictors} predictor{'s' if chosen.predictors != 1 else ''} reach "
+    reason = (f"{chosen.predictors} predictor{'s reach' if chosen.predictors != 1 else ' reaches'} "
               f"{chosen.throughput_rps:.0f} req/s, within {thresholds.plateau_share:.0%} of the best "
               f"({best:.0f} req/s), at p99 {chosen.latency_ms.get('p99', 0):.1f} ms")
     if limit:
