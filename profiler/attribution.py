@@ -16,6 +16,15 @@ from profiler.decomposition import cpu_layers, gpu_layers
 ScopedValue = tuple[str, str, Any]
 
 
+def end_figures(last: dict[tuple[str, str], Any], pid: int, gpu_index: int) -> dict[str, Any]:
+    """The process's memory figures at the last tick of a run (CACHE_BLOAT reads them 'at the end')."""
+    mine = f"pid:{pid}/gpu:{gpu_index}"
+    return {"process_gpu_bytes": last.get((mine, "used_bytes")),
+            "torch_allocated_bytes": last.get((mine, "torch_allocated_bytes")),
+            "torch_reserved_bytes": last.get((mine, "torch_reserved_bytes")),
+            "device_used_bytes": last.get((f"gpu:{gpu_index}", "used_bytes"))}
+
+
 class StepMonitor:
     """Tracks peaks for the profiled pid on one device (or the CPU) since the last reset()."""
 

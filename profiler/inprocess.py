@@ -262,8 +262,8 @@ class Profile:
         from probes.engines import memory_variables
         from probes.processes import describe_process
         from profiler.session import now_iso
-        from profiler.watch import children_of, live_processes, merge_gaps, sampler_stats
-        from profiler.watch_findings import live_findings
+        from profiler.attribution import end_figures
+        from profiler.watch import children_of, complete_live_record, live_processes
 
         record = self.record
         assert record is not None
@@ -292,25 +292,11 @@ class Profile:
         record.processes = live_processes(self.pid, me, described, self._peaks.peaks(), self._tracker.pid_spans(),
                                           children, live.get("duration_s", 0.0), self.interval_s)
         if gpu_index is not None:
-            last = self._peaks.last()
-            mine = f"pid:{self.pid}/gpu:{gpu_index}"
-            record.baseline["end"] = {
-                "process_gpu_bytes": last.get((mine, "used_bytes")),
-                "torch_allocated_bytes": last.get((mine, "torch_allocated_bytes")),
-                "torch_reserved_bytes": last.get((mine, "torch_reserved_bytes")),
-                "device_used_bytes": last.get((f"gpu:{gpu_index}", "used_bytes")),
-            }
+            record.baseline["end"] = end_figures(self._peaks.last(), self.pid, gpu_index)
         rss = (live.get("series") or {}).get("rss_bytes") or {}
         record.baseline["rss_at_start_bytes"] = rss.get("first_value")
-        gaps, evidence = merge_gaps(self._gaps)
-        record.extra.update({"live": live, "measurement_gaps": gaps, "pid_namespace": evidence,
-                             "context_baseline": live.get("context")})
-        record.sampler = sampler_stats(self._sampler)
-        record.sharing = {}
-        record.recommendation = {"predictors": None,
-                                 "reason": f"this process was profiled for {live.get('duration_s', 0):.1f} s "
-                                           "in place; no predictor sweep was run (gpuscope diagnose recommends a count)"}
-        record.findings = live_findings(record)
+        complete_live_record(record, live, self._gaps, self._sampler,
+                             f"this process was profiled for {live.get('duration_s', 0):.1f} s in place")
         return record
 
     @property

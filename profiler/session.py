@@ -22,7 +22,7 @@ from probes.redact import redact_argv
 from probes.sampler import PeakTracker, Sampler
 from probes.samplefile import SampleWriter
 from profiler import __version__
-from profiler.attribution import GapTracker, StepMonitor
+from profiler.attribution import GapTracker, StepMonitor, end_figures
 from profiler.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, OutputError, UsageError
 from profiler.options import DiagnoseOptions, parse_predictors, parse_seconds
 from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunRecord, save_run
@@ -369,13 +369,7 @@ def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, 
     record.processes = sorted(processes.values(), key=lambda p: (not p.get("self"), -(p.get("peak_used_bytes") or 0)
                                                                  if isinstance(p.get("peak_used_bytes"), int) else 0))
     if gpu and nvml_index is not None:
-        mine = f"pid:{pid}/gpu:{nvml_index}"
-        record.baseline["end"] = {
-            "process_gpu_bytes": last.get((mine, "used_bytes")),
-            "torch_allocated_bytes": last.get((mine, "torch_allocated_bytes")),
-            "torch_reserved_bytes": last.get((mine, "torch_reserved_bytes")),
-            "device_used_bytes": last.get((f"gpu:{nvml_index}", "used_bytes")),
-        }
+        record.baseline["end"] = end_figures(last, pid, nvml_index)
     record.extra["measurement_gaps"] = gaps.gaps
     record.extra["pid_namespace"] = gaps.evidence()
     record.sampler = {"interval_s": sampler.interval_s, "ticks": sampler.ticks, "missed_ticks": sampler.missed_ticks,

@@ -303,6 +303,22 @@ def merge_gaps(trackers: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     return gaps, evidence
 
 
+def complete_live_record(record: RunRecord, live: dict[str, Any], gap_trackers: list[Any], sampler: Any,
+                         no_sweep_reason: str) -> None:
+    """What a watch and an in-process profile add alike once their samples are in: gaps, sampler costs,
+    no sweep (so no sharing or recommendation), and the findings that apply from the samples alone."""
+    from profiler.watch_findings import live_findings
+
+    gaps, evidence = merge_gaps(gap_trackers)
+    record.extra.update({"live": live, "measurement_gaps": gaps, "pid_namespace": evidence,
+                         "context_baseline": live.get("context")})
+    record.sampler = sampler_stats(sampler)
+    record.sharing = {}
+    record.recommendation = {"predictors": None, "reason": f"{no_sweep_reason}; no predictor sweep was run "
+                                                           "(gpuscope diagnose recommends a count)"}
+    record.findings = live_findings(record)
+
+
 def sampler_stats(sampler: Any) -> dict[str, Any]:
     return {"interval_s": sampler.interval_s, "ticks": sampler.ticks, "missed_ticks": sampler.missed_ticks,
             "mean_tick_cost_us": round(sampler.mean_tick_cost_us, 1),
@@ -590,7 +606,6 @@ class WatchSession:
     # -- the record
     def build_record(self, final: bool) -> RunRecord:
         from profiler.session import now_iso
-        from profiler.watch_findings import live_findings
 
         record = self.record
         live = self.tracker.summary("watch")
@@ -612,20 +627,13 @@ class WatchSession:
         record.processes = live_processes(self.pid, self.target_info, described, self.peaks.peaks(),
                                           self.tracker.pid_spans(), self.children, live.get("duration_s", 0.0),
                                           self.interval_s)
-        gaps, evidence = merge_gaps(self.gaps)
         first_rss = (live.get("series", {}).get("rss_bytes") or {}).get("first_value")
         record.baseline = {"rss_at_start_bytes": first_rss,
                            "process_gpu_bytes_at_start": (live.get("series", {}).get("process_gpu_bytes") or {}).get("first_value")}
-        record.extra.update({"live": live, "measurement_gaps": gaps, "pid_namespace": evidence,
-                             "context_baseline": live.get("context")})
-        record.sampler = sampler_stats(self.sampler)
-        record.sharing = {}
-        record.recommendation = {"predictors": None,
-                                 "reason": f"a live process was watched for {live.get('duration_s', 0):.0f} s; "
-                                           "no predictor sweep was run (gpuscope diagnose recommends a count)"}
         if final:
             record.ended_at = now_iso()
-        record.findings = live_findings(record)
+        complete_live_record(record, live, self.gaps, self.sampler,
+                             f"a live process was watched for {live.get('duration_s', 0):.0f} s")
         return record
 
     def _save_progress(self) -> None:
