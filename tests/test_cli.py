@@ -1,0 +1,42 @@
+"""The command line starts fast: `gpuscope --help` must not import torch, matplotlib or the reports."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+PROBE = """
+import sys
+from profiler.cli import main
+code = main(["--help"])
+heavy = sorted(m for m in ("torch", "matplotlib", "reports.html", "reports.plots", "pynvml") if m in sys.modules)
+print("HEAVY:" + ",".join(heavy))
+sys.exit(code)
+"""
+
+
+def test_help_is_fast_and_imports_nothing_heavy():
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=60)
+    elapsed = time.perf_counter() - started
+    assert done.returncode == 0, done.stderr
+    assert "diagnose" in done.stdout and "check" in done.stdout and "report" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == "HEAVY:", done.stdout.splitlines()[-1]
+    assert elapsed < 2.0, f"gpuscope --help took {elapsed:.2f} s"
+
+
+def test_every_command_has_help():
+    for command in ("diagnose", "check", "report", "ps", "watch", "export", "compare", "version"):
+        done = subprocess.run([sys.executable, "-m", "profiler", command, "--help"], capture_output=True, text=True,
+                              timeout=60)
+        assert done.returncode == 0, (command, done.stderr)
+        assert "Usage" in done.stdout, command
+
+
+def test_unknown_command_and_option_are_one_line_exit_2():
+    for argv in (["frobnicate"], ["diagnose", "--no-such-option"], ["check", "--at-predictors", "abc"]):
+        done = subprocess.run([sys.executable, "-m", "profiler", *argv], capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2, (argv, done.stderr)
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("gpuscope: error:"), (argv, done.stderr)
+        assert "Traceback" not in done.stderr
