@@ -90,6 +90,9 @@ class PynvmlBackend:
     def __init__(self, pynvml: Any) -> None:
         self._nv = pynvml
         self._handles: dict[int, Any] = {}
+        # Per device, the newest process-utilisation sample's own timestamp: NVML wants the timestamp of a
+        # sample it returned, not our clock (samples can arrive after their timestamp and be skipped).
+        self._util_cursor_us: dict[int, int] = {}
 
     @classmethod
     def open(cls) -> "PynvmlBackend":
@@ -119,6 +122,8 @@ class PynvmlBackend:
             raise MetricError(_reason_for(exc, self._nv), f"{fn_name}: {exc}") from exc
         except AttributeError as exc:  # an old binding without this call
             raise MetricError(NOT_SUPPORTED, f"{fn_name} missing in this pynvml") from exc
+        except Exception as exc:  # e.g. NVMLLibraryMismatchError, which is not an NVMLError
+            raise MetricError(ERROR, f"{fn_name}: {type(exc).__name__}: {exc}") from exc
 
     def _handle(self, index: int) -> Any:
         if index not in self._handles:
@@ -175,8 +180,9 @@ class PynvmlBackend:
         return list(rows.values())
 
     def process_utilization_pct(self, index: int, since_us: int) -> dict[int, int]:
+        cursor = self._util_cursor_us.get(index, since_us)
         try:
-            samples = self._call("nvmlDeviceGetProcessUtilization", self._handle(index), since_us)
+            samples = self._call("nvmlDeviceGetProcessUtilization", self._handle(index), cursor)
         except MetricError as exc:
             if "NOT_FOUND" in str(exc).upper() or exc.reason == PROCESS_GONE:
                 return {}  # no samples since `since_us`: nothing ran
@@ -184,6 +190,9 @@ class PynvmlBackend:
         out: dict[int, int] = {}
         for sample in samples:
             out[int(sample.pid)] = max(out.get(int(sample.pid), 0), int(sample.smUtil))
+            stamp = int(getattr(sample, "timeStamp", 0) or 0)
+            if stamp > self._util_cursor_us.get(index, 0):
+                self._util_cursor_us[index] = stamp
         return out
 
     def process_name(self, pid: int) -> str:

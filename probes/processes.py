@@ -54,6 +54,9 @@ def describe_process(pid: int, nvml_name: str = "", engines_probe: EnginesProbe 
                 cmdline: str | Unavailable = " ".join(redact_argv(proc.cmdline()))
             except psutil.AccessDenied as exc:
                 cmdline = Unavailable(NO_PERMISSION, str(exc))
+    except psutil.ZombieProcess:  # it exists (NVML may still list it for a moment): not a namespace problem
+        gone = Unavailable(PROCESS_GONE, f"pid {pid} has exited (zombie)")
+        return ProcessInfo(pid, True, nvml_name or "?", gone, gone, gone, gone)
     except psutil.NoSuchProcess:
         gone = Unavailable(PROCESS_GONE, f"pid {pid} is not in this pid namespace")
         return ProcessInfo(pid, False, nvml_name or "?", gone, gone, gone, gone)

@@ -521,8 +521,7 @@ def _device_total(record: Any, step: Any) -> Any:
     total = (step.memory or {}).get("device_total_bytes")
     if is_available(total) and total > 0:
         return total
-    device = str((record.config or {}).get("device", "cuda:0"))
-    index = int(device.split(":", 1)[1]) if ":" in device and device.split(":", 1)[1].isdigit() else 0
+    index = record.nvml_index
     for entry in record.devices or []:
         if isinstance(entry, dict) and entry.get("index", 0) == index:
             value = entry.get("total_bytes")

@@ -399,7 +399,7 @@ def validate_model(model: LoadedModel) -> None:
         with torch.inference_mode():
             model.module(make_input(model))
         if model.device.startswith("cuda"):
-            torch.cuda.synchronize()
+            torch.cuda.synchronize(model.device)
     except Exception as exc:
         raise ModelLoadError(f"the model rejected an input of shape {'x'.join(map(str, model.input_shape))} "
                              f"({model.dtype}): {_one_line(exc)}") from exc

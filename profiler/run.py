@@ -166,6 +166,21 @@ class RunRecord:
     def gpu(self) -> bool:
         return str(self.config.get("device", "cpu")).startswith("cuda")
 
+    @property
+    def nvml_index(self) -> int:
+        """NVML's index of the profiled GPU: the one samples, `devices` and processes use. It differs from
+        torch's `cuda:N` under CUDA_VISIBLE_DEVICES, so never derive it from config["device"] when it is known."""
+        index = self.config.get("gpu_index")
+        if isinstance(index, int) and not isinstance(index, bool):
+            return index
+        device = str(self.config.get("device", "cuda:0"))
+        suffix = device.split(":", 1)[1] if ":" in device else "0"
+        return int(suffix) if suffix.isdigit() else 0
+
+    def device_entry(self) -> dict[str, Any]:
+        """The `devices` entry of the profiled GPU ({} when unknown)."""
+        return next((d for d in self.devices if isinstance(d, dict) and d.get("index") == self.nvml_index), {})
+
 
 def _redacted_process(process: Any) -> Any:
     """Command lines are redacted when first read; again here so no record path can leak one."""

@@ -357,6 +357,9 @@ def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, 
     else:
         known[pid] = describe_process(pid, known[pid].name, EnginesProbe())  # engines loaded since first sight
     for other_pid, info in known.items():
+        on_device = nvml_index is not None and (f"pid:{other_pid}/gpu:{nvml_index}", "used_bytes") in peaks
+        if other_pid != pid and not on_device:
+            continue  # seen only on another GPU: not this run's neighbour
         entry = info.to_json()
         entry["self"] = other_pid == pid or other_pid in children
         entry["child"] = other_pid in children

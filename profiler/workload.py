@@ -90,6 +90,10 @@ class PredictorPool:
         self.inference_mode = inference_mode
         self._copies: list[Any] = []
         self._copies_lock = threading.Lock()
+        # One long-lived stream per predictor index, kept across steps like a server's: torch caches a cuBLAS
+        # workspace per (handle, stream) and never frees it, so new streams every step would inflate the
+        # memory each extra predictor appears to cost.
+        self._streams: dict[int, Any] = {}
 
     def _module_for(self, index: int) -> Any:
         if not self.copy_model:
@@ -106,6 +110,14 @@ class PredictorPool:
                 self._copies[index] = module
         return module
 
+    def _stream_for(self, index: int) -> Any:
+        import torch
+
+        with self._copies_lock:
+            if index not in self._streams:
+                self._streams[index] = torch.cuda.Stream(device=self.model.device)
+            return self._streams[index]
+
     def _predictor(self, index: int, result: PredictorResult, ready: threading.Barrier, measuring: threading.Event,
                    stop: threading.Event, requests: "queue.Queue[int] | None") -> None:
         import torch
@@ -114,7 +126,7 @@ class PredictorPool:
         try:
             module = self._module_for(index)
             device = self.model.device
-            stream = torch.cuda.Stream(device=device) if self.streams else None
+            stream = self._stream_for(index) if self.streams else None
             cuda = device.startswith("cuda")
             grad_ctx = torch.inference_mode() if self.inference_mode else torch.enable_grad()
             stream_ctx = torch.cuda.stream(stream) if stream is not None else _null_context()

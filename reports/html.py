@@ -194,9 +194,9 @@ def _worst(record: "RunRecord") -> str:
 def _device_label(record: "RunRecord") -> str:
     device = str(record.config.get("device", "cpu"))
     if record.gpu:
-        for d in record.devices or []:
-            if f"cuda:{d.get('index')}" == device and is_available(d.get("total_bytes")):
-                return f"{device} ({fmt(d.get('name'))}, {format_bytes(d['total_bytes'])})"
+        d = record.device_entry()
+        if is_available(d.get("total_bytes")):
+            return f"{device} ({fmt(d.get('name'))}, {format_bytes(d['total_bytes'])})"
         return device
     return "CPU"
 
@@ -560,7 +560,7 @@ def _processes(record: "RunRecord") -> str:
             desc = ", ".join(x for x in (fmt(d.get("name")) if d.get("name") is not None else "",
                                          fmt(d.get("total_bytes"), "total_bytes") if d.get("total_bytes") is not None
                                          else "") if x)
-            parts.append(f"<h3>cuda:{e(gpu)}" + (f" <span class=\"muted\">{esc(desc)}</span>" if desc else "")
+            parts.append(f"<h3>GPU {e(gpu)} (NVML index)" + (f" <span class=\"muted\">{esc(desc)}</span>" if desc else "")
                          + "</h3>")
         rows = []
         for p in sorted(groups[gpu], key=lambda p: (not p.get("self"), str(p.get("pid")))):
@@ -595,7 +595,7 @@ def _environment(record: "RunRecord") -> str:
                                ("driver", "driver"), ("python", "Python"))]
     for d in record.devices or []:
         if isinstance(d, dict):
-            pairs.append((f"device cuda:{fmt(d.get('index'))}",
+            pairs.append((f"GPU {fmt(d.get('index'))} (NVML index)",
                           esc(f"{fmt(d.get('name'))}, {fmt(d.get('total_bytes'), 'total_bytes')}, "
                               f"driver {fmt(d.get('driver'))}, {fmt(d.get('uuid'))}")))
     if not record.gpu:

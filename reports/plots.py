@@ -94,11 +94,8 @@ class TimelineLayers:
 # ---------------------------------------------------------------- data preparation (no matplotlib)
 
 def gpu_index(record: "RunRecord") -> int:
-    device = str(record.config.get("device", "cuda:0"))
-    try:
-        return int(device.split(":", 1)[1]) if ":" in device else 0
-    except ValueError:
-        return 0
+    """NVML's index of the profiled GPU (what sample scopes use), not torch's cuda:N."""
+    return record.nvml_index
 
 
 def model_bytes(record: "RunRecord") -> int | None:

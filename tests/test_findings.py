@@ -179,10 +179,15 @@ def test_cpu_oversubscription_without_a_fitting_step_is_info():
     assert "falls" not in finding.title
 
 
-def test_cpu_oversubscription_on_a_gpu_only_with_a_busy_cpu():
-    assert rule_cpu_oversubscription(S.gpu_oversubscribed_run(cpu_util=30.0), T) == []
-    finding = only(rule_cpu_oversubscription(S.gpu_oversubscribed_run(cpu_util=95.0), T), "CPU_OVERSUBSCRIPTION")
-    assert "2 predictors x 16 intra-op threads = 32 busy threads on 16 usable cores" in finding.title
+def test_cpu_oversubscription_on_a_gpu_counts_predictors_not_intra_op_threads():
+    # On a GPU the intra-op pool idles: 4 predictors x 16 threads on 16 cores is not oversubscribed,
+    # however busy the waiting threads look.
+    assert rule_cpu_oversubscription(S.gpu_oversubscribed_run(cpu_util=95.0), T) == []
+    # The H200 sweep: 32 predictors on 16 cores, each spinning a core while it waits; throughput falls to 2068.
+    finding = only(rule_cpu_oversubscription(S.h200_shared_model_run(), T), "CPU_OVERSUBSCRIPTION")
+    assert finding.severity == "warn"
+    assert "32 predictors each spin a CPU core while they wait on the GPU, on 16 usable cores" in finding.title
+    assert "falls to 2068 req/s at 32" in finding.title
 
 
 # ---------------------------------------------------------------- LOW_HEADROOM
@@ -338,12 +343,24 @@ def test_throughput_plateau_per_thread_streams():
 
 # ---------------------------------------------------------------- memory rules
 
-def test_outside_allocator_warns_when_it_grows():
+def test_outside_allocator_growth_explained_by_predictors_is_info():
+    # The H200 sweep: the layer grows ~2 GiB from 1 to 32 predictors, all of it per-thread cuBLAS state,
+    # which PER_PREDICTOR_GROWTH reports; OUTSIDE_ALLOCATOR stays info.
     finding = only(rule_outside_allocator(S.h200_shared_model_run(), T), "OUTSIDE_ALLOCATOR")
-    assert finding.severity == "warn"
+    assert finding.severity == "info"
     assert finding.evidence["growth_bytes"] == (4340 - 1612 - (1318 - 578)) * MiB
-    assert "grew by 1.94 GiB" in finding.title
+    assert abs(finding.evidence["unexplained_growth_bytes"]) < 512 * MiB
     assert rule_outside_allocator(S.clean_cpu_run(), T) == []
+
+
+def test_outside_allocator_warns_on_growth_the_predictor_count_does_not_explain():
+    record = S.h200_shared_model_run()
+    last = max(record.steps, key=lambda s: s.predictors)
+    last.memory["layers"]["outside_allocator_bytes"] += 3 * 1024 * MiB  # e.g. another engine's pool appeared
+    finding = only(rule_outside_allocator(record, T), "OUTSIDE_ALLOCATOR")
+    assert finding.severity == "warn"
+    assert "more than the predictor count explains" in finding.title
+    assert finding.evidence["unexplained_growth_bytes"] > 1024 * MiB
 
 
 def test_cache_bloat_evidence_and_threshold():
@@ -497,7 +514,7 @@ def test_conclude_fills_sharing_recommendation_and_findings():
     assert record.sharing["bytes_per_extra_predictor"] == pytest.approx(97.5 * MiB, abs=3 * MiB)
     assert record.recommendation["predictors"] == 2
     assert {f.code for f in record.findings} == {"PER_PREDICTOR_GROWTH", "DEFAULT_STREAM_SERIALIZATION",
-                                                 "OUTSIDE_ALLOCATOR", "THROUGHPUT_PLATEAU"}
+                                                 "OUTSIDE_ALLOCATOR", "THROUGHPUT_PLATEAU", "CPU_OVERSUBSCRIPTION"}
 
 
 def test_conclude_on_copies_and_on_one_step():
@@ -583,3 +600,16 @@ def test_replayed_h200_run_concludes_like_the_real_card():
     assert "612 MiB right after initialisation" in outside.title
     assert "DUPLICATE_MODEL" not in {f.code for f in record.findings}
     assert record.sharing["verified"] is True
+
+
+def test_process_readings_in_json_form_do_not_crash_the_rules():
+    # record.processes holds JSON: a reading NVML could not take is {"unavailable": ...}, never 0 and never a crash.
+    record = S.foreign_process_run(sm_util=True)
+    for process in record.processes:
+        if not process["self"]:
+            process["peak_sm_util_pct"] = {"unavailable": "not_supported"}
+    finding = only(rule_foreign_process(record, T), "FOREIGN_PROCESS")
+    assert finding.severity == "warn"  # SM use unknown: it holds memory, nothing says it computes
+    record.processes[1]["peak_used_bytes"] = {"unavailable": "not_supported"}
+    assert rule_foreign_process(record, T) == []  # no readable memory: nothing to report, and no crash
+    assert all(f.code != "MEASUREMENT_GAP" for f in evaluate(record))

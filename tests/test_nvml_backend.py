@@ -254,3 +254,26 @@ def test_only_probes_nvml_imports_pynvml():
                 if "import pynvml" in fh.read():
                     importers.append(name)
     assert importers == []
+
+
+def test_process_utilization_asks_from_the_newest_sample_nvml_returned(h200_raw):
+    # NVML wants the timestamp of a sample it returned, not our clock: samples may arrive after their
+    # own timestamp, and a host-clock cursor would skip them (SM use would read 0).
+    nv = fake_pynvml(h200_raw)
+    backend = PynvmlBackend(nv)
+    backend.process_utilization_pct(0, since_us=1_000)
+    backend.process_utilization_pct(0, since_us=9_999_999)
+    cursors = [args[1] for name, args, _ in nv.calls if name == "nvmlDeviceGetProcessUtilization"]
+    assert cursors == [1_000, 2]  # the first call uses the caller's start; then the newest sample's timeStamp
+
+
+def test_a_non_nvml_error_from_the_binding_becomes_a_metric_error(h200_raw):
+    nv = fake_pynvml(h200_raw)
+
+    def mismatch(*args, **kwargs):
+        raise RuntimeError("NVMLLibraryMismatchError: the driver is older than the binding")
+
+    nv.nvmlDeviceGetComputeRunningProcesses = mismatch
+    with pytest.raises(MetricError) as info:
+        PynvmlBackend(nv).running_processes(0)
+    assert info.value.reason == "error" and "Mismatch" in str(info.value)
