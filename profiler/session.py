@@ -187,7 +187,14 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         torch.set_num_threads(opts.intra_op_threads)
 
     # ---- the device, and the CUDA context baseline before the model loads
-    nvml, device_unavailable = nvml_opener() if gpu else (None, {"reason": "no_device", "detail": "profiling on the CPU"})
+    nvml, device_unavailable = nvml_opener()
+    if not gpu:
+        # A CPU run measures no GPU; say why: none here (NVML's own reason), or the user chose the CPU.
+        if nvml is not None:
+            nvml.shutdown()
+            nvml, device_unavailable = None, {"reason": "no_device", "detail": f"profiling on the CPU (--device {opts.device})"}
+        elif device_unavailable is not None:
+            device_unavailable = {**device_unavailable, "detail": f"{device_unavailable['detail']}; profiling on the CPU"}
     pid = os.getpid()
     record = RunRecord(tool_version=__version__, started_at=now_iso(), host=host_info(), pid=pid, mode="diagnose")
     record.device_unavailable = device_unavailable
