@@ -2,8 +2,9 @@
 
 `gpuscope check` either runs a sweep or reads a saved run.json, then evaluates
 the limits a platform team set (on the command line, in `[tool.gpuscope.check]`
-of pyproject.toml, in a `[check]` table of gpuscope.toml, or in the file named
-by `--config`) and the findings the run produced.
+of pyproject.toml, in a `[check]` table of gpuscope.toml, looked up from the
+current folder upwards, or in the file named by `--config`) and the findings the
+run produced.
 
 Each limit becomes one `LimitResult` with status pass, fail or unmeasured:
 
@@ -30,8 +31,16 @@ that measured no GPU, a reading that came back Unavailable, a predictor count
 the sweep did not measure, a run without a recommendation and no
 `--at-predictors`. A forbidden code whose rule needs a GPU (FOREIGN_PROCESS,
 CACHE_BLOAT, ...) is unmeasured on a run without a GPU, and absence of findings
-proves nothing on an interrupted or failed run, so those are unmeasured too.
-An unmeasured limit never passes.
+proves nothing on a run that did not finish (any status but "complete": a run
+killed with SIGKILL stays "running") or that measured nothing, so those are
+unmeasured too. An unmeasured limit never passes.
+
+A watch, profile or compare record (`mode` other than diagnose) has no steps: its
+step limits are unmeasured, with one note saying they need a diagnose run, except
+max_host_memory and max_device_memory on a watch or profile, which read the
+target's peak RSS and peak NVML memory over the run (`extra["live"]["series"]`).
+Forbidden codes and the findings gate read the record's own findings; forbidding
+a code whose rule needs a sweep is unmeasured there.
 
 Exit code rule (`CheckOutcome.exit_code`):
 
@@ -80,6 +89,23 @@ BASE_GPU_ONLY_CODES = (
     "CACHE_BLOAT", "OUTSIDE_ALLOCATOR", "FOREIGN_PROCESS", "DEFAULT_STREAM_SERIALIZATION",
     "LOW_HEADROOM", "FRAGMENTATION", "PID_NAMESPACE",
 )
+
+# Records without a predictor sweep (RunRecord.mode other than "diagnose").
+LIVE_MODES = ("watch", "profile")
+# The limits evaluated at a step of the sweep.
+STEP_LIMITS = ("max_device_memory", "max_host_memory", "min_headroom_pct", "max_p99_ms", "min_throughput")
+# What a watch or profile answers without steps: limit -> (series of record.extra["live"], what, needs a GPU).
+LIVE_LIMITS = {
+    "max_host_memory": ("rss_bytes", "peak RSS", False),
+    "max_device_memory": ("process_gpu_bytes", "peak GPU memory of the process", True),
+}
+# The codes whose rules run on a record of each mode without steps: forbidding any other code there is
+# unmeasured (its rule reads the sweep, so its absence proves nothing). Watch and profile run the
+# process-level rules of profiler/findings.py and the live ones (profiler/watch_findings.py); compare
+# its own (profiler/compare.py).
+LIVE_CHECKED_CODES = ("FOREIGN_PROCESS", "MULTIPLE_ENGINES", "ENGINE_PREALLOCATION", "PID_NAMESPACE",
+                      "MEASUREMENT_GAP", "CACHE_BLOAT", "MEMORY_GROWTH", "LOW_HEADROOM", "OUTSIDE_ALLOCATOR")
+MODE_CODES = {"watch": LIVE_CHECKED_CODES, "profile": LIVE_CHECKED_CODES, "compare": ("PROCESSES_VS_THREADS",)}
 
 FAIL_ON_CHOICES = ("warn", "fail")
 _SEVERITY_RANK = {"fail": 0, "warn": 1, "info": 2}
@@ -202,13 +228,15 @@ class CheckConfig(dict):
     """The raw `check` table of a config file, remembering where it came from.
 
     `source` is the file as shown in messages; `table` the dotted table name
-    (`check` or `tool.gpuscope.check`).
+    (`check` or `tool.gpuscope.check`); `path` the file's absolute path ("" when
+    no file applied).
     """
 
     def __init__(self, data: Mapping[str, Any] | None = None, source: str = "config", table: str = "check"):
         super().__init__(data or {})
         self.source = source
         self.table = table
+        self.path = ""  # the file's absolute path; "" when no file applied
 
 
 def _toml_loads(text: str) -> dict[str, Any]:
@@ -250,9 +278,14 @@ def load_config(cwd: str, config_path: str | None = None) -> CheckConfig:
     Precedence, first match wins (files are not merged):
       1. `config_path` (--config): its `[check]` table; a file named pyproject.toml
          is read at `[tool.gpuscope.check]`. A missing file or table is an error.
-      2. gpuscope.toml in `cwd` with a `[check]` table.
-      3. pyproject.toml in `cwd` with a `[tool.gpuscope.check]` table.
-    Returns an empty CheckConfig when none applies.
+      2. Otherwise, like pytest and ruff, the folders from `cwd` up to the filesystem
+         root are searched, nearest first; in each, gpuscope.toml with a `[check]`
+         table, then pyproject.toml with a `[tool.gpuscope.check]` table. The search
+         stops at the first folder holding one, and after the first folder holding
+         `.git` (the repository root), so a CI job run from a subfolder is still gated.
+    Returns an empty CheckConfig when none applies. `CheckConfig.path` is the file's
+    absolute path ("" when none); `source` is the file as shown in messages (its name
+    in `cwd`, else its path relative to `cwd`).
     """
     if config_path:
         shown = config_path
@@ -262,15 +295,43 @@ def load_config(cwd: str, config_path: str | None = None) -> CheckConfig:
         table = _table(data, dotted, shown)
         if table is None:
             raise CheckConfigError(f"{shown}: no [{dotted}] table")
-        return CheckConfig(table, source=shown, table=dotted)
-    for name, dotted in (("gpuscope.toml", "check"), ("pyproject.toml", "tool.gpuscope.check")):
-        path = os.path.join(cwd, name)
-        if not os.path.isfile(path):
-            continue
-        table = _table(_read_toml(path, name), dotted, name)
-        if table is not None:
-            return CheckConfig(table, source=name, table=dotted)
+        config = CheckConfig(table, source=shown, table=dotted)
+        config.path = os.path.abspath(path)
+        return config
+    for folder in _folders_up(cwd):
+        for name, dotted in (("gpuscope.toml", "check"), ("pyproject.toml", "tool.gpuscope.check")):
+            path = os.path.join(folder, name)
+            if not os.path.isfile(path):
+                continue
+            shown = _shown_path(path, cwd)
+            table = _table(_read_toml(path, shown), dotted, shown)
+            if table is not None:
+                config = CheckConfig(table, source=shown, table=dotted)
+                config.path = path
+                return config
+        if os.path.exists(os.path.join(folder, ".git")):
+            break
     return CheckConfig({}, source="config", table="check")
+
+
+def _folders_up(cwd: str) -> list[str]:
+    """`cwd` (absolute) and each folder above it, up to the filesystem root."""
+    folder = os.path.abspath(cwd)
+    out = [folder]
+    while True:
+        parent = os.path.dirname(folder)
+        if parent == folder:
+            return out
+        out.append(parent)
+        folder = parent
+
+
+def _shown_path(path: str, cwd: str) -> str:
+    """`gpuscope.toml` in cwd, `../pyproject.toml` above it (the absolute path if relpath fails)."""
+    try:
+        return os.path.relpath(path, os.path.abspath(cwd))
+    except ValueError:  # another drive on Windows
+        return path
 
 
 def _show(value: Any) -> str:
@@ -433,6 +494,7 @@ class CheckOutcome:
     at_predictors_source: str = ""  # given | recommended | ""
     run: dict[str, Any] = field(default_factory=dict)
     checked_at: str = ""
+    notes: tuple[str, ...] = ()  # said once, before the summary line (e.g. step limits on a watch run)
 
     @property
     def failed(self) -> tuple[LimitResult, ...]:
@@ -468,7 +530,8 @@ class CheckOutcome:
         return {"schema": CHECK_SCHEMA, "status": self.status, "exit_code": self.exit_code,
                 "checked_at": self.checked_at, "at_predictors": self.at_predictors,
                 "at_predictors_source": self.at_predictors_source, "limits": self.limits.to_json(),
-                "counts": self.counts(), "results": [r.to_json() for r in self.results], "run": dict(self.run)}
+                "counts": self.counts(), "results": [r.to_json() for r in self.results], "run": dict(self.run),
+                "notes": list(self.notes)}
 
 
 # --------------------------------------------------------------------------- evaluation
@@ -534,22 +597,95 @@ def _at(step_n: int | None) -> str:
     return f" (at {step_n} predictor{'s' if step_n != 1 else ''})" if step_n is not None else ""
 
 
+def _mode(record: Any) -> str:
+    return str(getattr(record, "mode", "") or "diagnose")
+
+
+def _live_series(record: Any, key: str) -> dict[str, Any]:
+    """One series of a watch/profile record's `extra["live"]` summary (profiler/watch.py), {} when absent."""
+    extra = getattr(record, "extra", None)
+    live = extra.get("live") if isinstance(extra, dict) else None
+    series = live.get("series") if isinstance(live, dict) else None
+    found = series.get(key) if isinstance(series, dict) else None
+    return found if isinstance(found, dict) else {}
+
+
+def _live_ticks(record: Any) -> int | None:
+    """How many samples a watch/profile took (None when the record does not say)."""
+    extra = getattr(record, "extra", None)
+    live = extra.get("live") if isinstance(extra, dict) else None
+    for source in (live, getattr(record, "sampler", None)):
+        ticks = source.get("ticks") if isinstance(source, dict) else None
+        if isinstance(ticks, int) and not isinstance(ticks, bool):
+            return ticks
+    return None
+
+
+def _not_finished(record: Any) -> str:
+    """Why the findings of a run that did not complete cannot be trusted ("" when it completed)."""
+    status = str(record.status)
+    if status == "complete":
+        return ""
+    if status == "running":
+        return ("the run did not finish (status running: it was killed or crashed before writing its final "
+                "record), so its findings may be incomplete")
+    return f"the run did not finish (status {status}), so its findings may be incomplete"
+
+
+def _nothing_measured(record: Any) -> str:
+    """Why a completed run has no findings to trust because it measured nothing ("" when it measured)."""
+    mode = _mode(record)
+    if mode == "diagnose":
+        return "" if record.steps else "the run measured no steps, so it has no findings to trust"
+    if mode in LIVE_MODES:
+        ticks = _live_ticks(record)
+        return "the run took no samples, so it has no findings to trust" if ticks == 0 else ""
+    if mode == "compare":
+        extra = getattr(record, "extra", None)
+        comparison = extra.get("comparison") if isinstance(extra, dict) else None
+        rows = comparison.get("rows") if isinstance(comparison, dict) else None
+        return "" if rows else "the comparison measured nothing, so it has no findings to trust"
+    return ""
+
+
 def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> CheckOutcome:
     """Evaluate every set limit, forbidden code and finding gate against a run record.
 
     `at_predictors` overrides `limits.at_predictors`; without either, the run's
     recommended predictor count is used. See the module docstring for each limit
     and for the exit-code rule.
+
+    A record of another mode than diagnose (watch, profile, compare) has no predictor
+    steps: its step limits are unmeasured (one note says they need a diagnose run),
+    except that a watch or profile answers max_host_memory and max_device_memory with
+    the target's peak RSS and peak NVML memory over the whole run; forbidden codes
+    and the findings gate are evaluated on the record's own findings.
     """
+    mode = _mode(record)
+    swept = mode == "diagnose"
+    notes: list[str] = []
     given = at_predictors if at_predictors is not None else limits.at_predictors
     source = "given" if given is not None else ""
     rec = record.recommendation or {}
-    if given is None and isinstance(rec.get("predictors"), int) and not isinstance(rec.get("predictors"), bool):
+    if not swept:
+        step_names = [LIMIT_FLAGS[n][2:] for n in STEP_LIMITS if getattr(limits, n) is not None
+                      and not (mode in LIVE_MODES and n in LIVE_LIMITS)]
+        if limits.max_memory_per_predictor is not None:
+            step_names.append(LIMIT_FLAGS["max_memory_per_predictor"][2:])
+        if step_names:
+            notes.append(f"{', '.join(step_names)}: a {mode} run has no predictor steps; these limits need a "
+                         "diagnose run (gpuscope check without --run, or gpuscope diagnose)")
+        if given is not None:
+            notes.append(f"--at-predictors {given} is ignored: a {mode} run has no predictor steps")
+        given, source = None, ""
+    elif given is None and isinstance(rec.get("predictors"), int) and not isinstance(rec.get("predictors"), bool):
         given = rec["predictors"]
         source = "recommended"
     step = record.step_at(given) if given is not None else None
     measured_counts = ", ".join(str(s.predictors) for s in record.steps) or "none"
-    if given is None:
+    if not swept:
+        no_step = f"a {mode} run has no predictor steps (needs a diagnose run)"
+    elif given is None:
         no_step = "the run has no recommended predictor count; pass --at-predictors N"
     elif step is None:
         no_step = f"the run did not measure {given} predictors (measured: {measured_counts})"
@@ -570,6 +706,9 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
                 "max_p99_ms": "ms", "min_throughput": "rps"}[name]
         limit_text = format_bytes(limit_raw) if unit == "bytes" else _plain(limit_raw, unit)
         common = dict(name=name, limit=limit_text, limit_raw=limit_raw, unit=unit, at_predictors=given)
+        if step is None and mode in LIVE_MODES and name in LIVE_LIMITS:
+            live_limit(name, limit_raw, limit_text, common)
+            return
         if step is None:
             results.append(LimitResult(status=UNMEASURED, message=f"not measured: {no_step}", **common))
             return
@@ -590,6 +729,28 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
         op = ("<=" if ok else ">") if upper else (">=" if ok else "<")
         results.append(LimitResult(status=PASS if ok else FAIL, measured=fmt(value), measured_raw=value,
                                    message=f"{what} {fmt(value)} {op} {limit_text}{_at(given)}", **common))
+
+    def live_limit(name: str, limit_raw: Any, limit_text: str, common: dict[str, Any]) -> None:
+        """max_host_memory / max_device_memory of a watch or profile: the target's peak over the whole run."""
+        key, what, gpu_needed = LIVE_LIMITS[name]
+        series = _live_series(record, key)
+        value = series.get("peak")
+        peak_t = series.get("peak_t_s")
+        over = f" over the {mode}" + (f" (peak at {peak_t:.1f} s)" if isinstance(peak_t, (int, float))
+                                      and not isinstance(peak_t, bool) and math.isfinite(peak_t) else "")
+        if not is_available(value) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if gpu_needed and no_gpu:
+                why = no_gpu
+            elif not series:
+                why = f"the {mode} recorded no {what} of the process"
+            else:
+                why = _why_unavailable(value, what)
+            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}", **common))
+            return
+        ok = value <= limit_raw
+        results.append(LimitResult(status=PASS if ok else FAIL, measured=format_bytes(value), measured_raw=value,
+                                   message=f"{what} {format_bytes(value)} {'<=' if ok else '>'} {limit_text}{over}",
+                                   **common))
 
     def device_memory(s):
         return (s.memory or {}).get("process_gpu_bytes"), "peak GPU memory of the process", True
@@ -626,7 +787,9 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
         common = dict(name="max_memory_per_predictor", limit=format_bytes(limit_raw), limit_raw=limit_raw,
                       unit="bytes")
         value = (record.sharing or {}).get("bytes_per_extra_predictor")
-        if not is_available(value):
+        if not swept:
+            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {no_step}", **common))
+        elif not is_available(value):
             if len(record.steps) < 2 and value is None:
                 why = "the sweep measured fewer than two predictor counts"
             else:
@@ -639,9 +802,10 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
                 message=f"each extra predictor costs {format_bytes(value)} {'<=' if ok else '>'} "
                         f"{format_bytes(limit_raw)}", **common))
 
-    incomplete = record.status in ("failed", "interrupted") or not record.steps
-    incomplete_why = (f"the run is {record.status}, so its findings may be incomplete"
-                      if record.steps else "the run measured no steps, so it has no findings to trust")
+    # Absence of a finding proves something only on a run that finished and measured something.
+    incomplete_why = _not_finished(record) or _nothing_measured(record)
+    incomplete = bool(incomplete_why)
+    checked_codes = None if swept else MODE_CODES.get(mode, ())
     gpu_only = gpu_only_codes()
     by_code: dict[str, list[Any]] = {}
     for finding in record.findings:
@@ -657,6 +821,10 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
                 status=FAIL, measured=f"{len(found)} finding{'s' if len(found) != 1 else ''}",
                 measured_raw=len(found), at_predictors=worst.at_predictors,
                 message=f"{code} found ({worst.severity}): {worst.title}{more}", **common))
+        elif checked_codes is not None and code not in checked_codes:
+            needs = "" if code in LIVE_CHECKED_CODES else " (its rule reads a predictor sweep: a diagnose run)"
+            results.append(LimitResult(status=UNMEASURED, message=f"not measured: a {mode} run does not look for "
+                                       f"{code}{needs}", **common))
         elif code in gpu_only and no_gpu:
             results.append(LimitResult(status=UNMEASURED,
                                        message=f"not measured: {code} needs a GPU; {no_gpu}", **common))
@@ -691,10 +859,12 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
                                        message=f"no {worse} findings{besides}", **common))
 
     run_info = {"started_at": record.started_at, "tool_version": record.tool_version, "status": record.status,
+                "mode": mode,
                 "device": (record.config or {}).get("device", "cpu"),
                 "hostname": (record.host or {}).get("hostname", "") if isinstance(record.host, dict) else ""}
     return CheckOutcome(results=tuple(results), limits=limits, at_predictors=given, at_predictors_source=source,
-                        run=run_info, checked_at=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                        run=run_info, checked_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+                        notes=tuple(notes))
 
 
 # --------------------------------------------------------------------------- output
@@ -714,6 +884,7 @@ def format_lines(outcome: CheckOutcome) -> list[str]:
     status_w = max(len(_STATUS_LABEL[r.status]) for r in outcome.results) + 2
     label_w = max(18, max(len(r.label) for r in outcome.results) + 2)
     lines = [f"{_STATUS_LABEL[r.status]:<{status_w}}{r.label:<{label_w}}{r.message}" for r in outcome.results]
+    lines.extend(f"note: {note}" for note in outcome.notes)
     lines.append(summary_line(outcome))
     return lines
 

@@ -31,15 +31,23 @@ def _stderr(message: str) -> None:
     print(message, file=sys.stderr)
 
 
-def limits_from_sources(cwd: str, config_path: str | None, cli_values: Mapping[str, Any] | None) -> Limits:
+def limits_from_sources(cwd: str, config_path: str | None, cli_values: Mapping[str, Any] | None,
+                        echo_err: Callable[[str], Any] = _stderr) -> Limits:
     """Limits from the config file (see profiler.check.load_config) overridden by command-line values.
+
+    When a config file applies, one line on `echo_err` says which (the file is looked
+    up from `cwd` upwards, so a gate run from a subfolder shows where its limits came from).
 
     `cli_values` maps snake-case names (max_device_memory, max_host_memory, min_headroom_pct,
     max_p99_ms, min_throughput, max_memory_per_predictor, forbid, fail_on, at_predictors)
     to what the user typed, None for flags not given. Raises CheckConfigError with a
     message naming the file and key (or the flag).
     """
-    return merge_limits(load_config(cwd, config_path), cli_values or {})
+    config = load_config(cwd, config_path)
+    limits = merge_limits(config, cli_values or {})
+    if config.path:
+        echo_err(f"check: limits from {config.path} [{config.table}]")
+    return limits
 
 
 def _ensure_parent(path: str) -> None:

@@ -199,6 +199,82 @@ def test_interrupted_run_does_not_pass_on_missing_findings(gpu_run):
     assert out.exit_code == 2
 
 
+def test_a_killed_run_still_marked_running_does_not_pass_the_findings_gate(gpu_run):
+    # kill -9 mid-diagnose leaves run.json with status "running": absence of findings proves nothing
+    gpu_run.status = "running"
+    out = evaluate(gpu_run, limits(forbid="duplicate-model"))
+    r = result(out, "findings")
+    assert r.status == "unmeasured" and "did not finish" in r.message and "running" in r.message
+    assert result(out, "forbid.DUPLICATE_MODEL").status == "unmeasured"
+    assert out.exit_code == 2
+    gpu_run.status = "something-new"  # any status but complete
+    assert result(evaluate(gpu_run, Limits()), "findings").status == "unmeasured"
+
+
+# --------------------------------------------------------------------------- records without steps
+
+
+def _watch(record, rss_peak=171 * MiB, gpu_peak=None, ticks=31):
+    record.mode, record.steps, record.sharing = "watch", [], {}
+    record.recommendation = {"predictors": None, "reason": "a watch"}
+    record.findings = [Finding("MEMORY_GROWTH", "info", "RSS grew by 132 MiB")]
+    series = {"rss_bytes": {"peak": rss_peak, "peak_t_s": 3.6}} if rss_peak is not None else {}
+    if gpu_peak is not None:
+        series["process_gpu_bytes"] = {"peak": gpu_peak, "peak_t_s": 2.0}
+    record.extra = {"live": {"ticks": ticks, "series": series}}
+    return record
+
+
+def test_a_watch_record_says_once_that_step_limits_need_a_diagnose_run(gpu_run):
+    out = evaluate(_watch(gpu_run), limits(max_p99_ms=25, min_throughput=1, max_memory_per_predictor="1GiB"))
+    for name in ("max_p99_ms", "min_throughput", "max_memory_per_predictor"):
+        r = result(out, name)
+        assert r.status == "unmeasured" and "--at-predictors" not in r.message and "diagnose run" in r.message
+    assert len(out.notes) == 1 and "max-p99-ms, min-throughput, max-memory-per-predictor" in out.notes[0]
+    lines = format_lines(out)
+    assert sum("note:" in line for line in lines) == 1 and not any("--at-predictors" in line for line in lines)
+    # the findings gate reads the watch's real findings: nothing of severity fail, so it passes
+    assert result(out, "findings").status == "pass"
+    assert out.at_predictors is None and "recommended" not in lines[-1]
+
+
+def test_a_watch_record_gates_findings_forbid_and_memory_on_its_samples(gpu_run):
+    record = _watch(gpu_run, gpu_peak=18 * GiB)
+    record.findings.append(Finding("FOREIGN_PROCESS", "warn", "pid 777 holds 2 GiB"))
+    out = evaluate(record,
+                   limits(max_host_memory="100MiB", max_device_memory="20GiB", forbid="memory-growth,oom",
+                          fail_on="warn"))
+    host = result(out, "max_host_memory")
+    assert (host.status, host.measured_raw) == ("fail", 171 * MiB) and "over the watch" in host.message
+    assert result(out, "max_device_memory").status == "pass"
+    assert result(out, "forbid.MEMORY_GROWTH").status == "fail"
+    oom = result(out, "forbid.OOM")  # a watch has no rule for OOM: its absence proves nothing
+    assert oom.status == "unmeasured" and "does not look for OOM" in oom.message
+    assert result(out, "finding.FOREIGN_PROCESS").status == "fail"
+    assert out.notes == () and out.exit_code == 1
+
+
+def test_a_watch_without_samples_or_rss_is_unmeasured(gpu_run):
+    out = evaluate(_watch(gpu_run, rss_peak=None, ticks=0), limits(max_host_memory="1GiB"))
+    assert result(out, "max_host_memory").status == "unmeasured"
+    r = result(out, "findings")
+    assert r.status == "unmeasured" and "no samples" in r.message
+
+
+def test_a_compare_record_evaluates_its_findings_not_step_limits(gpu_run):
+    gpu_run.mode, gpu_run.steps = "compare", []
+    gpu_run.recommendation = {"predictors": 2, "mode": "threads"}
+    gpu_run.findings = [Finding("PROCESSES_VS_THREADS", "warn", "processes win")]
+    gpu_run.extra = {"comparison": {"rows": [{"mode": "threads", "predictors": 1}]}}
+    out = evaluate(gpu_run, limits(max_host_memory="1GiB", forbid="processes-vs-threads"), at_predictors=2)
+    host = result(out, "max_host_memory")
+    assert host.status == "unmeasured" and "compare run has no predictor steps" in host.message
+    assert result(out, "forbid.PROCESSES_VS_THREADS").status == "fail"
+    assert result(out, "findings").status == "pass"
+    assert any("--at-predictors 2 is ignored" in n for n in out.notes)
+    assert out.at_predictors is None and out.exit_code == 1
+
+
 # --------------------------------------------------------------------------- findings gate
 
 
@@ -357,6 +433,36 @@ def test_malformed_command_line_value_names_the_flag(tmp_path):
         limits_from_sources(str(tmp_path), None, {"max_device_memory": "lots"})
     with pytest.raises(CheckConfigError, match=r"^--fail-on: expected one of warn, fail"):
         limits_from_sources(str(tmp_path), None, {"fail_on": "sometimes"})
+
+
+def test_config_is_found_from_a_subfolder_and_its_file_is_named(tmp_path):
+    write(tmp_path / "pyproject.toml", "[tool.gpuscope.check]\nmax_p99_ms = 7\n")
+    sub = tmp_path / "sub" / "deeper"
+    sub.mkdir(parents=True)
+    said: list[str] = []
+    assert limits_from_sources(str(tmp_path.parent), None, {}, echo_err=said.append) == Limits()
+    assert said == []  # no file: nothing said
+    assert limits_from_sources(str(sub), None, {}, echo_err=said.append).max_p99_ms == 7
+    assert said == [f"check: limits from {tmp_path / 'pyproject.toml'} [tool.gpuscope.check]"]
+    # errors name the file relative to where the command ran
+    write(tmp_path / "pyproject.toml", "[tool.gpuscope.check]\nmax_p99 = 7\n")
+    with pytest.raises(CheckConfigError, match=r"^\.\./\.\./pyproject.toml: tool.gpuscope.check.max_p99"):
+        limits_from_sources(str(sub), None, {}, echo_err=said.append)
+
+
+def test_the_nearest_config_wins_and_the_search_stops_at_the_repository_root(tmp_path):
+    write(tmp_path / "gpuscope.toml", "[check]\nmax_p99_ms = 1\n")
+    repo = tmp_path / "repo"
+    (repo / ".git").mkdir(parents=True)
+    (repo / "a" / "b").mkdir(parents=True)
+    # above the repository's root: not read
+    assert load_config(str(repo / "a" / "b"), None) == {}
+    # a folder whose files have no check table is passed over; the nearest table wins
+    write(repo / "pyproject.toml", "[tool.gpuscope.check]\nmax_p99_ms = 2\n")
+    write(repo / "a" / "pyproject.toml", "[project]\nname = 'a'\n")
+    assert load_config(str(repo / "a" / "b"), None) == {"max_p99_ms": 2}
+    write(repo / "a" / "gpuscope.toml", "[check]\nmax_p99_ms = 3\n")
+    assert load_config(str(repo / "a" / "b"), None).source == os.path.join("..", "gpuscope.toml")
 
 
 def test_bad_config_files_are_errors(tmp_path):
