@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import re
 import sys
 import zipfile
 from dataclasses import dataclass, field
@@ -194,10 +195,34 @@ def export_archive_risks(path: str) -> list[str]:
     return risky
 
 
+# A TorchScript error opens with this header and a serialized traceback; the cause is its last line.
+_TORCHSCRIPT_HEADER = "The following operation failed in the TorchScript interpreter"
+_TORCHSCRIPT_TRACEBACK = "Traceback of TorchScript"
+_EXCEPTION_PREFIX = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit|Warning): ")
+
+
 def _one_line(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = next((line.strip() for line in text if line.strip()), "")
-    return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    """`Type: first line` of an exception; for a TorchScript interpreter error, its last line (the cause)."""
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(exc).__name__
+    if len(lines) > 1 and (lines[0].startswith(_TORCHSCRIPT_HEADER)
+                           or any(line.startswith(_TORCHSCRIPT_TRACEBACK) for line in lines)):
+        last = lines[-1]  # e.g. "RuntimeError: mat1 and mat2 shapes cannot be multiplied (8x64 and 32x16)"
+        return last if _EXCEPTION_PREFIX.match(last) else f"{type(exc).__name__}: {last}"
+    return f"{type(exc).__name__}: {lines[0]}"
+
+
+def _not_a_model(path: str, value: Any) -> str:
+    """`path holds an OrderedDict (a state_dict: ...), not a model (an nn.Module)`."""
+    name = type(value).__name__
+    article = "an" if name[:1].lower() in "aeiou" else "a"
+    hint = ""
+    if isinstance(value, dict):
+        tensors = value and all(hasattr(v, "shape") and hasattr(v, "dtype") for v in value.values())
+        hint = (" (a state_dict: load it in a factory, package.module:factory)" if tensors else
+                " (a checkpoint? load its state_dict in a factory, package.module:factory)")
+    return f"{path} holds {article} {name}{hint}, not a model (an nn.Module)"
 
 
 def _load_file(path: str, device: str, trust: bool) -> tuple[Any, str]:
@@ -223,7 +248,7 @@ def _load_file(path: str, device: str, trust: bool) -> tuple[Any, str]:
         except Exception as exc:
             raise ModelLoadError(f"could not load {path}: {_one_line(exc)}") from exc
         if not callable(module):
-            raise ModelLoadError(f"{path} holds a {type(module).__name__}, not a model (an nn.Module)")
+            raise ModelLoadError(_not_a_model(path, module))
         return module, "pickle"
     if kind == EXPORT and not trust:
         try:

@@ -232,8 +232,10 @@ def test_trust_model_file_loads_a_torch_saved_module(files):
 
 
 def test_trust_model_file_still_needs_a_model(files):
-    with pytest.raises(ModelLoadError, match="holds a OrderedDict, not a model"):
+    with pytest.raises(ModelLoadError) as info:
         load_model(files["state_dict"], "cpu", input_shape=(2, 4), trust_model_file=True)
+    assert str(info.value).endswith("holds an OrderedDict (a state_dict: load it in a factory, "
+                                    "package.module:factory), not a model (an nn.Module)")
 
 
 # ---------------------------------------------------------------- factories
@@ -314,6 +316,16 @@ def test_a_multi_line_model_error_keeps_its_first_line(tmp_path, monkeypatch):
     with pytest.raises(ModelLoadError) as info:
         validate_model(model)
     assert str(info.value).endswith("ValueError: expected 3 channels, got 4")
+
+
+def test_a_torchscript_error_gives_its_cause_not_the_interpreter_header(files):
+    model = load_model(files["torchscript"], "cpu", input_shape=(8, 64))  # the model takes 4 features
+    with pytest.raises(ModelLoadError) as info:
+        validate_model(model)
+    message = str(info.value)
+    assert "\n" not in message and "TorchScript interpreter" not in message
+    assert message.startswith("the model rejected an input of shape 8x64 (float32): RuntimeError: mat1 and mat2 "
+                              "shapes cannot be multiplied (8x64 and 4x3)"), message
 
 
 def test_tied_weights_count_once(tmp_path):
