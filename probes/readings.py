@@ -6,6 +6,7 @@ the reason so reports can say *why* a figure is missing.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Union
 
@@ -60,6 +61,8 @@ def reading_to_json(value: Any) -> Any:
         return {k: reading_to_json(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [reading_to_json(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):  # JSON has no NaN/Infinity; never write them
+        return {"unavailable": ERROR, "detail": f"not a finite number ({value})"}
     return value
 
 

@@ -18,7 +18,7 @@ KNOWN_CODES = (
     "CACHE_BLOAT", "OUTSIDE_ALLOCATOR", "PER_PREDICTOR_GROWTH", "DUPLICATE_MODEL", "FOREIGN_PROCESS",
     "MULTIPLE_ENGINES", "ENGINE_PREALLOCATION", "DEFAULT_STREAM_SERIALIZATION", "THROUGHPUT_PLATEAU",
     "CPU_OVERSUBSCRIPTION", "OOM", "GRAD_ENABLED", "LOW_HEADROOM", "FRAGMENTATION", "PID_NAMESPACE",
-    "PREDICTOR_ERRORS", "MEASUREMENT_GAP",
+    "PREDICTOR_ERRORS", "MEASUREMENT_GAP", "OVERLOADED",
     "MEMORY_GROWTH",  # watch and in-process runs (profiler/watch_findings.py)
     "PROCESSES_VS_THREADS",  # gpuscope compare (profiler/compare.py)
 )
@@ -60,7 +60,8 @@ def _mem(step: Step, key: str) -> int | None:
 
 
 def _ok_steps(record: RunRecord) -> list[Step]:
-    return [s for s in record.steps if s.requests > 0 and not s.oom]
+    """Steps that measured something whole: requests served, no OOM, not cut short by an interruption."""
+    return [s for s in record.steps if s.requests > 0 and not s.oom and not s.partial]
 
 
 def least_squares_slope(points: list[tuple[float, float]]) -> float | None:
@@ -83,6 +84,13 @@ def robust_slope(points: list[tuple[float, float]]) -> float | None:
         return None
     mid = len(slopes) // 2
     return slopes[mid] if len(slopes) % 2 else (slopes[mid - 1] + slopes[mid]) / 2
+
+
+def _ms_text(value: Any) -> str:
+    """Milliseconds with the digits that matter (sub-millisecond models included)."""
+    if not is_available(value):
+        return "n/a"
+    return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms" if value >= 0.1 else f"{value * 1000:.0f} us"
 
 
 def _reading(process: dict[str, Any], key: str) -> float:
@@ -111,20 +119,26 @@ def bytes_per_extra_predictor(record: RunRecord, key: str | None = None) -> floa
 def recommend(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> dict[str, Any]:
     """The smallest predictor count within 5% of the best throughput that meets the p99 limit."""
     limit = record.config.get("max_p99_ms")
-    candidates = [s for s in _ok_steps(record) if s.error_rate < 0.01 or not _ok_steps(record)]
+    measured = _ok_steps(record)
+    candidates = [s for s in measured if s.error_rate < 0.01]
+    if measured and not candidates:
+        return {"predictors": None, "reason": "every predictor count had 1% or more failed requests"}
     if limit:
         within = [s for s in candidates if s.latency_ms.get("p99", float("inf")) <= float(limit)]
         if not within and candidates:
             return {"predictors": None, "reason": f"no predictor count met p99 <= {limit} ms"}
         candidates = within
     if not candidates:
+        if any(s.partial for s in record.steps):
+            return {"predictors": None, "reason": "the run was interrupted before a predictor count was fully measured"}
         return {"predictors": None, "reason": "no step completed requests"}
     best = max(s.throughput_rps for s in candidates)
     chosen = min((s for s in candidates if s.throughput_rps >= best * (1 - thresholds.plateau_share)),
                  key=lambda s: s.predictors)
+    closeness = ("the best throughput measured" if chosen.throughput_rps >= best
+                 else f"within {thresholds.plateau_share:.0%} of the best ({best:.0f} req/s)")
     reason = (f"{chosen.predictors} predictor{'s reach' if chosen.predictors != 1 else ' reaches'} "
-              f"{chosen.throughput_rps:.0f} req/s, within {thresholds.plateau_share:.0%} of the best "
-              f"({best:.0f} req/s), at p99 {chosen.latency_ms.get('p99', 0):.1f} ms")
+              f"{chosen.throughput_rps:.0f} req/s, {closeness}, at p99 {_ms_text(chosen.latency_ms.get('p99'))}")
     if limit:
         reason += f" (limit {limit} ms)"
     out: dict[str, Any] = {"predictors": chosen.predictors, "reason": reason,
@@ -147,8 +161,8 @@ Rule = Callable[[RunRecord, Thresholds], list[Finding]]
 
 def rule_throughput_plateau(record: RunRecord, t: Thresholds) -> list[Finding]:
     steps = _ok_steps(record)
-    if len(steps) < 2:
-        return []
+    if len(steps) < 2 or record.config.get("rate_rps"):
+        return []  # open loop: throughput is the offered rate at every count, so flat throughput says nothing
     best = max(steps, key=lambda s: s.throughput_rps)
     knee = min((s for s in steps if s.throughput_rps >= best.throughput_rps * (1 - t.plateau_share)),
                key=lambda s: s.predictors)
@@ -242,12 +256,31 @@ def rule_grad_enabled(record: RunRecord, t: Thresholds) -> list[Finding]:
     bad = [s for s in record.steps if s.grad_enabled_in_workers or s.outputs_with_grad]
     if not bad:
         return []
+    threads = max(s.outputs_with_grad for s in bad)
     return [Finding(
         "GRAD_ENABLED", "warn",
-        f"autograd is on inside the predictor threads ({sum(s.outputs_with_grad for s in bad)} outputs carried grad_fn)",
+        f"autograd is on inside the predictor threads ({threads} predictor thread{'s' if threads != 1 else ''} "
+        "returned outputs with grad_fn)",
         {"steps": [s.predictors for s in bad]},
         "enter torch.inference_mode() inside each predictor thread: grad mode is thread-local, "
         "so setting it in the main thread does nothing for workers", bad[0].predictors)]
+
+
+def rule_overloaded(record: RunRecord, t: Thresholds) -> list[Finding]:
+    """--rate offered more than the pool served: arrivals beyond the backlog were dropped."""
+    over = [s for s in _ok_steps(record) if s.dropped_arrivals > 0 and s.offered_rps]
+    if not over:
+        return []
+    least = min(over, key=lambda s: s.predictors)
+    return [Finding(
+        "OVERLOADED", "warn",
+        f"offered {least.offered_rps:g} req/s but {least.predictors} predictor{'s' if least.predictors != 1 else ''} "
+        f"served {least.throughput_rps:.0f} req/s; {least.dropped_arrivals:,} arrivals were dropped",
+        {"offered_rps": least.offered_rps,
+         "served_rps_by_predictors": {str(s.predictors): s.throughput_rps for s in over},
+         "dropped_arrivals_by_predictors": {str(s.predictors): s.dropped_arrivals for s in over}},
+        "the latencies of an overloaded step are queueing, not serving: lower --rate, or add predictors "
+        "while throughput still grows", least.predictors)]
 
 
 def rule_oom(record: RunRecord, t: Thresholds) -> list[Finding]:
@@ -556,7 +589,7 @@ def rule_measurement_gap(record: RunRecord, t: Thresholds) -> list[Finding]:
 
 
 RULES: tuple[Rule, ...] = (
-    rule_oom, rule_predictor_errors, rule_duplicate_model, rule_foreign_process, rule_multiple_engines,
+    rule_oom, rule_predictor_errors, rule_overloaded, rule_duplicate_model, rule_foreign_process, rule_multiple_engines,
     rule_engine_preallocation, rule_low_headroom, rule_cache_bloat, rule_fragmentation, rule_per_predictor_growth,
     rule_default_stream_serialization, rule_cpu_oversubscription, rule_grad_enabled, rule_pid_namespace,
     rule_measurement_gap, rule_outside_allocator, rule_throughput_plateau,

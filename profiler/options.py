@@ -7,6 +7,9 @@ from profiler.errors import UsageError
 from probes.units import parse_duration_s
 
 
+MAX_PREDICTORS = 1024  # threads per step; beyond this a machine runs out of threads before it says anything useful
+
+
 def parse_predictors(text: str | None) -> tuple[int, ...] | None:
     """`1,2,4,8` -> (1, 2, 4, 8). Rejects 0, negatives, words and empty items with one clear line."""
     if text is None or text == "":
@@ -22,6 +25,8 @@ def parse_predictors(text: str | None) -> tuple[int, ...] | None:
             raise UsageError(f"--predictors {text!r}: {item!r} is not a whole number") from None
         if value < 1:
             raise UsageError(f"--predictors {text!r}: each count must be at least 1, got {value}")
+        if value > MAX_PREDICTORS:
+            raise UsageError(f"--predictors {text!r}: at most {MAX_PREDICTORS} predictor threads, got {value}")
         counts.append(value)
     return tuple(sorted(set(counts)))
 

@@ -84,6 +84,9 @@ class Step:
     dead_predictors: int = 0
     started_s: float = 0.0
     ended_s: float = 0.0
+    partial: bool = False  # cut short by an interruption: shown, never recommended or gated on
+    offered_rps: float | None = None  # --rate: the arrival rate offered
+    dropped_arrivals: int = 0  # --rate: arrivals dropped because the backlog was full
 
     @property
     def error_rate(self) -> float:
@@ -215,14 +218,18 @@ def save_run(record: RunRecord, path: str) -> None:
     write_json_atomic(path, record.to_json())
 
 
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a measurement (run.json holds only finite numbers)")
+
+
 def load_run(path: str) -> RunRecord:
     """Load run.json; RunFileError (one clear line) for anything that is not a run we can read."""
     try:
         with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
+            data = json.load(fh, parse_constant=_reject_constant)
     except FileNotFoundError as exc:
         raise RunFileError(f"{path}: no such file") from exc
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except (ValueError, UnicodeDecodeError) as exc:  # JSONDecodeError, or Infinity/NaN
         raise RunFileError(f"{path}: not valid JSON ({exc})") from exc
     except OSError as exc:
         raise RunFileError(f"{path}: cannot read ({exc.strerror or exc})") from exc

@@ -8,6 +8,7 @@ still leave run.json (status `interrupted`) and a report of what was measured.
 from __future__ import annotations
 
 import datetime as _dt
+import math
 import os
 import signal
 import sys
@@ -27,6 +28,7 @@ from profiler.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, Outp
 from profiler.options import DiagnoseOptions, parse_predictors, parse_seconds
 from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunRecord, save_run
 
+MAX_RATE_RPS = 1e6
 RUN_FILE = "run.json"
 SAMPLES_FILE = "samples.jsonl"
 
@@ -117,6 +119,7 @@ class Progress:
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
         self._last_plain = 0.0
+        self._pending = False  # a refreshing line is on screen without its newline
 
     def update(self, text: str) -> None:
         if self.quiet:
@@ -124,6 +127,7 @@ class Progress:
         if self.tty:
             self.stream.write("\r\033[K" + text)
             self.stream.flush()
+            self._pending = True
         elif time.monotonic() - self._last_plain > 2.0 or "warming" in text:
             self._last_plain = time.monotonic()
             self.stream.write(text + "\n")
@@ -138,8 +142,16 @@ class Progress:
         """A line the user must see (a failure), written even with --quiet."""
         if self.tty:
             self.stream.write("\r\033[K")
+            self._pending = False
         self.stream.write(text + "\n")
         self.stream.flush()
+
+    def finish(self) -> None:
+        """Clear a refreshing line so what follows (the summary) starts on a clean line."""
+        if self._pending:
+            self.stream.write("\r\033[K")
+            self.stream.flush()
+        self._pending = False
 
 
 def open_nvml() -> tuple[Any, dict[str, str] | None]:
@@ -170,8 +182,10 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     interval_s = parse_seconds("--interval", opts.interval, 0.005)
     if opts.intra_op_threads is not None and opts.intra_op_threads < 1:
         raise UsageError(f"--intra-op-threads must be at least 1, got {opts.intra_op_threads}")
-    if opts.rate is not None and opts.rate <= 0:
-        raise UsageError(f"--rate must be positive, got {opts.rate}")
+    if opts.rate is not None and not (math.isfinite(opts.rate) and 0 < opts.rate <= MAX_RATE_RPS):
+        raise UsageError(f"--rate must be a number of requests/s between 0 and {MAX_RATE_RPS:g}, got {opts.rate}")
+    if opts.max_p99_ms is not None and not (math.isfinite(opts.max_p99_ms) and opts.max_p99_ms > 0):
+        raise UsageError(f"--max-p99-ms must be a positive number of milliseconds, got {opts.max_p99_ms}")
     try:
         shape = parse_input_shape(opts.input_shape) if opts.input_shape else None
     except ValueError as exc:
@@ -263,7 +277,9 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         _save_progress(record, run_path)  # a kill -9 still leaves every finished step on disk
 
     hooks = SweepHooks(mark=sampler.mark, tick=sampler.tick, t0_ns=t0_ns, on_progress=progress.update,
-                       on_step=on_step, intra_op_threads=torch.get_num_threads)
+                       on_line=progress.line, on_step=on_step, intra_op_threads=torch.get_num_threads)
+    if opts.streams and not gpu:
+        progress.line("--streams needs a CUDA device: ignored on the CPU")
     _save_progress(record, run_path)  # status "running": what a killed run leaves behind
     crash: BaseException | None = None
     with Interrupts(stop) as interrupts:
@@ -280,8 +296,11 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
             sampler.stop()
             writer.close()
             pool.release_copies()
+    progress.finish()
     record.steps = hooks.steps
     record.ended_at = now_iso()
+    if hooks.stopped_by:
+        record.extra["stopped_by"] = hooks.stopped_by
     _finish_record(record, run_peaks, gaps, gpu_probe, pid, nvml_index, gpu, sampler)
     if crash is not None:
         record.status = STATUS_FAILED

@@ -15,6 +15,13 @@ def _mem(value: Any) -> str:
     return format_bytes(value) if is_available(value) else "n/a"
 
 
+def _ms(value: Any) -> str:
+    """Milliseconds with digits that matter, n/a when nothing was measured."""
+    if not is_available(value):
+        return "n/a"
+    return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
 def format_summary(record: RunRecord) -> str:
     lines: list[str] = []
     model = record.model
@@ -25,19 +32,28 @@ def format_summary(record: RunRecord) -> str:
         lines.append(f"GPU readings: unavailable ({record.device_unavailable.get('reason')}: "
                      f"{record.device_unavailable.get('detail')})")
     gpu = record.gpu
+    open_loop = bool(record.config.get("rate_rps"))
     header = f"{'predictors':>10} {'req/s':>9} {'p50 ms':>8} {'p99 ms':>8} {'errors':>7} "
+    if open_loop:
+        header += f"{'queue p50':>9} {'compute p50':>11} {'dropped':>8} "
     header += f"{'GPU (NVML)':>11} {'torch rsv':>10}" if gpu else f"{'RSS':>10} {'USS':>10}"
     lines += ["", header]
     for step in record.steps:
         lat = step.latency_ms
-        row = (f"{step.predictors:>10} {step.throughput_rps:>9.1f} {lat.get('p50', 0):>8.2f} {lat.get('p99', 0):>8.2f} "
-               f"{step.errors:>7} ")
+        served = step.requests > 0
+        row = (f"{step.predictors:>10} {step.throughput_rps:>9.1f} {_ms(lat.get('p50')) if served else 'n/a':>8} "
+               f"{_ms(lat.get('p99')) if served else 'n/a':>8} {step.errors:>7} ")
+        if open_loop:
+            queue, compute = step.queue_ms or {}, step.compute_ms or {}
+            row += f"{_ms(queue.get('p50')):>9} {_ms(compute.get('p50')):>11} {step.dropped_arrivals:>8} "
         if gpu:
             row += f"{_mem(step.memory.get('process_gpu_bytes')):>11} {_mem(step.memory.get('torch_reserved_bytes')):>10}"
         else:
             row += f"{_mem(step.memory.get('rss_bytes')):>10} {_mem(step.memory.get('uss_bytes')):>10}"
         if step.oom:
             row += "  OOM"
+        if step.partial:
+            row += "  (cut short: not used for the recommendation)"
         lines.append(row)
     if not record.steps:
         lines.append("  (no step completed)")
@@ -57,6 +73,8 @@ def format_summary(record: RunRecord) -> str:
             lines.append(f"       remedy: {finding.remedy}")
     rec = record.recommendation or {}
     lines.append("")
+    if record.extra.get("stopped_by"):
+        lines.append(f"the sweep stopped early: {record.extra['stopped_by']}")
     if rec.get("predictors"):
         text = f"recommendation: {rec['predictors']} predictor{'s' if rec['predictors'] != 1 else ''}: {rec.get('reason', '')}"
         if is_available(rec.get("memory_bytes")):

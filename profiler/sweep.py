@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from profiler.attribution import StepMonitor
 from profiler.run import Step
-from profiler.workload import PredictorPool, StepRun
+from profiler.workload import PredictorPool, StepRun, ThreadStartError
 
 
 @dataclass(frozen=True)
@@ -84,11 +84,11 @@ def step_from_run(run: StepRun, memory: dict[str, Any], intra_op_threads: int, t
         grad_enabled_in_workers=any(r.grad_enabled for r in run.results),
         outputs_with_grad=sum(r.outputs_with_grad for r in run.results), intra_op_threads=intra_op_threads,
         ctx_switches_involuntary=switches, dead_predictors=sum(1 for r in run.results if r.died),
-        started_s=(started_ns - t0_ns) / 1e9, ended_s=(ended_ns - t0_ns) / 1e9)
+        started_s=(started_ns - t0_ns) / 1e9, ended_s=(ended_ns - t0_ns) / 1e9,
+        partial=run.interrupted, offered_rps=run.offered_rps, dropped_arrivals=run.dropped_arrivals)
     if queue:
         step.queue_ms = percentiles_ms(queue)
-        compute = [lat / 1e6 - q / 1e6 for r in run.results for lat, q in zip(r.latencies_ns, r.queue_ns)]
-        step.compute_ms = percentiles_ms(compute)
+        step.compute_ms = percentiles_ms(run.compute_ms())
     return step
 
 
@@ -100,9 +100,11 @@ class SweepHooks:
     tick: Callable[[], Any]
     t0_ns: int
     on_progress: Callable[[str], None] = lambda text: None
+    on_line: Callable[[str], None] = lambda text: None  # a message that must stay on screen
     on_step: Callable[[Step], None] = lambda step: None
     intra_op_threads: Callable[[], int] = lambda: 1
     steps: list[Step] = field(default_factory=list)
+    stopped_by: str | None = None  # why the sweep ended before its last predictor count, if it did
 
 
 def run_sweep(pool: PredictorPool, config: SweepConfig, monitor: StepMonitor, hooks: SweepHooks,
@@ -116,25 +118,37 @@ def run_sweep(pool: PredictorPool, config: SweepConfig, monitor: StepMonitor, ho
         label = f"[{index}/{total}] {predictors} predictor{'s' if predictors != 1 else ''}"
         hooks.on_progress(f"{label}: warming up")
         monitor.reset()
+        # With --copy-model every predictor holds its own copy beside the original: the weights layer is that many.
+        monitor.model_bytes = pool.model.model_bytes * (1 + predictors if pool.copy_model else 1)
         started_ns = hooks.mark("step_start", predictors=predictors)
 
         def on_window(elapsed_s: float, windows: list[float], label: str = label) -> None:
-            hooks.on_progress(f"{label}: {elapsed_s:4.1f}/{config.max_step_s:.0f} s  {windows[-1]:8.1f} req/s")
+            hooks.on_progress(f"{label}: {elapsed_s:4.1f}/{config.max_step_s:g} s  {windows[-1]:8.1f} req/s")
 
-        run = pool.run_step(predictors, config.max_step_s, warmup_s=config.warmup_s, window_s=config.window_s,
-                            is_stable=lambda w: is_stable(w, config.stable_windows, config.stable_tolerance),
-                            stop=stop, rate_rps=config.rate_rps, on_window=on_window)
+        try:
+            run = pool.run_step(predictors, config.max_step_s, warmup_s=config.warmup_s, window_s=config.window_s,
+                                is_stable=lambda w: is_stable(w, config.stable_windows, config.stable_tolerance),
+                                stop=stop, rate_rps=config.rate_rps, on_window=on_window)
+        except ThreadStartError as exc:
+            hooks.mark("step_end", predictors=predictors)
+            hooks.stopped_by = str(exc)
+            hooks.on_line(f"{exc}: stopping the sweep")
+            break
         hooks.tick()  # the step's final state is always on disk and in the peaks
         ended_ns = hooks.mark("step_end", predictors=predictors)
         step = step_from_run(run, monitor.snapshot(), hooks.intra_op_threads(), hooks.t0_ns, started_ns, ended_ns)
         if run.interrupted and step.requests == 0:
             break  # nothing measured: do not report an empty step as a result
+        # An interrupted step is kept (it is what was measured) but marked partial: shown, never recommended.
         steps.append(step)
         hooks.on_step(step)
         if step.oom:
             break
         if config.max_p99_ms is not None and step.latency_ms.get("p99", 0) > config.max_p99_ms:
-            hooks.on_progress(f"p99 {step.latency_ms['p99']:.1f} ms passed the limit of {config.max_p99_ms} ms: stopping")
+            hooks.stopped_by = (f"p99 {step.latency_ms['p99']:.1f} ms at {predictors} "
+                                f"predictor{'s' if predictors != 1 else ''} passed "
+                                f"--max-p99-ms {config.max_p99_ms:g}")
+            hooks.on_line(f"{hooks.stopped_by}: stopping the sweep")
             break
         if run.interrupted:
             break

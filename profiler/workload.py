@@ -19,6 +19,11 @@ from typing import Any, Callable
 from profiler.models import LoadedModel, make_input, weight_pointers
 
 MAX_ERROR_MESSAGES = 5
+MAX_BACKLOG_PER_PREDICTOR = 64  # open-loop arrivals waiting beyond this are dropped (and counted), not queued
+
+
+class ThreadStartError(RuntimeError):
+    """The OS refused another predictor thread (too many threads for this machine or its limits)."""
 
 
 def _is_oom(exc: BaseException) -> bool:
@@ -33,7 +38,8 @@ class PredictorResult:
     latencies_ns: list[int] = field(default_factory=list)
     end_times_ns: list[int] = field(default_factory=list)
     queue_ns: list[int] = field(default_factory=list)
-    errors: int = 0
+    error_end_ns: list[int] = field(default_factory=list)  # when each error of the measured window happened
+    errors: int = 0  # all errors, warm-up included (for messages and OOM)
     error_messages: list[str] = field(default_factory=list)
     weights: frozenset[int] = frozenset()
     grad_enabled: bool = False
@@ -54,6 +60,8 @@ class StepRun:
     windows_rps: list[float]
     stable: bool
     interrupted: bool
+    dropped_arrivals: int = 0
+    offered_rps: float | None = None
 
     @property
     def duration_s(self) -> float:
@@ -66,13 +74,19 @@ class StepRun:
     def queue_ms(self) -> list[float]:
         return [q / 1e6 for r in self.results for q, end in zip(r.queue_ns, r.end_times_ns) if end <= self.measure_end_ns]
 
+    def compute_ms(self) -> list[float]:
+        """Latency minus queue wait, for open-loop requests completed inside the measured window."""
+        return [(lat - q) / 1e6 for r in self.results
+                for lat, q, end in zip(r.latencies_ns, r.queue_ns, r.end_times_ns) if end <= self.measure_end_ns]
+
     @property
     def requests(self) -> int:
         return sum(1 for r in self.results for end in r.end_times_ns if end <= self.measure_end_ns)
 
     @property
     def errors(self) -> int:
-        return sum(r.errors for r in self.results)
+        """Errors inside the measured window, counted like `requests` (warm-up errors are not in the rate)."""
+        return sum(1 for r in self.results for end in r.error_end_ns if end <= self.measure_end_ns)
 
     @property
     def oom(self) -> bool:
@@ -169,6 +183,8 @@ class PredictorPool:
                     sync()
             except Exception as exc:
                 result.errors += 1
+                if measuring.is_set():
+                    result.error_end_ns.append(perf())
                 if len(result.error_messages) < MAX_ERROR_MESSAGES:
                     result.error_messages.append(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
                 if _is_oom(exc):
@@ -200,11 +216,22 @@ class PredictorPool:
         measuring = threading.Event()
         ready = threading.Barrier(predictors + 1)
         results = [PredictorResult() for _ in range(predictors)]
-        requests: queue.Queue[int] | None = queue.Queue() if rate_rps else None
+        requests: queue.Queue[int] | None = (queue.Queue(maxsize=MAX_BACKLOG_PER_PREDICTOR * predictors)
+                                             if rate_rps else None)
+        dropped = [0]
         threads = [threading.Thread(target=self._predictor, args=(i, results[i], ready, measuring, step_stop, requests),
                                     name=f"gpuscope-predictor-{i}", daemon=True) for i in range(predictors)]
-        for thread in threads:
-            thread.start()
+        started: list[threading.Thread] = []
+        try:
+            for thread in threads:
+                thread.start()
+                started.append(thread)
+        except RuntimeError as exc:  # "can't start new thread": stop what started, then say so in one line
+            step_stop.set()
+            ready.abort()
+            for thread in started:
+                thread.join(timeout=30)
+            raise ThreadStartError(f"could not start {predictors} predictor threads ({len(started)} started): {exc}") from None
         dispatcher = None
         try:
             try:
@@ -212,7 +239,7 @@ class PredictorPool:
             except threading.BrokenBarrierError:
                 pass
             if rate_rps:
-                dispatcher = threading.Thread(target=_dispatch, args=(requests, rate_rps, step_stop), daemon=True,
+                dispatcher = threading.Thread(target=_dispatch, args=(requests, rate_rps, step_stop, dropped, measuring), daemon=True,
                                               name="gpuscope-dispatcher")
                 dispatcher.start()
             _wait(warmup_s, outside_stop, step_stop)
@@ -248,7 +275,8 @@ class PredictorPool:
                 thread.join(timeout=30)
             if dispatcher is not None:
                 dispatcher.join(timeout=5)
-        return StepRun(predictors, results, measure_start, measure_end, windows, stable, outside_stop.is_set())
+        return StepRun(predictors, results, measure_start, measure_end, windows, stable, outside_stop.is_set(),
+                       dropped_arrivals=dropped[0], offered_rps=rate_rps)
 
     def release_copies(self) -> None:
         self._copies.clear()
@@ -272,13 +300,27 @@ def _wait(seconds: float, *events: threading.Event) -> None:
         events[0].wait(min(0.05, remaining))
 
 
-def _dispatch(requests: "queue.Queue[int]", rate_rps: float, stop: threading.Event) -> None:
-    """Open-loop arrivals at a fixed rate: each request carries its arrival time."""
-    interval_ns = int(1e9 / rate_rps)
+def _dispatch(requests: "queue.Queue[int]", rate_rps: float, stop: threading.Event, dropped: list[int],
+              measuring: threading.Event) -> None:
+    """Open-loop arrivals at a fixed rate, each carrying its arrival time.
+
+    The backlog is bounded: arrivals beyond it are counted as dropped rather than queued, so an offered rate
+    far above capacity cannot fill this process's memory or CPU and distort what is being measured.
+    """
+    interval_ns = max(1, int(1e9 / rate_rps))
     next_ns = time.perf_counter_ns()
     while not stop.is_set():
         now = time.perf_counter_ns()
-        while next_ns <= now:
-            requests.put(next_ns)
-            next_ns += interval_ns
+        if next_ns <= now:
+            due = (now - next_ns) // interval_ns + 1
+            room = max(0, requests.maxsize - requests.qsize()) if requests.maxsize else due
+            lost = max(0, due - room)
+            for k in range(min(due, room)):
+                try:
+                    requests.put_nowait(next_ns + k * interval_ns)
+                except queue.Full:
+                    lost += 1
+            if measuring.is_set():
+                dropped[0] += lost
+            next_ns += due * interval_ns
         time.sleep(min(0.01, max(0.0, (next_ns - time.perf_counter_ns()) / 1e9)))

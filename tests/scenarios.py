@@ -425,6 +425,17 @@ def grad_enabled_run() -> RunRecord:
                       model_bytes=CPU_MODEL)
 
 
+def overloaded_run() -> RunRecord:
+    """--rate 500 on a model that serves ~110 req/s: the bounded backlog drops what it cannot hold."""
+    steps = [cpu_step(1, 80.0, 900.0, rss=700 * MiB, model_bytes=CPU_MODEL),
+             cpu_step(2, 110.0, 600.0, rss=702 * MiB, model_bytes=CPU_MODEL)]
+    for step, dropped in zip(steps, (840, 780)):
+        step.offered_rps, step.dropped_arrivals = 500.0, dropped
+    record = cpu_record(steps, model_bytes=CPU_MODEL)
+    record.config["rate_rps"] = 500.0
+    return record
+
+
 def oversubscribed_cpu_run() -> RunRecord:
     """4 predictors x 2 intra-op threads (torch's default on 2 cores) = 8 busy threads on 2 cores:
     throughput falls from 1 predictor's."""

@@ -106,6 +106,9 @@ def test_a_signal_stops_the_sweep_and_keeps_what_was_measured(tmp_path: Path, si
     assert record.status == "interrupted"
     assert [s.predictors for s in record.steps] == [1]
     assert record.steps[0].requests > 0
+    assert record.steps[0].partial is True  # cut short: kept and shown, but never the basis of a recommendation
+    assert record.recommendation["predictors"] is None
+    assert "interrupted" in record.recommendation["reason"]
     assert record.ended_at
 
     report = (out / "report.html").read_text(encoding="utf-8")

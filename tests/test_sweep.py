@@ -118,7 +118,8 @@ def test_run_sweep_measures_every_count_with_the_monitor_memory():
     for step in steps:
         assert step.requests > 0 and step.throughput_rps > 0 and step.latency_ms["p99"] > 0
         assert step.memory["rss_bytes"] > 0
-        assert step.memory["layers"]["model_weights_bytes"] == 288
+        # --copy-model: the original plus one copy per predictor are resident
+        assert step.memory["layers"]["model_weights_bytes"] == 288 * (1 + step.predictors)
         assert sum(step.memory["layers"].values()) == step.memory["rss_bytes"]
         assert step.intra_op_threads == 3
         assert 0 <= step.started_s < step.ended_s
@@ -128,13 +129,14 @@ def test_run_sweep_measures_every_count_with_the_monitor_memory():
 
 def test_run_sweep_stops_once_p99_passes_max_p99_ms():
     marks = Marks()
-    progress = []
+    lines = []
+    hooks = hooks_for(marks, on_line=lines.append)
     steps = run_sweep(PredictorPool(loaded(Slow(0.005))), SweepConfig((1, 2, 4), max_p99_ms=1.0, **FAST),
-                      StepMonitor(os.getpid(), None, 288), hooks_for(marks, on_progress=progress.append),
-                      threading.Event())
+                      StepMonitor(os.getpid(), None, 288), hooks, threading.Event())
     assert [s.predictors for s in steps] == [1]
     assert steps[0].latency_ms["p99"] > 1.0
-    assert any("passed the limit of 1.0 ms" in p for p in progress)
+    assert any("passed --max-p99-ms 1: stopping the sweep" in line for line in lines)  # a line that stays
+    assert hooks.stopped_by and "at 1 predictors" not in hooks.stopped_by
 
 
 def test_run_sweep_continues_under_max_p99_ms():
