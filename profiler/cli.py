@@ -89,7 +89,7 @@ def check(run: Annotated[Optional[str], typer.Option("--run", help="evaluate a s
           forbid: Annotated[Optional[str], typer.Option("--forbid", help="finding codes that fail the gate, e.g. duplicate-model,foreign-process")] = None,
           fail_on: Annotated[Optional[str], typer.Option("--fail-on", help="severity of findings that fail the gate: warn|fail")] = None,
           at_predictors: Annotated[Optional[int], typer.Option("--at-predictors", help="evaluate at this predictor count (default: the recommendation)")] = None,
-          config: Annotated[Optional[str], typer.Option("--config", help="a gpuscope.toml with a [check] table")] = None,
+          config: Annotated[Optional[str], typer.Option("--config", help="a gpuscope.toml with a \\[check] table")] = None,
           junit: Annotated[Optional[str], typer.Option("--junit", help="write JUnit XML here")] = None,
           json_path: Annotated[Optional[str], typer.Option("--json", help="write the outcome as JSON here")] = None,
           model: Model = "builtin:mlp", model_size: ModelSize = None, input_shape: InputShape = None, dtype: DType = None,

@@ -1,6 +1,7 @@
 """The command line starts fast: `gpuscope --help` must not import torch, matplotlib or the reports."""
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -40,3 +41,11 @@ def test_unknown_command_and_option_are_one_line_exit_2():
         lines = [line for line in done.stderr.splitlines() if line.strip()]
         assert len(lines) == 1 and lines[0].startswith("gpuscope: error:"), (argv, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_check_help_shows_the_bracketed_table_name():
+    # Rich reads `[check]` as markup and swallows it unless escaped
+    done = subprocess.run([sys.executable, "-m", "profiler", "check", "--help"], capture_output=True, text=True,
+                          timeout=60, env={**os.environ, "COLUMNS": "200"})
+    assert done.returncode == 0, done.stderr
+    assert "a gpuscope.toml with a [check] table" in done.stdout
