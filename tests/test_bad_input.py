@@ -86,6 +86,12 @@ CASES = [
     Case("predictors-minus-1", ("--predictors", "-1"), ("--predictors", "at least 1"), predictors=None),
     Case("predictors-abc", ("--predictors", "abc"), ("--predictors", "not a whole number"), predictors=None),
     Case("predictors-empty-item", ("--predictors", "1,,2"), ("--predictors", "empty item"), predictors=None),
+    Case("predictors-too-many", ("--predictors", "100000"), ("--predictors", "at most 1024"), predictors=None),
+    # ---- rates and limits
+    Case("rate-nan", ("--rate", "nan"), ("--rate", "nan")),
+    Case("rate-infinite", ("--rate", "inf"), ("--rate", "inf")),
+    Case("rate-negative", ("--rate", "-5"), ("--rate",)),
+    Case("max-p99-negative", ("--max-p99-ms", "-1"), ("--max-p99-ms", "positive")),
     # ---- input shapes
     Case("input-shape-does-not-fit", ("--model", "builtin:mlp", "--input-shape", "4x7"),
          ("rejected an input of shape 4x7", "mat1 and mat2")),

@@ -84,6 +84,16 @@ def test_a_run_json_that_is_not_a_record_is_refused(tmp_path, content):
     _one_line_exit_2(_gpuscope("check", "--run", str(folder / "run.json"), cwd=tmp_path), "run.json")
 
 
+@pytest.mark.parametrize("constant", ["Infinity", "NaN"])
+def test_a_run_json_with_non_finite_numbers_is_refused(tmp_path, constant):
+    folder = _run_dir(tmp_path)
+    text = (folder / "run.json").read_text(encoding="utf-8")
+    text = text.replace('"throughput_rps": ', f'"throughput_rps": {constant}, "was": ', 1)
+    (folder / "run.json").write_text(text, encoding="utf-8")
+    _one_line_exit_2(_gpuscope("report", str(folder / "run.json"), cwd=tmp_path), constant)
+    _one_line_exit_2(_gpuscope("check", "--run", str(folder / "run.json"), cwd=tmp_path), constant)
+
+
 def test_a_samples_file_from_a_newer_schema_is_refused(tmp_path):
     folder = _run_dir(tmp_path, samples_schema="gpuscope.samples/2")
     _one_line_exit_2(_gpuscope("report", str(folder / "run.json"), cwd=tmp_path),

@@ -230,3 +230,44 @@ def test_an_outside_stop_interrupts_the_step():
 def test_zero_predictors_is_refused():
     with pytest.raises(ValueError):
         PredictorPool(loaded(nn.Linear(8, 8))).run_step(0, 0.1)
+
+
+class SlowLinear(nn.Linear):
+    """A model that serves at most ~200 req/s per predictor."""
+
+    def forward(self, x):
+        time.sleep(0.005)
+        return super().forward(x)
+
+
+def test_an_offered_rate_far_above_capacity_drops_arrivals_instead_of_queueing_them():
+    from profiler.workload import MAX_BACKLOG_PER_PREDICTOR
+
+    run = PredictorPool(loaded(SlowLinear(8, 8))).run_step(1, 0.6, warmup_s=0.05, window_s=0.2, rate_rps=100_000.0)
+    step = step_of(run)
+    assert step.offered_rps == 100_000.0
+    assert step.dropped_arrivals > 10_000  # ~60,000 offered in 0.6 s, ~120 served
+    assert step.throughput_rps < 400
+    # the wait of any served request is bounded by the backlog, not by the offered flood
+    assert step.queue_ms["max"] < (MAX_BACKLOG_PER_PREDICTOR + 5) * 10
+
+
+class FailsDuringWarmup(nn.Linear):
+    """Raises for its first 0.2 s, then serves: the errors belong to warm-up, not to the measured window."""
+
+    def __init__(self) -> None:
+        super().__init__(8, 8)
+        self.born = time.monotonic()
+
+    def forward(self, x):
+        if time.monotonic() - self.born < 0.2:
+            raise RuntimeError("still warming up")
+        return super().forward(x)
+
+
+def test_errors_during_warm_up_do_not_count_in_the_error_rate():
+    run = PredictorPool(loaded(FailsDuringWarmup())).run_step(1, 0.3, warmup_s=0.4, window_s=0.1)
+    step = step_of(run)
+    assert step.requests > 0
+    assert step.errors == 0 and step.error_rate == 0.0
+    assert run.results[0].errors > 0  # they happened, and their messages are kept for the report
