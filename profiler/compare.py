@@ -671,6 +671,7 @@ def run_compare(opts: CompareOptions, progress: Any = None,
     if out_dir is None:  # interrupted before the model loaded: nothing measured, nothing written
         return SessionResult(None, interrupts.exit_code or 130, None, None)
     record.ended_at = now_iso()
+    record.environment = compare_environment(device, record.devices, nvml_index, info)
     model_bytes = int(record.model.get("model_bytes") or 0)
     comparison = build_comparison(rows, gpu, model_bytes)
     record.extra["comparison"] = comparison
@@ -696,25 +697,44 @@ def run_compare(opts: CompareOptions, progress: Any = None,
     return SessionResult(record, exit_code, out_dir, paths)
 
 
+def compare_environment(device: str, devices: list[dict[str, Any]], nvml_index: int | None,
+                        worker_info: dict[str, Any] | None) -> dict[str, Any]:
+    """record.environment of a compare: profiler.session.environment_facts, read without touching CUDA here.
+
+    The parent never initialises CUDA (a context of its own would sit on the device the workers are measured
+    on), so the facts are taken as for the CPU, then the device's name and driver come from NVML and the torch
+    thread count from the worker that loaded the model.
+    """
+    from profiler.session import environment_facts  # lazy: it imports torch
+
+    try:
+        facts = environment_facts("cpu")
+    except Exception as exc:  # torch missing or broken in the parent: the workers told us what they could
+        from profiler import __version__
+
+        facts = {"gpuscope": __version__, "python": sys.version.split()[0],
+                 "torch": Unavailable("error", f"{type(exc).__name__}: {exc}")}
+    threads = (worker_info or {}).get("torch_num_threads")
+    if isinstance(threads, int) and not isinstance(threads, bool):
+        facts["torch_num_threads"] = threads
+    if device.startswith("cuda"):
+        entry = next((d for d in devices if isinstance(d, dict) and d.get("index") == nvml_index), None)
+        if entry is None and devices and isinstance(devices[0], dict):
+            entry = devices[0]
+        if entry:
+            if entry.get("name") is not None:
+                facts["device_name"] = entry.get("name")
+            if entry.get("driver") is not None:
+                facts["driver"] = entry.get("driver")
+    return facts
+
+
 def render_comparison(record: RunRecord, out_dir: str, progress: Any) -> dict[str, str] | None:
-    """compare.png, then report.html (which embeds it); a rendering failure is one line, run.json stays."""
+    """report.html and compare.png (reports.render writes both for a compare record, also on `gpuscope report`);
+    a rendering failure is one line, run.json stays."""
     from profiler.session import render
 
-    paths: dict[str, str] = {}
-    try:
-        from reports.compare_plot import write_compare_plot
-
-        written = write_compare_plot(record.extra.get("comparison") or {}, os.path.join(out_dir, COMPARE_PNG))
-        if written:
-            paths["compare"] = written
-    except ImportError:
-        pass
-    except Exception as exc:
-        progress.line(f"gpuscope: could not draw {COMPARE_PNG}: {type(exc).__name__}: {exc}")
-    rendered = render(record, out_dir, progress)
-    if rendered:
-        paths.update(rendered)
-    return paths
+    return render(record, out_dir, progress)
 
 
 def nvml_index_for_uuid(uuid: Any, nvml_uuids: list[Any], torch_index: int) -> int:

@@ -6,7 +6,11 @@
   lines, environment values, finding evidence) is escaped here, and command
   lines and free text go through probes.redact again at render time, even
   though the probes redacted them already (defence in depth).
-- Unavailable readings read "unavailable (reason)", never 0.
+- Unavailable readings read "unavailable (reason)", never 0; a non-finite number (Infinity or
+  NaN in a damaged run.json) reads "n/a".
+- The sections follow the run's mode: a diagnose sweep has its plots and steps table; a watch
+  or in-process profile its memory over time (no sweep, so no throughput plot or steps); a
+  compare its threads-versus-processes section.
 """
 from __future__ import annotations
 
@@ -25,7 +29,8 @@ from probes.units import format_bytes
 from profiler.decomposition import CPU_LAYERS, GPU_LAYERS, LAYER_LABELS
 from profiler.run import SEVERITY_ORDER, sorted_findings
 
-from reports.plots import LAYER_COLORS, as_unavailable, capacity_bytes, step_layers  # light: matplotlib is imported lazily
+from reports.plots import (LAYER_COLORS, as_unavailable, capacity_bytes, finite, is_live,  # light: matplotlib is
+                           predictors, step_layers)  # imported lazily
 
 if TYPE_CHECKING:  # pragma: no cover
     from profiler.run import RunRecord, Step
@@ -119,7 +124,11 @@ def esc(value: Any) -> str:
 
 def _unavailable_text(value: Any) -> str | None:
     missing = as_unavailable(value)
-    return str(missing) if missing is not None else None
+    if missing is not None:
+        return str(missing)
+    if is_available(value) and not finite(value):
+        return "n/a"  # Infinity or NaN: never shown as a number
+    return None
 
 
 def fmt(value: Any, key: str = "") -> str:
@@ -245,13 +254,13 @@ def _verdict(record: "RunRecord") -> str:
                 ("p50 latency", fmt((step.latency_ms or {}).get("p50"), "p50")),
                 ("p99 latency", fmt((step.latency_ms or {}).get("p99"), "p99")),
                 (f"peak {label}", fmt(peak, "peak_bytes"))]
-        if record.gpu and is_available(peak):
+        if record.gpu and finite(peak):
             cap = capacity_bytes(record)
             if cap:
                 kpis.append(("share of the device", f"{peak / cap:.0%} of {format_bytes(cap)}"))
         parts.append('<ul class="kpis">' + "".join(
             f'<li><span class="k">{esc(k)}</span><span class="v">{esc(v)}</span></li>' for k, v in kpis) + "</ul>")
-        parts.append(f'<p class="muted">Figures at {rec} predictors.</p>')
+        parts.append(f'<p class="muted">Figures at {esc(predictors(rec))}.</p>')
     check = record.check
     if isinstance(check, dict) and "exit_code" in check:
         outcome = {0: "passed", 1: "failed", 2: "could not measure"}.get(check.get("exit_code"), "unknown")
@@ -314,23 +323,79 @@ def _evidence(evidence: Any) -> str:
     return '<dl class="ev">' + "".join(items) + "</dl>"
 
 
+def _live_ticks(record: "RunRecord") -> int | None:
+    """How many samples a watch or profile took; None when the record does not say."""
+    extra = record.extra if isinstance(record.extra, dict) else {}
+    for source in (extra.get("live"), record.sampler):
+        ticks = source.get("ticks") if isinstance(source, dict) else None
+        if isinstance(ticks, int) and not isinstance(ticks, bool):
+            return ticks
+    return None
+
+
+def _comparison_rows(record: "RunRecord") -> list[dict[str, Any]]:
+    comp = record.extra.get("comparison") if isinstance(record.extra, dict) else None
+    rows = comp.get("rows") if isinstance(comp, dict) else None
+    return [r for r in rows if isinstance(r, dict)] if isinstance(rows, list) else []
+
+
+def _measured_nothing(record: "RunRecord") -> bool:
+    """True when the run measured nothing at all (so no findings means nothing), by mode."""
+    if record.mode == "compare":
+        return not _comparison_rows(record)
+    if is_live(record):
+        return _live_ticks(record) == 0
+    return not record.steps
+
+
+def _extent(record: "RunRecord") -> str:
+    """What the run measured, for the header: `4 steps`, `31 samples over 6.0 s`, `threads and processes at 1, 2
+    predictors`."""
+    if record.mode == "compare":
+        counts = sorted({r.get("predictors") for r in _comparison_rows(record) if isinstance(r.get("predictors"), int)})
+        if not counts:
+            return "nothing compared"
+        return f"threads and processes at {', '.join(map(str, counts))} predictor{'s' if counts != [1] else ''}"
+    if is_live(record):
+        ticks = _live_ticks(record)
+        live = record.extra.get("live") if isinstance(record.extra, dict) else None
+        duration = live.get("duration_s") if isinstance(live, dict) else None
+        text = f"{ticks:,} sample{'s' if ticks != 1 else ''}" if ticks is not None else "samples"
+        return text + (f" over {fmt(duration, 'duration_s')}" if finite(duration) and ticks else "")
+    n = len(record.steps)
+    return f"{n} step{'s' if n != 1 else ''}"
+
+
+def _remedy(value: Any) -> str:
+    """The remedy text, "" when there is none (a null remedy read back from run.json becomes "None")."""
+    if not isinstance(value, str) or value.strip() in ("", "None", "null"):
+        return ""
+    return value
+
+
 def _findings(record: "RunRecord") -> str:
     findings = sorted_findings(list(record.findings))
     if not findings:
-        body = ("<p>No findings: nothing in this run needs attention.</p>" if record.steps
-                else "<p>No findings (nothing was measured).</p>")
+        if _measured_nothing(record):
+            body = "<p>No findings (nothing was measured).</p>"
+        elif record.status != "complete":
+            body = "<p>No findings in what was measured before the run stopped.</p>"
+        else:
+            body = "<p>No findings: nothing in this run needs attention.</p>"
         return f'<section id="findings"><h2>Findings</h2>{body}</section>'
     parts = ['<section id="findings"><h2>Findings <span class="muted">(most severe first)</span></h2>']
     for f in findings:
         sev = f.severity if f.severity in SEVERITY_ORDER else "info"
-        where = f" at {e(f.at_predictors)} predictors" if f.at_predictors is not None else ""
+        at = f.at_predictors if isinstance(f.at_predictors, int) else fmt(f.at_predictors)
+        where = f" at {esc(predictors(at))}" if f.at_predictors is not None else ""
+        remedy = _remedy(f.remedy)
         parts.append(
             f'<article class="finding sev-{sev}"><h3><span class="badge b-{sev}">{esc(sev)}</span> '
             f"{_inline_code(redact_text(f.title))}</h3>"
             f'<div class="code">{esc(f.code)}{where}</div>'
             f"{_evidence(f.evidence)}"
-            + (f'<p class="remedy"><strong>Remedy:</strong> {_inline_code(redact_text(f.remedy))}</p>'
-               if f.remedy else "")
+            + (f'<p class="remedy"><strong>Remedy:</strong> {_inline_code(redact_text(remedy))}</p>'
+               if remedy else "")
             + "</article>")
     parts.append("</section>")
     return "\n".join(parts)
@@ -413,8 +478,33 @@ def _comparison(record: "RunRecord", plots: list["Plot"]) -> str:
     return "\n".join(parts)
 
 
+def _live_plots(record: "RunRecord", by_name: dict[str, "Plot"]) -> str:
+    """A watch or in-process profile: the memory over time, then the breakdown at its peak and at the end."""
+    parts = ['<section id="plots"><h2>Memory over time</h2>']
+    if "memory_timeline.png" in by_name:
+        parts.append(_figure(by_name["memory_timeline.png"],
+                             "The process's memory, decomposed into the same layers at every sample; dashed lines "
+                             "mark when findings happened.", "plot-timeline"))
+    if "memory_breakdown.png" in by_name:
+        parts.append("<h3>At the peak and at the end</h3>")
+        parts.append(_figure(by_name["memory_breakdown.png"],
+                             "The layers at the sample where the process's memory peaked and at the last sample"
+                             + ("; the dashed line, when it fits the scale, is the device's capacity."
+                                if record.gpu else "."), "plot-breakdown"))
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _has_plots_section(record: "RunRecord") -> bool:
+    return record.mode != "compare"  # a compare shows compare.png in its own section
+
+
 def _plots(record: "RunRecord", plots: list["Plot"]) -> str:
     by_name = {p.name: p for p in plots}
+    if not _has_plots_section(record):
+        return ""
+    if is_live(record):
+        return _live_plots(record, by_name)
     parts = ['<section id="plots"><h2>Memory and throughput</h2>']
     if "memory_breakdown.png" in by_name:
         parts.append("<h3>Memory decomposition per predictor count</h3>")
@@ -444,7 +534,7 @@ def _count(value: Any) -> str:
 
 
 def _rate(value: Any) -> str:
-    if not is_available(value):
+    if not finite(value):
         return _na(value)
     return f"{value:,.0f}" if value >= 1000 else f"{value:,.1f}"
 
@@ -452,12 +542,18 @@ def _rate(value: Any) -> str:
 def _millis(value: Any) -> str:
     if value is None:
         return "&mdash;"
-    if not is_available(value):
+    if not finite(value):
         return _na(value)
     return f"{value:,.0f}" if value >= 1000 else (f"{value:.1f}" if value >= 100 else f"{value:.2f}")
 
 
+def _has_steps_section(record: "RunRecord") -> bool:
+    return record.mode != "compare" and not is_live(record)  # no predictor sweep: no steps table
+
+
 def _steps(record: "RunRecord") -> str:
+    if not _has_steps_section(record):
+        return ""
     if not record.steps:
         return '<section id="steps"><h2>Steps</h2><p>No step completed.</p></section>'
     rec = (record.recommendation or {}).get("predictors")
@@ -481,7 +577,7 @@ def _steps(record: "RunRecord") -> str:
         if s.distinct_weight_sets != 1:
             notes.append(f"{s.distinct_weight_sets} weight sets")
         if s.dead_predictors:
-            notes.append(f"{s.dead_predictors} predictors died")
+            notes.append(f"{predictors(s.dead_predictors)} died")
         if s.grad_enabled_in_workers:
             notes.append("autograd on in workers")
         if s.error_messages:
@@ -576,7 +672,7 @@ def _processes(record: "RunRecord") -> str:
                 f'<td>{_engines_cell(p.get("engines"))}{_process_env(p)}</td>'
                 f'<td class="cmd">{_cmdline_cell(p.get("cmdline"))}</td></tr>')
         parts.append('<div class="scroll"><table><thead><tr><th class="num">pid</th><th>name</th><th>user</th>'
-                     '<th class="num">peak memory</th><th>engines and their memory variables</th>'
+                     '<th class="num">peak GPU memory</th><th>engines and their memory variables</th>'
                      "<th>command line (secrets redacted)</th></tr></thead><tbody>" + "".join(rows)
                      + "</tbody></table></div>")
     parts.append("</section>")
@@ -655,14 +751,16 @@ def render_html(record: "RunRecord", plots: list["Plot"], notes: Iterable[str] =
     title = f"gpuscope report: {fmt(model)} on {_device_label(record)}"
     toc = [("verdict", "Verdict"), ("check", "Check") if record.check else None, ("findings", "Findings"),
            ("comparison", "Threads vs processes") if (record.extra or {}).get("comparison") else None,
-           ("plots", "Plots"), ("steps", "Steps"), ("processes", "Processes"), ("environment", "Environment"),
+           ("plots", "Plots") if _has_plots_section(record) else None,
+           ("steps", "Steps") if _has_steps_section(record) else None,
+           ("processes", "Processes"), ("environment", "Environment"),
            ("configuration", "Configuration")]
     nav = " ".join(f'<a href="#{a}">{esc(t)}</a>' for a, t in (x for x in toc if x))
     body = "\n".join([
         '<header class="top">',
         "<h1>gpuscope report</h1>",
         f'<p class="sub">Model <code>{e(model)}</code> on {esc(_device_label(record))}, '
-        f"started {e(record.started_at)}, {e(len(record.steps))} step{'s' if len(record.steps) != 1 else ''}, "
+        f"started {e(record.started_at)}, {esc(_extent(record))}, "
         f"status {e(record.status)}.</p>",
         f'<nav class="toc">{nav}</nav>',
         "</header>",

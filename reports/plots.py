@@ -1,4 +1,6 @@
-"""The three PNG plots of a run: memory breakdown, memory over time, throughput and latency.
+"""The PNG plots of a run: memory breakdown, memory over time, throughput and latency (a diagnose
+sweep); memory over time and the breakdown at its peak (a watch or in-process profile); compare.png
+(a compare, drawn by reports/compare_plot.py).
 
 Rendered with matplotlib's Agg canvas on a bare `Figure` (no pyplot, no global
 backend switch, no display), with style settings scoped by `rc_context`, so a
@@ -13,10 +15,11 @@ from __future__ import annotations
 import io
 import math
 import textwrap
+import warnings
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from probes.readings import Unavailable, is_available
+from probes.readings import ERROR, Unavailable, is_available
 from probes.units import GiB, MiB, format_bytes
 from profiler.decomposition import CPU_LAYERS, GPU_LAYERS, LAYER_LABELS, cpu_layers, gpu_layers
 
@@ -93,6 +96,29 @@ class TimelineLayers:
 
 # ---------------------------------------------------------------- data preparation (no matplotlib)
 
+def finite(value: Any) -> bool:
+    """A real, finite number: what may be plotted or printed. `Infinity` and `NaN` in a damaged run.json
+    or samples file are not; they are treated as unavailable, never drawn."""
+    if not is_available(value):
+        return False
+    try:
+        return math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        return False
+
+
+def clean(value: Any) -> Any:
+    """The value, or Unavailable when it is a non-finite number (other values unchanged)."""
+    if is_available(value) and not finite(value):
+        return Unavailable(ERROR, "not a finite number")
+    return value
+
+
+def predictors(n: Any) -> str:
+    """`1 predictor`, `4 predictors`."""
+    return f"{n} predictor{'' if n == 1 else 's'}"
+
+
 def gpu_index(record: "RunRecord") -> int:
     """NVML's index of the profiled GPU (what sample scopes use), not torch's cuda:N."""
     return record.nvml_index
@@ -101,9 +127,9 @@ def gpu_index(record: "RunRecord") -> int:
 def model_bytes(record: "RunRecord") -> int | None:
     model = record.model or {}
     params, buffers = model.get("param_bytes"), model.get("buffer_bytes")
-    if is_available(params):
-        return int(params) + (int(buffers) if is_available(buffers) else 0)
-    if is_available(model.get("model_bytes")):
+    if finite(params):
+        return int(params) + (int(buffers) if finite(buffers) else 0)
+    if finite(model.get("model_bytes")):
         return int(model["model_bytes"])
     return None
 
@@ -114,11 +140,11 @@ def layer_order(record: "RunRecord") -> list[str]:
 
 def step_layers(record: "RunRecord", step: "Step") -> dict[str, int]:
     """The step's decomposition at its peak: `memory["layers"]`, or recomputed from the peak figures."""
-    memory = step.memory or {}
-    layers = memory.get("layers")
+    memory = {k: clean(v) for k, v in (step.memory or {}).items()}
+    layers = step.memory.get("layers") if isinstance(step.memory, dict) else None
     if isinstance(layers, dict) and layers:
-        return {k: int(v) for k, v in layers.items() if is_available(v)}
-    model = memory.get("model_bytes") if is_available(memory.get("model_bytes")) else model_bytes(record)
+        return {k: int(v) for k, v in layers.items() if finite(v)}
+    model = memory.get("model_bytes") if finite(memory.get("model_bytes")) else model_bytes(record)
     if record.gpu:
         return gpu_layers(memory.get("process_gpu_bytes"), memory.get("torch_allocated_bytes"),
                           memory.get("torch_reserved_bytes"), model, memory.get("other_processes_bytes"),
@@ -153,18 +179,18 @@ def capacity_bytes(record: "RunRecord", timeline: "Timeline | None" = None) -> f
     if record.gpu:
         index = gpu_index(record)
         for device in record.devices or []:
-            if device.get("index", 0) == index and is_available(device.get("total_bytes")):
+            if device.get("index", 0) == index and finite(device.get("total_bytes")):
                 return float(device["total_bytes"])
         for step in record.steps:
-            if is_available((step.memory or {}).get("device_total_bytes")):
+            if finite((step.memory or {}).get("device_total_bytes")):
                 return float(step.memory["device_total_bytes"])
         if timeline is not None:
-            values = [v for v in timeline.column(f"gpu:{index}", "total_bytes") if is_available(v)]
+            values = [v for v in timeline.column(f"gpu:{index}", "total_bytes") if finite(v)]
             if values:
                 return float(max(values))
         return None
     total = (record.host or {}).get("memory_total_bytes")
-    return float(total) if is_available(total) else None
+    return float(total) if finite(total) else None
 
 
 def profiled_pid(record: "RunRecord", timeline: "Timeline | None") -> int | None:
@@ -226,6 +252,11 @@ def time_unit(duration_s: float) -> tuple[str, float]:
     return "s", 1.0
 
 
+def column(timeline: "Timeline", scope: str, metric: str) -> list[Any]:
+    """timeline.column with non-finite numbers made Unavailable (they are never drawn)."""
+    return [clean(v) for v in timeline.column(scope, metric)]
+
+
 def timeline_layers(record: "RunRecord", timeline: "Timeline | None",
                     max_buckets: int = MAX_BUCKETS) -> TimelineLayers | None:
     """The decomposition at every tick of the samples file (the same layers as the steps), downsampled."""
@@ -242,12 +273,12 @@ def timeline_layers(record: "RunRecord", timeline: "Timeline | None",
     if record.gpu:
         index = gpu_index(record)
         gscope, pscope = f"gpu:{index}", f"pid:{pid}/gpu:{index}"
-        used = timeline.column(pscope, "used_bytes")
-        allocated = timeline.column(pscope, "torch_allocated_bytes")
-        reserved = timeline.column(pscope, "torch_reserved_bytes")
-        driver = timeline.column(gscope, "driver_reserved_bytes")
+        used = column(timeline, pscope, "used_bytes")
+        allocated = column(timeline, pscope, "torch_allocated_bytes")
+        reserved = column(timeline, pscope, "torch_reserved_bytes")
+        driver = column(timeline, gscope, "driver_reserved_bytes")
         suffix = f"/gpu:{index}"
-        others = [timeline.column(scope, "used_bytes") for scope in sorted(timeline.scopes())
+        others = [column(timeline, scope, "used_bytes") for scope in sorted(timeline.scopes())
                   if scope.startswith("pid:") and scope.endswith(suffix) and scope != pscope]
         for i, t in enumerate(timeline.t_s):
             other_values = [col[i] for col in others if is_available(col[i])]
@@ -259,8 +290,8 @@ def timeline_layers(record: "RunRecord", timeline: "Timeline | None",
             for k in keys:
                 rows[k].append(layers.get(k, 0))
     else:
-        rss = timeline.column(f"pid:{pid}", "rss_bytes")
-        uss = timeline.column(f"pid:{pid}", "uss_bytes")
+        rss = column(timeline, f"pid:{pid}", "rss_bytes")
+        uss = column(timeline, f"pid:{pid}", "uss_bytes")
         for i, t in enumerate(timeline.t_s):
             layers = cpu_layers(rss[i], model)
             if not layers:
@@ -296,12 +327,14 @@ def timeline_layers(record: "RunRecord", timeline: "Timeline | None",
 def step_spans(record: "RunRecord", timeline: "Timeline | None") -> list[tuple[float, float, int]]:
     """(start_s, end_s, predictors) per step, from the steps or else from the samples' events."""
     spans = [(float(s.started_s), float(s.ended_s), s.predictors) for s in record.steps
-             if is_available(s.started_s) and is_available(s.ended_s) and s.ended_s > s.started_s]
+             if finite(s.started_s) and finite(s.ended_s) and s.ended_s > s.started_s]
     if spans or timeline is None:
         return spans
     open_steps: dict[Any, float] = {}
     for event in timeline.events:
         kind, n = event.get("event"), event.get("predictors")
+        if not finite(event.get("t_s")):
+            continue
         if kind == "step_start":
             open_steps[n] = event["t_s"]
         elif kind == "step_end" and n in open_steps:
@@ -318,9 +351,9 @@ def finding_moments(record: "RunRecord", spans: list[tuple[float, float, int]]) 
     out = []
     for finding in record.findings:
         t = (finding.evidence or {}).get("t_s")
-        if not is_available(t) and finding.at_predictors in starts:
+        if not finite(t) and finding.at_predictors in starts:
             t = starts[finding.at_predictors]
-        if is_available(t):
+        if finite(t):
             out.append((float(t), finding))
     return out
 
@@ -346,7 +379,7 @@ def _fmt_rps(value: float) -> str:
 
 
 def _fmt_ms(value: Any) -> str:
-    if not is_available(value):
+    if not finite(value):
         return "n/a"
     return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
 
@@ -378,7 +411,9 @@ def _new_figure() -> Any:
 
 def _png(fig: Any) -> bytes:
     buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": "gpuscope"})
+    with warnings.catch_warnings():  # odd data (a damaged samples file) can squeeze the axes: draw anyway, quietly
+        warnings.filterwarnings("ignore", message=".*constrained_layout not applied", category=UserWarning)
+        fig.savefig(buf, format="png", dpi=DPI, metadata={"Software": "gpuscope"})
     return buf.getvalue()
 
 
@@ -467,7 +502,7 @@ def _draw_breakdown(fig: Any, record: "RunRecord", tl: TimelineLayers | None) ->
         else:
             ax.text(xi, headroom_ylim * 0.05, _wrap(reason, 22), ha="center", va="bottom", fontsize=8.5,
                     color="#8a1c1c", rotation=0)
-        if is_available(uss):
+        if finite(uss):
             ax.plot([xi], [uss / scale], marker="D", color=SERIES_COLORS["uss"], markersize=6, linestyle="none",
                     label=None if uss_labelled else "USS (memory private to the process)")
             uss_labelled = True
@@ -498,7 +533,7 @@ def _breakdown_title(record: "RunRecord", bars: list[Any], totals: list[int], ca
     label, peak = max(measured, key=lambda p: p[1])
     label = label.split("\n")[0]
     what = "device memory" if record.gpu else "resident memory (RSS)"
-    where = f"at {label} predictors" if label.isdigit() else \
+    where = f"at {predictors(int(label))}" if label.isdigit() else \
         (label.replace("peak at", "at") + " into the run" if label.startswith("peak at") else f"at the {label}")
     text = f"Peak {what} {format_bytes(peak)} {where}"
     if capacity and record.gpu:
@@ -560,7 +595,13 @@ def _draw_timeline(fig: Any, record: "RunRecord", tl: TimelineLayers, timeline: 
     elif tl.capacity_bytes:
         _off_scale_note(ax, record, tl.capacity_bytes)
     ax.set_ylim(0, ytop)
-    spans = step_spans(record, timeline)
+    t_end = float(np.max(tl.t_s)) if len(tl.t_s) else 0.0
+    t_start = min(0.0, float(np.min(tl.t_s))) if len(tl.t_s) else 0.0
+    x_end = t_end if t_end > t_start else t_start + 1.0  # a single tick: a one-second axis, not a zero-width one
+    # Steps and findings outside the samples (a run killed early, a damaged samples file) are not drawn: a label
+    # placed far outside the axes breaks the layout.
+    spans = [(max(a, t_start), min(b, x_end), n) for a, b, n in step_spans(record, timeline)
+             if b > t_start and a < x_end]
     for i, (a, b, n) in enumerate(spans):
         ax.axvspan(a / tscale, b / tscale, ymin=0.935, ymax=1.0, color="#000000", alpha=0.10 if i % 2 == 0 else 0.05,
                    linewidth=0)
@@ -574,7 +615,7 @@ def _draw_timeline(fig: Any, record: "RunRecord", tl: TimelineLayers, timeline: 
 
         extra.append(Patch(facecolor="#d9d9d9", edgecolor="#444444", linestyle=":",
                            label="sweep step (n = predictors, top band)"))
-    moments = finding_moments(record, spans)
+    moments = [(t, f) for t, f in finding_moments(record, step_spans(record, timeline)) if t_start <= t <= x_end]
     per_time: dict[float, int] = {}
     for t_s, finding in sorted(moments, key=lambda m: m[0]):
         slot = per_time.get(round(t_s, 3), 0)
@@ -590,11 +631,10 @@ def _draw_timeline(fig: Any, record: "RunRecord", tl: TimelineLayers, timeline: 
     ax.annotate(f"peak {format_bytes(tl.peak_total)}", (peak_x, tl.peak_total / scale), xytext=(0, 12),
                 textcoords="offset points", ha="center", fontsize=9,
                 arrowprops={"arrowstyle": "-|>", "color": "#222222", "lw": 0.8})
-    t_end = float(np.max(tl.t_s)) if len(tl.t_s) else 0.0
-    ax.set_xlim(min(0.0, float(np.min(tl.t_s)) / tscale), max(t_end / tscale, 1e-9))
+    ax.set_xlim(t_start / tscale, x_end / tscale)
     ax.set_xlabel(f"time since start ({unit_t})")
     ax.set_ylabel(f"memory ({unit})")
-    duration = f"{t_end / tscale:.1f} {unit_t}" if unit_t != "s" else f"{t_end:.0f} s"
+    duration = f"{t_end / tscale:.1f} {unit_t}" if unit_t != "s" or t_end < 10 else f"{t_end:.0f} s"
     peak_layers = tl.extras.get("peak_layers", {})
     biggest = max(peak_layers, key=peak_layers.get) if peak_layers else None
     what = "device memory" if record.gpu else "resident memory (RSS)"
@@ -622,7 +662,7 @@ def throughput_latency_png(record: "RunRecord") -> Plot:
             _placeholder(fig, title, "The run ended before any predictor count was measured"
                          + (f" ({record.status})." if record.status != "complete" else "."))
             return Plot("throughput_latency.png", _png(fig), title)
-        if not any(is_available(s.throughput_rps) and s.throughput_rps > 0 for s in steps):
+        if not any(finite(s.throughput_rps) and s.throughput_rps > 0 for s in steps):
             title = "Throughput and latency: no request completed at any predictor count"
             errors = sum(s.errors for s in steps if isinstance(s.errors, int))
             _placeholder(fig, title, f"{errors:,} requests failed across {len(steps)} steps; "
@@ -638,15 +678,15 @@ def _draw_throughput(fig: Any, record: "RunRecord", steps: list["Step"]) -> str:
     ax2.spines["right"].set_visible(True)
     ax2.grid(False)
     xs = [s.predictors for s in steps]
-    thr = [float(s.throughput_rps) if is_available(s.throughput_rps) else float("nan") for s in steps]
+    thr = [float(s.throughput_rps) if finite(s.throughput_rps) else float("nan") for s in steps]
     ax.plot(xs, thr, color=SERIES_COLORS["throughput"], marker="o", linewidth=2.2, label="throughput (requests/s)")
     for s in steps:
-        if is_available(s.throughput_rps) and s.throughput_rps > 0:
+        if finite(s.throughput_rps) and s.throughput_rps > 0:
             ax.annotate(_fmt_rps(s.throughput_rps), (s.predictors, s.throughput_rps), xytext=(0, -16),
                         textcoords="offset points", ha="center", fontsize=8.5, color=SERIES_COLORS["throughput"],
                         bbox={"boxstyle": "round,pad=0.12", "fc": "white", "ec": "none", "alpha": 0.85}, zorder=5)
     for pct, style in (("p50", "-"), ("p99", "--")):
-        ys = [float(s.latency_ms.get(pct)) if is_available((s.latency_ms or {}).get(pct)) else float("nan")
+        ys = [float(s.latency_ms.get(pct)) if finite((s.latency_ms or {}).get(pct)) else float("nan")
               for s in steps]
         ax2.plot(xs, ys, color=SERIES_COLORS[pct], marker="s", markersize=4.5, linestyle=style, linewidth=1.6,
                  label=f"{pct} latency (ms)")
@@ -657,7 +697,7 @@ def _draw_throughput(fig: Any, record: "RunRecord", steps: list["Step"]) -> str:
     rec = (record.recommendation or {}).get("predictors")
     if isinstance(rec, int) and not isinstance(rec, bool):
         ax.axvline(rec, color=SERIES_COLORS["recommended"], linewidth=7, alpha=0.35, zorder=0,
-                   label=f"recommended: {rec} predictors")
+                   label=f"recommended: {predictors(rec)}")
     oom = [s for s in steps if s.oom]
     for s in oom:
         ax.plot([s.predictors], [0], marker="X", markersize=11, color=SERIES_COLORS["oom"], linestyle="none",
@@ -666,10 +706,10 @@ def _draw_throughput(fig: Any, record: "RunRecord", steps: list["Step"]) -> str:
         if s.error_rate > 0:
             ax.annotate(f"{s.error_rate:.1%} errors", (s.predictors, 0), xytext=(0, 4), textcoords="offset points",
                         ha="center", fontsize=8, color=SERIES_COLORS["oom"], xycoords=("data", "axes fraction"))
-    finite = [v for v in thr if v == v]
-    ax.set_ylim(0, (max(finite) if finite else 1.0) * 1.2 or 1.0)
+    measured = [v for v in thr if v == v]
+    ax.set_ylim(0, (max(measured) if measured else 1.0) * 1.2 or 1.0)
     lat_values = [float(s.latency_ms.get(p)) for s in steps for p in ("p50", "p99")
-                  if is_available((s.latency_ms or {}).get(p))]
+                  if finite((s.latency_ms or {}).get(p))]
     ax2.set_ylim(0, (max(lat_values) if lat_values else 1.0) * 1.2 or 1.0)
     ax.set_xlabel("predictors (threads sharing one model)")
     ax.set_ylabel("throughput (requests/s)", color=SERIES_COLORS["throughput"])
@@ -683,26 +723,63 @@ def _draw_throughput(fig: Any, record: "RunRecord", steps: list["Step"]) -> str:
 
 
 def _throughput_title(record: "RunRecord", steps: list["Step"], rec: Any) -> str:
-    measured = [s for s in steps if is_available(s.throughput_rps) and s.throughput_rps > 0]
+    measured = [s for s in steps if finite(s.throughput_rps) and s.throughput_rps > 0]
     if not measured:
         return "Throughput and latency: no request completed"
     best = max(measured, key=lambda s: s.throughput_rps)
     chosen = record.step_at(rec) if isinstance(rec, int) else None
-    if chosen is not None and is_available(chosen.throughput_rps):
+    if chosen is not None and finite(chosen.throughput_rps):
         p99 = (chosen.latency_ms or {}).get("p99")
-        text = (f"Run {rec} predictors: {_fmt_rps(chosen.throughput_rps)} requests/s at p99 {_fmt_ms(p99)}")
+        text = (f"Run {predictors(rec)}: {_fmt_rps(chosen.throughput_rps)} requests/s at p99 {_fmt_ms(p99)}")
         if best.predictors != chosen.predictors:
             gain = best.throughput_rps / chosen.throughput_rps - 1 if chosen.throughput_rps else 0.0
             best_p99 = (best.latency_ms or {}).get("p99")
-            text += (f"; {best.predictors} give only {gain:+.0%} throughput for p99 {_fmt_ms(best_p99)}")
+            text += (f"; {best.predictors} give{'s' if best.predictors == 1 else ''} only {gain:+.0%} throughput "
+                     f"for p99 {_fmt_ms(best_p99)}")
         return text
     p99 = (best.latency_ms or {}).get("p99")
-    return f"Best throughput {_fmt_rps(best.throughput_rps)} requests/s at {best.predictors} predictors " \
+    return f"Best throughput {_fmt_rps(best.throughput_rps)} requests/s at {predictors(best.predictors)} " \
            f"(p99 {_fmt_ms(p99)})"
 
 
+LIVE_MODES = ("watch", "profile")  # records of a live process: samples over time, no predictor sweep
+
+
+def is_live(record: "RunRecord") -> bool:
+    """A watch or an in-process profile without sweep steps: its plots are the memory over time."""
+    return record.mode in LIVE_MODES and not record.steps
+
+
+def comparison_plot(record: "RunRecord") -> Plot | None:
+    """compare.png of a `gpuscope compare` record, None when it compared nothing or could not be drawn."""
+    comp = record.extra.get("comparison") if isinstance(record.extra, dict) else None
+    if not isinstance(comp, dict) or not comp.get("rows"):
+        return None
+    try:
+        from reports.compare_plot import compare_png
+
+        return Plot("compare.png", compare_png(comp), str(comp.get("verdict") or "threads versus processes"))
+    except Exception:  # a report without this figure beats no report
+        return None
+
+
 def render_plots(record: "RunRecord", timeline: "Timeline | None", note: str = "") -> list[Plot]:
-    """All three plots of a run, in the report's order."""
+    """The plots of a run, in the report's order; which ones depends on record.mode:
+
+    - diagnose (a predictor sweep): memory breakdown per predictor count, memory over time,
+      throughput and latency;
+    - watch / profile (no sweep): memory over time, then the breakdown at its peak and at the
+      end (when the samples hold memory readings); no throughput plot, as nothing was swept;
+    - compare: compare.png (threads versus processes), nothing when no row was measured.
+    """
+    if record.mode == "compare":
+        plot = comparison_plot(record)
+        return [plot] if plot is not None else []
     tl = timeline_layers(record, timeline)
+    if is_live(record):
+        plots = [memory_timeline_png(record, tl, timeline, note)]
+        if tl is not None and tl.keys:
+            plots.append(memory_breakdown_png(record, tl))
+        return plots
     return [memory_breakdown_png(record, tl), memory_timeline_png(record, tl, timeline, note),
             throughput_latency_png(record)]

@@ -1,4 +1,8 @@
-"""Render a finished (or interrupted) run into its folder: report.html and three PNG plots.
+"""Render a finished (or interrupted) run into its folder: report.html and its PNG plots.
+
+Which plots depends on the run's mode (reports.plots.render_plots): a diagnose sweep
+writes memory_breakdown.png, memory_timeline.png and throughput_latency.png; a watch or
+in-process profile memory_timeline.png and memory_breakdown.png; a compare compare.png.
 
 Entry points for profiler/cli.py and profiler.profile():
   render_report(record, out_dir, samples_path=None) -> {"html": ..., "memory_breakdown": ..., ...}
@@ -23,6 +27,7 @@ REPORT_FILES = {
     "memory_breakdown": "memory_breakdown.png",
     "memory_timeline": "memory_timeline.png",
     "throughput_latency": "throughput_latency.png",
+    "compare": "compare.png",
 }
 
 
@@ -60,9 +65,10 @@ def read_samples(samples_path: str | None) -> tuple["Timeline | None", list[str]
 
 
 def render_report(record: "RunRecord", out_dir: str, samples_path: str | None = None) -> dict[str, str]:
-    """Write report.html and the three PNGs into out_dir; return {kind: path}.
+    """Write report.html and the run's PNGs into out_dir; return {kind: path}.
 
-    kinds: html, memory_breakdown, memory_timeline, throughput_latency. Tolerant
+    kinds: html, and per mode (see the module docstring) memory_breakdown, memory_timeline,
+    throughput_latency (diagnose), compare (compare). Tolerant
     of a missing, empty, torn or unreadable samples file (the report and the
     timeline plot then say why it is empty), of zero steps, and of Unavailable
     readings.

@@ -20,7 +20,7 @@ import pytest
 
 from probes.readings import Unavailable, is_available
 from profiler.compare import (PROCESSES, THREADS, CompareOptions, ParticipantsProbe, build_comparison,
-                              comparison_findings, format_comparison, run_compare)
+                              compare_environment, comparison_findings, format_comparison, run_compare)
 from profiler.errors import UsageError
 from profiler.process_worker import spawned_pids
 from profiler.session import Progress
@@ -143,8 +143,24 @@ def test_builtin_mlp_processes_pay_a_model_and_an_interpreter_each_threads_stay_
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     html = (out / "report.html").read_text()
     assert '<section id="comparison">' in html and 'id="plot-comparison"' in html
+    assert {"gpuscope", "torch", "python"} <= set(data["environment"])  # not "not recorded" in the report
+    assert 'id="plots"' not in html and 'id="steps"' not in html and "0 steps" not in html
     table = format_comparison(record)
     assert "threads (1 process)" in table and "processes (1 predictor each)" in table and "verdict:" in table
+
+
+def test_the_environment_of_a_compare_comes_without_cuda_in_the_parent() -> None:
+    import torch
+
+    initialised = torch.cuda.is_initialized()
+    devices = [{"index": 0, "name": "NVIDIA H100 80GB HBM3", "driver": "550.54.15"},
+               {"index": 1, "name": "NVIDIA H200", "driver": "550.54.15"}]
+    env = compare_environment("cuda:0", devices, 1, {"torch_num_threads": 3})
+    assert env["torch"] == torch.__version__ and env["gpuscope"] and env["python"]
+    assert env["device_name"] == "NVIDIA H200" and env["driver"] == "550.54.15"  # NVML's, at the workers' index
+    assert env["torch_num_threads"] == 3  # the worker's, not the parent's
+    assert torch.cuda.is_initialized() == initialised
+    assert "device_name" not in compare_environment("cpu", [], None, None)
 
 
 # ---------------------------------------------------------------- no worker survives

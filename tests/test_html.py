@@ -171,3 +171,78 @@ def test_render_report_writes_the_four_files(tmp_path: Path) -> None:
     assert Path(paths["html"]).name == "report.html"
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "memory_breakdown.png", "memory_timeline.png", "report.html", "throughput_latency.png"]
+
+
+# ---------------------------------------------------------------- sections follow the run's mode
+
+
+def _section_ids(text: str) -> list[str | None]:
+    return [attrs.get("id") for tag, attrs in _parse(text).tags if tag == "section"]
+
+
+def _live_plots() -> list[Plot]:
+    return [p for p in _fake_plots() if p.name != "throughput_latency.png"]
+
+
+def test_a_watch_report_is_its_memory_over_time_not_an_empty_sweep(tmp_path: Path) -> None:
+    _record, run, _samples = rf.long_watch_run(str(tmp_path), hours=0.01)
+    record = load_run(run)
+    record.extra = {"live": {"ticks": 36, "duration_s": 35.0}}
+    text = render_html(record, _live_plots())
+    assert _section_ids(text) == ["verdict", "findings", "plots", "processes", "environment", "configuration"]
+    assert "0 steps" not in text and "36 samples over 35 s" in text
+    assert "no step of the sweep" not in text.lower() and "predictor count was measured" not in text
+    assert 'id="plot-timeline"' in text and "sweep&#x27;s steps" not in text
+    assert 'href="#steps"' not in text
+    # samples were taken and no rule fired: that is a finding of its own, not "nothing was measured"
+    record.findings = []
+    text = render_html(record, _live_plots())
+    assert "No findings: nothing in this run needs attention." in text
+    record.extra = {"live": {"ticks": 0}}
+    assert "No findings (nothing was measured)." in render_html(record, [])
+
+
+def test_a_compare_report_has_its_comparison_and_no_empty_sweep_sections(tmp_path: Path) -> None:
+    _record, run, _samples = rf.cpu_run(str(tmp_path))
+    record = load_run(run)
+    record.mode, record.steps, record.findings = "compare", [], []
+    record.extra = {"comparison": {"verdict": "threads win", "rows": [
+        {"mode": m, "predictors": n, "throughput_rps": 10.0 * n, "host_uss_bytes": 100 * 2**20 * n}
+        for m in ("threads", "processes") for n in (1, 2)]}}
+    png = _fake_plots()[0].png
+    text = render_html(record, [Plot("compare.png", png, "threads win")])
+    assert _section_ids(text) == ["verdict", "findings", "comparison", "processes", "environment", "configuration"]
+    assert "0 steps" not in text and "threads and processes at 1, 2 predictors" in text
+    assert "No step completed" not in text and 'id="plot-comparison"' in text
+    assert "No findings: nothing in this run needs attention." in text
+
+
+def test_a_null_remedy_is_omitted_and_one_predictor_is_singular(tmp_path: Path) -> None:
+    _record, run, _samples = rf.cpu_run(str(tmp_path), counts=(1, 2))
+    record = load_run(run)
+    record.recommendation["predictors"] = 1
+    record.steps[1].dead_predictors = 1
+    record.findings = [Finding("OOM", "warn", "no remedy here", {}, "None", at_predictors=1)]
+    text = render_html(record, _fake_plots())
+    assert "Remedy:" not in text
+    assert "Figures at 1 predictor." in text and "OOM at 1 predictor<" in text and "1 predictor died" in text
+    assert "1 predictors" not in text
+
+
+def test_non_finite_numbers_read_n_a(tmp_path: Path) -> None:
+    _record, run, _samples = rf.cpu_run(str(tmp_path))
+    record = load_run(run)
+    record.steps[0].throughput_rps = float("nan")
+    record.steps[1].throughput_rps = float("inf")
+    record.steps[1].latency_ms["p99"] = float("inf")
+    record.steps[2].memory["rss_bytes"] = float("-inf")
+    text = render_html(record, _fake_plots())
+    steps = text[text.index('id="steps"'):text.index('id="processes"')]
+    assert "nan" not in steps.lower() and "inf" not in steps.lower() and steps.count("n/a") >= 4
+    verdict = text[text.index('id="verdict"'):text.index('id="findings"')]
+    assert "inf requests/s" not in verdict and "n/a" in verdict  # the recommended step's throughput
+    assert fmt(float("nan"), "throughput_rps") == "n/a" and fmt(float("inf"), "rss_bytes") == "n/a"
+
+
+def test_host_process_table_labels_its_gpu_column(gpu_html: str) -> None:
+    assert "peak GPU memory" in gpu_html and ">peak memory<" not in gpu_html

@@ -167,3 +167,74 @@ def test_importing_the_report_modules_does_not_import_matplotlib() -> None:
             "[m for m in ('matplotlib', 'numpy') if m in sys.modules]\n")
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
+
+
+# ---------------------------------------------------------------- plots follow the run's mode; odd numbers
+
+
+def test_a_watch_gets_its_memory_over_time_and_no_throughput_plot(tmp_path: Path) -> None:
+    record, _run, samples = rf.long_watch_run(str(tmp_path), hours=0.05)
+    rendered = plots.render_plots(load_run(_run), load_timeline(samples))
+    assert [p.name for p in rendered] == ["memory_timeline.png", "memory_breakdown.png"]
+    record = load_run(_run)
+    record.mode = "profile"
+    assert [p.name for p in plots.render_plots(record, None)] == ["memory_timeline.png"]  # no samples: no bars
+
+
+def test_a_compare_gets_compare_png_and_no_empty_sweep_plots(tmp_path: Path) -> None:
+    record, _run, _samples = rf.cpu_run(str(tmp_path))
+    record.mode, record.steps = "compare", []
+    record.extra = {"comparison": {"verdict": "threads win", "rows": [
+        {"mode": m, "predictors": n, "throughput_rps": 10.0 * n, "host_uss_bytes": 100 * 2**20 * n}
+        for m in ("threads", "processes") for n in (1, 2)]}}
+    rendered = plots.render_plots(record, None)
+    assert [p.name for p in rendered] == ["compare.png"] and rendered[0].title == "threads win"
+    _png_ok(rendered[0].png)
+    record.extra = {"comparison": {"rows": []}}
+    assert plots.render_plots(record, None) == []
+
+
+def test_non_finite_numbers_are_never_plotted(tmp_path: Path) -> None:
+    record, _run, samples = rf.cpu_run(str(tmp_path))
+    record = load_run(_run)
+    record.steps[0].throughput_rps = float("inf")
+    record.steps[1].throughput_rps = float("nan")
+    record.steps[1].latency_ms["p99"] = float("inf")
+    record.steps[2].memory["rss_bytes"] = float("inf")
+    record.steps[2].memory.pop("layers", None)
+    rendered = plots.render_plots(record, load_timeline(samples))
+    for p in rendered:
+        _png_ok(p.png)
+    throughput = rendered[2].title
+    assert "inf" not in throughput.lower() and "nan" not in throughput.lower()
+    assert plots.step_layers(record, record.steps[2]) == {}
+    assert not plots.finite(float("inf")) and not plots.finite(float("nan")) and not plots.finite(10**400)
+    assert plots.finite(3) and not plots.finite(True) and not plots.finite(None)
+
+
+def test_titles_say_one_predictor_and_short_runs_keep_a_decimal(tmp_path: Path) -> None:
+    record, _run, samples = rf.gpu_run(str(tmp_path), counts=(1,))
+    record = load_run(_run)
+    record.recommendation["predictors"] = 1
+    rendered = plots.render_plots(record, load_timeline(samples))
+    assert "1 predictors" not in " ".join(p.title for p in rendered)
+    assert rendered[2].title.startswith("Run 1 predictor:")
+    assert "at 1 predictor " in rendered[0].title
+    lines = Path(samples).read_text().splitlines(True)
+    Path(samples).write_text("".join(lines[:10]))  # the header and 9 ticks, 50 ms apart
+    timeline = load_timeline(samples)
+    title = plots.memory_timeline_png(record, plots.timeline_layers(record, timeline), timeline).title
+    assert title.startswith("Over 0.4 s,"), title  # not "Over 0 s"
+
+
+def test_a_samples_file_that_stops_after_one_tick_renders_quietly(tmp_path: Path) -> None:
+    import warnings
+
+    record, _run, samples = rf.gpu_run(str(tmp_path))
+    lines = Path(samples).read_text().splitlines(True)
+    Path(samples).write_text("".join(lines[:2]))  # the header and one tick, steps far beyond it
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no constrained_layout UserWarning, no crash drawing far-off labels
+        rendered = plots.render_plots(load_run(_run), load_timeline(samples))
+    for p in rendered:
+        _png_ok(p.png)

@@ -12,6 +12,7 @@ from reports.render import report_command
 from tests import report_fixtures as rf
 
 FILES = ["memory_breakdown.png", "memory_timeline.png", "report.html", "throughput_latency.png"]
+WATCH_FILES = ["memory_breakdown.png", "memory_timeline.png", "report.html"]
 
 
 def _files(directory: Path) -> list[str]:
@@ -132,7 +133,31 @@ def test_24_hours_of_1s_samples_render_quickly(tmp_path: Path, capsys: pytest.Ca
     assert report_command(run, None) == 0
     elapsed = time.perf_counter() - started
     assert elapsed < 20.0, f"rendering 24 h of samples took {elapsed:.1f} s"
-    assert _files(tmp_path) == FILES
+    assert _files(tmp_path) == WATCH_FILES  # a watch swept nothing: no throughput plot
     html = (tmp_path / "report.html").read_text()
     assert "86,400 ticks" not in html  # the note lives in the PNG, the HTML stays small
     assert len(html) < 2_000_000
+
+
+def test_a_compare_run_is_rendered_with_compare_png(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    record, run, _samples = rf.cpu_run(str(tmp_path))
+    record.mode, record.steps = "compare", []
+    record.extra = {"comparison": {"verdict": "threads win", "rows": [
+        {"mode": m, "predictors": n, "throughput_rps": 10.0 * n, "host_uss_bytes": 100 * 2**20 * n}
+        for m in ("threads", "processes") for n in (1, 2)]}}
+    rf.save_run(record, run)
+    assert report_command(run, None) == 0
+    assert _files(tmp_path) == ["compare.png", "report.html"]  # the caption's "also saved as compare.png" holds
+    assert "compare.png" in (tmp_path / "report.html").read_text()
+
+
+def test_infinity_and_nan_in_a_record_render_as_n_a(tmp_path: Path) -> None:
+    # run.json with Infinity is refused when loaded (profiler/run.py); a record built in memory can still hold one
+    from reports.render import render_report
+
+    record, _run, samples = rf.cpu_run(str(tmp_path))
+    record.steps[0].throughput_rps = float("inf")  # matplotlib: "Axis limits cannot be NaN or Inf"
+    record.steps[1].throughput_rps = float("nan")
+    paths = render_report(record, str(tmp_path / "out"), samples)
+    html = Path(paths["html"]).read_text()
+    assert "nan requests/s" not in html and "inf requests/s" not in html and "n/a" in html
