@@ -360,7 +360,9 @@ def _extent(record: "RunRecord") -> str:
         ticks = _live_ticks(record)
         live = record.extra.get("live") if isinstance(record.extra, dict) else None
         duration = live.get("duration_s") if isinstance(live, dict) else None
-        text = f"{ticks:,} sample{'s' if ticks != 1 else ''}" if ticks is not None else "samples"
+        if ticks is None:
+            return "no predictor sweep"
+        text = f"{ticks:,} sample{'s' if ticks != 1 else ''}"
         return text + (f" over {fmt(duration, 'duration_s')}" if finite(duration) and ticks else "")
     n = len(record.steps)
     return f"{n} step{'s' if n != 1 else ''}"
