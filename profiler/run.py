@@ -48,8 +48,8 @@ class Finding:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "Finding":
-        return cls(code=str(data["code"]), severity=str(data["severity"]), title=str(data.get("title", "")),
-                   evidence=reading_from_json(data.get("evidence", {})), remedy=str(data.get("remedy", "")),
+        return cls(code=str(data["code"]), severity=str(data["severity"]), title=str(data.get("title") or ""),
+                   evidence=reading_from_json(data.get("evidence", {})), remedy=str(data.get("remedy") or ""),
                    at_predictors=data.get("at_predictors"))
 
 
