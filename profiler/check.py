@@ -364,6 +364,9 @@ def _size(value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, float, str)):
         raise CheckConfigError(f"expected a size like 512MiB or 20GiB, got {_show(value)}")
     if isinstance(value, str):
+        if value.strip().replace(".", "", 1).isdigit():  # "100" is 100 bytes to a parser, rarely to a person
+            raise CheckConfigError(f"a size needs a unit, got {_show(value)} (e.g. {value.strip()}MiB or "
+                                   f"{value.strip()}GiB; {value.strip()}B for bytes)")
         try:
             return parse_size(value)
         except ValueError as exc:

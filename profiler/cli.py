@@ -17,6 +17,7 @@ from typing_extensions import Annotated
 from profiler.errors import EXIT_USAGE, OutputError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  context_settings={"help_option_names": ["-h", "--help"]},
                   help="gpuscope: GPU memory and device-contention profiler for multi-threaded model inference.")
 
 # ---- options shared by `diagnose` and `check` (one definition each)
@@ -164,6 +165,20 @@ def compare(model: Model = "builtin:mlp", model_size: ModelSize = None, input_sh
     else:
         sys.stderr.write("gpuscope: interrupted before the model loaded: nothing measured\n")
     raise typer.Exit(result.exit_code)
+
+
+def _print_version(value: bool) -> None:
+    if value:
+        from profiler import __version__
+
+        typer.echo(f"gpuscope {__version__}")
+        raise typer.Exit(0)
+
+
+@app.callback()
+def _root(version_flag: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                                     help="print gpuscope's version and exit")] = False) -> None:
+    """gpuscope: GPU memory and device-contention profiler for multi-threaded model inference."""
 
 
 @app.command()

@@ -87,8 +87,13 @@ def format_summary(record: RunRecord) -> str:
     return "\n".join(lines)
 
 
+SUMMARY_SCHEMA = "gpuscope.summary/1"
+
+
 def summary_json(record: RunRecord) -> dict[str, Any]:
-    """A compact machine-readable summary (`--json`)."""
+    """A compact machine-readable summary (`--json`): a subset of run.json, labelled as such."""
     data = record.to_json()
-    return {k: data[k] for k in ("schema", "status", "config", "model", "steps", "sharing", "findings",
-                                 "recommendation", "devices", "device_unavailable") if k in data}
+    out: dict[str, Any] = {"schema": SUMMARY_SCHEMA, "run_schema": data["schema"]}
+    out.update({k: data[k] for k in ("status", "config", "model", "steps", "sharing", "findings",
+                                     "recommendation", "devices", "device_unavailable", "extra") if k in data})
+    return out

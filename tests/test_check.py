@@ -91,7 +91,7 @@ def test_measured_raw_values_are_numbers(gpu_run):
 
 
 def test_limit_equal_to_the_measured_value_passes(gpu_run):
-    out = evaluate(gpu_run, limits(max_device_memory=str(18 * GiB), min_throughput=780, min_headroom_pct=75))
+    out = evaluate(gpu_run, limits(max_device_memory=18 * GiB, min_throughput=780, min_headroom_pct=75))
     assert out.exit_code == 0
 
 
@@ -533,3 +533,10 @@ def test_no_limits_only_gates_on_findings_and_says_so(gpu_run):
 
 def test_known_codes_cover_the_design_catalogue():
     assert len(check.BASE_CODES) == 15 and set(check.BASE_GPU_ONLY_CODES) <= set(check.BASE_CODES)
+
+
+def test_a_size_without_a_unit_is_refused_naming_the_option():
+    with pytest.raises(CheckConfigError) as info:
+        limits(max_host_memory="100")  # 100 bytes to a parser, 100 MiB or GiB to whoever typed it
+    assert "needs a unit" in str(info.value) and "100MiB" in str(info.value)
+    assert limits(max_host_memory=100 * 1024**2).max_host_memory == 100 * 1024**2  # a TOML integer is bytes
