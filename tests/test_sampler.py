@@ -60,26 +60,94 @@ def test_an_interval_under_5_ms_is_refused():
         Sampler({}, interval_s=0.001)
 
 
-def test_ticks_keep_to_the_interval_without_drift_or_bunching():
-    probe = CountingProbe(sleep_s={5: 0.12})  # the 5th read stalls for 2.4 intervals
+class FakeLoopTime:
+    """A fake monotonic clock plus a fake stop event for `Sampler._run`: `wait()` moves the clock, nothing sleeps.
+
+    `_run` schedules with `time.monotonic_ns()` and waits with `self._stop.wait()`, so the test swaps the
+    sampler module's `time` for this object and the sampler's `_stop` for `self.stop_event`. The loop ends
+    once the clock has passed `run_for_ns`.
+    """
+
+    def __init__(self, run_for_ns: int) -> None:
+        self.now = 7_000_000_000
+        self.end = self.now + run_for_ns
+        self.waits: list[float] = []
+        self.perf_counter_ns = time.perf_counter_ns  # tick cost bookkeeping: real, harmless
+        self.thread_time_ns = time.thread_time_ns
+        fake = self
+
+        class StopEvent:
+            def is_set(self) -> bool:
+                return fake.now >= fake.end
+
+            def set(self) -> None:
+                fake.end = fake.now
+
+            def wait(self, timeout: float) -> bool:
+                assert len(fake.waits) < 1000, "the sampler loop did not end"
+                fake.waits.append(timeout)
+                fake.now += max(0, round(timeout * 1e9))
+                return self.is_set()
+
+        self.stop_event = StopEvent()
+
+    def monotonic_ns(self) -> int:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += round(seconds * 1e9)
+
+
+class TimedProbe:
+    """Records the fake clock at each read, then costs `cost_s` of fake time (`stall_s` on some reads)."""
+
+    def __init__(self, clock: FakeLoopTime, cost_s: float, stall_s: dict[int, float]) -> None:
+        self.clock, self.cost_s, self.stall_s = clock, cost_s, stall_s
+        self.reads: list[int] = []
+
+    def read(self):
+        self.reads.append(self.clock.now)
+        self.clock.advance(self.stall_s.get(len(self.reads), self.cost_s))
+        return [("host", "n", len(self.reads))]
+
+
+def test_ticks_keep_to_the_interval_without_drift_or_bunching(monkeypatch):
+    # Deterministic: the loop runs on a fake clock. Every tick costs 3 ms (a sampler that waited a fixed
+    # interval after each tick would drift 3 ms per tick) and the 5th stalls 120 ms (2.4 intervals).
+    fake = FakeLoopTime(run_for_ns=1_000_000_000)
+    probe = TimedProbe(fake, cost_s=0.003, stall_s={5: 0.12})
+    monkeypatch.setattr("probes.sampler.time", fake)
+    sampler = Sampler({"p": probe}, interval_s=0.05, clock_ns=fake.monotonic_ns)
+    sampler._stop = fake.stop_event
+    sampler._run()
+    offsets_ms = [(t - probe.reads[0]) / 1e6 for t in probe.reads]
+    # on the grid: every tick starts exactly on a multiple of 50 ms from the first, however late the previous one was
+    assert all(o % 50 == 0 for o in offsets_ms), f"ticks off the 50 ms grid: {offsets_ms}"
+    # the stall (reads 0..200 ms, then 200 + 120 = 320 ms) made the sampler skip the grid points it missed
+    # (250 and 300 ms) instead of catching up in a burst
+    assert offsets_ms[:6] == [0, 50, 100, 150, 200, 350], offsets_ms
+    assert sampler.missed_ticks == 2
+    gaps_ms = [b - a for a, b in zip(offsets_ms, offsets_ms[1:])]
+    assert min(gaps_ms) == 50, f"bunched ticks: {gaps_ms}"
+    # no drift: the last tick lands on the grid point its index predicts, counting the skipped ones
+    assert offsets_ms[-1] == 50 * (len(offsets_ms) - 1 + sampler.missed_ticks)
+    assert offsets_ms[-1] == 950 and len(offsets_ms) == 18 and sampler.ticks == 18
+    # the waits were the remainder to the next grid point, never a fixed interval
+    assert fake.waits[0] == pytest.approx(0.047) and fake.waits[4] == pytest.approx(0.03)
+    assert sampler.mean_tick_cost_us > 0
+
+
+def test_the_sampler_thread_ticks_in_real_time():
+    # the real thread and the real clock, loosely: the schedule itself is checked on the fake clock above
+    probe = CountingProbe()
     sampler = Sampler({"p": probe}, interval_s=0.05)
     sampler.start()
-    time.sleep(1.0)
+    deadline = time.monotonic() + 30
+    while len(probe.reads) < 4 and time.monotonic() < deadline:
+        time.sleep(0.01)
     sampler.stop()
-    reads = probe.reads[:-1]  # the last read is stop()'s final tick, off the grid
-    start = reads[0]
-    offsets_ms = [(t - start) * 1000 for t in reads]
-    assert 14 <= len(reads) <= 21, f"{len(reads)} ticks in 1 s at 50 ms"
-    # on the grid: every tick starts near a multiple of 50 ms from the first, however late the previous one was
-    off_grid = [o for o in offsets_ms if abs(o - 50 * round(o / 50)) > 15]
-    assert len(off_grid) <= 2, f"ticks off the 50 ms grid: {off_grid}"
-    # the stall made the sampler skip the grid points it missed instead of catching up in a burst
-    gaps_ms = [b - a for a, b in zip(offsets_ms, offsets_ms[1:])]
-    assert min(gaps_ms) > 20, f"bunched ticks: {gaps_ms}"
-    assert sampler.missed_ticks >= 2
-    # no drift: the last tick lands on the grid point its index predicts, minus the skipped ones
-    last = offsets_ms[-1]
-    assert abs(last - 50 * (len(reads) - 1 + sampler.missed_ticks)) < 25
+    assert len(probe.reads) >= 5, f"only {len(probe.reads)} ticks (4 from the thread, 1 from stop) in 30 s at 50 ms"
+    assert sampler._thread is None  # stop() joined the thread
 
 
 def test_one_timestamp_is_shared_by_every_probe_in_a_tick(samples_path):
