@@ -13,7 +13,6 @@ import signal
 import subprocess
 import sys
 import threading
-import time
 from typing import Any, Callable
 
 import pytest
@@ -220,29 +219,42 @@ blocks = []
 for _ in range(40):
     blocks.append(bytearray(b"\\x01") * (4 * 2**20))   # 4 MiB, every page touched
     time.sleep(0.05)
+print("done", flush=True)                 # all 160 MiB are resident
 time.sleep(120)
 """
 
 
 def test_watching_a_real_child_shows_its_rss_growth_in_the_report(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", GROWER], stdin=subprocess.PIPE)
+    child = subprocess.Popen([sys.executable, "-c", GROWER], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     stop = threading.Event()
-    started = []
+    done = threading.Event()
+    threading.Thread(target=lambda: child.stdout.readline() == b"done\n" and done.set(), daemon=True).start()
+    # The watch runs on a clock that each wait moves by exactly what was asked, after really waiting that long,
+    # so the child grows while it is sampled; the last wait before the 2.6 s end also waits until the child
+    # says it has allocated everything, so the final reading sees all of it however slow the machine is.
+    duration_s = 2.6
+    clock = {"t": 10_000.0}
+    end = clock["t"] + duration_s - 1e-6
 
     def wait(seconds: float) -> None:
-        if not started:
-            started.append(time.monotonic())
+        if child.stdin is not None and not child.stdin.closed:
             child.stdin.write(b"go\n")
-            child.stdin.flush()
+            child.stdin.close()
         stop.wait(seconds)
+        clock["t"] += seconds
+        if clock["t"] >= end:
+            assert done.wait(120), "the child did not finish allocating 160 MiB within 120 s"
 
     try:
-        result = run_watch(WatchOptions(pid=child.pid, interval="100ms", duration="2.6s", out=str(tmp_path / "w")),
+        result = run_watch(WatchOptions(pid=child.pid, interval="100ms", duration=f"{duration_s}s",
+                                        out=str(tmp_path / "w")),
                            nvml_opener=lambda: (None, {"reason": "no_device", "detail": "test: no GPU"}),
-                           wait=wait, stop=stop, handle_signals=False, progress=Progress(quiet=True))
+                           clock=lambda: clock["t"], wait=wait, stop=stop, handle_signals=False,
+                           progress=Progress(quiet=True))
     finally:
         child.kill()
         child.wait()
+    assert done.is_set()
     record = result.record
     assert record.config["device"] == "cpu" and record.config["ended_by"] == "duration"
     growth = codes(record)[GROWTH_CODE]
@@ -314,8 +326,8 @@ def test_bad_input_is_one_line_before_anything_is_written(sleeper, tmp_path, opt
 
 def test_a_process_that_already_exited_is_refused(tmp_path):
     child = subprocess.Popen([sys.executable, "-c", "pass"])
-    time.sleep(0.3)  # exited, not yet reaped: a zombie
     try:
+        os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # until it has exited; not reaped: a zombie
         with pytest.raises(UsageError, match="already exited|no such process"):
             run_watch(WatchOptions(pid=child.pid, out=str(tmp_path / "w")))
     finally:
