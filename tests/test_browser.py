@@ -2,7 +2,8 @@
 
 Needs Debian's `chromium` (apt-get install chromium; .ci/run installs it) and the
 `playwright` Python package; never `playwright install`. Skips with the reason
-only when no Chromium (or no Playwright) can be found.
+only when no Chromium (or no Playwright) can be found; with GPUSCOPE_REQUIRE_BROWSER=1
+(as .ci/run sets) that is a failure instead, so CI cannot pass without running it.
 """
 from __future__ import annotations
 
@@ -17,7 +18,6 @@ from tests import report_fixtures as rf
 
 pytestmark = pytest.mark.browser
 
-SCREENSHOT_COPY = "/tmp/gpuscope-report-screenshot.png"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -30,15 +30,26 @@ def _chromium() -> str | None:
     return None
 
 
+def _browser_required() -> bool:
+    return os.environ.get("GPUSCOPE_REQUIRE_BROWSER", "") not in ("", "0")
+
+
+def _cannot_run(reason: str) -> None:
+    """Skip locally; fail where the browser test is required (CI)."""
+    if _browser_required():
+        pytest.fail(f"GPUSCOPE_REQUIRE_BROWSER is set but {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="module")
 def browser_context(tmp_path_factory: pytest.TempPathFactory):
     executable = _chromium()
     if executable is None:
-        pytest.skip("no Chromium found (apt-get install chromium, or set GPUSCOPE_CHROMIUM)")
+        _cannot_run("no Chromium found (apt-get install chromium, or set GPUSCOPE_CHROMIUM)")
     try:
         from playwright.sync_api import sync_playwright
     except ImportError as exc:
-        pytest.skip(f"playwright is not installed ({exc}); pip install '.[test]'")
+        _cannot_run(f"playwright is not installed ({exc}); pip install '.[test]'")
     profile = tmp_path_factory.mktemp("chromium-profile")
     with sync_playwright() as pw:
         context = pw.chromium.launch_persistent_context(
@@ -94,7 +105,6 @@ def test_gpu_report_in_chromium(browser_context, tmp_path: Path) -> None:
     shot = tmp_path / "report-screenshot.png"
     page.screenshot(path=str(shot), full_page=True)
     assert shot.stat().st_size > 10_000
-    shutil.copyfile(shot, SCREENSHOT_COPY)
     # prints cleanly: the print stylesheet applies and every image is still there
     page.emulate_media(media="print")
     assert page.locator("nav.toc").is_hidden()
