@@ -3,6 +3,7 @@ loopback and parsed with prometheus-client's own parser."""
 from __future__ import annotations
 
 import io
+import ipaddress
 import socket
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 import urllib.request
 from typing import Any
 
+import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -102,11 +104,12 @@ def test_export_serves_devices_processes_and_findings_over_loopback(node):
 def test_the_endpoint_is_not_reachable_on_other_addresses_by_default(node):
     exporter, _, _ = node
     assert exporter._server.server_address[0] == "127.0.0.1"
-    addresses = {info[4][0] for info in socket.getaddrinfo(socket.gethostname(), None, socket.AF_INET)}
-    addresses.discard("127.0.0.1")
+    # this machine's own non-loopback IPv4 addresses (the hostname often resolves to 127.0.x.1 only)
+    addresses = sorted({a.address for addrs in psutil.net_if_addrs().values() for a in addrs
+                        if a.family == socket.AF_INET and not ipaddress.ip_address(a.address).is_loopback})
+    if not addresses:
+        pytest.skip(f"no non-loopback IPv4 address on this machine to try (interfaces: {sorted(psutil.net_if_addrs())})")
     for address in addresses:
-        if address.startswith("127."):
-            continue
         with pytest.raises(OSError):
             socket.create_connection((address, exporter.port), timeout=1).close()
 
