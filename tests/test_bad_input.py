@@ -48,11 +48,11 @@ class _CreatesMarker:
 @dataclass(frozen=True)
 class Case:
     id: str
-    args: tuple[str, ...]                 # diagnose's arguments; {d} is the folder holding the inputs
+    args: tuple[str, ...]                 # diagnose's arguments; {d} is the folder holding the inputs,
+                                          # {unwritable} a folder that cannot be created (_unwritable_folder)
     says: tuple[str, ...] = ()            # fragments the one stderr line must contain
     one_gpu: bool = False                 # run under ONE_GPU_CLI instead of `python -m profiler`
     predictors: str | None = "1"         # None: the case passes its own --predictors
-    skip_if_root: bool = False
     xfail: str = ""                       # a known bug outside the tests: why this case fails today
 
     def __str__(self) -> str:
@@ -104,9 +104,30 @@ CASES = [
     Case("cuda-7-on-a-one-gpu-machine", ("--device", "cuda:7"), ("cuda:7", "does not exist", "1 GPU"), one_gpu=True),
     # ---- output folders
     Case("output-folder-under-a-file", ("--out", "{d}/a-file/report"), ("cannot write to output folder",)),
-    Case("output-folder-read-only", ("--out", "{d}/read-only/report"), ("cannot write to output folder",),
-         skip_if_root=True),
+    Case("output-folder-read-only", ("--out", "{unwritable}"), ("cannot write to output folder",)),
 ]
+
+
+def _is_sysfs(path: str) -> bool:
+    try:
+        with open("/proc/self/mounts", encoding="utf-8") as fh:
+            return any(line.split()[1:3] == [path, "sysfs"] for line in fh if len(line.split()) >= 3)
+    except OSError:
+        return False
+
+
+def _unwritable_folder(d: Path) -> str:
+    """An output folder that cannot be created, for whoever runs the tests.
+
+    A normal user: a folder below a read-only (0555) folder. Root ignores permissions (and CI runs as root),
+    so for root a folder nobody may create: in sysfs (EPERM, or EROFS where /sys is mounted read-only, as in
+    containers), or, where /sys is no sysfs, below the regular file /proc/version.
+    """
+    if os.geteuid() != 0:
+        return str(d / "read-only" / "report")
+    if _is_sysfs("/sys"):
+        return "/sys/gpuscope-test-read-only/report"
+    return "/proc/version/gpuscope-test/report"
 
 
 def _make_inputs(d: Path) -> None:
@@ -145,7 +166,7 @@ def _make_inputs(d: Path) -> None:
 
 def _argv(case: Case, d: Path, out: Path) -> list[str]:
     """`diagnose` and its arguments, as typed after `gpuscope`."""
-    args = [a.replace("{d}", str(d)) for a in case.args]
+    args = [a.replace("{d}", str(d)).replace("{unwritable}", _unwritable_folder(d)) for a in case.args]
     argv = ["diagnose", "--out", str(out), *SPEED]
     if case.predictors is not None:
         argv += ["--predictors", case.predictors]
@@ -249,7 +270,7 @@ def outcomes(request: pytest.FixtureRequest, inputs: Path) -> dict[str, dict]:
     """Run the selected cases of the table; {case id: outcome}."""
     wanted = [item.callspec.params["case"] for item in request.session.items
               if item.module is request.module and hasattr(item, "callspec") and "case" in item.callspec.params]
-    chosen = [c for c in CASES if c in wanted and not (c.skip_if_root and os.geteuid() == 0)]
+    chosen = [c for c in CASES if c in wanted]
     return _run_table(chosen, inputs) if chosen else {}
 
 
@@ -276,8 +297,6 @@ def _assert_one_line_exit_2(case: Case, got: dict, inputs: Path) -> None:
 @pytest.mark.parametrize("case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=c.xfail)) if c.xfail
                                   else c for c in CASES], ids=str)
 def test_bad_input_is_one_line_and_exit_2(case: Case, outcomes: dict[str, dict], inputs: Path) -> None:
-    if case.skip_if_root and os.geteuid() == 0:
-        pytest.skip("root ignores directory permissions")
     _assert_one_line_exit_2(case, outcomes[case.id], inputs)
 
 
