@@ -102,14 +102,18 @@ def child_with_secret():
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)",
                              "--api-key=SECRET123", "postgres://app:hunter2@db/x"])
     try:
-        deadline = time.monotonic() + 5
+        deadline = time.monotonic() + 30
+        seen: object = None
         while time.monotonic() < deadline:  # wait until exec has replaced the forked image
             try:
-                if "--api-key=SECRET123" in " ".join(__import__("psutil").Process(proc.pid).cmdline()):
+                seen = __import__("psutil").Process(proc.pid).cmdline()
+                if "--api-key=SECRET123" in " ".join(seen):
                     break
-            except Exception:
-                pass
+            except Exception as exc:
+                seen = exc
             time.sleep(0.02)
+        else:
+            pytest.fail(f"the child's command line never showed --api-key=SECRET123 within 30 s (last: {seen!r})")
         yield proc
     finally:
         proc.kill()

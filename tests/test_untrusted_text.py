@@ -81,16 +81,20 @@ def _server_with_args(args: list[str], env: dict[str, str] | None = None) -> Nei
     return Neighbour([sys.executable, "-c", "import time; time.sleep(30)", "serve.py", *args], env)
 
 
-def _wait_for_cmdline(pid: int, needle: str) -> None:
-    deadline = time.monotonic() + 5
+def _wait_for_cmdline(pid: int, needle: str, timeout_s: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    seen = b""
     while time.monotonic() < deadline:
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as fh:
-                if needle.encode() in fh.read():
-                    return
-        except OSError:
-            pass
+                seen = fh.read()
+            if needle.encode() in seen:
+                return
+        except OSError as exc:
+            seen = f"<{exc}>".encode()
         time.sleep(0.01)
+    pytest.fail(f"pid {pid}'s command line never showed {needle!r} within {timeout_s:g} s "
+                f"(last read: {seen[:200]!r})")
 
 
 class Outputs:
