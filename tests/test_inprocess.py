@@ -37,10 +37,16 @@ def sampler_threads() -> list[threading.Thread]:
 
 
 def test_the_documented_threaded_server_example_runs_and_writes_the_report(tmp_path, monkeypatch, capsys):
+    import torch
+
     monkeypatch.chdir(tmp_path)
     handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     namespace: dict = {"__name__": "docs_live_example"}
-    exec(compile(docs_example(), str(ROOT / "docs" / "live.md"), "exec"), namespace)
+    threads = torch.get_num_threads()  # the example sets torch.set_num_threads(1): not for the tests after it
+    try:
+        exec(compile(docs_example(), str(ROOT / "docs" / "live.md"), "exec"), namespace)
+    finally:
+        torch.set_num_threads(threads)
     prof = namespace["prof"]
     assert len(namespace["answered"]) == 3000  # every request answered by the four predictors
     assert {sig: signal.getsignal(sig) for sig in handlers} == handlers  # no signal handlers installed
