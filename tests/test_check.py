@@ -51,6 +51,25 @@ def result(outcome, name):
     return matches[0]
 
 
+def test_the_saved_runs_are_what_make_runs_builds(tmp_path, monkeypatch):
+    """The committed run.json files are make_runs.py's output today, byte for byte: neither can drift."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_runs", os.path.join(FIXTURES, "make_runs.py"))
+    make_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(make_runs)
+    monkeypatch.setattr(make_runs, "HERE", str(tmp_path))
+    make_runs.main()
+    built = sorted(p.name for p in tmp_path.glob("*.json"))
+    assert built == sorted(n for n in os.listdir(FIXTURES) if n.endswith(".json"))
+    for name in built:
+        with open(os.path.join(FIXTURES, name), encoding="utf-8") as fh:
+            committed = fh.read()
+        assert (tmp_path / name).read_text(encoding="utf-8") == committed, (
+            f"tests/fixtures/check/{name} differs from what make_runs.py builds: "
+            "regenerate with `python tests/fixtures/check/make_runs.py`")
+
+
 # --------------------------------------------------------------------------- each limit, pass and fail
 
 GPU_CASES = [
@@ -341,9 +360,17 @@ def write(path, text):
     return str(path)
 
 
-def test_no_config_file_gives_an_empty_table(tmp_path):
-    assert load_config(str(tmp_path), None) == {}
-    assert limits_from_sources(str(tmp_path), None, {}) == Limits()
+@pytest.fixture
+def repo(tmp_path):
+    """tmp_path as a repository root: the config search stops there instead of walking up to / (where a
+    stray /tmp/gpuscope.toml or /pyproject.toml would be read)."""
+    (tmp_path / ".git").mkdir()
+    return tmp_path
+
+
+def test_no_config_file_gives_an_empty_table(repo):
+    assert load_config(str(repo), None) == {}
+    assert limits_from_sources(str(repo), None, {}) == Limits()
 
 
 def test_pyproject_table_is_read(tmp_path):
@@ -426,26 +453,27 @@ def test_malformed_values_name_the_key(tmp_path, key, toml_value, message):
     assert str(exc.value).startswith(message), str(exc.value)
 
 
-def test_malformed_command_line_value_names_the_flag(tmp_path):
+def test_malformed_command_line_value_names_the_flag(repo):
     with pytest.raises(CheckConfigError, match=r"^--max-p99-ms: expected a number, got 'fast'"):
-        limits_from_sources(str(tmp_path), None, {"max_p99_ms": "fast"})
+        limits_from_sources(str(repo), None, {"max_p99_ms": "fast"})
     with pytest.raises(CheckConfigError, match=r"^--max-device-memory: not a size"):
-        limits_from_sources(str(tmp_path), None, {"max_device_memory": "lots"})
+        limits_from_sources(str(repo), None, {"max_device_memory": "lots"})
     with pytest.raises(CheckConfigError, match=r"^--fail-on: expected one of warn, fail"):
-        limits_from_sources(str(tmp_path), None, {"fail_on": "sometimes"})
+        limits_from_sources(str(repo), None, {"fail_on": "sometimes"})
 
 
-def test_config_is_found_from_a_subfolder_and_its_file_is_named(tmp_path):
-    write(tmp_path / "pyproject.toml", "[tool.gpuscope.check]\nmax_p99_ms = 7\n")
-    sub = tmp_path / "sub" / "deeper"
+def test_config_is_found_from_a_subfolder_and_its_file_is_named(repo):
+    project = repo / "project"
+    sub = project / "sub" / "deeper"
     sub.mkdir(parents=True)
+    write(project / "pyproject.toml", "[tool.gpuscope.check]\nmax_p99_ms = 7\n")
     said: list[str] = []
-    assert limits_from_sources(str(tmp_path.parent), None, {}, echo_err=said.append) == Limits()
+    assert limits_from_sources(str(repo), None, {}, echo_err=said.append) == Limits()  # above the file
     assert said == []  # no file: nothing said
     assert limits_from_sources(str(sub), None, {}, echo_err=said.append).max_p99_ms == 7
-    assert said == [f"check: limits from {tmp_path / 'pyproject.toml'} [tool.gpuscope.check]"]
+    assert said == [f"check: limits from {project / 'pyproject.toml'} [tool.gpuscope.check]"]
     # errors name the file relative to where the command ran
-    write(tmp_path / "pyproject.toml", "[tool.gpuscope.check]\nmax_p99 = 7\n")
+    write(project / "pyproject.toml", "[tool.gpuscope.check]\nmax_p99 = 7\n")
     with pytest.raises(CheckConfigError, match=r"^\.\./\.\./pyproject.toml: tool.gpuscope.check.max_p99"):
         limits_from_sources(str(sub), None, {}, echo_err=said.append)
 
@@ -532,7 +560,14 @@ def test_no_limits_only_gates_on_findings_and_says_so(gpu_run):
 
 
 def test_known_codes_cover_the_design_catalogue():
-    assert len(check.BASE_CODES) == 15 and set(check.BASE_GPU_ONLY_CODES) <= set(check.BASE_CODES)
+    from profiler.findings import KNOWN_CODES
+
+    # the catalogue check was built on is still what the rules declare, and check knows every declared code
+    assert len(set(check.BASE_CODES)) == len(check.BASE_CODES)
+    assert set(check.BASE_CODES) <= set(KNOWN_CODES), set(check.BASE_CODES) - set(KNOWN_CODES)
+    assert check.known_codes() == tuple(dict.fromkeys(check.BASE_CODES + KNOWN_CODES))
+    assert set(check.known_codes()) == set(KNOWN_CODES)
+    assert set(check.BASE_GPU_ONLY_CODES) <= set(check.BASE_CODES)
 
 
 def test_a_size_without_a_unit_is_refused_naming_the_option():
