@@ -141,23 +141,22 @@ def test_outside_text_cannot_trigger_mathtext(tmp_path: Path) -> None:
     assert plots._safe("$a$") == r"\$a\$"
 
 
-def test_rendering_leaves_matplotlib_global_state_alone() -> None:
+def test_rendering_leaves_matplotlib_global_state_alone(tmp_path: Path) -> None:
     code = (
         "import sys, matplotlib\n"
         "snap = lambda: {k: matplotlib.rcParams[k] for k in matplotlib.rcParams if k != 'backend'}\n"
         "before = snap()\n"
         "from tests import report_fixtures as rf\n"
-        "import tempfile\n"
         "from reports.plots import render_plots\n"
-        "d = tempfile.mkdtemp()\n"
-        "record, run, samples = rf.cpu_run(d)\n"
+        "record, run, samples = rf.cpu_run(sys.argv[1])\n"
         "render_plots(record, None)\n"
         "after = snap()\n"
         "changed = [k for k in before if before[k] != after[k]]\n"
         "assert not changed, changed\n"
         "assert 'matplotlib.pyplot' not in sys.modules\n"
     )
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    result = subprocess.run([sys.executable, "-c", code, str(tmp_path / "run")], cwd=ROOT, capture_output=True,
+                            text=True, timeout=60)
     assert result.returncode == 0, result.stderr
 
 
