@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib
 import os
+import warnings
 import re
 import sys
 import zipfile
@@ -261,7 +262,10 @@ def _load_file(path: str, device: str, trust: bool) -> tuple[Any, str]:
                                  "trust its author")
     try:
         if kind == TORCHSCRIPT:
-            return torch.jit.load(path, map_location=device), "torchscript"
+            with warnings.catch_warnings():  # torch >= 2.14 deprecates jit.load loudly; the user's file is what it is
+                warnings.simplefilter("ignore", FutureWarning)
+                warnings.simplefilter("ignore", DeprecationWarning)
+                return torch.jit.load(path, map_location=device), "torchscript"
         with _quiet_logger("torch.export"):  # it logs a traceback to stderr before raising on a corrupt file
             program = torch.export.load(path)
         return program.module().to(device), "export"

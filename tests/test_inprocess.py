@@ -60,7 +60,10 @@ def test_the_documented_threaded_server_example_runs_and_writes_the_report(tmp_p
     assert live["ticks"] >= 3 and live["series"]["rss_bytes"]["peak"] > 50 * MiB
     me = next(p for p in record.processes if p["pid"] == os.getpid())
     assert me["self"] is True and isinstance(me["cmdline"], str)
-    assert "torch" not in (me["engines"] or [])  # a CPU build maps no libtorch_cuda
+    with open(f"/proc/{os.getpid()}/maps", encoding="utf-8", errors="replace") as fh:
+        cuda_mapped = "libtorch_cuda" in fh.read()
+    # the engine is reported exactly when torch's CUDA library is mapped (a CPU build maps none)
+    assert ("torch" in (me["engines"] or [])) == cuda_mapped
     timeline = load_timeline(str(out / "samples.jsonl"))
     assert timeline.header["mode"] == "profile" and len(timeline.t_s) == live["ticks"]
     assert all(isinstance(v, int) for v in timeline.column(f"pid:{os.getpid()}", "rss_bytes"))
