@@ -268,19 +268,24 @@ def duplicate_by_growth_run() -> RunRecord:
 REMEDIES_MODEL = 2048 * 2048 * 4 + 2048 * 4  # remedies-h200-2026-11-26.json: one Linear(2048, 2048)
 
 
+def remedies() -> dict[str, Any]:
+    return json.loads((FACTS_H200.parent / "remedies-h200-2026-11-26.json").read_text())
+
+
 def remedies_run(cublas_workspace_off: bool = False) -> RunRecord:
     """remedies-h200-2026-11-26.json: a shared 16 MiB Linear(2048) at 1 and 16 threads. At defaults NVML goes
     726 -> 2,282 MiB (104 MiB per extra thread, reserved 580 MiB at 16); with CUBLAS_WORKSPACE_CONFIG=:0:0 it
-    stays at 630 MiB (reserved 18 MiB)."""
+    stays at 630 MiB (reserved 18 MiB). The capture recorded memory only: throughput and latency here are
+    placeholders the memory rules do not read, and the reserved figure at 1 thread (not captured) is the
+    context's 2 MiB plus one 32 MiB cuBLAS workspace and the model."""
+    figures = remedies()["cublas_ws_off" if cublas_workspace_off else "default"]
+    at_one_reserved = figures["reserved_mib"] if cublas_workspace_off else 2 + 32 + 16
     steps = []
     for n, rps, p50 in ((1, 9000.0, 0.11), (16, 21000.0, 0.76)):
-        if cublas_workspace_off:
-            process, reserved = 630 * MiB, 18 * MiB
-        else:
-            process = 726 * MiB if n == 1 else 2282 * MiB
-            reserved = 50 * MiB if n == 1 else 580 * MiB
-        steps.append(gpu_step(n, rps, p50, process=process, allocated=reserved - 2 * MiB, reserved=reserved,
-                              model_bytes=REMEDIES_MODEL))
+        process_mib = figures["after_first_matmul_mib"] if n == 1 else figures["with_16_threads_mib"]
+        reserved_mib = at_one_reserved if n == 1 else figures["reserved_mib"]
+        steps.append(gpu_step(n, rps, p50, process=int(process_mib * MiB), allocated=int((reserved_mib - 2) * MiB),
+                              reserved=int(reserved_mib * MiB), model_bytes=REMEDIES_MODEL))
     env = {"CUBLAS_WORKSPACE_CONFIG": ":0:0"} if cublas_workspace_off else {}
     return gpu_record(steps, model_bytes=REMEDIES_MODEL, memory_env=env)
 
