@@ -31,6 +31,7 @@ from probes.readings import ERROR, NO_DEVICE, NOT_SUPPORTED, PROCESS_GONE, Unava
 from probes.host import read_smaps_rollup
 from probes.units import format_bytes
 from profiler.errors import EXIT_OK, EXIT_USAGE, UsageError
+from profiler.options import WorkloadOptions
 from profiler.findings import least_squares_slope
 from profiler.run import Finding, RunRecord
 
@@ -47,25 +48,13 @@ COMPARISON_KEYS = ("rows", "per_extra_predictor", "verdict", "winner", "recommen
 
 
 @dataclass(frozen=True)
-class CompareOptions:
-    """Everything `gpuscope compare` needs."""
+class CompareOptions(WorkloadOptions):
+    """Everything `gpuscope compare` needs: the shared workload options with a compare run's defaults."""
 
-    model: str = "builtin:mlp"
-    model_size: str | None = None
-    input_shape: str | None = None
-    dtype: str | None = None
-    device: str = "auto"
-    predictors: str | None = None
     duration: str = "5s"
     warmup: str = "1s"
     interval: str = "200ms"
-    streams: bool = False
-    intra_op_threads: int | None = None
     out: str = "gpuscope-compare"
-    trust_model_file: bool = False
-    json_output: bool = False
-    report: bool = True
-    quiet: bool = False
 
 
 def default_counts(usable_cores: int) -> tuple[int, ...]:

@@ -44,8 +44,11 @@ def parse_seconds(name: str, text: str | float | None, minimum: float = 0.0) -> 
 
 
 @dataclass(frozen=True)
-class DiagnoseOptions:
-    """Everything `gpuscope diagnose` (and `check` when it runs a sweep) needs."""
+class WorkloadOptions:
+    """What every command that runs the model needs: which model, how to feed it, where, and the output.
+
+    Commands subclass it and add their own fields or defaults (a dataclass field redeclared in a subclass
+    keeps its place and takes the new default)."""
 
     model: str = "builtin:mlp"
     model_size: str | None = None
@@ -55,16 +58,22 @@ class DiagnoseOptions:
     predictors: str | None = None
     duration: str = "6s"
     warmup: str = "0.5s"
-    window: str = "1s"
     interval: str = "50ms"
     streams: bool = False
-    copy_model: bool = False
-    inference_mode: bool = True
     intra_op_threads: int | None = None
-    rate: float | None = None
-    max_p99_ms: float | None = None
     out: str = "gpuscope-report"
     trust_model_file: bool = False
     json_output: bool = False
     report: bool = True
     quiet: bool = False
+
+
+@dataclass(frozen=True)
+class DiagnoseOptions(WorkloadOptions):
+    """Everything `gpuscope diagnose` (and `check` when it runs a sweep) needs."""
+
+    window: str = "1s"
+    copy_model: bool = False
+    inference_mode: bool = True
+    rate: float | None = None
+    max_p99_ms: float | None = None
