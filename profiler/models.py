@@ -268,9 +268,24 @@ def _load_file(path: str, device: str, trust: bool) -> tuple[Any, str]:
                 return torch.jit.load(path, map_location=device), "torchscript"
         with _quiet_logger("torch.export"):  # it logs a traceback to stderr before raising on a corrupt file
             program = torch.export.load(path)
-        return program.module().to(device), "export"
+        module = program.module().to(device)
+        shape = _example_shape(program)
+        if shape is not None:
+            setattr(module, "example_input_shape", shape)  # the exporter's own example: a default --input-shape
+        return module, "export"
     except Exception as exc:
         raise ModelLoadError(f"could not load {path}: {_one_line(exc)}") from exc
+
+
+def _example_shape(program: Any) -> tuple[int, ...] | None:
+    """The shape of a torch.export program's single example tensor input, if it has exactly one."""
+    try:
+        args, kwargs = program.example_inputs
+    except Exception:
+        return None
+    if kwargs or len(args) != 1 or not hasattr(args[0], "shape"):
+        return None
+    return tuple(int(d) for d in args[0].shape)
 
 
 class _quiet_logger:
@@ -385,7 +400,7 @@ def load_model(spec: str, device: str, input_shape: tuple[int, ...] | None = Non
             except Exception as exc:
                 raise ModelLoadError(f"model factory {spec!r}: moving the model to {device} failed: {_one_line(exc)}") from exc
         module, kind = _load_file(spec, device, trust_model_file)
-        return module, kind, None
+        return module, kind, getattr(module, "example_input_shape", None)
 
     module, kind, default_shape = build()
     _eval(module)

@@ -119,6 +119,13 @@ def test_a_file_needs_an_input_shape(files):
         load_model(files["torchscript"], "cpu")
 
 
+def test_an_export_file_brings_its_own_example_shape(files):
+    model = load_model(files["export"], "cpu")  # exported with one (2, 4) example input
+    assert model.input_shape == (2, 4)
+    validate_model(model)
+    assert load_model(files["export"], "cpu", input_shape=(5, 4)).input_shape == (5, 4)  # --input-shape wins
+
+
 @pytest.mark.parametrize("kind, expected", [
     ("torchscript", TORCHSCRIPT), ("export", EXPORT), ("torch_save", TORCH_SAVE), ("state_dict", TORCH_SAVE),
     ("legacy", PICKLE), ("raw_pickle", PICKLE)])
