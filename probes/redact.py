@@ -67,3 +67,8 @@ def redact_cmdline(cmdline: str) -> str:
 def redact_env(env: dict[str, str]) -> dict[str, str]:
     """Redact values of secret-looking variables and URL credentials in the rest."""
     return {k: (REDACTED if is_secret_name(k) else redact_text(v)) for k, v in env.items()}
+
+
+def printable(text: object) -> str:
+    """Outside text for a terminal: control characters (escape sequences) shown escaped, never obeyed."""
+    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))

@@ -145,23 +145,24 @@ def worker_main(index: int, spec: dict[str, Any], conn: Any, parent_pid: int) ->
     _die_with_parent(parent_pid)
     try:
         model, info = _load(spec)
-    except BaseException as exc:
-        try:
-            conn.send(("error", _one_line(exc)))
-        except Exception:
-            pass
-        sys.exit(1)
+    except BaseException as exc:  # any load failure, OSError included, is the parent's one line
+        _fail(conn, exc)
     try:
         conn.send(("ready", info))
         _serve(conn, model, spec)
-    except (EOFError, OSError, BrokenPipeError):
-        return  # the parent is gone: nothing to report to
+    except (EOFError, OSError):  # BrokenPipeError included: the parent is gone, nothing to report to
+        return
     except BaseException as exc:
-        try:
-            conn.send(("error", _one_line(exc)))
-        except Exception:
-            pass
-        sys.exit(1)
+        _fail(conn, exc)
+
+
+def _fail(conn: Any, exc: BaseException) -> None:
+    """Tell the parent why this worker stops (if it still listens), then exit non-zero."""
+    try:
+        conn.send(("error", _one_line(exc)))
+    except Exception:
+        pass
+    sys.exit(1)
 
 
 def _serve(conn: Any, model: Any, spec: dict[str, Any]) -> None:

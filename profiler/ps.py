@@ -19,6 +19,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, TextIO
 
+from probes.redact import printable
 from probes.readings import Unavailable, is_available, reading_to_json
 from probes.units import MiB, format_bytes
 from profiler.errors import EXIT_OK, EXIT_USAGE
@@ -26,11 +27,6 @@ from profiler.errors import EXIT_OK, EXIT_USAGE
 PS_SCHEMA = "gpuscope.ps/1"
 UNLISTED_MIN_BYTES = 64 * MiB          # memory in use with nobody listed, beyond this, means hidden processes
 UNLISTED_MIN_BYTES_NO_RESERVE = 1024 * MiB  # without memory info v2 an idle card already shows the driver's reserve
-
-
-def printable(text: Any) -> str:
-    """Outside text for a terminal: control characters (escape sequences) shown escaped, never obeyed."""
-    return "".join(ch if ch.isprintable() else repr(ch)[1:-1] for ch in str(text))
 
 
 @dataclass

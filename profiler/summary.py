@@ -4,7 +4,7 @@ from __future__ import annotations
 from typing import Any
 
 from probes.readings import is_available
-from probes.redact import redact_text
+from probes.redact import printable, redact_text
 from probes.units import format_bytes
 from profiler.run import RunRecord, sorted_findings
 
@@ -20,6 +20,18 @@ def _ms(value: Any) -> str:
     if not is_available(value):
         return "n/a"
     return f"{value:.2f}" if value >= 0.1 else f"{value:.3f}"
+
+
+def format_findings(findings: list[Any]) -> list[str]:
+    """The findings block of every terminal summary, most severe first. Titles name outside processes,
+    so control characters are shown escaped, never obeyed by the terminal."""
+    ordered = sorted_findings(findings)
+    lines = [f"findings ({len(ordered)}):" if ordered else "findings: none"]
+    for finding in ordered:
+        lines.append(f"  {_MARK.get(finding.severity, finding.severity):<4} {finding.code}: {printable(finding.title)}")
+        if finding.severity != "info" and finding.remedy:
+            lines.append(f"       remedy: {printable(finding.remedy)}")
+    return lines
 
 
 def format_summary(record: RunRecord) -> str:
@@ -64,13 +76,8 @@ def format_summary(record: RunRecord) -> str:
         lines.append(f"sharing: {'verified: all predictors ran one copy of the weights' if sharing.get('verified') else 'NOT verified'}"
                      f" ({sharing.get('distinct_weight_sets')} distinct weight set(s)); "
                      f"memory per extra predictor: {_mem(per) if not is_available(per) or per >= 0 else '-' + format_bytes(-per)}")
-    findings = sorted_findings(record.findings)
     lines.append("")
-    lines.append(f"findings ({len(findings)}):" if findings else "findings: none")
-    for finding in findings:
-        lines.append(f"  {_MARK.get(finding.severity, finding.severity):<4} {finding.code}: {finding.title}")
-        if finding.severity != "info" and finding.remedy:
-            lines.append(f"       remedy: {finding.remedy}")
+    lines += format_findings(record.findings)
     rec = record.recommendation or {}
     lines.append("")
     if record.extra.get("stopped_by"):

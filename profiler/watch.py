@@ -26,7 +26,7 @@ from typing import Any, Callable
 from probes.readings import is_available, reading_to_json
 from probes.units import format_bytes
 from profiler.errors import EXIT_OK, EXIT_SIGTERM, EXIT_USAGE, OutputError, UsageError
-from profiler.ps import printable as _printable
+from probes.redact import printable as _printable
 from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_RUNNING, RunRecord
 
 ScopedValue = tuple[str, str, Any]
@@ -334,8 +334,7 @@ def _mem(value: Any) -> str:
 def format_live_summary(record: RunRecord) -> str:
     """The terminal summary of a watch or an in-process profile."""
     from probes.redact import redact_text
-    from profiler.run import sorted_findings
-    from profiler.summary import _MARK
+    from profiler.summary import format_findings
 
     live = record.extra.get("live") or {}
     series = live.get("series") or {}
@@ -363,13 +362,8 @@ def format_live_summary(record: RunRecord) -> str:
         lines.append(f"other processes on gpu:{live.get('gpu_index')}: " + ", ".join(
             f"pid {p.get('pid')} {_printable(str(p.get('name', '?')))} ({_mem(p.get('peak_used_bytes'))})"
             for p in others[:5]))
-    findings = sorted_findings(record.findings)
     lines.append("")
-    lines.append(f"findings ({len(findings)}):" if findings else "findings: none")
-    for finding in findings:
-        lines.append(f"  {_MARK.get(finding.severity, finding.severity):<4} {finding.code}: {_printable(finding.title)}")
-        if finding.severity != "info" and finding.remedy:
-            lines.append(f"       remedy: {finding.remedy}")
+    lines += format_findings(record.findings)
     return "\n".join(lines)
 
 

@@ -265,3 +265,15 @@ def test_nothing_from_outside_reaches_a_shell_or_eval():
     assert len(files) > 20
     problems = [v for path in files for v in _violations(path)]
     assert problems == [], "a shell, eval or unpickling call in gpuscope's own code: " + ", ".join(problems)
+
+
+def test_the_terminal_summary_shows_control_characters_in_findings_escaped():
+    # a foreign process named with an escape sequence must not drive the user's terminal
+    from profiler.run import Finding
+    from profiler.summary import format_findings
+
+    hostile = Finding("FOREIGN_PROCESS", "warn", "pid 7 (\x1b[2J\x1b]0;owned\x07evil) holds 2 GiB", {},
+                      "kill \x1b[31mit")
+    text = "\n".join(format_findings([hostile]))
+    assert "\x1b" not in text and "\x07" not in text
+    assert "\\x1b[2J" in text and "\\x1b[31mit" in text
