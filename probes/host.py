@@ -52,10 +52,11 @@ def read_smaps_rollup(pid: int, proc_root: str = "/proc") -> dict[str, int] | No
     """RSS, PSS and USS (bytes) from /proc/PID/smaps_rollup, or None where the kernel lacks it.
 
     Cheaper than psutil.memory_full_info() (which parses every mapping in
-    smaps), but the kernel still walks the page tables: measured ~3.7 ms for a
-    process holding torch (230 MiB RSS) on this 2-core machine. So the host
-    probe reads USS at most once per `uss_every_s` (default 2 s: ~90 us per 50 ms
-    tick on average), RSS (statm, ~20 us) every tick.
+    smaps), but the kernel still walks the page tables: measured on the 2-core
+    development machine, 3.7-4.4 ms for a process holding torch's CPU build and
+    10.4 ms with torch's CUDA build imported (more and larger mappings). So the
+    host probe reads USS at most once per `uss_every_s` (default 2 s: 90-260 us
+    per 50 ms tick on average), RSS (statm, ~20 us) every tick.
     """
     try:
         with open(f"{proc_root}/{pid}/smaps_rollup", "rb") as fh:
