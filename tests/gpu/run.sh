@@ -35,15 +35,16 @@ log() { echo "[run.sh $(date +%H:%M:%S)] $*" | tee -a "$OUT/run.log" >&2; }
 now() { date +%s.%N; }
 since() { awk -v a="$1" -v b="$(now)" 'BEGIN { printf "%.2f", b - a }'; }
 
+# Packed after the suite and again at exit: a runner that kills this script during the defaults run
+# still gets the scenarios' reports.
 pack() {
   tar -czf "$OUT/reports.tar.gz" -C "$WORK" --exclude=samples.jsonl reports 2>>"$OUT/run.log"
   (cd "$WORK" && find reports -name samples.jsonl -print0 | tar -czf "$OUT/samples.tar.gz" --null -T -) 2>>"$OUT/run.log"
-  rm -rf "$WORK"
 }
-trap pack EXIT
+trap 'pack; rm -rf "$WORK"' EXIT
 
 nvidia-smi > "$GPUSCOPE_GPU_REPORTS/nvidia-smi.txt" 2>&1 || log "nvidia-smi failed (see nvidia-smi.txt)"
-log "python $PY ($("$PY" --version 2>&1)); OUT=$OUT; reports in $GPUSCOPE_GPU_REPORTS, packed on exit"
+log "python $PY ($("$PY" --version 2>&1)); OUT=$OUT; reports in $GPUSCOPE_GPU_REPORTS, packed after the suite and at exit"
 
 # 1. the suite. SIGINT on timeout: pytest unwinds, and every planted child is killed in its finally.
 started=$(now)
@@ -51,6 +52,7 @@ timeout -s INT -k 20 "$PYTEST_LIMIT_S" "$PY" -m pytest -m gpu tests/gpu -q -p no
   2>&1 | tee "$OUT/pytest.txt"
 code=${PIPESTATUS[0]}
 log "pytest exited $code after $(since "$started") s (limit $PYTEST_LIMIT_S s)"
+pack
 
 # 2. diagnose with every default, timed, in a fresh process
 started=$(now)

@@ -289,12 +289,14 @@ def _plateau_pairs(run: dict) -> list[dict]:
 
 
 @pytest.mark.scenario("per-predictor-growth")
-def test_per_predictor_growth_on_both_and_the_plateau_only_on_the_default_stream(scenario):
+def test_per_predictor_growth_on_both_and_the_plateau_only_on_the_default_stream(scenario, nvml):
     """The same sweep (1, 2, 4, 8 predictors) on the default stream and with --streams:
     PER_PREDICTOR_GROWTH on both with the slope the steps show (NVML and torch reserved), and
     DEFAULT_STREAM_SERIALIZATION only on the default stream, at the first plateau pair the steps show."""
     counts = ("--predictors", "1,2,4,8")
     default = sc.diagnose(scenario.sub("default-stream"), *counts, *SHORT)
+    left = sc.wait_for_quiet_gpu(nvml)  # the first run's pid must be gone, or it is a foreign process
+    assert not left, f"still on the GPU after the default-stream run: {left}"
     streams = sc.diagnose(scenario.sub("streams"), *counts, "--streams", *SHORT)
     scenario.record(default_stream=sc.run_figures(default), streams=sc.run_figures(streams))
     sc.check_gpu_run(default)
