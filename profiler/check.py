@@ -23,13 +23,16 @@ Each limit becomes one `LimitResult` with status pass, fail or unmeasured:
                             `findings` result says so
 
 The chosen step is `--at-predictors N` when given, else the run's recommended
-predictor count. A step that ran out of memory fails every step-based limit
-(the deployment did not fit, whatever the limit).
+predictor count. A sweep that measured its steps but recommended none (no count
+met its p99 limit, or every count failed requests) is gated at the smallest
+count measured, with a note: the deployment failed there too, so it fails the
+gate rather than passing as unmeasured. A step that ran out of memory fails
+every step-based limit (the deployment did not fit, whatever the limit).
 
 A limit is *unmeasured* when the run cannot answer it: a GPU figure on a run
 that measured no GPU, a reading that came back Unavailable, a predictor count
-the sweep did not measure, a run without a recommendation and no
-`--at-predictors`. A forbidden code whose rule needs a GPU (FOREIGN_PROCESS,
+the sweep did not measure, a run with no fully measured step (interrupted or
+empty) and no `--at-predictors`. A forbidden code whose rule needs a GPU (FOREIGN_PROCESS,
 CACHE_BLOAT, ...) is unmeasured on a run without a GPU, and absence of findings
 proves nothing on a run that did not finish (any status but "complete": a run
 killed with SIGKILL stays "running") or that measured nothing, so those are
@@ -494,7 +497,7 @@ class CheckOutcome:
     results: tuple[LimitResult, ...]
     limits: Limits
     at_predictors: int | None = None
-    at_predictors_source: str = ""  # given | recommended | ""
+    at_predictors_source: str = ""  # given | recommended | smallest measured (none recommended) | ""
     run: dict[str, Any] = field(default_factory=dict)
     checked_at: str = ""
     notes: tuple[str, ...] = ()  # said once, before the summary line (e.g. step limits on a watch run)
@@ -651,11 +654,19 @@ def _nothing_measured(record: Any) -> str:
     return ""
 
 
+def _smallest_measured_step(record: Any) -> Any:
+    """The lowest predictor count that was measured to its end (served requests or ran out of memory);
+    None when there is none (an interrupted or empty sweep: nothing there to gate on)."""
+    steps = [s for s in record.steps if not s.partial and (s.requests > 0 or s.oom)]
+    return min(steps, key=lambda s: s.predictors) if steps else None
+
+
 def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> CheckOutcome:
     """Evaluate every set limit, forbidden code and finding gate against a run record.
 
     `at_predictors` overrides `limits.at_predictors`; without either, the run's
-    recommended predictor count is used. See the module docstring for each limit
+    recommended predictor count is used (or, when none was recommended, the smallest
+    count measured to its end). See the module docstring for each limit
     and for the exit-code rule.
 
     A record of another mode than diagnose (watch, profile, compare) has no predictor
@@ -684,6 +695,14 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
     elif given is None and isinstance(rec.get("predictors"), int) and not isinstance(rec.get("predictors"), bool):
         given = rec["predictors"]
         source = "recommended"
+    elif given is None and "predictors" in rec and rec["predictors"] is None \
+            and (fallback := _smallest_measured_step(record)) is not None:
+        # Measured steps but no recommendation: no count met the run's p99 limit, or every count failed
+        # requests. That is a measured verdict on the deployment, not a missing measurement: gate the
+        # least loaded configuration, where latency and errors are at their best.
+        given, source = fallback.predictors, "smallest measured"
+        notes.append(f"no predictor count was recommended ({rec.get('reason') or 'no reason recorded'}); "
+                     f"the limits are checked at the smallest count measured, {given}")
     step = record.step_at(given) if given is not None else None
     measured_counts = ", ".join(str(s.predictors) for s in record.steps) or "none"
     if not swept:
@@ -876,11 +895,14 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
 _STATUS_LABEL = {PASS: "PASS", FAIL: "FAIL", UNMEASURED: "UNMEASURED"}
 
 
-def format_lines(outcome: CheckOutcome) -> list[str]:
+def format_lines(outcome: CheckOutcome, exit_code: int | None = None) -> list[str]:
     """One line per result, then a summary line, e.g.
 
     `PASS  max-p99-ms        p99 12.3 ms <= 25 ms (at 2 predictors)`
     `UNMEASURED  max-device-memory  not measured: no GPU was measured (no_device: ...)`
+
+    `exit_code`: the code the process really exits with, when something after the evaluation
+    (an output that could not be written) changed it; the summary line states it.
     """
     if not outcome.results:
         return ["check: no limits to evaluate"]
@@ -888,15 +910,15 @@ def format_lines(outcome: CheckOutcome) -> list[str]:
     label_w = max(18, max(len(r.label) for r in outcome.results) + 2)
     lines = [f"{_STATUS_LABEL[r.status]:<{status_w}}{r.label:<{label_w}}{r.message}" for r in outcome.results]
     lines.extend(f"note: {note}" for note in outcome.notes)
-    lines.append(summary_line(outcome))
+    lines.append(summary_line(outcome, exit_code))
     return lines
 
 
-def summary_line(outcome: CheckOutcome) -> str:
+def summary_line(outcome: CheckOutcome, exit_code: int | None = None) -> str:
     c = outcome.counts()
     word = {PASS: "passed", FAIL: "FAILED", UNMEASURED: "could not measure every limit"}[outcome.status]
     where = _at(outcome.at_predictors).strip()
-    if where and outcome.at_predictors_source == "recommended":
-        where = where[:-1] + ", recommended)"
+    if where and outcome.at_predictors_source in ("recommended", "smallest measured"):
+        where = where[:-1] + f", {outcome.at_predictors_source})"
     return (f"check {word}: {c['passed']} passed, {c['failed']} failed, {c['unmeasured']} unmeasured"
-            f"{' ' + where if where else ''} -> exit {outcome.exit_code}")
+            f"{' ' + where if where else ''} -> exit {outcome.exit_code if exit_code is None else exit_code}")

@@ -70,8 +70,6 @@ def run_check(record: RunRecord, limits: Limits, at_predictors: int | None = Non
     if not limits.any_set():
         echo_err(f"check: no limits set; only findings of severity {limits.fail_on} or worse can fail the gate")
     outcome: CheckOutcome = evaluate(record, limits, at_predictors=at_predictors)
-    for line in format_lines(outcome):
-        echo(line)
     code = outcome.exit_code
     data = outcome.to_json()
     record.check = data
@@ -94,4 +92,6 @@ def run_check(record: RunRecord, limits: Limits, at_predictors: int | None = Non
         attempt("JSON", json_path, lambda: write_json_atomic(json_path, data))
     if run_path:
         attempt("run record", run_path, lambda: save_run(record, run_path))
+    for line in format_lines(outcome, exit_code=code):  # after the writes: the summary states the real exit code
+        echo(line)
     return code

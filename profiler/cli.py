@@ -47,10 +47,10 @@ def _options(**kwargs: Any) -> Any:
     return DiagnoseOptions(**kwargs)
 
 
-def _run_session(opts: Any) -> Any:
+def _run_session(opts: Any, **hooks: Any) -> Any:
     from profiler.session import run_diagnose
 
-    return run_diagnose(opts)
+    return run_diagnose(opts, **hooks)
 
 
 @app.command()
@@ -110,7 +110,6 @@ def check(run: Annotated[Optional[str], typer.Option("--run", help="evaluate a s
     limits = limits_from_sources(os.getcwd(), config, cli_values)
     if run is not None:
         record = load_run(run)
-        run_path = run
     else:
         p99_for_sweep = getattr(limits, "max_p99_ms", None)
         opts = _options(model=model, model_size=model_size, input_shape=input_shape, dtype=dtype, device=device,
@@ -118,13 +117,18 @@ def check(run: Annotated[Optional[str], typer.Option("--run", help="evaluate a s
                         streams=streams, copy_model=copy_model, inference_mode=inference_mode,
                         intra_op_threads=intra_op_threads, rate=rate, max_p99_ms=p99_for_sweep, out=out,
                         trust_model_file=trust_model_file, quiet=quiet)
-        result = _run_session(opts)
-        if result.exit_code != 0:
+        gate: dict[str, int] = {}
+
+        def check_before_report(record: Any) -> None:  # so report.html shows the gate's outcome
+            gate["code"] = run_check(record, limits, at_predictors=at_predictors, junit_path=junit,
+                                     json_path=json_path, run_path=os.path.join(record.config["out"], "run.json"))
+
+        result = _run_session(opts, before_report=check_before_report)
+        if "code" not in gate:  # interrupted or failed before the gate could run
             raise typer.Exit(result.exit_code)
-        record = result.record
-        run_path = os.path.join(result.out_dir, "run.json")
-    code = run_check(record, limits, at_predictors=at_predictors, junit_path=junit, json_path=json_path,
-                     run_path=run_path if run is None else None)
+        # the gate's verdict; a report that could not be rendered turns a pass into 2, never a fail into a pass
+        raise typer.Exit(gate["code"] or result.exit_code)
+    code = run_check(record, limits, at_predictors=at_predictors, junit_path=junit, json_path=json_path)
     raise typer.Exit(code)
 
 
@@ -232,11 +236,42 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     return tuple(types)
 
 
+class _CtrlC:
+    """SIGINT outside a command's own handler (imports, model loading, rendering): noted, then the
+    usual KeyboardInterrupt. Typer turns that into a silent exit code 130, so the note is how main()
+    knows to say why the command stopped."""
+
+    seen = False
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        cls.seen = True
+        raise KeyboardInterrupt
+
+
+def _note_ctrl_c() -> Any:
+    """Install _CtrlC.handler where Python's default SIGINT handler is in place; the previous handler."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+    _CtrlC.seen = False
+    return signal.signal(signal.SIGINT, _CtrlC.handler)
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: run the Typer app, turning bad input into one line on stderr and exit code 2."""
+    import signal
+
+    previous = _note_ctrl_c()
     try:
         result = app(args=argv, prog_name="gpuscope", standalone_mode=False)
-        return int(result or 0)
+        code = int(result or 0)
+        if code == 130 and _CtrlC.seen:
+            sys.stderr.write("gpuscope: interrupted\n")
+        return code
     except typer.Exit as exc:
         return int(getattr(exc, "exit_code", 0))
     except (typer.Abort, KeyboardInterrupt):
@@ -252,6 +287,9 @@ def main(argv: list[str] | None = None) -> int:
             sys.stderr.write(f"gpuscope: error: {exc}\n")
             return EXIT_USAGE
         raise
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -6,6 +6,16 @@ import os
 import tempfile
 from typing import Any
 
+# What a report folder holds besides run.json and samples.jsonl (reports/render.py writes them). A new run
+# in the same folder removes them first, so a run killed before its report never sits beside the last one's.
+REPORT_FILES = {
+    "html": "report.html",
+    "memory_breakdown": "memory_breakdown.png",
+    "memory_timeline": "memory_timeline.png",
+    "throughput_latency": "throughput_latency.png",
+    "compare": "compare.png",
+}
+
 
 def write_bytes_atomic(path: str, data: bytes, make_dirs: bool = False) -> None:
     """Write `data` to `path` atomically, world-readable (reports and records are meant to be shared)."""

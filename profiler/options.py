@@ -11,9 +11,16 @@ MAX_PREDICTORS = 1024  # threads per step; beyond this a machine runs out of thr
 
 
 def parse_predictors(text: str | None) -> tuple[int, ...] | None:
-    """`1,2,4,8` -> (1, 2, 4, 8). Rejects 0, negatives, words and empty items with one clear line."""
-    if text is None or text == "":
+    """`1,2,4,8` -> (1, 2, 4, 8); None when the flag was not given (the default sweep).
+
+    Rejects 0, negatives, words and empty items with one clear line; also an empty value, which is
+    what an unset shell variable (`--predictors "$P"`) gives: running the default sweep instead
+    would hide the mistake behind a longer run.
+    """
+    if text is None:
         return None
+    if not str(text).strip():
+        raise UsageError("--predictors is empty (expected e.g. 1,2,4,8; leave the flag out for the default sweep)")
     counts = []
     for item in str(text).split(","):
         item = item.strip()

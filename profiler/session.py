@@ -25,6 +25,7 @@ from probes.samplefile import SampleWriter
 from profiler import __version__
 from profiler.attribution import GapTracker, StepMonitor, end_figures
 from profiler.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, OutputError, UsageError
+from profiler.files import REPORT_FILES
 from profiler.options import DiagnoseOptions, parse_predictors, parse_seconds
 from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunRecord, save_run
 
@@ -47,10 +48,12 @@ def prepare_out_dir(path: str) -> str:
         os.unlink(probe)
     except OSError as exc:
         raise OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
-    for stale in (SAMPLES_FILE, RUN_FILE):
+    # A new run must not append to, or be mistaken for, the last one: nor may the last report sit beside
+    # a run that is killed before it renders its own.
+    for stale in (SAMPLES_FILE, RUN_FILE, *REPORT_FILES.values()):
         target = os.path.join(path, stale)
-        if os.path.exists(target):
-            os.unlink(target)  # a new run must not append to, or be mistaken for, the last one
+        if os.path.isfile(target) or os.path.islink(target):
+            os.unlink(target)
     return path
 
 
@@ -164,8 +167,14 @@ def open_nvml() -> tuple[Any, dict[str, str] | None]:
 
 
 def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
-                 nvml_opener: Callable[[], tuple[Any, dict[str, str] | None]] = open_nvml) -> SessionResult:
-    """Run the whole diagnose session. Raises UsageError/OutputError for bad input (before writing anything)."""
+                 nvml_opener: Callable[[], tuple[Any, dict[str, str] | None]] = open_nvml,
+                 before_report: Callable[[RunRecord], None] | None = None) -> SessionResult:
+    """Run the whole diagnose session. Raises UsageError/OutputError for bad input (before writing anything).
+
+    `before_report(record)` runs once a complete run is saved and before the report renders, so what it
+    adds to the record (`gpuscope check` stores its outcome) is in the report; it is skipped for a run
+    that was interrupted or crashed.
+    """
     import torch
 
     from profiler.findings import conclude
@@ -321,6 +330,8 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     except OSError as exc:
         raise OutputError(f"cannot write {run_path}: {exc.strerror or exc} "
                           f"(samples kept in {writer.path})") from None
+    if before_report is not None and crash is None and exit_code == EXIT_OK:
+        before_report(record)
     paths = None
     if opts.report:
         paths = render(record, out_dir, progress)

@@ -304,8 +304,13 @@ def _check(record: "RunRecord") -> str:
                     f"<td>{_inline_code(fmt(result.get('message', '')))}</td></tr>")
     exit_code = check.get("exit_code")
     outcome = {0: "passed", 1: "failed", 2: "could not measure"}.get(exit_code, "unknown")
+    at = check.get("at_predictors")
+    source = check.get("at_predictors_source")
+    where = (f" Step limits at {e(at)} predictor{'' if at == 1 else 's'}" + (f" ({esc(source)})" if source else "") + "."
+             if isinstance(at, int) and not isinstance(at, bool) else "")
+    notes = "".join(f"<p>Note: {esc(redact_text(str(note)))}</p>" for note in check.get("notes") or [])
     return (f'<section id="check"><h2>Check</h2><p>Outcome: <strong>{esc(outcome)}</strong> '
-            f"(exit code {e(exit_code)}).</p>"
+            f"(exit code {e(exit_code)}).{where}</p>{notes}"
             '<div class="scroll"><table><thead><tr><th>rule</th><th>status</th><th class="num">measured</th>'
             '<th class="num">limit</th><th>message</th></tr></thead><tbody>' + "".join(rows) +
             "</tbody></table></div></section>")

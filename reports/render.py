@@ -12,24 +12,15 @@ from __future__ import annotations
 
 import os
 import sys
-from profiler.files import write_bytes_atomic
 from typing import TYPE_CHECKING
 
 from probes.samplefile import SamplesFileError, load_timeline
+from profiler.files import REPORT_FILES, write_bytes_atomic
 from profiler.run import RunFileError, load_run
 
 if TYPE_CHECKING:  # pragma: no cover
     from probes.samplefile import Timeline
     from profiler.run import RunRecord
-
-REPORT_FILES = {
-    "html": "report.html",
-    "memory_breakdown": "memory_breakdown.png",
-    "memory_timeline": "memory_timeline.png",
-    "throughput_latency": "throughput_latency.png",
-    "compare": "compare.png",
-}
-
 
 def _write_atomic(path: str, data: bytes) -> None:
     write_bytes_atomic(path, data)

@@ -86,6 +86,7 @@ CASES = [
     Case("predictors-minus-1", ("--predictors", "-1"), ("--predictors", "at least 1"), predictors=None),
     Case("predictors-abc", ("--predictors", "abc"), ("--predictors", "not a whole number"), predictors=None),
     Case("predictors-empty-item", ("--predictors", "1,,2"), ("--predictors", "empty item"), predictors=None),
+    Case("predictors-empty", ("--predictors", ""), ("--predictors is empty",), predictors=None),  # an unset $P
     Case("predictors-too-many", ("--predictors", "100000"), ("--predictors", "at most 1024"), predictors=None),
     # ---- rates and limits
     Case("rate-nan", ("--rate", "nan"), ("--rate", "nan")),

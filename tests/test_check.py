@@ -203,6 +203,28 @@ def test_no_recommendation_and_no_at_predictors_is_unmeasured(gpu_run):
     assert r.status == "unmeasured" and "--at-predictors" in r.message
 
 
+def test_a_sweep_where_no_count_met_its_p99_limit_fails_at_the_smallest_count(gpu_run):
+    """`check --max-p99-ms 1`: the sweep measured every count and none met the limit, so nothing was
+    recommended. That is a measured failure (exit 1), not an unmeasured limit (exit 2, which CI setups
+    may read as "no GPU, skip")."""
+    gpu_run.recommendation = {"predictors": None, "reason": "no predictor count met p99 <= 1 ms"}
+    out = evaluate(gpu_run, limits(max_p99_ms=1, min_throughput=1))
+    assert out.at_predictors == 1 and out.at_predictors_source == "smallest measured"
+    assert result(out, "max_p99_ms").status == "fail" and result(out, "min_throughput").status == "pass"
+    assert out.exit_code == 1
+    assert any("no predictor count was recommended (no predictor count met p99 <= 1 ms)" in n for n in out.notes)
+    assert format_lines(out)[-1].endswith("(at 1 predictor, smallest measured) -> exit 1")
+
+
+def test_no_recommendation_from_an_interrupted_sweep_stays_unmeasured(gpu_run):
+    for step in gpu_run.steps:
+        step.partial = True
+    gpu_run.recommendation = {"predictors": None, "reason": "the run was interrupted before a predictor count "
+                                                            "was fully measured"}
+    out = evaluate(gpu_run, limits(max_p99_ms=1))
+    assert result(out, "max_p99_ms").status == "unmeasured" and out.exit_code == 2
+
+
 def test_a_step_that_ran_out_of_memory_fails_its_limits(gpu_run):
     gpu_run.step_at(2).oom = True
     out = evaluate(gpu_run, limits(max_device_memory="79GiB", max_p99_ms=100))
@@ -545,9 +567,11 @@ def test_run_check_returns_2_when_an_output_cannot_be_written(tmp_path, gpu_run)
     blocker = tmp_path / "file"
     blocker.write_text("x")
     errors: list[str] = []
+    printed: list[str] = []
     code = run_check(gpu_run, limits(max_p99_ms=25), None, str(blocker / "junit.xml"), None,
-                     echo=lambda _: None, echo_err=errors.append)
+                     echo=printed.append, echo_err=errors.append)
     assert code == 2 and any("could not write JUnit XML" in e for e in errors)
+    assert printed[-1].startswith("check passed") and printed[-1].endswith("-> exit 2"), printed[-1]
     # a measured failure still wins
     assert run_check(gpu_run, limits(max_p99_ms=1), None, str(blocker / "junit.xml"), None,
                      echo=lambda _: None, echo_err=errors.append) == 1

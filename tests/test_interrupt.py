@@ -119,6 +119,11 @@ def test_a_signal_stops_the_sweep_and_keeps_what_was_measured(tmp_path: Path, si
 def test_kill_9_leaves_samples_and_a_record_that_report_renders(tmp_path: Path) -> None:
     out = tmp_path / "report"
     samples = out / "samples.jsonl"
+    # the folder holds an earlier run's report: it must not pass for this run's once this one is killed
+    out.mkdir()
+    (out / "report.html").write_text("<p>an earlier run: healthy, recommended 4 predictors</p>")
+    (out / "throughput_latency.png").write_bytes(b"an earlier run's plot")
+    (out / "notes.txt").write_text("the user's own file")
     proc = _start(out)
     try:
         _wait_for_measuring(proc, samples, ticks_after_start=6)
@@ -147,6 +152,8 @@ def test_kill_9_leaves_samples_and_a_record_that_report_renders(tmp_path: Path) 
 
     record = load_run(str(out / "run.json"))
     assert record.status == "running"  # never passed off as complete
+    assert not (out / "report.html").exists() and not (out / "throughput_latency.png").exists()
+    assert (out / "notes.txt").read_text() == "the user's own file"
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     rendered = subprocess.run([sys.executable, "-m", "profiler", "report", str(out / "run.json")],
@@ -156,3 +163,21 @@ def test_kill_9_leaves_samples_and_a_record_that_report_renders(tmp_path: Path) 
     report = (out / "report.html").read_text(encoding="utf-8")
     assert "never finished" in report
     assert "unreadable line" in report  # the torn line is mentioned, not hidden
+
+
+def test_ctrl_c_while_the_model_loads_says_interrupted_and_leaves_nothing(tmp_path: Path) -> None:
+    """Ctrl-C before the sweep (a slow model load): exit 130 with one line saying so, not a silent exit,
+    and no run.json or samples from a run that never measured."""
+    (tmp_path / "slow_loading_model.py").write_text(
+        "import os, signal, time\n\n"
+        "def make():\n"
+        "    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the weights load\n"
+        "    time.sleep(30)\n")
+    out = tmp_path / "report"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
+    proc = subprocess.run([sys.executable, "-m", "profiler", "diagnose", "--model", "slow_loading_model:make",
+                           "--device", "cpu", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 130, proc.stderr
+    assert proc.stderr == "gpuscope: interrupted\n"
+    assert not (out / "run.json").exists() and not (out / "samples.jsonl").exists()
