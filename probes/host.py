@@ -109,6 +109,7 @@ class HostProbe:
         self._uss_every_s = uss_every_s
         self._clock_s = clock_s or time.monotonic
         self._uss_read_at: float | None = None
+        self._uss_requested = False
         self._proc = psutil.Process(self.pid)
         self._proc.cpu_percent(None)  # prime: the first call has no interval to measure
         psutil.cpu_percent(None, percpu=True)
@@ -120,7 +121,17 @@ class HostProbe:
         except psutil.Error as exc:
             return Unavailable(PROCESS_GONE, str(exc))
 
+    def request_uss(self) -> None:
+        """Read USS at the next read() whatever the interval: a short step still gets a reading of its
+        own (diagnose asks at each step's final tick)."""
+        self._uss_read_at = None
+        self._uss_requested = True
+
     def _uss_due(self) -> bool:
+        if self._uss_requested:
+            self._uss_requested = False
+            self._uss_read_at = self._clock_s()
+            return True
         if self._uss_every_s is None:
             return False
         now = self._clock_s()

@@ -38,13 +38,18 @@ class StepMonitor:
         self._anchor_peak: float = -1.0
         self.other_pids_seen: dict[int, int] = {}  # pid -> peak used bytes, for the whole run
         self.ticks = 0
+        self._since_ns: int | None = None
 
-    def reset(self) -> None:
+    def reset(self, since_ns: int | None = None) -> None:
+        """Start a new step's peaks. With `since_ns` (the step's start on the sampler's clock), a tick
+        stamped earlier is ignored: the sampler may deliver a tick it began before the step started,
+        and its readings (a lower RSS, another step's CPU) belong to the step before."""
         with self._lock:
             self._peaks = {}
             self._layers_at_peak = {}
             self._anchor_peak = -1.0
             self.ticks = 0
+            self._since_ns = since_ns
 
     def _figures(self, values: list[ScopedValue]) -> dict[str, Any]:
         me = f"pid:{self.pid}"
@@ -95,6 +100,8 @@ class StepMonitor:
     def __call__(self, t_ns: int, values: list[ScopedValue]) -> None:
         figures = self._figures(values)
         with self._lock:
+            if self._since_ns is not None and t_ns < self._since_ns:
+                return
             self.ticks += 1
             for key, value in figures.items():
                 current = self._peaks.get(key)

@@ -711,6 +711,9 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
         no_step = "the run has no recommended predictor count; pass --at-predictors N"
     elif step is None:
         no_step = f"the run did not measure {given} predictors (measured: {measured_counts})"
+    elif step.partial:
+        no_step = f"the step at {given} predictors was cut short by an interruption (not a full measurement)"
+        step = None
     else:
         no_step = ""
     no_gpu = _no_gpu_reason(record)

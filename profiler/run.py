@@ -71,7 +71,7 @@ class Step:
     queue_ms: dict[str, float] | None = None
     compute_ms: dict[str, float] | None = None
     memory: dict[str, Any] = field(default_factory=dict)
-    cpu_util_pct: Any = None
+    cpu_util_pct: Any = None  # mean CPU of the process over the measured window (100 = one core)
     windows_rps: list[float] = field(default_factory=list)
     stable: bool = False
     oom: bool = False

@@ -255,7 +255,8 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         record.environment["driver"] = gpu_probe.devices[0].driver if gpu_probe and gpu_probe.devices else None
 
     # ---- probes and sampler
-    probes: dict[str, Any] = {"host": HostProbe(pid)}
+    host_probe = HostProbe(pid)
+    probes: dict[str, Any] = {"host": host_probe}
     if gpu_probe is not None:
         probes["gpu"] = gpu_probe
     if gpu:
@@ -285,7 +286,11 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         record.steps = list(hooks.steps)
         _save_progress(record, run_path)  # a kill -9 still leaves every finished step on disk
 
-    hooks = SweepHooks(mark=sampler.mark, tick=sampler.tick, t0_ns=t0_ns, on_progress=progress.update,
+    def step_end_tick() -> Any:  # every step gets a USS reading of its own, however short it is
+        host_probe.request_uss()
+        return sampler.tick()
+
+    hooks = SweepHooks(mark=sampler.mark, tick=step_end_tick, t0_ns=t0_ns, on_progress=progress.update,
                        on_line=progress.line, on_step=on_step, intra_op_threads=torch.get_num_threads)
     if opts.streams and not gpu:
         progress.line("--streams needs a CUDA device: ignored on the CPU")

@@ -71,7 +71,10 @@ def step_from_run(run: StepRun, memory: dict[str, Any], intra_op_threads: int, t
         for message in result.error_messages + ([f"predictor died: {result.died}"] if result.died else []):
             if message not in messages:
                 messages.append(message)
-    cpu = memory.pop("cpu_util_pct", None)
+    # The step's CPU is the process's mean over the measured window (CPU time / wall time), not the peak of
+    # the sampler's 50 ms readings, which are noisy and may come from just before the step.
+    sampled_cpu = memory.pop("cpu_util_pct", None)
+    cpu = run.cpu_util_pct if run.cpu_util_pct is not None else sampled_cpu
     switches = memory.pop("ctx_switches_involuntary", None)
     for key in ("ctx_switches_voluntary", "num_threads", "host_cpu_util_pct", "device_util_pct", "process_sm_util_pct"):
         memory.pop(key, None)
@@ -117,10 +120,10 @@ def run_sweep(pool: PredictorPool, config: SweepConfig, monitor: StepMonitor, ho
             break
         label = f"[{index}/{total}] {predictors} predictor{'s' if predictors != 1 else ''}"
         hooks.on_progress(f"{label}: warming up")
-        monitor.reset()
+        started_ns = hooks.mark("step_start", predictors=predictors)
+        monitor.reset(since_ns=started_ns)
         # With --copy-model every predictor holds its own copy beside the original: the weights layer is that many.
         monitor.model_bytes = pool.model.model_bytes * (1 + predictors if pool.copy_model else 1)
-        started_ns = hooks.mark("step_start", predictors=predictors)
 
         def on_window(elapsed_s: float, windows: list[float], label: str = label) -> None:
             hooks.on_progress(f"{label}: {elapsed_s:4.1f}/{config.max_step_s:g} s  {windows[-1]:8.1f} req/s")

@@ -10,6 +10,7 @@ few percent of a bare loop (benchmarks/ measures this).
 """
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -62,10 +63,16 @@ class StepRun:
     interrupted: bool
     dropped_arrivals: int = 0
     offered_rps: float | None = None
+    cpu_s: float | None = None  # CPU time of the whole process (every thread) during the measured window
 
     @property
     def duration_s(self) -> float:
         return max(1e-9, (self.measure_end_ns - self.measure_start_ns) / 1e9)
+
+    @property
+    def cpu_util_pct(self) -> float | None:
+        """Mean CPU of the process over the measured window, 100 = one core busy."""
+        return None if self.cpu_s is None else 100.0 * self.cpu_s / self.duration_s
 
     def latencies_ms(self) -> list[float]:
         return [lat / 1e6 for r in self.results for lat, end in zip(r.latencies_ns, r.end_times_ns)
@@ -244,6 +251,7 @@ class PredictorPool:
                 dispatcher.start()
             _wait(warmup_s, outside_stop, step_stop)
             measure_start = time.perf_counter_ns()
+            cpu_start_s = _process_cpu_s()
             measuring.set()
             windows: list[float] = []
             stable = False
@@ -265,6 +273,7 @@ class PredictorPool:
                         stable = True
                         break
             measure_end = time.perf_counter_ns()
+            cpu_s = _process_cpu_s() - cpu_start_s
         finally:
             step_stop.set()
             try:
@@ -276,7 +285,7 @@ class PredictorPool:
             if dispatcher is not None:
                 dispatcher.join(timeout=5)
         return StepRun(predictors, results, measure_start, measure_end, windows, stable, outside_stop.is_set(),
-                       dropped_arrivals=dropped[0], offered_rps=rate_rps)
+                       dropped_arrivals=dropped[0], offered_rps=rate_rps, cpu_s=cpu_s)
 
     def release_copies(self) -> None:
         self._copies.clear()
@@ -288,6 +297,12 @@ class _null_context:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+def _process_cpu_s() -> float:
+    """User + system CPU seconds of this process, every thread together (one times(2) call)."""
+    spent = os.times()
+    return spent.user + spent.system
 
 
 def _wait(seconds: float, *events: threading.Event) -> None:

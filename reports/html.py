@@ -191,11 +191,18 @@ def csp(css: str) -> str:
 
 # ---------------------------------------------------------------- sections
 
+def _no_recommendation(record: "RunRecord") -> bool:
+    """A sweep that measured steps but could recommend no count (none met its p99 limit, every count
+    failed requests, none completed a request): whatever the findings say, the run is not healthy."""
+    rec = (record.recommendation or {}).get("predictors")
+    return record.mode == "diagnose" and bool(record.steps) and not (isinstance(rec, int) and not isinstance(rec, bool))
+
+
 def _worst(record: "RunRecord") -> str:
     severities = [f.severity for f in record.findings]
     if "fail" in severities or (record.check or {}).get("exit_code") == 1 or record.status == "failed":
         return "fail"
-    if "warn" in severities or record.status != "complete":
+    if "warn" in severities or record.status != "complete" or _no_recommendation(record):
         return "warn"
     return "ok"
 
@@ -239,6 +246,9 @@ def _verdict(record: "RunRecord") -> str:
     else:
         headline = "No recommendation could be made"
     badge = {"fail": "problems found", "warn": "warnings", "ok": "healthy"}[worst]
+    if worst == "warn" and _no_recommendation(record) and record.status == "complete" \
+            and not any(f.severity == "warn" for f in record.findings):
+        badge = "no recommendation"
     parts.append(f'<p class="headline"><span class="badge b-{worst}">{esc(badge)}</span> {esc(headline)}</p>')
     if reason:
         parts.append(f"<p>{_inline_code(redact_text(str(reason)))}</p>")
@@ -574,7 +584,7 @@ def _steps(record: "RunRecord") -> str:
             "<th class=\"num\">throughput (requests/s)</th><th class=\"num\">p50 (ms)</th>"
             "<th class=\"num\">p90 (ms)</th><th class=\"num\">p99 (ms)</th><th class=\"num\">max (ms)</th>"
             + "".join(f'<th class="num">{esc(label)} peak</th>' for _k, label in mem_cols)
-            + "<th class=\"num\">CPU</th><th>stable</th><th>notes</th></tr>")
+            + "<th class=\"num\">CPU (mean)</th><th>stable</th><th>notes</th></tr>")
     rows = []
     for s in record.steps:
         lat = s.latency_ms or {}

@@ -216,6 +216,12 @@ def test_a_sweep_where_no_count_met_its_p99_limit_fails_at_the_smallest_count(gp
     assert format_lines(out)[-1].endswith("(at 1 predictor, smallest measured) -> exit 1")
 
 
+def test_a_step_cut_short_is_not_gated_on_even_when_asked_for(gpu_run):
+    gpu_run.step_at(2).partial = True
+    r = result(evaluate(gpu_run, limits(max_p99_ms=25), at_predictors=2), "max_p99_ms")
+    assert r.status == "unmeasured" and "cut short" in r.message
+
+
 def test_no_recommendation_from_an_interrupted_sweep_stays_unmeasured(gpu_run):
     for step in gpu_run.steps:
         step.partial = True

@@ -58,6 +58,9 @@ def test_run_json_has_two_measured_steps(shared_run):
         assert step["memory"]["rss_bytes"] > 0
         assert step["memory"]["layers"]["model_weights_bytes"] == data["model"]["model_bytes"]
         assert step["error_rate"] == 0.0 and step["dead_predictors"] == 0
+        # the process's mean CPU over the window: busy, and no more than every usable core (100 = one core)
+        assert 10 < step["cpu_util_pct"] <= 100 * usable_cores() * 1.05, step["cpu_util_pct"]
+        assert 0 < step["memory"]["uss_bytes"] <= step["memory"]["rss_bytes"]  # each step reads its own USS
     assert data["model"]["model_bytes"] == 4 * (2048 * 2048 + 2048) * 4
 
 
@@ -96,9 +99,13 @@ def test_samples_file_parses(shared_run):
 
 
 def test_copy_model_is_a_duplicate_model_failure(tmp_path):
-    result = diagnose(tmp_path / "copies", copy_model=True, duration="1s")
+    result = diagnose(tmp_path / "copies", copy_model=True, duration="0.5s", window="0.2s")
     record = load_run(str(tmp_path / "copies" / "run.json"))
     assert [s.distinct_weight_sets for s in record.steps] == [1, 2]
+    # steps shorter than USS's 2 s interval still read USS of their own, after their copies exist:
+    # the original and one private copy per predictor are all in this process's unique memory
+    for step in record.steps:
+        assert step.memory["uss_bytes"] >= (1 + step.predictors) * record.model["model_bytes"], step.memory
     assert record.sharing["verified"] is False
     duplicate = next(f for f in record.findings if f.code == "DUPLICATE_MODEL")
     assert duplicate.severity == "fail"

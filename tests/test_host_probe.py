@@ -75,6 +75,27 @@ def test_uss_is_read_at_most_every_uss_every_s():
     assert seen == [True, False, False, True, False, True]
 
 
+def test_a_requested_uss_reading_comes_at_the_next_read_whatever_the_interval():
+    """diagnose asks at each step's last tick: a step shorter than the interval still gets its own USS."""
+    clock = FakeClock()
+    probe = HostProbe(uss_every_s=2.0, clock_s=clock)
+    scope = f"pid:{os.getpid()}"
+    assert (scope, "uss_bytes") in as_dict(probe.read())       # t = 0: due
+    clock.now += 0.5
+    assert (scope, "uss_bytes") not in as_dict(probe.read())   # t = 0.5: not due
+    probe.request_uss()
+    clock.now += 0.1
+    assert (scope, "uss_bytes") in as_dict(probe.read())       # asked for
+    clock.now += 0.1
+    assert (scope, "uss_bytes") not in as_dict(probe.read())   # once; the interval counts from there
+    clock.now += 2.0
+    assert (scope, "uss_bytes") in as_dict(probe.read())
+    # without a USS interval (uss_every_s=None) a request still reads it once
+    quiet = HostProbe(uss_every_s=None)
+    quiet.request_uss()
+    assert (scope, "uss_bytes") in as_dict(quiet.read()) and (scope, "uss_bytes") not in as_dict(quiet.read())
+
+
 def test_a_process_that_exits_reads_process_gone():
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:

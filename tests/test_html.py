@@ -246,3 +246,22 @@ def test_non_finite_numbers_read_n_a(tmp_path: Path) -> None:
 
 def test_host_process_table_labels_its_gpu_column(gpu_html: str) -> None:
     assert "peak GPU memory" in gpu_html and ">peak memory<" not in gpu_html
+
+
+def _badge(html: str) -> tuple[str, str]:
+    """The verdict section's class and its badge text."""
+    verdict = re.search(r'<section id="verdict" class="verdict v-(\w+)">.*?<span class="badge b-\w+">([^<]*)</span>',
+                        html, re.S)
+    assert verdict, "no verdict badge"
+    return verdict.group(1), verdict.group(2)
+
+
+def test_a_sweep_that_could_recommend_nothing_is_not_called_healthy(tmp_path: Path) -> None:
+    """No count met the p99 limit and no finding warned: the badge says so instead of 'healthy'."""
+    _record, run, _samples = rf.cpu_run(str(tmp_path))
+    clean = load_run(run)
+    assert _badge(render_html(clean, _fake_plots())) == ("ok", "healthy")
+    clean.recommendation = {"predictors": None, "reason": "no predictor count met p99 <= 1 ms"}
+    html = render_html(clean, _fake_plots())
+    assert _badge(html) == ("warn", "no recommendation")
+    assert "No recommendation could be made" in html and "no predictor count met p99 &lt;= 1 ms" in html

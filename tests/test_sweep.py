@@ -169,3 +169,49 @@ def test_run_sweep_stops_after_an_interrupted_step():
                       StepMonitor(os.getpid(), None, 288), hooks_for(Marks()), stop)
     assert [s.predictors for s in steps] == [1]  # what was measured is kept; no second step
     assert steps[0].requests > 0
+
+
+def test_a_tick_taken_before_the_step_started_is_not_credited_to_it():
+    """The sampler may deliver a tick it began before the step's start mark (its readings were taken
+    then): the step's peaks must not include it, or a step shows the last step's CPU and memory."""
+    pid = os.getpid()
+    monitor = StepMonitor(pid, None, 288)
+    me = f"pid:{pid}"
+    monitor.reset(since_ns=1_000)
+    monitor(999, [(me, "rss_bytes", 900 * 2**20), (me, "cpu_util_pct", 302.8)])   # began before the step
+    monitor(1_000, [(me, "rss_bytes", 300 * 2**20), (me, "cpu_util_pct", 150.0)])
+    monitor(1_050, [(me, "rss_bytes", 310 * 2**20), (me, "cpu_util_pct", 140.0)])
+    snapshot = monitor.snapshot()
+    assert snapshot["rss_bytes"] == 310 * 2**20 and snapshot["cpu_util_pct"] == 150.0
+    assert monitor.ticks == 2
+    monitor.reset()  # no start given (watch, profile): every tick counts
+    monitor(5, [(me, "rss_bytes", 1)])
+    assert monitor.snapshot()["rss_bytes"] == 1
+
+
+def test_a_steps_cpu_is_the_mean_over_its_window_within_the_cores():
+    """Step.cpu_util_pct is the process's CPU time over the measured window / its wall time: a model
+    that sleeps uses almost none; a busy one at most every usable core (the old peak of 50 ms readings
+    reported 302% on 2 cores)."""
+    from probes.host import usable_cores
+
+    idle = run_sweep(PredictorPool(loaded(Slow(0.02))), SweepConfig((1,), **FAST), StepMonitor(os.getpid(), None, 288),
+                     hooks_for(Marks()), threading.Event())[0]
+    assert 0 <= idle.cpu_util_pct < 25, idle.cpu_util_pct
+    busy = run_sweep(PredictorPool(loaded(Busy())), SweepConfig((2,), **FAST), StepMonitor(os.getpid(), None, 288),
+                     hooks_for(Marks()), threading.Event())[0]
+    assert 40 < busy.cpu_util_pct <= 100 * usable_cores() * 1.05, busy.cpu_util_pct
+
+
+class Busy(nn.Module):
+    """Spins in Python for 5 ms per request: CPU-bound under the GIL."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(8, 8)
+
+    def forward(self, x):
+        deadline = time.perf_counter() + 0.005
+        while time.perf_counter() < deadline:
+            pass
+        return self.linear(x)
