@@ -520,8 +520,8 @@ def run_compare(opts: CompareOptions, progress: Any = None,
     from profiler.options import parse_predictors, parse_seconds
     from profiler.process_worker import Interrupted, WorkerError, WorkerGroup, WorkerSpec
     from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, save_run
-    from profiler.session import (RUN_FILE, SAMPLES_FILE, Interrupts, Progress, SessionResult, now_iso, open_nvml,
-                                  prepare_out_dir)
+    from profiler.session import (RUN_FILE, SAMPLES_FILE, Interrupts, Progress, SessionResult, check_out_path,
+                                  now_iso, open_nvml, prepare_out_dir)
 
     progress = progress or Progress(opts.quiet)
     counts = parse_predictors(opts.predictors) or default_counts(usable_cores())
@@ -538,6 +538,7 @@ def run_compare(opts: CompareOptions, progress: Any = None,
         raise UsageError(f"--dtype: unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})")
     if opts.model_size is not None and opts.model_size not in SIZES:
         raise UsageError(f"--model-size: unknown size {opts.model_size!r} (choose from {', '.join(SIZES)})")
+    check_out_path(opts.out)
     device = resolve_device(opts.device)
     gpu = device.startswith("cuda")
     size = opts.model_size or ("large" if gpu else "small")

@@ -38,6 +38,20 @@ def now_iso() -> str:
     return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
 
 
+def check_out_path(path: str) -> None:
+    """Fail at once, before the slow part (CUDA, the model), when --out can never be a folder because
+    it or a folder above it is a file. Permissions are proven later by prepare_out_dir."""
+    probe = os.path.abspath(path)
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            return
+        probe = parent
+    if not os.path.isdir(probe):
+        what = "it is a file" if probe == os.path.abspath(path) else f"{probe} is a file"
+        raise OutputError(f"cannot write to output folder {path}: {what}, not a folder")
+
+
 def prepare_out_dir(path: str) -> str:
     """Create the output folder and prove it is writable, before any measurement."""
     try:
@@ -199,6 +213,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         shape = parse_input_shape(opts.input_shape) if opts.input_shape else None
     except ValueError as exc:
         raise UsageError(f"--input-shape: {exc}") from None
+    check_out_path(opts.out)
     from profiler.devices import nvml_index_for, resolve_device
 
     device = resolve_device(opts.device)

@@ -105,6 +105,7 @@ CASES = [
     Case("cuda-7-on-a-one-gpu-machine", ("--device", "cuda:7"), ("cuda:7", "does not exist", "1 GPU"), one_gpu=True),
     # ---- output folders
     Case("output-folder-under-a-file", ("--out", "{d}/a-file/report"), ("cannot write to output folder",)),
+    Case("output-folder-is-a-file", ("--out", "{d}/a-file"), ("cannot write to output folder", "is a file")),
     Case("output-folder-read-only", ("--out", "{unwritable}"), ("cannot write to output folder",)),
 ]
 
