@@ -141,24 +141,39 @@ def fmt(value: Any, key: str = "") -> str:
     if isinstance(value, bool):
         return "yes" if value else "no"
     if isinstance(value, (int, float)):
-        if key.endswith("_bytes") or "bytes" in key.split("_"):
+        words = key.split("_")
+        if "bytes" in words:
             return format_bytes(value)
         if key.endswith("_pct"):
             return f"{value:.1f} %"
-        if key.endswith("_ms") or key in ("p50", "p90", "p99", "max", "mean"):
+        if "share" in words:  # a fraction (cached_share 0.92), shown as the titles show it
+            return f"{value:.1%}"
+        if "ms" in words or key in ("p50", "p90", "p99", "max", "mean"):
             return f"{value:.2f} ms" if value < 100 else f"{value:,.0f} ms"
-        if key.endswith("_rps"):
+        if "rps" in words:
             return f"{value:,.1f} requests/s"
         if key.endswith("_s"):
-            return f"{value:,.3g} s"
+            return _seconds(value)
         if isinstance(value, float):
             return f"{value:,.4g}"
         return f"{value:,}" if abs(value) >= 10000 else str(value)
     if isinstance(value, (list, tuple)):
         return ", ".join(fmt(v, key) for v in value) if value else "none"
     if isinstance(value, dict):
-        return "; ".join(f"{k}: {fmt(v, str(k))}" for k, v in value.items()) if value else "none"
+        # {predictors: figure} maps take their unit from the map's own key (process_gpu_bytes_by_predictors)
+        return "; ".join(f"{k}: {fmt(v, key if str(k).isdigit() else str(k))}" for k, v in value.items()) \
+            if value else "none"
     return redact_text(str(value))
+
+
+def _seconds(value: float) -> str:
+    """3.2 s, 95.0 s, 9,973 s (2.8 h): never scientific notation."""
+    if abs(value) < 10:
+        return f"{value:.2f} s"
+    if abs(value) < 600:
+        return f"{value:.1f} s"
+    longer = f"{value / 3600:.1f} h" if abs(value) >= 3600 else f"{value / 60:.1f} min"
+    return f"{value:,.0f} s ({longer})"
 
 
 def e(value: Any, key: str = "") -> str:

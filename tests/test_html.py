@@ -190,7 +190,7 @@ def test_a_watch_report_is_its_memory_over_time_not_an_empty_sweep(tmp_path: Pat
     record.extra = {"live": {"ticks": 36, "duration_s": 35.0}}
     text = render_html(record, _live_plots())
     assert _section_ids(text) == ["verdict", "findings", "plots", "processes", "environment", "configuration"]
-    assert "0 steps" not in text and "36 samples over 35 s" in text
+    assert "0 steps" not in text and "36 samples over 35.0 s" in text
     assert "no step of the sweep" not in text.lower() and "predictor count was measured" not in text
     assert 'id="plot-timeline"' in text and "sweep&#x27;s steps" not in text
     assert 'href="#steps"' not in text
@@ -265,3 +265,16 @@ def test_a_sweep_that_could_recommend_nothing_is_not_called_healthy(tmp_path: Pa
     html = render_html(clean, _fake_plots())
     assert _badge(html) == ("warn", "no recommendation")
     assert "No recommendation could be made" in html and "no predictor count met p99 &lt;= 1 ms" in html
+
+
+@pytest.mark.parametrize("key, value, shown", [
+    ("t_s", 9973.2, "9,973 s (2.8 h)"),          # a watch's finding time: never 9.97e+03 s
+    ("t_s", 95.04, "95.0 s"),
+    ("duration_s", 3.214, "3.21 s"),
+    ("cached_share", 0.9191, "91.9%"),           # as the finding's title says it
+    ("p99_ms_at_knee", 10.6, "10.60 ms"),
+    ("process_gpu_bytes_by_predictors", {"1": 1_835_008_000, "2": 1_900_000_000}, "1: 1.71 GiB; 2: 1.77 GiB"),
+    ("knee_predictors", 4, "4"),
+])
+def test_evidence_values_are_shown_in_their_units(key, value, shown):
+    assert fmt(value, key) == shown
