@@ -39,6 +39,7 @@ class StepMonitor:
         self.other_pids_seen: dict[int, int] = {}  # pid -> peak used bytes, for the whole run
         self.ticks = 0
         self._since_ns: int | None = None
+        self._anchored_on_process = False
 
     def reset(self, since_ns: int | None = None) -> None:
         """Start a new step's peaks. With `since_ns` (the step's start on the sampler's clock), a tick
@@ -50,6 +51,7 @@ class StepMonitor:
             self._anchor_peak = -1.0
             self.ticks = 0
             self._since_ns = since_ns
+            self._anchored_on_process = False
 
     def _figures(self, values: list[ScopedValue]) -> dict[str, Any]:
         me = f"pid:{self.pid}"
@@ -112,12 +114,24 @@ class StepMonitor:
                     self._peaks[key] = value
             if self.gpu_index is not None:
                 anchor = figures.get("process_gpu_bytes")
-                if is_available(anchor) and anchor > self._anchor_peak:
-                    self._anchor_peak = anchor
-                    self._layers_at_peak = gpu_layers(anchor, figures.get("torch_allocated_now_bytes"),
-                                                      figures.get("torch_reserved_now_bytes"), self.model_bytes,
-                                                      figures.get("other_processes_bytes"),
-                                                      figures.get("driver_reserved_bytes"))
+                if is_available(anchor):
+                    if not self._anchored_on_process:  # a process figure outranks the device-level fallback
+                        self._anchored_on_process, self._anchor_peak = True, -1.0
+                    if anchor > self._anchor_peak:
+                        self._anchor_peak = anchor
+                        self._layers_at_peak = gpu_layers(anchor, figures.get("torch_allocated_now_bytes"),
+                                                          figures.get("torch_reserved_now_bytes"), self.model_bytes,
+                                                          figures.get("other_processes_bytes"),
+                                                          figures.get("driver_reserved_bytes"))
+                elif not self._anchored_on_process and _nobody_listed(figures):
+                    # NVML counts memory but lists no process (PID_NAMESPACE): split the device's used memory
+                    device_used = figures.get("device_used_bytes")
+                    if is_available(device_used) and device_used > self._anchor_peak:
+                        self._anchor_peak = device_used
+                        self._layers_at_peak = gpu_layers(None, figures.get("torch_allocated_now_bytes"),
+                                                          figures.get("torch_reserved_now_bytes"), self.model_bytes,
+                                                          None, figures.get("driver_reserved_bytes"),
+                                                          device_used_bytes=device_used)
             else:
                 anchor = figures.get("rss_bytes")
                 if is_available(anchor) and anchor > self._anchor_peak:
@@ -130,6 +144,12 @@ class StepMonitor:
             out = dict(self._peaks)
             out["layers"] = dict(self._layers_at_peak)
             return out
+
+
+def _nobody_listed(figures: dict[str, Any]) -> bool:
+    """NVML's process list for the device was read and is empty (other_processes_bytes is a true 0 only
+    then), so this process's memory cannot be told apart from anyone else's."""
+    return figures.get("other_processes_bytes") == 0 and is_available(figures.get("device_used_bytes"))
 
 
 class GapTracker:

@@ -11,6 +11,12 @@ the process plus the rest of the device:
   driver reserve             memory info v2 `reserved`
   free                       NVML device free
 
+Where NVML reports device memory but no figure for this process (a container without the host pid
+namespace: PID_NAMESPACE), the process's own allocator still splits off weights, activations and cache,
+and the rest of the device's used memory (this process's context and every other process, which NVML
+cannot tell apart here) is one `unattributed_device_bytes` layer: the bar still adds up to NVML's
+device `used`, rather than shrinking to the driver's reserve.
+
 On the CPU the same picture uses the process's RSS and the model's bytes.
 """
 from __future__ import annotations
@@ -26,6 +32,7 @@ GPU_LAYERS = (
     ("outside_allocator_bytes", "outside the allocator (context, cuBLAS, other engines)"),
     ("unattributed_process_bytes", "this process (allocator not visible)"),
     ("other_processes_bytes", "other processes"),
+    ("unattributed_device_bytes", "not attributable here (NVML lists no process): contexts, other processes"),
     ("driver_reserved_bytes", "driver reserve"),
 )
 CPU_LAYERS = (
@@ -40,17 +47,22 @@ def _num(value: Any) -> int | None:
 
 
 def gpu_layers(process_bytes: Any, allocated_bytes: Any, reserved_bytes: Any, model_bytes: Any,
-               other_processes_bytes: Any = None, driver_reserved_bytes: Any = None) -> dict[str, int]:
+               other_processes_bytes: Any = None, driver_reserved_bytes: Any = None,
+               device_used_bytes: Any = None) -> dict[str, int]:
     """Layers for one GPU at one instant. Missing torch figures collapse the process into one layer.
 
     The process's own layers always sum to `process_bytes` (NVML); negative
     differences (NVML rounding, a tick that straddled an allocation) are
     clamped to 0 and the remainder moved to `outside_allocator_bytes` so the
-    sum still holds.
+    sum still holds. Without `process_bytes` but with `device_used_bytes`,
+    the device-level fallback of the module docstring.
     """
-    layers: dict[str, int] = {}
-    process = _num(process_bytes)
     allocated, reserved, model = _num(allocated_bytes), _num(reserved_bytes), _num(model_bytes) or 0
+    process = _num(process_bytes)
+    device_used = _num(device_used_bytes)
+    if process is None and device_used is not None:
+        return _device_level_layers(device_used, allocated, reserved, model, _num(driver_reserved_bytes))
+    layers: dict[str, int] = {}
     if process is not None:
         if allocated is not None and reserved is not None:
             weights = min(model, allocated)
@@ -67,6 +79,24 @@ def gpu_layers(process_bytes: Any, allocated_bytes: Any, reserved_bytes: Any, mo
     driver = _num(driver_reserved_bytes)
     if driver is not None:
         layers["driver_reserved_bytes"] = driver
+    return layers
+
+
+def _device_level_layers(device_used: int, allocated: int | None, reserved: int | None, model: int,
+                         driver: int | None) -> dict[str, int]:
+    """NVML's device `used` split without a per-process figure: torch's own layers where known, the
+    driver's reserve, and the rest unattributed. Sums to `device_used` exactly."""
+    layers: dict[str, int] = {}
+    rest = device_used
+    if driver is not None:
+        layers["driver_reserved_bytes"] = min(driver, rest)
+        rest -= layers["driver_reserved_bytes"]
+    if allocated is not None and reserved is not None and reserved <= rest:
+        weights = min(model, allocated)
+        layers.update(model_weights_bytes=weights, activations_bytes=allocated - weights,
+                      allocator_cache_bytes=max(0, reserved - allocated))
+        rest -= weights + (allocated - weights) + max(0, reserved - allocated)
+    layers["unattributed_device_bytes"] = rest
     return layers
 
 

@@ -7,6 +7,7 @@ points, checked against the H200 readings in shared/gpu-facts.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -55,8 +56,11 @@ DEFAULT_THRESHOLDS = Thresholds()
 # ---------------------------------------------------------------- helpers
 
 def _mem(step: Step, key: str) -> int | None:
+    """A step's memory figure in bytes, or None when it was not read (or is not a finite number)."""
     value = step.memory.get(key)
-    return int(value) if is_available(value) else None
+    if not is_available(value) or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    return int(value) if math.isfinite(value) else None
 
 
 def _ok_steps(record: RunRecord) -> list[Step]:
@@ -611,11 +615,19 @@ def conclude(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> 
     """Fill sharing, recommendation and findings from the measured steps (in place)."""
     steps = _ok_steps(record) or record.steps
     distinct = max((s.distinct_weight_sets for s in steps), default=0)
-    slope = bytes_per_extra_predictor(record)
+    key = memory_key(record)
+    slope = bytes_per_extra_predictor(record, key)
+    if slope is None:
+        with_figure = [s for s in _ok_steps(record) if _mem(s, key) is not None]
+        missing = (Unavailable("not_supported", "fewer than two predictor counts were measured")
+                   if len(_ok_steps(record)) < 2 else
+                   Unavailable("not_supported", "fewer than two steps have this process's "
+                               + ("GPU memory from NVML" if key == "process_gpu_bytes" else "RSS")
+                               + (" (NVML lists no process here)" if record.gpu and not with_figure else "")))
     record.sharing = {
         "verified": bool(steps) and distinct == 1,
         "distinct_weight_sets": distinct,
-        "bytes_per_extra_predictor": slope if slope is not None else Unavailable("not_supported", "fewer than two steps"),
+        "bytes_per_extra_predictor": slope if slope is not None else missing,
         "memory_figure": memory_key(record),
         "model_bytes": record.model.get("model_bytes"),
     }

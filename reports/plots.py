@@ -35,6 +35,7 @@ LAYER_COLORS = {
     "outside_allocator_bytes": "#CC79A7",
     "unattributed_process_bytes": "#B8B8B8",
     "other_processes_bytes": "#D55E00",
+    "unattributed_device_bytes": "#D9C7A7",
     "driver_reserved_bytes": "#6E6E6E",
     "rest_of_process_bytes": "#009E73",
 }
@@ -146,9 +147,11 @@ def step_layers(record: "RunRecord", step: "Step") -> dict[str, int]:
         return {k: int(v) for k, v in layers.items() if finite(v)}
     model = memory.get("model_bytes") if finite(memory.get("model_bytes")) else model_bytes(record)
     if record.gpu:
+        nobody_listed = memory.get("other_processes_bytes") == 0  # the device-level fallback (PID_NAMESPACE)
         return gpu_layers(memory.get("process_gpu_bytes"), memory.get("torch_allocated_bytes"),
                           memory.get("torch_reserved_bytes"), model, memory.get("other_processes_bytes"),
-                          memory.get("driver_reserved_bytes"))
+                          memory.get("driver_reserved_bytes"),
+                          device_used_bytes=memory.get("device_used_bytes") if nobody_listed else None)
     return cpu_layers(memory.get("rss_bytes"), model)
 
 
@@ -277,14 +280,19 @@ def timeline_layers(record: "RunRecord", timeline: "Timeline | None",
         allocated = column(timeline, pscope, "torch_allocated_bytes")
         reserved = column(timeline, pscope, "torch_reserved_bytes")
         driver = column(timeline, gscope, "driver_reserved_bytes")
+        device_used = column(timeline, gscope, "used_bytes")
+        listed = column(timeline, gscope, "process_count")
         suffix = f"/gpu:{index}"
         others = [column(timeline, scope, "used_bytes") for scope in sorted(timeline.scopes())
                   if scope.startswith("pid:") and scope.endswith(suffix) and scope != pscope]
         for i, t in enumerate(timeline.t_s):
             other_values = [col[i] for col in others if is_available(col[i])]
             other = sum(other_values) if other_values else (0 if others or used[i] is not None else None)
-            layers = gpu_layers(used[i], allocated[i], reserved[i], model, other, driver[i])
-            if not layers or used[i] is None and driver[i] is None:
+            # NVML counts memory but lists nobody (PID_NAMESPACE): the device-level fallback
+            fallback = device_used[i] if used[i] is None and listed[i] == 0 else None
+            layers = gpu_layers(used[i], allocated[i], reserved[i], model, other, driver[i],
+                                device_used_bytes=fallback)
+            if not layers or used[i] is None and driver[i] is None and fallback is None:
                 continue
             rows_t.append(t)
             for k in keys:
@@ -321,6 +329,12 @@ def timeline_layers(record: "RunRecord", timeline: "Timeline | None",
         if not np.all(np.isnan(uss_arr)):
             result.uss = uss_arr[keep]
     result.extras["peak_layers"] = {k: float(arrays[k][peak_i]) for k in present}
+    # Readings that stop before the samples do (the GPU lost, NVML failing): the plot shows where, rather
+    # than ending its axis at the last reading as if the run ended there.
+    later = [t for t in timeline.t_s if t > rows_t[-1]]
+    if later:
+        result.extras["readings_stop_t_s"] = float(later[0])
+        result.extras["samples_end_t_s"] = float(later[-1])
     return result
 
 
@@ -454,15 +468,36 @@ def memory_breakdown_png(record: "RunRecord", tl: TimelineLayers | None = None) 
         return Plot("memory_breakdown.png", _png(fig), title)
 
 
+def predictors_axis_label(record: "RunRecord", starred: bool = False) -> str:
+    """What the x axis counts: threads sharing one model only where the run showed it; `starred`: the
+    recommended count's tick carries a star."""
+    verified = (record.sharing or {}).get("verified")
+    if (record.config or {}).get("copy_model"):
+        what = "threads, each with its own copy of the model"
+    elif verified is True:
+        what = "threads sharing one model"
+    elif verified is False:
+        what = "threads not sharing one model"
+    else:
+        what = "threads"
+    return f"predictors ({what})" + ("; \u2605 recommended" if starred else "")
+
+
+def _recommended(record: "RunRecord") -> int | None:
+    rec = (record.recommendation or {}).get("predictors")
+    return rec if isinstance(rec, int) and not isinstance(rec, bool) else None
+
+
 def _draw_breakdown(fig: Any, record: "RunRecord", tl: TimelineLayers | None) -> tuple[str, bool]:
     keys = layer_order(record)
+    recommended = _recommended(record)
     bars: list[tuple[str, dict[str, int], str, Any]] = []  # label, layers, missing reason, uss
     for step in record.steps:
         layers = step_layers(record, step)
         memory = step.memory or {}
         reason = "" if layers else missing_reason(memory, ("process_gpu_bytes", "torch_reserved_bytes", "rss_bytes")
                                                  if record.gpu else ("rss_bytes",))
-        label = f"{step.predictors}" + ("\n(OOM)" if step.oom else "")
+        label = f"{step.predictors}" + (" \u2605" if step.predictors == recommended else "") + ("\n(OOM)" if step.oom else "")
         bars.append((label, layers, reason, memory.get("uss_bytes") if not record.gpu else None))
     by_peak = False
     if not bars and tl is not None and tl.keys:
@@ -517,7 +552,8 @@ def _draw_breakdown(fig: Any, record: "RunRecord", tl: TimelineLayers | None) ->
     ax.set_ylim(0, ymax)
     ax.set_xlim(-0.6, len(bars) - 0.4)
     ax.set_xticks(x, [b[0] for b in bars])
-    ax.set_xlabel("predictors (threads sharing one model)" if not by_peak else "moment of the run")
+    starred = any(b[0].split("\n")[0].endswith("\u2605") for b in bars)
+    ax.set_xlabel(predictors_axis_label(record, starred) if not by_peak else "moment of the run")
     ax.set_ylabel(f"memory ({unit})")
     ax.grid(axis="x", visible=False)
     title = _breakdown_title(record, bars, totals, capacity)
@@ -531,29 +567,43 @@ def _breakdown_title(record: "RunRecord", bars: list[Any], totals: list[int], ca
     if not measured:
         return "Memory breakdown: no memory figure could be read (see the reasons on the bars)"
     label, peak = max(measured, key=lambda p: p[1])
-    label = label.split("\n")[0]
+    label = label.split("\n")[0].replace(" \u2605", "")
     what = "device memory" if record.gpu else "resident memory (RSS)"
     where = f"at {predictors(int(label))}" if label.isdigit() else \
         (label.replace("peak at", "at") + " into the run" if label.startswith("peak at") else f"at the {label}")
     text = f"Peak {what} {format_bytes(peak)} {where}"
     if capacity and record.gpu:
         text += f" ({peak / capacity:.0%} of {format_bytes(capacity)})"
-    points = []
-    for step in record.steps:
-        layers = step_layers(record, step)
-        own = sum(v for k, v in layers.items() if k in PROCESS_KEYS)
-        if layers:
-            points.append((step.predictors, float(own)))
-    slope = _slope(points)
+    slope = _bytes_per_extra_predictor(record)
     if slope is not None:
         text += f"; each extra predictor adds {format_bytes(slope)}" if slope >= MiB / 2 else \
             "; extra predictors add no memory"
-    peak_layers = next((b[1] for b, total in zip(bars, totals) if b[1] and total == peak), {})
-    own = sum(v for k, v in peak_layers.items() if k in PROCESS_KEYS)
-    weights = peak_layers.get("model_weights_bytes", 0)
-    if weights and own:
-        text += f"; model weights are {weights / own:.0%} of this process"
+    # The weights' share where the user would run: the recommended count, else the largest count that fit.
+    fitted = [s for s in record.steps if not s.oom and step_layers(record, s)]
+    focus = next((s for s in fitted if s.predictors == _recommended(record)), None) or \
+        max(fitted, key=lambda s: sum(step_layers(record, s).values()), default=None)
+    if focus is not None:
+        layers = step_layers(record, focus)
+        own = sum(v for k, v in layers.items() if k in PROCESS_KEYS)
+        weights = layers.get("model_weights_bytes", 0)
+        if "unattributed_device_bytes" in layers:  # the device-level fallback: this process's total is unknown
+            text += "; NVML lists no process here, so this process's own total is unknown"
+        elif weights and own:
+            text += f"; model weights are {weights / own:.0%} of this process at {predictors(focus.predictors)}"
     return text
+
+
+def _bytes_per_extra_predictor(record: "RunRecord") -> float | None:
+    """The run's own figure (record.sharing, what the report's Sharing row and the rules use: steps that
+    ran out of memory or were cut short excluded); else the same slope recomputed from the steps."""
+    value = (record.sharing or {}).get("bytes_per_extra_predictor")
+    if finite(value):
+        return float(value)
+    if as_unavailable(value) is not None:
+        return None
+    from profiler.findings import bytes_per_extra_predictor
+
+    return bytes_per_extra_predictor(record)
 
 
 def memory_timeline_png(record: "RunRecord", tl: TimelineLayers | None, timeline: "Timeline | None" = None,
@@ -597,6 +647,9 @@ def _draw_timeline(fig: Any, record: "RunRecord", tl: TimelineLayers, timeline: 
     ax.set_ylim(0, ytop)
     t_end = float(np.max(tl.t_s)) if len(tl.t_s) else 0.0
     t_start = min(0.0, float(np.min(tl.t_s))) if len(tl.t_s) else 0.0
+    stop_t, samples_end = tl.extras.get("readings_stop_t_s"), tl.extras.get("samples_end_t_s")
+    if finite(stop_t) and finite(samples_end) and samples_end > t_end:
+        t_end = samples_end
     x_end = t_end if t_end > t_start else t_start + 1.0  # a single tick: a one-second axis, not a zero-width one
     # Steps and findings outside the samples (a run killed early, a damaged samples file) are not drawn: a label
     # placed far outside the axes breaks the layout.
@@ -610,11 +663,20 @@ def _draw_timeline(fig: Any, record: "RunRecord", tl: TimelineLayers, timeline: 
         ax.text((a + b) / 2 / tscale, 0.995, f"n={n}", transform=ax.get_xaxis_transform(), ha="center",
                 va="top", fontsize=9, color="#222222", fontweight="bold")
     extra = []
-    if spans:
-        from matplotlib.patches import Patch
+    from matplotlib.patches import Patch
 
+    if spans:
         extra.append(Patch(facecolor="#d9d9d9", edgecolor="#444444", linestyle=":",
                            label="sweep step (n = predictors, top band)"))
+    if finite(stop_t) and finite(samples_end):
+        ax.axvspan(stop_t / tscale, max(samples_end, stop_t) / tscale, ymin=0, ymax=0.93, facecolor="none",
+                   edgecolor="#8a1c1c", hatch="//", linewidth=0, alpha=0.5)
+        ax.axvline(stop_t / tscale, color="#8a1c1c", linewidth=1.2)
+        ax.annotate("memory readings stop", (stop_t / tscale, 0.5), xycoords=("data", "axes fraction"),
+                    xytext=(-4, 0), textcoords="offset points", ha="right", fontsize=8.5, color="#8a1c1c",
+                    bbox={"boxstyle": "round,pad=0.15", "fc": "white", "ec": "none", "alpha": 0.9})
+        extra.append(Patch(facecolor="none", edgecolor="#8a1c1c", hatch="//",
+                           label="no memory readings (see the findings)"))
     moments = [(t, f) for t, f in finding_moments(record, step_spans(record, timeline)) if t_start <= t <= x_end]
     per_time: dict[float, int] = {}
     for t_s, finding in sorted(moments, key=lambda m: m[0]):
@@ -678,7 +740,9 @@ def _draw_throughput(fig: Any, record: "RunRecord", steps: list["Step"]) -> str:
     ax2.spines["right"].set_visible(True)
     ax2.grid(False)
     xs = [s.predictors for s in steps]
-    thr = [float(s.throughput_rps) if finite(s.throughput_rps) else float("nan") for s in steps]
+    # a step that ran out of memory served nothing measurable: a gap in the line (the OOM marker shows it), not a 0
+    thr = [float(s.throughput_rps) if finite(s.throughput_rps) and not (s.oom and not s.requests) else float("nan")
+           for s in steps]
     ax.plot(xs, thr, color=SERIES_COLORS["throughput"], marker="o", linewidth=2.2, label="throughput (requests/s)")
     for s in steps:
         if finite(s.throughput_rps) and s.throughput_rps > 0:
@@ -703,15 +767,16 @@ def _draw_throughput(fig: Any, record: "RunRecord", steps: list["Step"]) -> str:
         ax.plot([s.predictors], [0], marker="X", markersize=11, color=SERIES_COLORS["oom"], linestyle="none",
                 clip_on=False, label="out of memory" if s is oom[0] else None)
     for s in steps:
-        if s.error_rate > 0:
-            ax.annotate(f"{s.error_rate:.1%} errors", (s.predictors, 0), xytext=(0, 4), textcoords="offset points",
-                        ha="center", fontsize=8, color=SERIES_COLORS["oom"], xycoords=("data", "axes fraction"))
+        if s.error_rate > 0:  # above an OOM marker, not on it
+            ax.annotate(f"{s.error_rate:.1%} errors", (s.predictors, 0), xytext=(0, 16 if s.oom else 4),
+                        textcoords="offset points", ha="center", fontsize=8, color=SERIES_COLORS["oom"],
+                        xycoords=("data", "axes fraction"))
     measured = [v for v in thr if v == v]
     ax.set_ylim(0, (max(measured) if measured else 1.0) * 1.2 or 1.0)
     lat_values = [float(s.latency_ms.get(p)) for s in steps for p in ("p50", "p99")
                   if finite((s.latency_ms or {}).get(p))]
     ax2.set_ylim(0, (max(lat_values) if lat_values else 1.0) * 1.2 or 1.0)
-    ax.set_xlabel("predictors (threads sharing one model)")
+    ax.set_xlabel(predictors_axis_label(record))
     ax.set_ylabel("throughput (requests/s)", color=SERIES_COLORS["throughput"])
     ax2.set_ylabel("latency (ms)")
     title = _throughput_title(record, steps, rec)

@@ -487,7 +487,7 @@ class DrivenSession:
     StepMonitor, PeakTracker and GapTracker: the listeners and wiring of run_diagnose, one tick per call."""
 
     def __init__(self, backend: ScriptedNvml, torch_cuda: FakeTorchCuda, pid: int, model_bytes: int,
-                 describe: Any = None, missing_pids: Iterable[int] = ()) -> None:
+                 describe: Any = None, missing_pids: Iterable[int] = (), writer: Any = None) -> None:
         self.backend = backend
         self.torch = torch_cuda
         self.pid = pid
@@ -499,7 +499,7 @@ class DrivenSession:
         self.peaks = PeakTracker()
         self.gaps = GapTracker(pid, 0)
         self.t_ns = 0
-        self.sampler = Sampler({"gpu": self.gpu_probe, "allocator": self.allocator}, 0.05, None,
+        self.sampler = Sampler({"gpu": self.gpu_probe, "allocator": self.allocator}, 0.05, writer,
                                [self.monitor, self.peaks, self.gaps], clock_ns=lambda: self.t_ns)
         self.ticks_seen: list[list[tuple[str, str, Any]]] = []
         self.values_at: dict[int, list[tuple[str, str, Any]]] = {}
@@ -634,14 +634,14 @@ def container_run(ticks: int = 10) -> tuple[RunRecord, DrivenSession]:
     return record, session
 
 
-def nvml_lost_run(lost_at: int = 6, ticks: int = 10) -> tuple[RunRecord, DrivenSession]:
+def nvml_lost_run(lost_at: int = 6, ticks: int = 10, writer: Any = None) -> tuple[RunRecord, DrivenSession]:
     """The GPU falls off the bus mid-run: every NVML call fails with no_device from tick `lost_at` on
-    (the timeline's "1-predictor" figures before that)."""
+    (the timeline's "1-predictor" figures before that). `writer`: a SampleWriter for its samples file."""
     state = DeviceState(processes=(FakeProcess(SELF_PID, 1222 * MiB, "python3", sm_util_pct=60),), gpu_util_pct=80)
     backend = ScriptedNvml(script=[state])
     backend.lose_gpu(from_tick=lost_at)
     torch_cuda = FakeTorchCuda([TorchFigures(545 * MiB, 546 * MiB)], follow=backend)
-    session = DrivenSession(backend, torch_cuda, SELF_PID, H200_MODEL)
+    session = DrivenSession(backend, torch_cuda, SELF_PID, H200_MODEL, writer=writer)
     step1 = session.measure_step(1, range(0, lost_at // 2), 2385.0, 0.41)
     step2 = session.measure_step(2, range(lost_at // 2, ticks), 2552.0, 0.78)
     record = gpu_record([step1, step2], model_bytes=H200_MODEL, processes=session.processes(),

@@ -423,6 +423,24 @@ def test_pid_namespace_evidence_from_the_gap_tracker():
     assert isinstance(record.steps[0].memory["process_gpu_bytes"], Unavailable)
 
 
+def test_without_a_process_list_the_decomposition_falls_back_to_the_device():
+    """A container without the host pid namespace: the layers still add up to NVML's device `used`,
+    torch's own figures split off, the rest unattributed; not a bar of driver reserve alone."""
+    from profiler.findings import conclude
+
+    record, _session = S.container_run()
+    conclude(record)
+    for step in record.steps:
+        layers = step.memory["layers"]
+        assert sum(layers.values()) == step.memory["device_used_bytes"] == S.DRIVER + 1636 * MiB
+        assert layers["model_weights_bytes"] == 1024 * MiB and layers["allocator_cache_bytes"] == 2 * MiB
+        assert layers["driver_reserved_bytes"] == S.DRIVER
+        assert layers["unattributed_device_bytes"] == 1636 * MiB - 1026 * MiB
+        assert "other_processes_bytes" not in layers  # unknown here, not 0
+    missing = record.sharing["bytes_per_extra_predictor"]
+    assert isinstance(missing, Unavailable) and "NVML lists no process here" in missing.detail
+
+
 def test_pid_namespace_host_pid_listed():
     record, _ = S.host_pid_listed_run()
     finding = only(rule_pid_namespace(record, T), "PID_NAMESPACE")

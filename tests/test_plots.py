@@ -10,6 +10,7 @@ import pytest
 
 from probes.readings import NO_PERMISSION, Unavailable
 from probes.samplefile import load_timeline
+from probes.units import GiB
 from profiler.decomposition import CPU_LAYERS, GPU_LAYERS
 from profiler.run import Finding, load_run
 from reports import plots
@@ -237,3 +238,55 @@ def test_a_samples_file_that_stops_after_one_tick_renders_quietly(tmp_path: Path
         rendered = plots.render_plots(load_run(_run), load_timeline(samples))
     for p in rendered:
         _png_ok(p.png)
+
+
+def test_a_gpu_lost_mid_run_shows_where_its_memory_readings_stop(tmp_path: Path) -> None:
+    """The samples go on after NVML stops answering: the timeline's axis runs to the end of the samples
+    and marks where the readings stop, instead of ending at the last reading as if the run ended there."""
+    from probes.samplefile import SampleWriter
+    from profiler.findings import conclude
+    from tests import scenarios as S
+
+    path = tmp_path / "samples.jsonl"
+    writer = SampleWriter(str(path), {"started_at": "2026-11-26T06:00:00+00:00", "t0_ns": 0, "interval_s": 0.05,
+                                      "pid": S.SELF_PID})
+    record, _session = S.nvml_lost_run(lost_at=6, ticks=10, writer=writer)
+    writer.close()
+    conclude(record)
+    timeline = load_timeline(str(path))
+    tl = plots.timeline_layers(record, timeline)
+    assert tl.extras["readings_stop_t_s"] == pytest.approx(0.30)  # tick 6 of 50 ms
+    assert tl.extras["samples_end_t_s"] == pytest.approx(0.45)
+    _png_ok(plots.memory_timeline_png(record, tl, timeline).png)
+    # a run whose readings last to its end has no such mark
+    _record, _run, samples = rf.gpu_run(str(tmp_path / "whole"))
+    assert "readings_stop_t_s" not in plots.timeline_layers(load_run(_run), load_timeline(samples)).extras
+
+
+def test_the_breakdown_title_leaves_out_a_step_that_ran_out_of_memory() -> None:
+    """The slope is the run's own (the Sharing row's: the OOM step excluded), and the weights' share is
+    given where the user would run: the recommended count, not the bar that ran out of memory."""
+    from profiler.findings import conclude
+    from tests import scenarios as S
+
+    record = S.oom_run()
+    conclude(record)
+    assert record.recommendation["predictors"] == 2
+    title = plots.memory_breakdown_png(record, None).title
+    assert "each extra predictor adds 2.00 GiB" in title, title
+    weights = 30 * GiB / (record.step_at(2).memory["process_gpu_bytes"])
+    assert f"model weights are {weights:.0%} of this process at 2 predictors" in title, title
+
+
+@pytest.mark.parametrize("sharing, copy_model, label", [
+    ({"verified": True}, False, "predictors (threads sharing one model)"),
+    ({"verified": False}, False, "predictors (threads not sharing one model)"),
+    ({"verified": False}, True, "predictors (threads, each with its own copy of the model)"),
+    ({}, False, "predictors (threads)"),
+])
+def test_the_predictor_axis_claims_sharing_only_where_the_run_showed_it(tmp_path: Path, sharing, copy_model,
+                                                                        label) -> None:
+    record = load_run(rf.gpu_run(str(tmp_path))[1])
+    record.sharing, record.config["copy_model"] = sharing, copy_model
+    assert plots.predictors_axis_label(record) == label
+    assert plots.predictors_axis_label(record, starred=True) == label + "; \u2605 recommended"
