@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import atexit
 import functools
+import inspect
 import os
 import sys
 import threading
@@ -40,6 +41,16 @@ from typing import Any, Callable
 from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_RUNNING, RunRecord
 
 ScopedValue = tuple[str, str, Any]
+
+
+class ProfileBusy(RuntimeError):
+    """Another profile of this process is already writing to that folder."""
+
+
+# Output folder (real path) -> the running profile writing there. A profile samples the whole process, so a
+# second one into the same folder would only clobber the first one's files.
+_ACTIVE: dict[str, "Profile"] = {}
+_ACTIVE_LOCK = threading.Lock()
 
 
 class LazyAllocatorProbe:
@@ -124,6 +135,7 @@ class Profile:
         self._pid_exists = pid_exists
         self._extra_listeners = list(listeners or [])
         self._lock = threading.Lock()
+        self._started = threading.Event()  # set once start() has finished, well or not
         self._state = "new"
         self.pid = os.getpid()
         self.record: RunRecord | None = None
@@ -133,11 +145,39 @@ class Profile:
 
     # -- decorator
     def __call__(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        """A fresh profile per call. Calls may overlap (threads, an event loop): while one call's profile
+        runs, it already samples the whole process, so an overlapping call into the same folder runs
+        unprofiled, marked in the running profile's samples, and never fails because of it."""
         settings = dict(self._settings)
+        name = getattr(fn, "__qualname__", getattr(fn, "__name__", "call"))
+
+        def begin() -> "Profile | None":
+            prof = Profile(**settings)
+            try:
+                return prof.start()
+            except ProfileBusy:
+                holder = _ACTIVE.get(_folder_key(prof.out))
+                if holder is not None:
+                    holder.mark("overlapping_call", function=name)
+                return None
+
+        if inspect.iscoroutinefunction(fn):
+            @functools.wraps(fn)
+            async def async_wrapper(*args: Any, **kwargs: Any) -> Any:
+                prof = begin()
+                if prof is None:
+                    return await fn(*args, **kwargs)
+                with _ending(prof):
+                    return await fn(*args, **kwargs)
+
+            return async_wrapper
 
         @functools.wraps(fn)
         def wrapper(*args: Any, **kwargs: Any) -> Any:
-            with Profile(**settings):  # a fresh profile per call: calls may overlap in threads
+            prof = begin()
+            if prof is None:
+                return fn(*args, **kwargs)
+            with _ending(prof):
                 return fn(*args, **kwargs)
 
         return wrapper
@@ -156,13 +196,49 @@ class Profile:
         return None  # never swallow the application's exception
 
     def mark(self, event: str, **fields: Any) -> None:
-        """Write an event (a phase, a request burst) into samples.jsonl, stamped with the sampler's clock."""
+        """Write an event (a phase, a request burst) into samples.jsonl, stamped with the sampler's clock.
+
+        From another thread while this profile is still starting, it waits (briefly) for the start."""
+        if self._state == "new":
+            self._started.wait(timeout=5.0)
         if self._state == "running":
             self._sampler.mark(event, **fields)
 
     # -- start/stop
     def start(self) -> "Profile":
+        """Start sampling; ProfileBusy when another running profile of this process writes to `out`."""
+        with self._lock:
+            if self._state != "new":
+                raise RuntimeError("this profile was already started; create a new profiler.profile() per run")
+            self._claim_folder()
+            try:
+                self._start_locked()
+            except BaseException:
+                self._release_folder()
+                raise
+            finally:
+                self._started.set()
+        return self
+
+    def _claim_folder(self) -> None:
+        key = _folder_key(self.out)
+        with _ACTIVE_LOCK:
+            holder = _ACTIVE.get(key)
+            if holder is not None and holder is not self:  # starting or running: registered until stop()
+                raise ProfileBusy(f"profiler.profile(out={self.out!r}) is already running in this process (it samples "
+                                  "the whole process): stop it first, or give this profile another folder")
+            _ACTIVE[key] = self
+
+    def _release_folder(self) -> None:
+        with _ACTIVE_LOCK:
+            key = _folder_key(self.out)
+            if _ACTIVE.get(key) is self:
+                del _ACTIVE[key]
+
+    def _start_locked(self) -> None:
+        """The body of start(), under self._lock and with the folder claimed."""
         from probes.host import HostProbe, host_info
+        from probes.redact import redact_argv
         from probes.sampler import PeakTracker, Sampler
         from probes.samplefile import SampleWriter
         from profiler import __version__
@@ -170,48 +246,44 @@ class Profile:
         from profiler.session import SAMPLES_FILE, now_iso, open_nvml, prepare_out_dir
         from profiler.watch import LiveTracker, children_of
 
-        with self._lock:
-            if self._state != "new":
-                raise RuntimeError("this profile was already started; create a new profiler.profile() per run")
-            self.out_dir = prepare_out_dir(self.out)
-            self._nvml, unavailable = (self._nvml_opener or open_nvml)()
-            record = RunRecord(tool_version=__version__, started_at=now_iso(), host=host_info(), pid=self.pid,
-                               mode="profile")
-            record.device_unavailable = unavailable
-            self._gpu_probe = None
-            uuids: list[Any] = []
-            if self._nvml is not None:
-                from probes.gpu import GpuProbe
+        self.out_dir = prepare_out_dir(self.out)
+        self._nvml, unavailable = (self._nvml_opener or open_nvml)()
+        record = RunRecord(tool_version=__version__, started_at=now_iso(), host=host_info(), pid=self.pid,
+                           mode="profile")
+        record.device_unavailable = unavailable
+        self._gpu_probe = None
+        uuids: list[Any] = []
+        if self._nvml is not None:
+            from probes.gpu import GpuProbe
 
-                self._gpu_probe = GpuProbe(self._nvml, describe=self._describe, pid_exists=self._pid_exists)
-                record.devices = [d.to_json() for d in self._gpu_probe.devices]
-                uuids = [d.uuid for d in self._gpu_probe.devices]
-            probes: dict[str, Any] = {"host": HostProbe(self.pid, uss_every_s=2.0)}
-            if self._gpu_probe is not None:
-                probes["gpu"] = self._gpu_probe
-            probes["allocator"] = LazyAllocatorProbe(self.pid, self._torch_cuda, self._torch_scopes, uuids,
-                                                     self.reset_peaks)
-            self._t0_ns = time.monotonic_ns()
-            self._peaks = PeakTracker()
-            self._tracker = LiveTracker(self.pid, self._t0_ns)
-            count = self._gpu_probe.device_count if self._gpu_probe is not None else 0
-            self._gaps = [GapTracker(self.pid, index) for index in range(count)]
-            self._writer = SampleWriter(os.path.join(self.out_dir, SAMPLES_FILE),
-                                        {"started_at": record.started_at, "t0_ns": self._t0_ns,
-                                         "interval_s": self.interval_s, "pid": self.pid, "mode": "profile"})
-            self._sampler = Sampler(probes, self.interval_s, self._writer,
-                                    [self._peaks, self._tracker, *self._gaps, *self._extra_listeners],
-                                    event_sources=[self._gpu_probe] if self._gpu_probe is not None else [])
-            record.config = {"device": "cpu", "gpu_index": None, "interval_s": self.interval_s, "out": self.out_dir,
-                             "label": self.label, "reset_peaks": self.reset_peaks, "device_index_space": "nvml",
-                             "argv": list(sys.argv)}
-            record.status = STATUS_RUNNING
-            self.record = record
-            self._children_at_start = children_of(self.pid)
-            self._state = "running"
-            atexit.register(self._at_exit)
-            self._sampler.start()
-        return self
+            self._gpu_probe = GpuProbe(self._nvml, describe=self._describe, pid_exists=self._pid_exists)
+            record.devices = [d.to_json() for d in self._gpu_probe.devices]
+            uuids = [d.uuid for d in self._gpu_probe.devices]
+        probes: dict[str, Any] = {"host": HostProbe(self.pid, uss_every_s=2.0)}
+        if self._gpu_probe is not None:
+            probes["gpu"] = self._gpu_probe
+        probes["allocator"] = LazyAllocatorProbe(self.pid, self._torch_cuda, self._torch_scopes, uuids,
+                                                 self.reset_peaks)
+        self._t0_ns = time.monotonic_ns()
+        self._peaks = PeakTracker()
+        self._tracker = LiveTracker(self.pid, self._t0_ns)
+        count = self._gpu_probe.device_count if self._gpu_probe is not None else 0
+        self._gaps = [GapTracker(self.pid, index) for index in range(count)]
+        self._writer = SampleWriter(os.path.join(self.out_dir, SAMPLES_FILE),
+                                    {"started_at": record.started_at, "t0_ns": self._t0_ns,
+                                     "interval_s": self.interval_s, "pid": self.pid, "mode": "profile"})
+        self._sampler = Sampler(probes, self.interval_s, self._writer,
+                                [self._peaks, self._tracker, *self._gaps, *self._extra_listeners],
+                                event_sources=[self._gpu_probe] if self._gpu_probe is not None else [])
+        record.config = {"device": "cpu", "gpu_index": None, "interval_s": self.interval_s, "out": self.out_dir,
+                         "label": self.label, "reset_peaks": self.reset_peaks, "device_index_space": "nvml",
+                         "argv": redact_argv(list(sys.argv))}  # the app's own secrets stay out of the report
+        record.status = STATUS_RUNNING
+        self.record = record
+        self._children_at_start = children_of(self.pid)
+        self._state = "running"
+        atexit.register(self._at_exit)
+        self._sampler.start()
 
     def _at_exit(self) -> None:
         """The interpreter is exiting with the profile still running: keep run.json (no report)."""
@@ -231,6 +303,7 @@ class Profile:
             if self._state != "running":
                 return self.record
             self._state = "stopped"
+            self._release_folder()
             try:
                 atexit.unregister(self._at_exit)
             except Exception:
@@ -310,6 +383,23 @@ class Profile:
         return format_live_summary(self.record) if self.record is not None else "profile not started"
 
 
+def _folder_key(out: str) -> str:
+    return os.path.realpath(out)
+
+
+class _ending:
+    """`with _ending(prof):` around a call whose profile is already started: stop it as __exit__ would."""
+
+    def __init__(self, prof: Profile) -> None:
+        self.prof = prof
+
+    def __enter__(self) -> Profile:
+        return self.prof
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        self.prof.__exit__(exc_type, exc, tb)
+
+
 def profile(*args: Any, **kwargs: Any) -> Any:
     """`with profile(out=..., interval=0.05):`, `@profile(...)`, `@profile`, or `profile(...).start()`/`.stop()`."""
     if len(args) == 1 and callable(args[0]) and not kwargs and not isinstance(args[0], str):
@@ -317,4 +407,4 @@ def profile(*args: Any, **kwargs: Any) -> Any:
     return Profile(*args, **kwargs)
 
 
-__all__ = ["LazyAllocatorProbe", "Profile", "profile"]
+__all__ = ["LazyAllocatorProbe", "Profile", "ProfileBusy", "profile"]

@@ -56,7 +56,7 @@ def prepare_out_dir(path: str) -> str:
     """Create the output folder and prove it is writable, before any measurement."""
     try:
         os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".gpuscope-write-test-{os.getpid()}")
+        probe = os.path.join(path, f".gpuscope-write-test-{os.getpid()}-{threading.get_ident()}")
         with open(probe, "w", encoding="utf-8") as fh:
             fh.write("ok")
         os.unlink(probe)
@@ -67,7 +67,10 @@ def prepare_out_dir(path: str) -> str:
     for stale in (SAMPLES_FILE, RUN_FILE, *REPORT_FILES.values()):
         target = os.path.join(path, stale)
         if os.path.isfile(target) or os.path.islink(target):
-            os.unlink(target)
+            try:
+                os.unlink(target)
+            except FileNotFoundError:
+                pass  # removed meanwhile by another run starting here
     return path
 
 

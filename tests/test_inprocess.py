@@ -138,6 +138,77 @@ def test_as_a_decorator_each_call_is_its_own_profile(tmp_path):
     assert callable(bare)
 
 
+def test_overlapping_decorated_calls_never_fail_and_the_running_profile_notes_them(tmp_path):
+    """Calls of a decorated handler from several threads at once: every call runs and returns; the
+    first call's profile (which samples the whole process anyway) notes the overlapping ones, and the
+    folder holds one consistent run, not files clobbered by three profiles."""
+    out = tmp_path / "overlap"
+    started = threading.Barrier(3)
+
+    @profiler.profile(out=str(out), interval=0.01, report=False, nvml_opener=NO_GPU)
+    def handle(n: int) -> int:
+        started.wait(timeout=10)
+        time.sleep(0.05)
+        return n
+
+    results: dict[int, object] = {}
+
+    def call(n: int) -> None:
+        try:
+            results[n] = handle(n)
+        except BaseException as exc:  # pragma: no cover - what the test is for
+            results[n] = exc
+
+    threads = [threading.Thread(target=call, args=(n,)) for n in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert results == {0: 0, 1: 1, 2: 2}
+    record = load_run(str(out / "run.json"))
+    assert record.status == "complete"
+    timeline = load_timeline(str(out / "samples.jsonl"))
+    assert len(timeline.t_s) == record.extra["live"]["ticks"]  # the samples are that run's, whole
+    overlapping = [e for e in timeline.events if e.get("event") == "overlapping_call"]
+    assert len(overlapping) == 2 and all(e["function"].endswith("handle") for e in overlapping)
+    assert sampler_threads() == []
+
+
+def test_a_second_profile_into_a_running_profiles_folder_is_refused_clearly(tmp_path):
+    from profiler.inprocess import ProfileBusy
+
+    with profiler.profile(out=str(tmp_path / "same"), interval=0.01, report=False, nvml_opener=NO_GPU):
+        with pytest.raises(ProfileBusy, match="already running in this process"):
+            profiler.profile(out=str(tmp_path / "same"), interval=0.01, report=False, nvml_opener=NO_GPU).start()
+        with profiler.profile(out=str(tmp_path / "other"), interval=0.01, report=False, nvml_opener=NO_GPU):
+            pass  # another folder: fine
+    # once the first has stopped, the folder is free again
+    profiler.profile(out=str(tmp_path / "same"), interval=0.01, report=False, nvml_opener=NO_GPU).start().stop()
+
+
+def test_a_decorated_coroutine_is_profiled_for_as_long_as_it_runs(tmp_path):
+    import asyncio
+
+    @profiler.profile(out=str(tmp_path / "async"), interval=0.01, report=False, nvml_opener=NO_GPU)
+    async def handle() -> str:
+        await asyncio.sleep(0.3)
+        return "done"
+
+    assert asyncio.run(handle()) == "done"
+    record = load_run(str(tmp_path / "async" / "run.json"))
+    assert record.status == "complete" and record.extra["live"]["duration_s"] >= 0.25
+
+
+def test_secrets_in_the_applications_command_line_stay_out_of_the_record(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["serve.py", "--api-key=sk-LIVE-123", "postgres://bob:hunter2@db/x"])
+    with profiler.profile(out=str(tmp_path / "secret"), interval=0.01, nvml_opener=NO_GPU):
+        time.sleep(0.05)
+    for name in ("run.json", "report.html"):
+        text = (tmp_path / "secret" / name).read_text()
+        assert "sk-LIVE-123" not in text and "hunter2" not in text, name
+    assert load_run(str(tmp_path / "secret" / "run.json")).config["argv"][0] == "serve.py"
+
+
 def test_an_exception_inside_is_recorded_then_propagates_unchanged(tmp_path):
     class Boom(RuntimeError):
         pass
