@@ -11,7 +11,8 @@ The endpoint binds to 127.0.0.1 unless `--bind` says otherwise: process names
 and command-line-derived labels are information about the node.
 
 Metrics (bytes and ratios in 0..1, Prometheus naming):
-  gpuscope_nvml_available                          1 when NVML could be read
+  gpuscope_nvml_available                          1 when NVML answered the last reading (0: not started,
+                                                   or every device reading failed, as when a GPU is lost)
   gpuscope_device_info{gpu,name,uuid}              1
   gpuscope_device_memory_{total,used,free}_bytes{gpu}
   gpuscope_device_driver_reserved_bytes{gpu}
@@ -54,6 +55,13 @@ class LiveView:
     nvml_available: bool = True
     device_unavailable: dict[str, str] | None = None
     children: set[int] = field(default_factory=set)
+
+
+def nvml_answered(values: list[tuple[str, str, Any]]) -> bool:
+    """Whether NVML gave this tick any device reading: a GPU that fell off the bus leaves NVML open
+    but every call failing, which must read as gpuscope_nvml_available 0, not as an idle node."""
+    return any(scope.startswith("gpu:") and metric == "used_bytes" and is_available(value)
+               for scope, metric, value in values)
 
 
 def _label(value: Any) -> str:
@@ -254,7 +262,8 @@ class NodeSource:
                 del self._probe.processes[pid]  # pids come and go for weeks: keep only the listed ones
             snapshot = snapshot_from_readings(self._probe.devices, values, self._probe.processes)
             self._view = LiveView(devices=[d.to_json() for d in self._probe.devices], values=values,
-                                  processes=dict(self._probe.processes), findings=snapshot_findings(snapshot))
+                                  processes=dict(self._probe.processes), findings=snapshot_findings(snapshot),
+                                  nvml_available=nvml_answered(values))
             self._read_at = now
             self.reads += 1
             return self._view

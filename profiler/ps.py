@@ -279,7 +279,10 @@ def format_table(snapshot: PsSnapshot, width: int | None = None) -> str:
             elif is_available(device.process_list):
                 lines.append("  no processes")
             else:
-                lines.append(f"  process list unavailable: {device.process_list}")
+                missing = device.process_list
+                why = f"{missing.reason}: {missing.detail}" if isinstance(missing, Unavailable) and missing.detail \
+                    else getattr(missing, "reason", str(missing))
+                lines.append(f"  process list unavailable ({printable(why)})")
             continue
         lines.append(f"  {'PID':>8} {'USER':<10} {'NAME':<20} {'GPU MEM':>10} {'SM':>4}  {'ENGINES':<16} COMMAND")
         for p in device.processes:
@@ -337,6 +340,9 @@ def run_ps(json_output: bool = False, opener: Callable[[], Any] | None = None,
             backend.shutdown()
         except Exception:
             pass
+    if not snapshot.devices:  # a driver without a visible GPU (CUDA_VISIBLE_DEVICES="", a container without one)
+        err.write("gpuscope ps: no GPU here: NVML started but sees no device\n")
+        return EXIT_USAGE
     if json_output:
         out.write(json.dumps(snapshot.to_json(), indent=2, default=str) + "\n")
     else:

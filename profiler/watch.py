@@ -556,13 +556,14 @@ class WatchSession:
             self._findings_at = now
             self.findings = self.build_record(final=False).findings
         if self.port is not None:
-            from profiler.exporter import LiveView
+            from profiler.exporter import LiveView, nvml_answered
 
             described = dict(self.gpu_probe.processes) if self.gpu_probe is not None else {}
             described[self.pid] = self.target_info
             self.view = LiveView(devices=list(self.record.devices), values=values, processes=described,
                                  findings=list(self.findings), target_pid=self.pid,
-                                 nvml_available=self.gpu_probe is not None, device_unavailable=self.device_unavailable,
+                                 nvml_available=self.gpu_probe is not None and nvml_answered(values),
+                                 device_unavailable=self.device_unavailable,
                                  children=set(self.children))
         if now - self._saved_at >= self.SAVE_EVERY_S:
             self._saved_at = now

@@ -151,6 +151,23 @@ def test_readings_that_could_not_be_taken_are_left_out_not_zero():
     assert value(metrics["gpuscope_device_memory_used_bytes"], gpu="0") > 0
 
 
+def test_a_gpu_lost_after_start_reads_nvml_unavailable_not_an_idle_node():
+    """NVML opened, then the GPU fell off the bus: every call fails. The alert on
+    gpuscope_nvml_available == 0 must fire; before, the series just vanished and the gauge stayed 1."""
+    nvml = ScriptedNvml(script=[DeviceState((SERVER,))])
+    clock = [0.0]
+    exporter = start_exporter(NodeSource(nvml, describe=describer, pid_exists=lambda p: True, clock=lambda: clock[0]), 0)
+    try:
+        assert value(scrape(exporter.url)["gpuscope_nvml_available"]) == 1
+        nvml.lose_gpu()
+        clock[0] = 5.0
+        lost = scrape(exporter.url)
+    finally:
+        exporter.close()
+    assert value(lost["gpuscope_nvml_available"]) == 0
+    assert lost["gpuscope_process_gpu_memory_bytes"] == []  # nothing invented
+
+
 def test_a_view_with_nothing_yet_still_answers():
     exporter = start_exporter(lambda: None, 0)
     try:

@@ -228,7 +228,7 @@ def test_a_refused_process_list_and_missing_utilisation_are_said_not_zeroed():
 
     code, out, _ = ps(nvml)
     assert code == 0
-    assert "process list unavailable: unavailable (no_permission" in out
+    assert "process list unavailable (no_permission" in out
     assert "util n/a" in out and "util 0%" not in out
     data = json.loads(ps(nvml, json_output=True)[1])
     assert data["devices"][0]["process_count"]["unavailable"] == NO_PERMISSION
@@ -253,6 +253,15 @@ def test_without_a_gpu_one_line_and_exit_2():
         assert run_ps(json_output, opener=opener, out=out, err=err) == 2
         assert out.getvalue() == ""
         assert err.getvalue().count("\n") == 1 and err.getvalue().startswith("gpuscope ps: no GPU here: NVML could not start")
+
+
+def test_nvml_without_a_visible_device_is_one_line_and_exit_2():
+    """A driver but no GPU this process may see (CUDA_VISIBLE_DEVICES="", a container without one):
+    'no GPU here', not a table of 0 GPUs and exit 0."""
+    for json_output in (False, True):
+        out, err = io.StringIO(), io.StringIO()
+        assert run_ps(json_output, opener=lambda: ScriptedNvml(devices=[]), out=out, err=err) == 2
+        assert out.getvalue() == "" and err.getvalue() == "gpuscope ps: no GPU here: NVML started but sees no device\n"
 
 
 def test_the_backend_is_shut_down_after_reading():
