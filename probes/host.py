@@ -7,11 +7,12 @@ in os.cpu_count() and every predictor's intra-op pool sizes itself from that.
 from __future__ import annotations
 
 import os
+from collections import deque
 from typing import Any
 
 import psutil
 
-from probes.readings import ERROR, NO_PERMISSION, PROCESS_GONE, Unavailable
+from probes.readings import ERROR, NO_PERMISSION, NOT_INITIALIZED, PROCESS_GONE, Unavailable
 
 ScopedValue = tuple[str, str, Any]
 
@@ -100,6 +101,8 @@ def host_info() -> dict[str, Any]:
 class HostProbe:
     """Host-wide CPU/memory and the target process's resource use."""
 
+    CPU_WINDOW_S = 0.25
+
     def __init__(self, pid: int | None = None, per_core: bool = True, uss_every_s: float | None = 2.0,
                  clock_s: Any = None) -> None:
         import time
@@ -111,8 +114,8 @@ class HostProbe:
         self._uss_read_at: float | None = None
         self._uss_requested = False
         self._proc = psutil.Process(self.pid)
-        self._proc.cpu_percent(None)  # prime: the first call has no interval to measure
-        psutil.cpu_percent(None, percpu=True)
+        self._cpu_history: deque[tuple[float, float]] = deque()  # (monotonic s, process CPU s)
+        psutil.cpu_percent(None, percpu=True)  # prime: the first call has no interval to measure
 
     def read_rss(self) -> int | Unavailable:
         """This process's RSS now (a one-off reading outside the sampler)."""
@@ -120,6 +123,26 @@ class HostProbe:
             return int(self._proc.memory_info().rss)
         except psutil.Error as exc:
             return Unavailable(PROCESS_GONE, str(exc))
+
+    def _cpu_pct(self) -> float | Unavailable:
+        """The process's CPU over the last CPU_WINDOW_S or more (100 = one core busy).
+
+        The kernel counts a process's CPU time in 10 ms clock ticks, so over one 50 ms tick the share
+        is a multiple of 20% of a core, and right after a start a few ms can read as 800%. A mean over
+        at least a quarter second is within 4%; until one is available, the reading says so.
+        """
+        import time
+
+        now = time.monotonic()  # CPU seconds are real seconds, whatever clock the caller injected
+        spent = self._proc.cpu_times()
+        history = self._cpu_history
+        history.append((now, spent.user + spent.system))
+        while len(history) >= 2 and now - history[1][0] >= self.CPU_WINDOW_S:
+            history.popleft()
+        since, cpu_then = history[0]
+        if now - since < self.CPU_WINDOW_S:
+            return Unavailable(NOT_INITIALIZED, f"under {self.CPU_WINDOW_S:g} s of CPU time measured so far")
+        return 100.0 * (history[-1][1] - cpu_then) / (now - since)
 
     def request_uss(self) -> None:
         """Read USS at the next read() whatever the interval: a short step still gets a reading of its
@@ -159,7 +182,7 @@ class HostProbe:
                     rollup = read_rss_uss_bytes(self.pid)
                     out.append((scope, "uss_bytes", rollup[1] if rollup else self._proc.memory_full_info().uss))
                 switches = self._proc.num_ctx_switches()
-                out += [(scope, "cpu_util_pct", self._proc.cpu_percent(None)),
+                out += [(scope, "cpu_util_pct", self._cpu_pct()),
                         (scope, "num_threads", self._proc.num_threads()),
                         (scope, "ctx_switches_voluntary", switches.voluntary),
                         (scope, "ctx_switches_involuntary", switches.involuntary)]

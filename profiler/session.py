@@ -134,10 +134,13 @@ class SessionResult:
 class Progress:
     """Progress on stderr: a refreshing line on a terminal, plain lines otherwise."""
 
-    def __init__(self, quiet: bool = False, stream: Any = None) -> None:
+    def __init__(self, quiet: bool = False, stream: Any = None, columns: Callable[[], int] | None = None) -> None:
+        import shutil
+
         self.quiet = quiet
         self.stream = stream or sys.stderr
         self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
+        self._columns = columns or (lambda: shutil.get_terminal_size((120, 24)).columns)
         self._last_plain = 0.0
         self._pending = False  # a refreshing line is on screen without its newline
 
@@ -145,6 +148,11 @@ class Progress:
         if self.quiet:
             return
         if self.tty:
+            # One row, never wrapped: \r returns to the start of the last row only, so a wrapped status line
+            # would leave its first rows behind at every refresh.
+            width = max(20, self._columns() - 1)
+            if len(text) > width:
+                text = text[:width - 1] + "\u2026"
             self.stream.write("\r\033[K" + text)
             self.stream.flush()
             self._pending = True

@@ -565,8 +565,11 @@ class WatchSession:
                                  nvml_available=self.gpu_probe is not None and nvml_answered(values),
                                  device_unavailable=self.device_unavailable,
                                  children=set(self.children))
-        if now - self._saved_at >= self.SAVE_EVERY_S:
+        # run.json is what a kill -9 leaves: written soon after the start (1 s, then at half the time
+        # watched so far, so 1, 2, 3, 4.5, ... s) and every SAVE_EVERY_S once the watch is long.
+        if now - self._saved_at >= min(self.SAVE_EVERY_S, max(1.0, (now - self._started_at) / 2)):
             self._saved_at = now
+            self.findings = self.build_record(final=False).findings  # the record as it stands now
             self._save_progress()
 
     def _loop(self) -> None:
@@ -575,6 +578,7 @@ class WatchSession:
         tick_index = 0
         self._findings_at = start
         self._saved_at = start
+        self._started_at = start
         while True:
             values = self.sampler.tick()
             now = self._clock()

@@ -96,11 +96,21 @@ def rule_memory_growth(record: RunRecord, t: LiveThresholds = DEFAULT_LIVE_THRES
             continue
         span = max(1e-9, float(series.get("last_t_s", 0.0)) - float(series.get("first_t_s", 0.0)))
         late = last - (mid if mid is not None else first)
-        still = late >= t.still_growing_share * growth and late >= t.growth_min_bytes / 2
+        # Still growing: the second half of the watch holds a real share of the growth. The growth itself
+        # already passed the absolute floor, so no second floor here (a short watch of a steady leak
+        # would otherwise read as levelled off).
+        still = late >= t.still_growing_share * growth
         slope = _num(series.get("slope_bytes_per_s")) or growth / span
         who = "this process's" if record.mode == "profile" else f"pid {live.get('target_pid', record.pid)}'s"
-        title = (f"{who} {SERIES_LABELS[key]} grew by {format_bytes(growth)} over {_duration_text(span)} "
-                 f"({format_bytes(first)} -> {format_bytes(last)}, {_rate_text(slope)})")
+        # The decision uses medians of the first and last tenth (a spike cannot fake a trend); the title shows
+        # the first and last readings, as the summary does.
+        shown_first = _num(series.get("first_value"))
+        shown_last = _num(series.get("last_value"))
+        if shown_first is None or shown_last is None:
+            shown_first, shown_last = first, last
+        title = (f"{who} {SERIES_LABELS[key]} grew by {format_bytes(shown_last - shown_first)} over "
+                 f"{_duration_text(span)} ({format_bytes(shown_first)} -> {format_bytes(shown_last)}, "
+                 f"{_rate_text(slope)})")
         title += "; it was still growing at the end" if still else "; then it levelled off"
         remedy = ("a steady climb is a leak or an unbounded cache: compare the allocator's view "
                   "(profiler.profile() inside the server shows torch allocated vs reserved), look for tensors "

@@ -55,7 +55,40 @@ def test_host_and_process_metrics_are_real_numbers():
     assert 0 < readings[(scope, "uss_bytes")] <= readings[(scope, "rss_bytes")]
     assert readings[(scope, "num_threads")] >= 1
     assert readings[(scope, "ctx_switches_voluntary")] >= 0
-    assert readings[(scope, "cpu_util_pct")] >= 0
+    # the first reading has no window yet: it says so instead of a number from a few microseconds
+    first_cpu = readings[(scope, "cpu_util_pct")]
+    assert isinstance(first_cpu, Unavailable) and first_cpu.reason == "not_initialized"
+
+
+def test_process_cpu_is_a_mean_over_a_quarter_second_within_the_cores():
+    """Ticks 50 ms apart in a busy process: never the 800% a few ms right after a start can read,
+    and a spinning thread reads as about one core."""
+    import threading
+    import time
+
+    probe = HostProbe(per_core=False, uss_every_s=None)
+    scope = f"pid:{os.getpid()}"
+    stop = threading.Event()
+
+    def spin() -> None:
+        while not stop.is_set():
+            pass
+
+    spinner = threading.Thread(target=spin, daemon=True)
+    spinner.start()
+    try:
+        values, started = [], time.monotonic()
+        for _ in range(16):
+            values.append((time.monotonic() - started, as_dict(probe.read())[(scope, "cpu_util_pct")]))
+            time.sleep(0.05)
+    finally:
+        stop.set()
+        spinner.join()
+    measured = [v for _t, v in values if not isinstance(v, Unavailable)]
+    assert all(isinstance(v, Unavailable) for t, v in values if t < 0.2), values  # no quarter second yet
+    assert all(not isinstance(v, Unavailable) for t, v in values if t > 0.3), values
+    assert all(0 <= v <= 100 * psutil.cpu_count() * 1.05 for v in measured), measured
+    assert max(measured) >= 50, measured  # the spinner holds about one core (the GIL shares it with sleeping)
 
 
 def test_per_core_readings_can_be_turned_off():

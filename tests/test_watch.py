@@ -166,6 +166,23 @@ def test_the_target_exiting_mid_watch_ends_the_watch_and_keeps_the_report(tmp_pa
     assert "ended by process_exit" in format_live_summary(record)
 
 
+def test_run_json_has_the_watch_so_far_within_seconds_of_the_start(sleeper, tmp_path):
+    """What a kill -9 leaves a few seconds in: run.json (status running) already holds the samples' story,
+    not the empty record written at the start."""
+    seen: dict[float, Any] = {}
+
+    def on_wait(t: FakeTime) -> None:
+        path = tmp_path / "w" / "run.json"
+        if path.exists():
+            record = load_run(str(path))
+            seen[round(t.t - 10_000.0, 2)] = ((record.extra or {}).get("live") or {}).get("ticks")
+
+    watch(sleeper.pid, tmp_path / "w", time_=FakeTime(on_wait=on_wait), interval="250ms", duration="10s")
+    assert seen[0.75] is None, seen       # only the record of the start so far
+    assert seen[1.25] >= 4, seen          # saved at 1 s, with the ticks taken until then
+    assert seen[2.5] >= 8, seen
+
+
 def test_the_container_case_memory_used_but_nobody_listed(sleeper, tmp_path):
     nvml = ScriptedNvml(script=[DeviceState(used_bytes=6 * GiB + H200_DRIVER_RESERVED_BYTES, gpu_util_pct=80)])
     result = watch(sleeper.pid, tmp_path / "w", nvml, duration="3s")
@@ -341,13 +358,20 @@ def test_the_live_status_line_refreshes_on_a_terminal(sleeper, tmp_path):
 
     stream = Tty()
     nvml = ScriptedNvml(script=[DeviceState((FakeProcess(sleeper.pid, 1620 * MiB, "python3", 62), FOREIGN))])
-    watch(sleeper.pid, tmp_path / "w", nvml, duration="3s", progress=Progress(stream=stream))
+    watch(sleeper.pid, tmp_path / "w", nvml, duration="3s", progress=Progress(stream=stream, columns=lambda: 200))
     text = stream.getvalue()
     assert text.count("\r\033[K") >= 4
     status = text.split("\r\033[K")[1]
     assert status.startswith(f"watch pid {sleeper.pid} (python")
     assert "gpu:0 1.58 GiB sm 62%" in status and "RSS " in status and "1 other process on its GPU" in status
     assert text.endswith("\r\033[K")  # the status line is cleared before the summary is printed
+    # on an 80-column terminal the line is cut to one row (a wrapped line would leave rows behind)
+    narrow = Tty()
+    again = ScriptedNvml(script=[DeviceState((FakeProcess(sleeper.pid, 1620 * MiB, "python3", 62), FOREIGN))])
+    watch(sleeper.pid, tmp_path / "narrow", again, duration="2s", progress=Progress(stream=narrow, columns=lambda: 80))
+    refreshes = [part for part in narrow.getvalue().split("\r\033[K") if part]
+    assert refreshes and all(len(part) <= 79 for part in refreshes), [len(p) for p in refreshes]
+    assert any(part.endswith("\u2026") for part in refreshes)
 
 
 # -- the live rules and bounded memory ------------------------------------------------------------------
@@ -372,6 +396,19 @@ def test_growth_that_levelled_off_is_info_small_growth_is_silent():
     assert rule_memory_growth(live_record({"rss_bytes": series(0, 0, GiB, points=3)})) == []  # too few ticks
     leak = rule_memory_growth(live_record({"process_gpu_bytes": series(1 * GiB, 3 * GiB, 5 * GiB, span_s=7200)}))
     assert leak[0].severity == "warn" and "still growing" in leak[0].title and "34.1 MiB/min" in leak[0].title
+
+
+def test_a_short_watch_of_a_steady_leak_is_still_growing_and_shows_the_readings_the_summary_shows():
+    """5 MiB every 0.1 s for 1.4 s (the process then exits): 70 MiB, half of it in the second half.
+    It is still growing (a second, absolute floor on the late growth once called it 'levelled off'),
+    and the title's figures are the first and last readings, as the summary prints them."""
+    leak = series(40 * MiB, 75 * MiB, 106 * MiB, span_s=1.4, points=15)
+    leak.update(first_value=36 * MiB, last_value=111 * MiB)
+    found = rule_memory_growth(live_record({"rss_bytes": leak}))
+    assert [(f.code, f.severity) for f in found] == [(GROWTH_CODE, "warn")]
+    assert "still growing" in found[0].title
+    assert "grew by 75.0 MiB" in found[0].title and "(36.0 MiB -> 111 MiB" in found[0].title
+    assert found[0].evidence["growth_bytes"] == 66 * MiB  # the decision's medians stay in the evidence
 
 
 def test_low_headroom_over_a_watch():
