@@ -23,10 +23,11 @@ Each limit becomes one `LimitResult` with status pass, fail or unmeasured:
                             `findings` result says so
 
 The chosen step is `--at-predictors N` when given, else the run's recommended
-predictor count. A sweep that measured its steps but recommended none (no count
-met its p99 limit, or every count failed requests) is gated at the smallest
-count measured, with a note: the deployment failed there too, so it fails the
-gate rather than passing as unmeasured. A step that ran out of memory fails
+predictor count. A sweep that measured its steps but recommended none because no
+count met its p99 limit is gated at the smallest count measured, with a note:
+the deployment missed its latency target there too, so the gate fails rather
+than calling the limit unmeasured. (Without a recommendation for another reason,
+such as every count failing requests, step limits stay unmeasured.) A step that ran out of memory fails
 every step-based limit (the deployment did not fit, whatever the limit).
 
 A limit is *unmeasured* when the run cannot answer it: a GPU figure on a run
@@ -654,6 +655,15 @@ def _nothing_measured(record: Any) -> str:
     return ""
 
 
+def _missed_p99_limit(recommendation: dict[str, Any]) -> bool:
+    """No count was recommended because none met the sweep's p99 limit (`unmet`; older records say it
+    only in the reason)."""
+    if recommendation.get("predictors") is not None:
+        return False
+    return recommendation.get("unmet") == "max_p99_ms" or \
+        str(recommendation.get("reason", "")).startswith("no predictor count met p99")
+
+
 def _smallest_measured_step(record: Any) -> Any:
     """The lowest predictor count that was measured to its end (served requests or ran out of memory);
     None when there is none (an interrupted or empty sweep: nothing there to gate on)."""
@@ -665,8 +675,8 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
     """Evaluate every set limit, forbidden code and finding gate against a run record.
 
     `at_predictors` overrides `limits.at_predictors`; without either, the run's
-    recommended predictor count is used (or, when none was recommended, the smallest
-    count measured to its end). See the module docstring for each limit
+    recommended predictor count is used (or, when no count met the sweep's p99 limit,
+    the smallest count measured to its end). See the module docstring for each limit
     and for the exit-code rule.
 
     A record of another mode than diagnose (watch, profile, compare) has no predictor
@@ -695,11 +705,10 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
     elif given is None and isinstance(rec.get("predictors"), int) and not isinstance(rec.get("predictors"), bool):
         given = rec["predictors"]
         source = "recommended"
-    elif given is None and "predictors" in rec and rec["predictors"] is None \
-            and (fallback := _smallest_measured_step(record)) is not None:
-        # Measured steps but no recommendation: no count met the run's p99 limit, or every count failed
-        # requests. That is a measured verdict on the deployment, not a missing measurement: gate the
-        # least loaded configuration, where latency and errors are at their best.
+    elif given is None and _missed_p99_limit(rec) and (fallback := _smallest_measured_step(record)) is not None:
+        # Measured steps but no count met the run's p99 limit: a measured verdict on the deployment, not a
+        # missing measurement. Gate the least loaded configuration, where latency is at its best. (Other
+        # reasons for no recommendation, such as every count failing requests, stay unmeasured.)
         given, source = fallback.predictors, "smallest measured"
         notes.append(f"no predictor count was recommended ({rec.get('reason') or 'no reason recorded'}); "
                      f"the limits are checked at the smallest count measured, {given}")

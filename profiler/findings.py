@@ -129,8 +129,8 @@ def recommend(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) ->
         return {"predictors": None, "reason": "every predictor count had 1% or more failed requests"}
     if limit:
         within = [s for s in candidates if s.latency_ms.get("p99", float("inf")) <= float(limit)]
-        if not within and candidates:
-            return {"predictors": None, "reason": f"no predictor count met p99 <= {limit} ms"}
+        if not within and candidates:  # `unmet`: the limit no count met (check gates on it)
+            return {"predictors": None, "reason": f"no predictor count met p99 <= {limit} ms", "unmet": "max_p99_ms"}
         candidates = within
     if not candidates:
         if any(s.partial for s in record.steps):

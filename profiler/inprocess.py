@@ -135,7 +135,9 @@ class Profile:
         self._pid_exists = pid_exists
         self._extra_listeners = list(listeners or [])
         self._lock = threading.Lock()
-        self._started = threading.Event()  # set once start() has finished, well or not
+        self._pending_lock = threading.Lock()
+        self._pending_marks: list[tuple[str, dict[str, Any]]] = []  # overlaps noted while starting
+        self._folder_key: str | None = None  # the registry key this profile holds (set when claimed)
         self._state = "new"
         self.pid = os.getpid()
         self.record: RunRecord | None = None
@@ -158,7 +160,7 @@ class Profile:
             except ProfileBusy:
                 holder = _ACTIVE.get(_folder_key(prof.out))
                 if holder is not None:
-                    holder.mark("overlapping_call", function=name)
+                    holder._note_overlap(name)
                 return None
 
         if inspect.iscoroutinefunction(fn):
@@ -196,13 +198,17 @@ class Profile:
         return None  # never swallow the application's exception
 
     def mark(self, event: str, **fields: Any) -> None:
-        """Write an event (a phase, a request burst) into samples.jsonl, stamped with the sampler's clock.
-
-        From another thread while this profile is still starting, it waits (briefly) for the start."""
-        if self._state == "new":
-            self._started.wait(timeout=5.0)
+        """Write an event (a phase, a request burst) into samples.jsonl, stamped with the sampler's clock."""
         if self._state == "running":
             self._sampler.mark(event, **fields)
+
+    def _note_overlap(self, function: str) -> None:
+        """An overlapping decorated call: marked now, or as soon as this profile has started (never waits)."""
+        with self._pending_lock:
+            if self._state != "running":
+                self._pending_marks.append(("overlapping_call", {"function": function}))
+                return
+        self.mark("overlapping_call", function=function)
 
     # -- start/stop
     def start(self) -> "Profile":
@@ -216,8 +222,6 @@ class Profile:
             except BaseException:
                 self._release_folder()
                 raise
-            finally:
-                self._started.set()
         return self
 
     def _claim_folder(self) -> None:
@@ -228,12 +232,13 @@ class Profile:
                 raise ProfileBusy(f"profiler.profile(out={self.out!r}) is already running in this process (it samples "
                                   "the whole process): stop it first, or give this profile another folder")
             _ACTIVE[key] = self
+            self._folder_key = key  # released by this key, whatever the working directory is by then
 
     def _release_folder(self) -> None:
         with _ACTIVE_LOCK:
-            key = _folder_key(self.out)
-            if _ACTIVE.get(key) is self:
-                del _ACTIVE[key]
+            if self._folder_key is not None and _ACTIVE.get(self._folder_key) is self:
+                del _ACTIVE[self._folder_key]
+            self._folder_key = None
 
     def _start_locked(self) -> None:
         """The body of start(), under self._lock and with the folder claimed."""
@@ -246,7 +251,7 @@ class Profile:
         from profiler.session import SAMPLES_FILE, now_iso, open_nvml, prepare_out_dir
         from profiler.watch import LiveTracker, children_of
 
-        self.out_dir = prepare_out_dir(self.out)
+        self.out_dir = prepare_out_dir(self._folder_key or os.path.abspath(self.out))  # a later chdir changes nothing
         self._nvml, unavailable = (self._nvml_opener or open_nvml)()
         record = RunRecord(tool_version=__version__, started_at=now_iso(), host=host_info(), pid=self.pid,
                            mode="profile")
@@ -281,9 +286,13 @@ class Profile:
         record.status = STATUS_RUNNING
         self.record = record
         self._children_at_start = children_of(self.pid)
-        self._state = "running"
         atexit.register(self._at_exit)
         self._sampler.start()
+        with self._pending_lock:
+            self._state = "running"
+            pending, self._pending_marks = self._pending_marks, []
+        for event, fields in pending:
+            self._sampler.mark(event, **fields)
 
     def _at_exit(self) -> None:
         """The interpreter is exiting with the profile still running: keep run.json (no report)."""
@@ -296,39 +305,45 @@ class Profile:
     def stop(self, *, _status: str = STATUS_COMPLETE, _ended_by: str = "stop", _failure: str | None = None,
              _render: bool = True) -> RunRecord | None:
         """Stop sampling, write run.json and the report; returns the record (None if never started)."""
-        from profiler.run import save_run
-        from profiler.session import RUN_FILE, Progress, render
-
         with self._lock:
             if self._state != "running":
                 return self.record
             self._state = "stopped"
-            self._release_folder()
             try:
-                atexit.unregister(self._at_exit)
+                return self._finish(_status, _ended_by, _failure, _render)
+            finally:
+                self._release_folder()  # only now: a profile starting here must not delete these files
+
+    def _finish(self, _status: str, _ended_by: str, _failure: str | None, _render: bool) -> RunRecord:
+        """stop()'s work once sampling is to end: the record, run.json and the report."""
+        from profiler.run import save_run
+        from profiler.session import RUN_FILE, Progress, render
+
+        try:
+            atexit.unregister(self._at_exit)
+        except Exception:
+            pass
+        self._sampler.stop()  # joins the thread and takes one last reading
+        self._writer.close()
+        record = self._build_record(_ended_by)
+        record.status = _status
+        record.failure = _failure
+        if self._writer.error is not None:
+            record.failure = record.failure or f"samples file: {self._writer.error}"
+        if self._nvml is not None:
+            try:
+                self._nvml.shutdown()
             except Exception:
                 pass
-            self._sampler.stop()  # joins the thread and takes one last reading
-            self._writer.close()
-            record = self._build_record(_ended_by)
-            record.status = _status
-            record.failure = _failure
-            if self._writer.error is not None:
-                record.failure = record.failure or f"samples file: {self._writer.error}"
-            if self._nvml is not None:
-                try:
-                    self._nvml.shutdown()
-                except Exception:
-                    pass
-            try:
-                save_run(record, os.path.join(self.out_dir or ".", RUN_FILE))
-            except OSError as exc:
-                self.error = f"cannot write run.json: {exc.strerror or exc}"
-                sys.stderr.write(f"gpuscope profile: {self.error}\n")
-                return record
-            if self.report and _render:
-                self.report_paths = render(record, self.out_dir or ".", Progress(quiet=False))
+        try:
+            save_run(record, os.path.join(self.out_dir or ".", RUN_FILE))
+        except OSError as exc:
+            self.error = f"cannot write run.json: {exc.strerror or exc}"
+            sys.stderr.write(f"gpuscope profile: {self.error}\n")
             return record
+        if self.report and _render:
+            self.report_paths = render(record, self.out_dir or ".", Progress(quiet=False))
+        return record
 
     # -- the record
     def _build_record(self, ended_by: str) -> RunRecord:

@@ -106,8 +106,8 @@ def rule_memory_growth(record: RunRecord, t: LiveThresholds = DEFAULT_LIVE_THRES
         # the first and last readings, as the summary does.
         shown_first = _num(series.get("first_value"))
         shown_last = _num(series.get("last_value"))
-        if shown_first is None or shown_last is None:
-            shown_first, shown_last = first, last
+        if shown_first is None or shown_last is None or shown_last - shown_first < t.growth_min_bytes:
+            shown_first, shown_last = first, last  # a spike at either end: the medians tell it truly
         title = (f"{who} {SERIES_LABELS[key]} grew by {format_bytes(shown_last - shown_first)} over "
                  f"{_duration_text(span)} ({format_bytes(shown_first)} -> {format_bytes(shown_last)}, "
                  f"{_rate_text(slope)})")

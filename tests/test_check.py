@@ -222,6 +222,14 @@ def test_a_step_cut_short_is_not_gated_on_even_when_asked_for(gpu_run):
     assert r.status == "unmeasured" and "cut short" in r.message
 
 
+def test_no_recommendation_because_every_count_failed_requests_is_not_gated_at_the_smallest(gpu_run):
+    """Only a missed p99 limit is a verdict the fallback may gate on: with errors at every count the
+    limits at 1 predictor would pass a deployment that fails its requests."""
+    gpu_run.recommendation = {"predictors": None, "reason": "every predictor count had 1% or more failed requests"}
+    out = evaluate(gpu_run, limits(max_p99_ms=1000))
+    assert result(out, "max_p99_ms").status == "unmeasured" and out.exit_code == 2
+
+
 def test_no_recommendation_from_an_interrupted_sweep_stays_unmeasured(gpu_run):
     for step in gpu_run.steps:
         step.partial = True

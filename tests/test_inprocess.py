@@ -69,9 +69,10 @@ def test_the_documented_threaded_server_example_runs_and_writes_the_report(tmp_p
     assert all(isinstance(v, int) for v in timeline.column(f"pid:{os.getpid()}", "rss_bytes"))
     for name in ("report.html", "memory_timeline.png", "memory_breakdown.png"):
         assert (out / name).stat().st_size > 1000
-    assert prof.report_paths["html"] == os.path.join("gpuscope-report", "report.html")
+    # the folder is resolved when the profile starts: a server that changes directory later still writes there
+    assert prof.report_paths["html"] == os.path.realpath(out / "report.html")
     printed = capsys.readouterr().out
-    assert "profiled this process" in printed and "report: gpuscope-report/report.html" in printed
+    assert "profiled this process" in printed and f"report: {os.path.realpath(out / 'report.html')}" in printed
 
 
 def test_the_gpu_picture_from_inside_outside_allocator_and_cache_bloat(tmp_path):
@@ -184,6 +185,44 @@ def test_a_second_profile_into_a_running_profiles_folder_is_refused_clearly(tmp_
             pass  # another folder: fine
     # once the first has stopped, the folder is free again
     profiler.profile(out=str(tmp_path / "same"), interval=0.01, report=False, nvml_opener=NO_GPU).start().stop()
+
+
+def test_the_folder_stays_claimed_until_the_report_is_written(tmp_path):
+    """A profile starting into the folder while the previous one is still writing its record and report
+    would delete them: it is refused until stop() has returned, then starts."""
+    from profiler.inprocess import ProfileBusy
+
+    out = str(tmp_path / "handoff")
+    first = profiler.profile(out=out, interval=0.01, nvml_opener=NO_GPU).start()  # with the report: slow stop
+    time.sleep(0.05)
+    stopped_at: list[float] = []
+    stopper = threading.Thread(target=lambda: (first.stop(), stopped_at.append(time.monotonic())))
+    stopper.start()
+    refused = 0
+    while True:
+        second = profiler.profile(out=out, interval=0.01, report=False, nvml_opener=NO_GPU)
+        try:
+            second.start()
+            started_at = time.monotonic()
+            break
+        except ProfileBusy:
+            refused += 1
+            time.sleep(0.002)
+    stopper.join(timeout=30)
+    second.stop()
+    assert refused > 0 and stopped_at and started_at >= stopped_at[0]
+    assert first.record.status == "complete" and first.report_paths  # written in full before the hand-off
+
+
+def test_a_server_that_changes_directory_still_writes_its_profile_where_it_started(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    prof = profiler.profile(out="relative", interval=0.01, report=False, nvml_opener=NO_GPU).start()
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    prof.stop()
+    assert (tmp_path / "relative" / "run.json").exists() and prof.error is None
+    monkeypatch.chdir(tmp_path)  # the folder was released: profiling into it again works
+    profiler.profile(out="relative", interval=0.01, report=False, nvml_opener=NO_GPU).start().stop()
 
 
 def test_a_decorated_coroutine_is_profiled_for_as_long_as_it_runs(tmp_path):

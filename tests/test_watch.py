@@ -409,6 +409,11 @@ def test_a_short_watch_of_a_steady_leak_is_still_growing_and_shows_the_readings_
     assert "still growing" in found[0].title
     assert "grew by 75.0 MiB" in found[0].title and "(36.0 MiB -> 111 MiB" in found[0].title
     assert found[0].evidence["growth_bytes"] == 66 * MiB  # the decision's medians stay in the evidence
+    # a first reading taken in a transient spike: the title falls back to the medians, never "grew by -512 MiB"
+    spiky = series(1 * GiB, 1.25 * GiB, 1.5 * GiB, span_s=600)
+    spiky.update(first_value=2 * GiB, last_value=1.5 * GiB)
+    title = rule_memory_growth(live_record({"rss_bytes": spiky}))[0].title
+    assert "grew by 512 MiB over 10 min (1.00 GiB -> 1.50 GiB" in title, title
 
 
 def test_low_headroom_over_a_watch():
