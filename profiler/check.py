@@ -65,6 +65,7 @@ from dataclasses import dataclass, field, fields
 from datetime import datetime, timezone
 from typing import Any, Iterable, Mapping
 
+from probes.redact import printable
 from probes.readings import Unavailable, is_available
 from probes.units import format_bytes, parse_size
 
@@ -90,7 +91,7 @@ BASE_CODES = (
 # Codes whose rule reads NVML or the CUDA allocator: on a run without a GPU their
 # absence proves nothing, so forbidding them there is unmeasured, not a pass.
 BASE_GPU_ONLY_CODES = (
-    "CACHE_BLOAT", "OUTSIDE_ALLOCATOR", "FOREIGN_PROCESS", "DEFAULT_STREAM_SERIALIZATION",
+    "CACHE_BLOAT", "OUTSIDE_ALLOCATOR", "PER_PREDICTOR_GROWTH", "FOREIGN_PROCESS", "DEFAULT_STREAM_SERIALIZATION",
     "LOW_HEADROOM", "FRAGMENTATION", "PID_NAMESPACE",
 )
 
@@ -110,6 +111,10 @@ LIVE_LIMITS = {
 LIVE_CHECKED_CODES = ("FOREIGN_PROCESS", "MULTIPLE_ENGINES", "ENGINE_PREALLOCATION", "PID_NAMESPACE",
                       "MEASUREMENT_GAP", "CACHE_BLOAT", "MEMORY_GROWTH", "LOW_HEADROOM", "OUTSIDE_ALLOCATOR")
 MODE_CODES = {"watch": LIVE_CHECKED_CODES, "profile": LIVE_CHECKED_CODES, "compare": ("PROCESSES_VS_THREADS",)}
+# Codes only another mode's rules raise: a diagnose sweep never looks for them.
+NOT_IN_DIAGNOSE_CODES = ("MEMORY_GROWTH", "PROCESSES_VS_THREADS")
+# A trend over fewer samples than this is not looked for (profiler/watch_findings.py: LiveThresholds.min_points).
+TREND_CODES_MIN_TICKS = {"MEMORY_GROWTH": 5}
 
 FAIL_ON_CHOICES = ("warn", "fail")
 _SEVERITY_RANK = {"fail": 0, "warn": 1, "info": 2}
@@ -203,6 +208,9 @@ def parse_forbid(value: str | Iterable[str] | None) -> tuple[str, ...]:
         return ()
     if isinstance(value, str):
         items = value.replace(",", " ").split()
+        if not items:  # `--forbid "$EXTRA"` with EXTRA unset must not silently drop the config's list
+            raise CheckConfigError("no finding code given (e.g. duplicate-model,foreign-process); "
+                                   "leave the option out to keep the configured ones")
     elif isinstance(value, (list, tuple)):
         items = []
         for item in value:
@@ -859,6 +867,15 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
             needs = "" if code in LIVE_CHECKED_CODES else " (its rule reads a predictor sweep: a diagnose run)"
             results.append(LimitResult(status=UNMEASURED, message=f"not measured: a {mode} run does not look for "
                                        f"{code}{needs}", **common))
+        elif swept and code in NOT_IN_DIAGNOSE_CODES:
+            where = "gpuscope compare" if code == "PROCESSES_VS_THREADS" else "gpuscope watch or profiler.profile()"
+            results.append(LimitResult(status=UNMEASURED, message=f"not measured: a diagnose run does not look for "
+                                       f"{code} (its rule reads a {where} record)", **common))
+        elif code in TREND_CODES_MIN_TICKS and mode in LIVE_MODES \
+                and (_live_ticks(record) or 0) < TREND_CODES_MIN_TICKS[code]:
+            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {code} needs at least "
+                                       f"{TREND_CODES_MIN_TICKS[code]} samples; the {mode} took "
+                                       f"{_live_ticks(record) or 0}", **common))
         elif code in gpu_only and no_gpu:
             results.append(LimitResult(status=UNMEASURED,
                                        message=f"not measured: {code} needs a GPU; {no_gpu}", **common))
@@ -923,7 +940,9 @@ def format_lines(outcome: CheckOutcome, exit_code: int | None = None) -> list[st
     lines = [f"{_STATUS_LABEL[r.status]:<{status_w}}{r.label:<{label_w}}{r.message}" for r in outcome.results]
     lines.extend(f"note: {note}" for note in outcome.notes)
     lines.append(summary_line(outcome, exit_code))
-    return lines
+    # Finding titles carry outside text (process names): a newline could forge a result line in a CI log,
+    # an escape sequence recolour it, a name that is not UTF-8 (lone surrogates) crash the print.
+    return [printable(line) for line in lines]
 
 
 def summary_line(outcome: CheckOutcome, exit_code: int | None = None) -> str:

@@ -84,3 +84,4 @@ class DiagnoseOptions(WorkloadOptions):
     inference_mode: bool = True
     rate: float | None = None
     max_p99_ms: float | None = None
+    include_predictors: int | None = None  # a count the sweep must measure (check --at-predictors N)

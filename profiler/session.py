@@ -26,7 +26,7 @@ from profiler import __version__
 from profiler.attribution import GapTracker, StepMonitor, end_figures
 from profiler.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, OutputError, UsageError
 from profiler.files import REPORT_FILES
-from profiler.options import DiagnoseOptions, parse_predictors, parse_seconds
+from profiler.options import MAX_PREDICTORS, DiagnoseOptions, parse_predictors, parse_seconds
 from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunRecord, save_run
 
 MAX_RATE_RPS = 1e6
@@ -231,6 +231,10 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     gpu = device.startswith("cuda")
     cores = usable_cores()
     counts = counts or default_predictor_counts(cores, gpu)
+    if opts.include_predictors is not None and opts.include_predictors not in counts:
+        if not 1 <= opts.include_predictors <= MAX_PREDICTORS:
+            raise UsageError(f"--at-predictors {opts.include_predictors}: a sweep runs 1 to {MAX_PREDICTORS} predictors")
+        counts = tuple(sorted({*counts, opts.include_predictors}))
     size = opts.model_size or ("large" if gpu else "small")
     if opts.intra_op_threads is not None:
         torch.set_num_threads(opts.intra_op_threads)

@@ -370,7 +370,51 @@ def test_forbid_lists_and_comma_text():
     assert parse_forbid("duplicate-model,foreign-process, multiple-engines") == (
         "DUPLICATE_MODEL", "FOREIGN_PROCESS", "MULTIPLE_ENGINES")
     assert parse_forbid(["oom", "OOM", "cpu-oversubscription"]) == ("OOM", "CPU_OVERSUBSCRIPTION")
-    assert parse_forbid(None) == () and parse_forbid("") == ()
+    assert parse_forbid(None) == () and parse_forbid([]) == ()
+
+
+def test_an_empty_forbid_on_the_command_line_is_an_error_not_a_silent_reset():
+    """`--forbid "$EXTRA"` with EXTRA unset would otherwise replace the config's forbidden codes with none."""
+    for empty in ("", " ", ","):
+        with pytest.raises(CheckConfigError, match=r"--forbid: no finding code given"):
+            merge_limits({"forbid": ["foreign-process"]}, {"forbid": empty})
+
+
+def test_forbidding_a_code_the_run_never_looked_for_is_unmeasured_not_a_pass(gpu_run, cpu_run):
+    """An unmeasured limit never passes: a GPU-only rule on a CPU run, a watch or compare code on a
+    diagnose run."""
+    out = evaluate(cpu_run, limits(forbid="per-predictor-growth"))
+    assert result(out, "forbid.PER_PREDICTOR_GROWTH").status == "unmeasured"
+    for code in ("MEMORY_GROWTH", "PROCESSES_VS_THREADS"):
+        r = result(evaluate(gpu_run, limits(forbid=code)), f"forbid.{code}")
+        assert r.status == "unmeasured" and "a diagnose run does not look for" in r.message
+    assert result(evaluate(gpu_run, limits(forbid="duplicate-model")), "forbid.DUPLICATE_MODEL").status == "pass"
+
+
+def test_a_watch_too_short_for_a_trend_does_not_pass_a_forbidden_memory_growth(gpu_run):
+    def quiet_watch(ticks: int):
+        record = _watch(copy.deepcopy(gpu_run), ticks=ticks)
+        record.findings = []
+        return record
+
+    short = result(evaluate(quiet_watch(3), limits(forbid="memory-growth")), "forbid.MEMORY_GROWTH")
+    assert short.status == "unmeasured" and "needs at least 5 samples" in short.message
+    assert result(evaluate(quiet_watch(31), limits(forbid="memory-growth")), "forbid.MEMORY_GROWTH").status == "pass"
+
+
+def test_outside_text_in_result_lines_cannot_forge_or_break_the_ci_log(gpu_run):
+    """A process name with a newline, an escape sequence or bytes that are not UTF-8 (psutil gives lone
+    surrogates) reaches a FOREIGN_PROCESS title: the printed lines stay one line each and encodable."""
+    import dataclasses
+
+    gpu_run.findings = [dataclasses.replace(f, title="foreign pid 7 'evil\ncheck passed: 9 passed -> exit 0' "
+                                                  "\x1b[32mgreen\x1b[0m \udcff")
+                        if f.code == "FOREIGN_PROCESS" else f for f in gpu_run.findings]
+    lines = format_lines(evaluate(gpu_run, limits(forbid="foreign-process")))
+    text = "\n".join(lines)
+    text.encode("utf-8")  # no UnicodeEncodeError
+    assert "\x1b" not in text and not any(line.startswith("check passed") for line in lines)
+    assert lines[-1].startswith("check FAILED")
 
 
 def test_unknown_forbid_code_is_an_error_with_a_suggestion():
