@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from probes.readings import ERROR, NO_DEVICE, NOT_SUPPORTED, PROCESS_GONE, Unavailable, is_available, reading_to_json
+from probes.redact import redact_argv
 from probes.host import read_smaps_rollup
 from probes.units import format_bytes
 from profiler.errors import EXIT_OK, EXIT_USAGE, UsageError
@@ -84,20 +85,43 @@ def _read_process_memory(pid: int) -> dict[str, int] | Unavailable:
         return Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
 
 
+def _read_process_rss(pid: int) -> int | Unavailable:
+    """RSS from /proc/PID/statm: microseconds, where smaps_rollup (USS, PSS) costs milliseconds."""
+    try:
+        with open(f"/proc/{pid}/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except FileNotFoundError:
+        return Unavailable(PROCESS_GONE, f"pid {pid} exited")
+    except (OSError, ValueError, IndexError) as exc:
+        return Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
+
+
 class ParticipantsProbe:
     """A sampler probe: memory of the processes taking part in the current step, summed once per process.
 
     `set_pids()` names the workers; their descendants (helper processes a model
     may start) are found again every `children_every_s` and counted too. NVML
     rows are attributed by pid: only the participants' rows are summed.
+
+    USS and PSS come from /proc/PID/smaps_rollup, which costs milliseconds per
+    process (the kernel walks its page tables) and would take that from the
+    workers being measured at every tick; so they are read for every participant
+    together at most every `full_every_s`, and whenever `request_full()` asks (at
+    a window's start and end); RSS is read at every tick.
     """
 
     def __init__(self, nvml: Any = None, nvml_index: int | None = None, children_every_s: float = 1.0,
-                 read_memory: Callable[[int], dict[str, int] | Unavailable] = _read_process_memory) -> None:
+                 read_memory: Callable[[int], dict[str, int] | Unavailable] = _read_process_memory,
+                 read_rss: Callable[[int], int | Unavailable] = _read_process_rss, full_every_s: float = 1.0,
+                 clock_s: Callable[[], float] = time.monotonic) -> None:
         self.nvml = nvml
         self.nvml_index = nvml_index
         self.children_every_s = children_every_s
+        self.full_every_s = full_every_s
         self._read_memory = read_memory
+        self._read_rss = read_rss
+        self._clock_s = clock_s
+        self._full_at = float("-inf")
         self._lock = threading.Lock()
         self._pids: tuple[int, ...] = ()
         self._children: tuple[int, ...] = ()
@@ -110,6 +134,12 @@ class ParticipantsProbe:
             self._pids = tuple(dict.fromkeys(pids))
             self._children = ()
             self._children_at = 0.0
+            self._full_at = float("-inf")
+
+    def request_full(self) -> None:
+        """Read USS and PSS at the next tick, whatever the interval."""
+        with self._lock:
+            self._full_at = float("-inf")
 
     def _descendants(self, pids: tuple[int, ...]) -> tuple[int, ...]:
         now = time.monotonic()
@@ -130,11 +160,19 @@ class ParticipantsProbe:
         with self._lock:
             pids = self._pids
             children = self._descendants(pids) if pids else ()
+            now = self._clock_s()
+            full = now - self._full_at >= self.full_every_s
+            if full and pids:
+                self._full_at = now
         out: list[tuple[str, str, Any]] = []
-        totals = {"rss_bytes": 0, "pss_bytes": 0, "uss_bytes": 0}
+        totals = {"rss_bytes": 0, "pss_bytes": 0, "uss_bytes": 0} if full else {"rss_bytes": 0}
         missing: Unavailable | None = None
         for pid in pids + children:  # a set: each process once
-            memory = self._read_memory(pid)
+            if full:
+                memory = self._read_memory(pid)
+            else:
+                rss = self._read_rss(pid)
+                memory = rss if isinstance(rss, Unavailable) else {"rss_bytes": rss}
             if isinstance(memory, Unavailable):
                 out += [(f"pid:{pid}", key, memory) for key in totals]
                 if pid in pids:  # a helper that exited is fine; a worker that vanished is not
@@ -147,10 +185,12 @@ class ParticipantsProbe:
             for key, value in totals.items():
                 out.append((COMPARE_SCOPE, f"host_{key}", missing if missing is not None else value))
             out.append((COMPARE_SCOPE, "processes", len(pids) + len(children)))
-            out.append((COMPARE_SCOPE, "device_bytes", self._device(set(pids + children), out)))
+            out.append((COMPARE_SCOPE, "device_bytes", self._device(set(pids + children), set(pids), out)))
         return out
 
-    def _device(self, pids: set[int], out: list[tuple[str, str, Any]]) -> Any:
+    def _device(self, pids: set[int], workers: set[int], out: list[tuple[str, str, Any]]) -> Any:
+        """The participants' device memory: their NVML rows (`pids`: workers and their helpers), else the
+        device's growth since the mode started when NVML does not list every worker."""
         if self.nvml is None or self.nvml_index is None:
             return Unavailable(NO_DEVICE, "CPU run: no NVML")
         from probes.gpu import check_row
@@ -172,6 +212,10 @@ class ParticipantsProbe:
             if checked.pid in pids and checked.pid not in seen:  # each pid once, whatever the binding returned
                 seen[checked.pid] = checked.used_bytes
                 out.append((f"pid:{checked.pid}/gpu:{self.nvml_index}", "used_bytes", checked.used_bytes))
+        if seen and not workers <= set(seen):
+            # some workers are on the device and not listed (their pid namespace, a listing race): a sum of the
+            # listed ones would be too small by a whole process, so the device's growth stands in, as below
+            seen = {}
         if not seen:
             # NVML reports host pids; inside a container's pid namespace none match. Fall back to the device's
             # growth since the mode started (exact on a GPU nobody else uses), and say so in the row.
@@ -250,7 +294,7 @@ def build_row(mode: str, predictors: int, payloads: list[dict[str, Any]], window
     messages: list[str] = []
     for payload in payloads:
         messages += [m for m in payload.get("error_messages", []) if m not in messages]
-    return {
+    row: dict[str, Any] = {
         "predictors": predictors, "mode": mode,
         "processes": len(payloads), "threads_per_process": predictors if mode == THREADS else 1,
         "requests": len(latencies_ms), "errors": sum(p.get("errors", 0) for p in payloads),
@@ -265,6 +309,10 @@ def build_row(mode: str, predictors: int, payloads: list[dict[str, Any]], window
         "oom": any(p.get("oom") for p in payloads), "dead_predictors": sum(p.get("dead_predictors", 0) for p in payloads),
         "error_messages": messages[:5],
     }
+    if row["requests"] == 0 and row["errors"] > 0:  # a model failing every request is not a measurement
+        row["error"] = (f"every request in the window failed ({row['errors']:,} errors)"
+                        + (f": {messages[0]}" if messages else ""))
+    return row
 
 
 def ok_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
@@ -400,7 +448,8 @@ def comparison_findings(comparison: dict[str, Any], gpu: bool, model_bytes: int)
     n = comparison.get("recommended_predictors")
     numbers = comparison.get("verdict_numbers") or {}
     if n is not None and numbers.get("threads"):
-        largest = max(set(r["predictors"] for r in ok_rows(rows, THREADS)) & set(r["predictors"] for r in ok_rows(rows, PROCESSES)))
+        # the count the verdict speaks of, so the finding and the verdict never describe different deployments
+        largest = int(numbers.get("predictors") or n)
         t = next(r for r in ok_rows(rows, THREADS) if r["predictors"] == largest)
         p = next(r for r in ok_rows(rows, PROCESSES) if r["predictors"] == largest)
         device_diff = p["device_bytes"] - t["device_bytes"] if is_available(p["device_bytes"]) and is_available(t["device_bytes"]) else None
@@ -410,11 +459,19 @@ def comparison_findings(comparison: dict[str, Any], gpu: bool, model_bytes: int)
         title = phrases[0] if phrases else f"{largest} processes versus {largest} threads: memory not measured"
         per_extra = comparison.get("per_extra_predictor", {})
         winner = comparison.get("winner")
-        severity = "warn" if winner == PROCESSES and numbers.get("throughput_ratio_processes_to_threads", 1) > 1 + numbers.get("tie_tolerance", SAME_THROUGHPUT) else "info"
-        if severity == "warn":
+        faster = numbers.get("throughput_ratio_processes_to_threads", 1) > 1 + numbers.get("tie_tolerance", SAME_THROUGHPUT)
+        one_is_best = numbers.get("recommended_predictors") == 1  # at 1 predictor both modes are one deployment
+        severity = "warn" if winner == PROCESSES and faster and not one_is_best else "info"
+        if winner == PROCESSES and faster:
             remedy = ("threads leave throughput on the table here (the GIL or a lock in the model serialises them): "
                       "serve from worker processes if their memory fits, or make forward release the GIL "
-                      "(TorchScript / torch.compile, fewer Python-level ops) and compare again")
+                      "(TorchScript / torch.compile, fewer Python-level ops) and compare again"
+                      + ("; but 1 predictor already gives the best throughput, where the two modes are the same"
+                         if one_is_best else ""))
+        elif winner == PROCESSES:
+            remedy = ("the two modes serve the same here, and the processes measured less memory, which is unusual "
+                      "(threads share one model; each process loads its own): measure again, longer, before "
+                      "choosing; threads stay the simpler deployment")
         else:
             remedy = ("serve from threads sharing one model; worker processes only add memory here "
                       f"(each extra process costs {_fmt(per_extra.get(PROCESSES, {}).get('device_bytes' if gpu else 'host_uss_bytes'))}"
@@ -583,6 +640,7 @@ def run_compare(opts: CompareOptions, progress: Any = None,
         sampler.tick()
         progress.update(f"{label}: measuring")
         _wait(duration_s, stop, lambda: group.check_alive(workers, "measuring"))
+        probe.request_full()  # the window's end state, USS included, however short the window
         sampler.tick()
         window_end = time.perf_counter_ns()
         found, ticks = peaks.end(), peaks.ticks
@@ -619,7 +677,7 @@ def run_compare(opts: CompareOptions, progress: Any = None,
                              "predictors": list(counts), "max_step_s": duration_s, "warmup_s": warmup_s,
                              "interval_s": interval_s, "streams": spec.streams, "intra_op_threads": opts.intra_op_threads,
                              "worker_torch_threads": info.get("torch_num_threads"), "start_method": "spawn",
-                             "modes": list(MODES), "out": out_dir, "argv": sys.argv[1:]}
+                             "modes": list(MODES), "out": out_dir, "argv": redact_argv(sys.argv[1:])}
             t0_ns = time.monotonic_ns()
             writer = SampleWriter(os.path.join(out_dir, SAMPLES_FILE),
                                   {"started_at": record.started_at, "t0_ns": t0_ns, "interval_s": interval_s,
@@ -635,7 +693,10 @@ def run_compare(opts: CompareOptions, progress: Any = None,
                             progress.update(f"[{done + 1}/{total}] processes: starting {n - len(workers)} more worker "
                                             f"process{'es' if n - len(workers) != 1 else ''}")
                             workers += group.spawn(n - len(workers), f"loading the model for the {n}-process step")
-                        rows.append(measure(group, workers, n if mode == THREADS else 1, mode, n))
+                        row = measure(group, workers, n if mode == THREADS else 1, mode, n)
+                        rows.append(row)
+                        if row.get("error"):
+                            failure = failure or f"{mode} x{n}: {row['error']}"
                         done += 1
                     except WorkerError as exc:
                         message = str(exc)

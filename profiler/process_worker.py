@@ -134,7 +134,9 @@ def _window_payload(run: Any, start_ns: int, end_ns: int) -> dict[str, Any]:
             if message not in messages:
                 messages.append(message)
     return {"pid": os.getpid(), "threads": run.predictors, "latencies_ns": latencies,
-            "errors": sum(r.errors for r in run.results), "error_messages": messages[:5],
+            # errors in the same window as the requests: an error rate over mismatched spans means nothing
+            "errors": sum(1 for r in run.results for end in r.error_end_ns if start_ns <= end <= end_ns),
+            "error_messages": messages[:5],
             "dead_predictors": sum(1 for r in run.results if r.died), "oom": any(r.oom for r in run.results),
             "weight_sets": len({r.weights for r in run.results if r.weights})}
 

@@ -39,7 +39,7 @@ class PredictorResult:
     latencies_ns: list[int] = field(default_factory=list)
     end_times_ns: list[int] = field(default_factory=list)
     queue_ns: list[int] = field(default_factory=list)
-    error_end_ns: list[int] = field(default_factory=list)  # when each error of the measured window happened
+    error_end_ns: list[int] = field(default_factory=list)  # when each error happened (windows count theirs)
     errors: int = 0  # all errors, warm-up included (for messages and OOM)
     error_messages: list[str] = field(default_factory=list)
     weights: frozenset[int] = frozenset()
@@ -93,7 +93,8 @@ class StepRun:
     @property
     def errors(self) -> int:
         """Errors inside the measured window, counted like `requests` (warm-up errors are not in the rate)."""
-        return sum(1 for r in self.results for end in r.error_end_ns if end <= self.measure_end_ns)
+        return sum(1 for r in self.results for end in r.error_end_ns
+                   if self.measure_start_ns <= end <= self.measure_end_ns)
 
     @property
     def oom(self) -> bool:
@@ -190,8 +191,7 @@ class PredictorPool:
                     sync()
             except Exception as exc:
                 result.errors += 1
-                if measuring.is_set():
-                    result.error_end_ns.append(perf())
+                result.error_end_ns.append(perf())
                 if len(result.error_messages) < MAX_ERROR_MESSAGES:
                     result.error_messages.append(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
                 if _is_oom(exc):

@@ -57,6 +57,27 @@ def crashing():
 
 def broken():
     raise RuntimeError("factory exploded in the worker")
+
+
+class Failing(nn.Module):
+    """Answers the validation request, then raises on every request after it."""
+
+    example_input_shape = (2, 8)
+
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(8, 8)
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        if self.calls > 1:
+            raise RuntimeError("boom in forward")
+        return self.lin(x)
+
+
+def failing():
+    return Failing()
 '''
 
 
@@ -308,6 +329,23 @@ def _synthetic(mode: str, n: int, rps: float, uss: int, device: object, p99: flo
             "host_uss_bytes": uss, "device_bytes": device}
 
 
+def test_a_model_failing_every_request_is_a_failed_row_not_a_clean_run(tmp_path: Path, models_module: str) -> None:
+    """Every request raises: no row may read as a measurement of 0 req/s; the run fails (exit 2) with the
+    model's error in the rows and a finding, and the error count is the window's, not the whole step's."""
+    out = tmp_path / "failing"
+    result = run_compare(CompareOptions(model=f"{models_module}:failing", device="cpu", predictors="1",
+                                        duration="0.5s", warmup="0.3s", out=str(out), report=False),
+                         progress=Progress(quiet=True))
+    record = result.record
+    assert result.exit_code == 2 and record.status == "failed" and "boom in forward" in record.failure
+    rows = record.extra["comparison"]["rows"]
+    assert {r["mode"] for r in rows} == {THREADS, PROCESSES}
+    for row in rows:
+        assert row["requests"] == 0 and row["errors"] > 0 and "every request in the window failed" in row["error"]
+        assert "boom in forward" in row["error"]
+    assert any(f.code == "PROCESSES_VS_THREADS" and "could not run" in f.title for f in record.findings)
+
+
 def test_verdict_and_finding_are_phrased_from_the_numbers_on_a_gpu() -> None:
     GiB = 1024**3
     rows = [_synthetic(THREADS, 1, 100, 2 * GiB, 2 * GiB), _synthetic(PROCESSES, 1, 101, 2 * GiB, 2 * GiB),
@@ -337,6 +375,49 @@ def test_processes_winning_on_throughput_is_a_warning_with_its_memory_price() ->
     finding = comparison_findings(comparison, gpu=False, model_bytes=64 * MiB)[0]
     assert finding.severity == "warn"
     assert finding.title.startswith("2 processes use 215 MiB more host memory than 2 threads: 2 interpreters")
+
+
+def test_the_finding_follows_the_verdict_when_processes_win_only_on_memory() -> None:
+    """Throughput tied and the processes measured less memory: the verdict says processes; the finding
+    must not then advise 'serve from threads' (its remedy once assumed threads had won), and it speaks
+    of the verdict's predictor count, not the largest one measured."""
+    rows = [_synthetic(THREADS, 1, 100, 300 * MiB, Unavailable("no_device")),
+            _synthetic(PROCESSES, 1, 100, 300 * MiB, Unavailable("no_device")),
+            _synthetic(THREADS, 2, 190, 400 * MiB, Unavailable("no_device")),
+            _synthetic(PROCESSES, 2, 191, 350 * MiB, Unavailable("no_device")),
+            _synthetic(THREADS, 4, 180, 420 * MiB, Unavailable("no_device")),
+            _synthetic(PROCESSES, 4, 185, 380 * MiB, Unavailable("no_device"))]
+    comparison = build_comparison(rows, gpu=False, model_bytes=64 * MiB)
+    assert comparison["winner"] == PROCESSES and comparison["recommended_predictors"] == 2
+    finding = comparison_findings(comparison, gpu=False, model_bytes=64 * MiB)[0]
+    assert finding.at_predictors == 2 and finding.severity == "info"
+    assert "serve from threads sharing one model" not in finding.remedy
+    assert "measure again" in finding.remedy
+
+
+def test_uss_is_read_at_most_every_second_and_at_a_windows_edges() -> None:
+    """smaps_rollup costs milliseconds per process: the probe reads it for all participants at most every
+    full_every_s (and when asked, at a window's start and end); RSS comes every tick."""
+    clock = [0.0]
+    full_reads: list[int] = []
+
+    def read_memory(pid: int) -> dict:
+        full_reads.append(pid)
+        return {"rss_bytes": 300, "pss_bytes": 200, "uss_bytes": 100}
+
+    probe = ParticipantsProbe(None, None, children_every_s=float("inf"), read_memory=read_memory,
+                              read_rss=lambda pid: 310, clock_s=lambda: clock[0])
+    probe.set_pids([101, 102])
+    seen = []
+    for step in range(12):  # 0.0 .. 1.1 s at 0.1 s
+        clock[0] = step * 0.1
+        values = {(s, m): v for s, m, v in probe.read()}
+        seen.append(("compare", "host_uss_bytes") in values)
+        assert values[("compare", "host_rss_bytes")] in (600, 620)  # every tick
+    assert seen == [True] + [False] * 9 + [True, False]
+    assert full_reads == [101, 102, 101, 102]
+    probe.request_full()
+    assert ("compare", "host_uss_bytes") in {(s, m) for s, m, _ in probe.read()}
 
 
 def test_noise_at_one_predictor_widens_the_tie_and_is_said() -> None:
