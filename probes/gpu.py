@@ -95,6 +95,9 @@ class GpuProbe:
         self.max_processes = 512
         self._events: list[dict] = []
         self._last_util_us: dict[int, int] = {}
+        # (device, pid) -> (SM %, when NVML last gave a sample): NVML samples a process's utilisation only
+        # every 1/6 to 1 s, so most 50 ms ticks find no new sample; the last one stands for SM_HOLD_S.
+        self._last_sm: dict[tuple[int, int], tuple[int, float]] = {}
         self.device_count = backend.device_count()
         self.devices = [self._device_info(i) for i in range(self.device_count)]
 
@@ -123,6 +126,22 @@ class GpuProbe:
                 self._described_at.pop(oldest, None)
             self.processes[pid] = info
             self._events.append({"event": "process", "gpu": index, **info.to_json()})
+
+    SM_HOLD_S = 2.0
+
+    def _sm_pct(self, index: int, pid: int, samples: dict[int, int], now_s: float) -> int:
+        """The process's SM % from NVML's newest sample: a new one when this tick got it, else the last
+        one for up to SM_HOLD_S (NVML's own sampling period), else 0 (NVML samples only processes that
+        used the SMs, so none for that long means idle)."""
+        key = (index, pid)
+        if pid in samples:
+            self._last_sm[key] = (samples[pid], now_s)
+            return samples[pid]
+        last = self._last_sm.get(key)
+        if last is not None and now_s - last[1] <= self.SM_HOLD_S:
+            return last[0]
+        self._last_sm.pop(key, None)  # bounded: only processes sampled in the last SM_HOLD_S stay
+        return 0
 
     def read(self) -> list[ScopedValue]:
         out: list[ScopedValue] = []
@@ -161,7 +180,7 @@ class GpuProbe:
                 if isinstance(proc_util, Unavailable):
                     out.append((pscope, "sm_util_pct", proc_util))
                 else:
-                    out.append((pscope, "sm_util_pct", proc_util.get(row.pid, 0)))
+                    out.append((pscope, "sm_util_pct", self._sm_pct(index, row.pid, proc_util, now_s)))
                 if row.note:
                     self._events.append({"event": "nvml_row_fixed", "pid": row.pid, "gpu": index, "note": row.note})
                 self._note_process(row.pid, index, now_s)

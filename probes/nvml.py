@@ -169,7 +169,7 @@ class PynvmlBackend:
         rows: dict[int, ProcessRow] = {}
         for getter in ("nvmlDeviceGetComputeRunningProcesses", "nvmlDeviceGetGraphicsRunningProcesses"):
             try:
-                procs = self._call(getter, handle)
+                procs = self._process_rows(getter, handle)
             except MetricError as exc:
                 if getter.startswith("nvmlDeviceGetGraphics"):
                     continue  # graphics rows are optional on compute-only boards
@@ -178,6 +178,19 @@ class PynvmlBackend:
                 used = getattr(proc, "usedGpuMemory", None)
                 rows.setdefault(int(proc.pid), ProcessRow(int(proc.pid), None if used is None else int(used)))
         return list(rows.values())
+
+    def _process_rows(self, getter: str, handle: Any) -> Any:
+        """nvidia-ml-py's getter calls the driver's _v3 function only, and raises NVMLLibraryMismatchError
+        (not an NVMLError) on a driver without it; the _v2 call still answers there."""
+        try:
+            return self._call(getter, handle)
+        except MetricError as exc:
+            if exc.reason not in (ERROR, NOT_SUPPORTED) or not hasattr(self._nv, getter + "_v2"):
+                raise
+            try:
+                return self._call(getter + "_v2", handle)
+            except MetricError:
+                raise exc from None
 
     def process_utilization_pct(self, index: int, since_us: int) -> dict[int, int]:
         cursor = self._util_cursor_us.get(index, since_us)
@@ -188,8 +201,8 @@ class PynvmlBackend:
                 return {}  # no samples since `since_us`: nothing ran
             raise
         out: dict[int, int] = {}
-        for sample in samples:
-            out[int(sample.pid)] = max(out.get(int(sample.pid), 0), int(sample.smUtil))
+        for sample in samples:  # clamped: drivers have been seen returning garbage above 100
+            out[int(sample.pid)] = max(out.get(int(sample.pid), 0), min(100, max(0, int(sample.smUtil))))
             stamp = int(getattr(sample, "timeStamp", 0) or 0)
             if stamp > self._util_cursor_us.get(index, 0):
                 self._util_cursor_us[index] = stamp

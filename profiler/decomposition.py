@@ -51,11 +51,12 @@ def gpu_layers(process_bytes: Any, allocated_bytes: Any, reserved_bytes: Any, mo
                device_used_bytes: Any = None) -> dict[str, int]:
     """Layers for one GPU at one instant. Missing torch figures collapse the process into one layer.
 
-    The process's own layers always sum to `process_bytes` (NVML); negative
-    differences (NVML rounding, a tick that straddled an allocation) are
-    clamped to 0 and the remainder moved to `outside_allocator_bytes` so the
-    sum still holds. Without `process_bytes` but with `device_used_bytes`,
-    the device-level fallback of the module docstring.
+    The process's own layers always sum to `process_bytes` (NVML) and none is
+    negative: when torch's figures exceed NVML's (a tick that straddled an
+    allocation), the excess comes off the allocator cache, then activations,
+    then weights, and the layer outside the allocator is 0 for that tick.
+    Without `process_bytes` but with `device_used_bytes`, the device-level
+    fallback of the module docstring.
     """
     allocated, reserved, model = _num(allocated_bytes), _num(reserved_bytes), _num(model_bytes) or 0
     process = _num(process_bytes)
@@ -68,6 +69,15 @@ def gpu_layers(process_bytes: Any, allocated_bytes: Any, reserved_bytes: Any, mo
             weights = min(model, allocated)
             activations = allocated - weights
             cache = max(0, reserved - allocated)
+            # NVML and torch are read a moment apart: torch's figures can exceed NVML's by what was allocated
+            # in between. The excess comes off the allocator's layers (cache first), so no layer is negative
+            # and the process's layers still add up to NVML's figure exactly.
+            excess = max(0, weights + activations + cache - process)
+            cut = min(cache, excess)
+            cache, excess = cache - cut, excess - cut
+            cut = min(activations, excess)
+            activations, excess = activations - cut, excess - cut
+            weights -= min(weights, excess)
             outside = process - weights - activations - cache
             layers.update(model_weights_bytes=weights, activations_bytes=activations,
                           allocator_cache_bytes=cache, outside_allocator_bytes=outside)

@@ -265,10 +265,11 @@ class Profile:
             record.devices = [d.to_json() for d in self._gpu_probe.devices]
             uuids = [d.uuid for d in self._gpu_probe.devices]
         probes: dict[str, Any] = {"host": HostProbe(self.pid, uss_every_s=2.0)}
-        if self._gpu_probe is not None:
-            probes["gpu"] = self._gpu_probe
+        # the allocator before NVML, as in diagnose (profiler/session.py says why)
         probes["allocator"] = LazyAllocatorProbe(self.pid, self._torch_cuda, self._torch_scopes, uuids,
                                                  self.reset_peaks)
+        if self._gpu_probe is not None:
+            probes["gpu"] = self._gpu_probe
         self._t0_ns = time.monotonic_ns()
         self._peaks = PeakTracker()
         self._tracker = LiveTracker(self.pid, self._t0_ns)

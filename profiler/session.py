@@ -287,13 +287,15 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     # ---- probes and sampler
     host_probe = HostProbe(pid)
     probes: dict[str, Any] = {"host": host_probe}
-    if gpu_probe is not None:
-        probes["gpu"] = gpu_probe
+    # The allocator before NVML in each tick: memory allocated between the two reads then shows as NVML
+    # growth for a tick (outside the allocator), not as torch holding more than NVML says the process has.
     if gpu:
         from probes.allocator import AllocatorProbe, RealTorchCuda
 
         scope_index = nvml_index if nvml_index is not None else int(device.split(":")[1])
         probes["allocator"] = AllocatorProbe(RealTorchCuda(), {int(device.split(":")[1]): f"pid:{pid}/gpu:{scope_index}"})
+    if gpu_probe is not None:
+        probes["gpu"] = gpu_probe
     # Without NVML the picture falls back to the CPU one (RSS), plus the allocator's own figures.
     monitor = StepMonitor(pid, nvml_index if gpu_probe is not None else None, model.model_bytes)
     run_peaks = PeakTracker()

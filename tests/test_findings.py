@@ -641,3 +641,19 @@ def test_process_readings_in_json_form_do_not_crash_the_rules():
     record.processes[1]["peak_used_bytes"] = {"unavailable": "not_supported"}
     assert rule_foreign_process(record, T) == []  # no readable memory: nothing to report, and no crash
     assert all(f.code != "MEASUREMENT_GAP" for f in evaluate(record))
+
+
+@pytest.mark.parametrize("process, expected", [
+    (1000 * MiB, {"model_weights_bytes": 500 * MiB, "activations_bytes": 100 * MiB,
+                  "allocator_cache_bytes": 100 * MiB, "outside_allocator_bytes": 300 * MiB}),
+    # torch read a moment after NVML, 50 MiB allocated in between: the cache gives way, nothing negative
+    (650 * MiB, {"model_weights_bytes": 500 * MiB, "activations_bytes": 100 * MiB,
+                 "allocator_cache_bytes": 50 * MiB, "outside_allocator_bytes": 0}),
+    (550 * MiB, {"model_weights_bytes": 500 * MiB, "activations_bytes": 50 * MiB,
+                 "allocator_cache_bytes": 0, "outside_allocator_bytes": 0}),
+])
+def test_layers_add_up_to_nvml_and_are_never_negative_when_torch_was_read_later(process, expected):
+    from profiler.decomposition import gpu_layers
+
+    layers = gpu_layers(process, 600 * MiB, 700 * MiB, 500 * MiB)
+    assert layers == expected and sum(layers.values()) == process

@@ -398,6 +398,49 @@ def test_process_utilization_is_asked_since_the_previous_tick():
     assert second > first
 
 
+def test_a_tick_without_a_new_utilisation_sample_keeps_nvmls_last_one_for_its_sampling_period():
+    """NVML samples a process's utilisation every 1/6 to 1 s: at 50 ms ticks most reads find no new
+    sample. The process is not idle then (a 62 -> 0 -> 0 -> 62 flicker): the last sample stands for
+    SM_HOLD_S, then 0 (NVML samples only processes that used the SMs)."""
+    busy = FakeProcess(OWN.pid, OWN.used_bytes, OWN.name, sm_util_pct=62)
+    quiet = FakeProcess(OWN.pid, OWN.used_bytes, OWN.name, sm_util_pct=None)  # no sample since the last query
+    nvml = ScriptedNvml(script=[DeviceState((busy,)), DeviceState((quiet,)), DeviceState((quiet,)),
+                                DeviceState((quiet,))])
+    probe = probe_for(nvml)
+    scope = (f"pid:{OWN.pid}/gpu:0", "sm_util_pct")
+    seen = []
+    for _ in range(3):
+        seen.append(as_dict(probe.read())[scope])
+        nvml.advance()
+    assert seen == [62, 62, 62]
+    probe.SM_HOLD_S = 0.0  # the sampling period has passed without a sample: idle
+    assert as_dict(probe.read())[scope] == 0
+
+
+def test_older_drivers_answer_the_process_list_through_the_v2_call():
+    """nvidia-ml-py's getter calls the driver's _v3 function only and raises NVMLLibraryMismatchError
+    (not an NVMLError) on a driver without it: the backend asks the _v2 call instead."""
+    import types
+
+    from probes.nvml import PynvmlBackend
+
+    class NVMLLibraryMismatchError(Exception):
+        pass
+
+    nv = types.ModuleType("pynvml")
+    nv.NVMLError = type("NVMLError", (Exception,), {})
+
+    def v3_missing(handle):
+        raise NVMLLibraryMismatchError("nvmlDeviceGetComputeRunningProcesses_v3 is not in this driver")
+
+    nv.nvmlDeviceGetHandleByIndex = lambda index: "handle"
+    nv.nvmlDeviceGetComputeRunningProcesses = v3_missing
+    nv.nvmlDeviceGetComputeRunningProcesses_v2 = lambda handle: [types.SimpleNamespace(pid=415, usedGpuMemory=6 * MiB)]
+    nv.nvmlDeviceGetGraphicsRunningProcesses = v3_missing
+    rows = PynvmlBackend(nv).running_processes(0)
+    assert [(r.pid, r.used_bytes) for r in rows] == [(415, 6 * MiB)]
+
+
 # -- the replay itself -----------------------------------------------------------------------------
 
 def test_the_replay_keeps_the_cards_own_arithmetic_on_every_tick():
