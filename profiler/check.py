@@ -664,11 +664,11 @@ def _nothing_measured(record: Any) -> str:
 
 
 def _missed_p99_limit(recommendation: dict[str, Any]) -> bool:
-    """No count was recommended because none met the sweep's p99 limit (`unmet`; older records say it
-    only in the reason)."""
+    """No count was recommended because none met the sweep's p99 limit, or none kept up with its --rate
+    (`unmet`; older records say it only in the reason): measured verdicts, gated at the smallest count."""
     if recommendation.get("predictors") is not None:
         return False
-    return recommendation.get("unmet") == "max_p99_ms" or \
+    return recommendation.get("unmet") in ("max_p99_ms", "rate_rps") or \
         str(recommendation.get("reason", "")).startswith("no predictor count met p99")
 
 

@@ -38,6 +38,7 @@ class Thresholds:
     headroom_fail: float = 0.95
     fragmentation_split_share: float = 0.20
     foreign_fail_share: float = 0.10
+    overload_short_share: float = 0.05        # OVERLOADED: served more than this below the offered rate
     # FOREIGN_PROCESS fails when another process computes on the card. Tuned on the H200 readings:
     # a process that only holds a 2 GiB tensor still shows 1% SM, so "any utilisation" would fail idle holders.
     foreign_busy_sm_pct: float = 5.0
@@ -127,6 +128,12 @@ def recommend(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) ->
     candidates = [s for s in measured if s.error_rate < 0.01]
     if measured and not candidates:
         return {"predictors": None, "reason": "every predictor count had 1% or more failed requests"}
+    keeping_up = [s for s in candidates if not overloaded(s, thresholds)]
+    if candidates and not keeping_up:
+        rate = candidates[0].offered_rps
+        return {"predictors": None, "reason": f"no predictor count kept up with --rate {rate:g} req/s",
+                "unmet": "rate_rps"}
+    candidates = keeping_up
     if limit:
         within = [s for s in candidates if s.latency_ms.get("p99", float("inf")) <= float(limit)]
         if not within and candidates:  # `unmet`: the limit no count met (check gates on it)
@@ -270,16 +277,27 @@ def rule_grad_enabled(record: RunRecord, t: Thresholds) -> list[Finding]:
         "so setting it in the main thread does nothing for workers", bad[0].predictors)]
 
 
+def overloaded(step: Step, t: "Thresholds | None" = None) -> bool:
+    """An open-loop step that did not keep up with its offered rate: arrivals were dropped, or it served
+    clearly less than was offered (the backlog absorbed the rest, so its latencies are mostly queueing)."""
+    if not step.offered_rps:
+        return False
+    short = (t or DEFAULT_THRESHOLDS).overload_short_share
+    return step.dropped_arrivals > 0 or step.throughput_rps < step.offered_rps * (1 - short)
+
+
 def rule_overloaded(record: RunRecord, t: Thresholds) -> list[Finding]:
-    """--rate offered more than the pool served: arrivals beyond the backlog were dropped."""
-    over = [s for s in _ok_steps(record) if s.dropped_arrivals > 0 and s.offered_rps]
+    """--rate offered more than the pool served: arrivals dropped, or served clearly below the rate."""
+    over = [s for s in _ok_steps(record) if overloaded(s, t)]
     if not over:
         return []
     least = min(over, key=lambda s: s.predictors)
+    dropped = (f"{least.dropped_arrivals:,} arrivals were dropped" if least.dropped_arrivals
+               else "the backlog queued the rest")
     return [Finding(
         "OVERLOADED", "warn",
         f"offered {least.offered_rps:g} req/s but {least.predictors} predictor{'s' if least.predictors != 1 else ''} "
-        f"served {least.throughput_rps:.0f} req/s; {least.dropped_arrivals:,} arrivals were dropped",
+        f"served {least.throughput_rps:.0f} req/s; {dropped}",
         {"offered_rps": least.offered_rps,
          "served_rps_by_predictors": {str(s.predictors): s.throughput_rps for s in over},
          "dropped_arrivals_by_predictors": {str(s.predictors): s.dropped_arrivals for s in over}},
@@ -619,7 +637,8 @@ def conclude(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) -> 
     slope = bytes_per_extra_predictor(record, key)
     if slope is None:
         with_figure = [s for s in _ok_steps(record) if _mem(s, key) is not None]
-        missing = (Unavailable("not_supported", "fewer than two predictor counts were measured")
+        missing = (Unavailable("not_supported", "fewer than two predictor counts were measured"
+                               if len(record.steps) < 2 else "fewer than two predictor counts completed requests")
                    if len(_ok_steps(record)) < 2 else
                    Unavailable("not_supported", "fewer than two steps have this process's "
                                + ("GPU memory from NVML" if key == "process_gpu_bytes" else "RSS")

@@ -269,23 +269,55 @@ def _load_file(path: str, device: str, trust: bool) -> tuple[Any, str]:
         with _quiet_logger("torch.export"):  # it logs a traceback to stderr before raising on a corrupt file
             program = torch.export.load(path)
         module = program.module().to(device)
-        shape = _example_shape(program)
-        if shape is not None:
-            setattr(module, "example_input_shape", shape)  # the exporter's own example: a default --input-shape
+        example = _example_input(program)
+        if example is not None:  # the exporter's own example: the default --input-shape and --dtype
+            setattr(module, "example_input_shape", tuple(int(d) for d in example.shape))
+            setattr(module, "example_input_dtype", str(example.dtype).removeprefix("torch."))
+        setattr(module, "example_input_count", _example_count(program))
         return module, "export"
     except Exception as exc:
         raise ModelLoadError(f"could not load {path}: {_one_line(exc)}") from exc
 
 
-def _example_shape(program: Any) -> tuple[int, ...] | None:
-    """The shape of a torch.export program's single example tensor input, if it has exactly one."""
+def _example_input(program: Any) -> Any:
+    """A torch.export program's single example tensor input, if it has exactly one."""
     try:
         args, kwargs = program.example_inputs
     except Exception:
         return None
     if kwargs or len(args) != 1 or not hasattr(args[0], "shape"):
         return None
-    return tuple(int(d) for d in args[0].shape)
+    return args[0]
+
+
+def _example_count(program: Any) -> int | None:
+    """How many inputs the exported program takes (None when it does not say)."""
+    try:
+        args, kwargs = program.example_inputs
+        return len(args) + len(kwargs)
+    except Exception:
+        return None
+
+
+def _inputs_needed(module: Any) -> int | None:
+    """How many inputs the module's forward requires (None when that cannot be read): gpuscope feeds one."""
+    import inspect
+
+    count = getattr(module, "example_input_count", None)
+    if isinstance(count, int):
+        return count
+    schema = getattr(getattr(module, "forward", None), "schema", None)  # TorchScript: self, then the inputs
+    if schema is not None:
+        try:
+            return sum(1 for a in list(schema.arguments)[1:] if not a.has_default_value())
+        except Exception:
+            return None
+    try:
+        params = inspect.signature(module.forward).parameters.values()
+    except (TypeError, ValueError, AttributeError):
+        return None
+    return sum(1 for p in params if p.default is inspect.Parameter.empty
+               and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
 
 
 class _quiet_logger:
@@ -322,7 +354,9 @@ def _load_factory(spec: str) -> Any:
     if factory is None:
         raise ModelLoadError(f"model factory {spec!r}: {module_name!r} has no attribute {attr!r}")
     try:
-        module = factory() if callable(factory) and not hasattr(factory, "forward") else factory
+        # a function or a class (`mods:MLP` means an MLP()), not an instance that is already a module
+        wants_call = callable(factory) and (isinstance(factory, type) or not hasattr(factory, "forward"))
+        module = factory() if wants_call else factory
     except Exception as exc:
         raise ModelLoadError(f"model factory {spec!r} raised {_one_line(exc)}") from exc
     if not callable(module):
@@ -404,10 +438,15 @@ def load_model(spec: str, device: str, input_shape: tuple[int, ...] | None = Non
 
     module, kind, default_shape = build()
     _eval(module)
+    needed = _inputs_needed(module)
+    if needed is not None and needed > 1:
+        raise ModelLoadError(f"model {spec!r} takes {needed} inputs; gpuscope feeds one tensor (wrap it in a module "
+                             "whose forward builds the others from one input, or export it that way)")
     shape = input_shape or (tuple(default_shape) if default_shape else None)
     if shape is None:
         raise ModelLoadError(f"model {spec!r} has no default input shape: pass --input-shape, e.g. 8x3x224x224")
-    chosen_dtype = dtype or "float32"
+    example_dtype = getattr(module, "example_input_dtype", None)
+    chosen_dtype = dtype or (example_dtype if example_dtype in DTYPES else "float32")
     params, buffers, storages = _sizes(module)
     if kind == "builtin" and chosen_dtype in ("float16", "bfloat16", "float64"):
         module = module.to(torch_dtype(chosen_dtype))

@@ -357,6 +357,14 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         record.status = STATUS_COMPLETE
     conclude(record)
     exit_code = interrupts.exit_code or EXIT_OK
+    if record.status == STATUS_COMPLETE and record.steps and not any(s.requests for s in record.steps):
+        # nothing was measured: say why on one line and exit 2, as for any input that cannot be profiled
+        cause = next((m for s in record.steps for m in s.error_messages), None)
+        progress.error("gpuscope: no request completed at any predictor count: "
+                       + (cause if cause else f"a request takes longer than the measured window (--duration "
+                                               f"{opts.duration}); raise --duration")
+                       + " (run.json and the report keep what was seen)")
+        exit_code = EXIT_USAGE
     if writer.error is not None:
         progress.error(f"gpuscope: writing samples failed: {writer.error.strerror or writer.error} "
                        f"({writer.lines_written} lines kept in {writer.path})")

@@ -595,9 +595,14 @@ def _steps(record: "RunRecord") -> str:
                     ("other_processes_bytes", "other processes")]
     else:
         mem_cols = [("rss_bytes", "RSS"), ("uss_bytes", "USS"), ("model_bytes", "model")]
+    # open loop (--rate): what was offered, how much of the latency was queueing, what the backlog dropped
+    open_loop = any(s.offered_rps for s in record.steps)
     head = ("<tr><th class=\"num\">predictors</th><th class=\"num\">requests</th><th class=\"num\">errors</th>"
-            "<th class=\"num\">throughput (requests/s)</th><th class=\"num\">p50 (ms)</th>"
+            + ("<th class=\"num\">offered (requests/s)</th>" if open_loop else "")
+            + "<th class=\"num\">throughput (requests/s)</th><th class=\"num\">p50 (ms)</th>"
             "<th class=\"num\">p90 (ms)</th><th class=\"num\">p99 (ms)</th><th class=\"num\">max (ms)</th>"
+            + ("<th class=\"num\">queue p50 (ms)</th><th class=\"num\">compute p50 (ms)</th>"
+               "<th class=\"num\">dropped arrivals</th>" if open_loop else "")
             + "".join(f'<th class="num">{esc(label)} peak</th>' for _k, label in mem_cols)
             + "<th class=\"num\">CPU (mean)</th><th>stable</th><th>notes</th></tr>")
     rows = []
@@ -620,8 +625,12 @@ def _steps(record: "RunRecord") -> str:
         rows.append(
             f"<tr{cls}><td class=\"num\">{e(s.predictors)}{star}</td>"
             f'<td class="num">{_count(s.requests)}</td><td class="num">{esc(errors)}</td>'
-            f'<td class="num">{_rate(s.throughput_rps)}</td>'
+            + (f'<td class="num">{_rate(s.offered_rps) if s.offered_rps else "&mdash;"}</td>' if open_loop else "")
+            + f'<td class="num">{_rate(s.throughput_rps)}</td>'
             + "".join(f'<td class="num">{_millis(lat.get(p))}</td>' for p in ("p50", "p90", "p99", "max"))
+            + (f'<td class="num">{_millis((s.queue_ms or {}).get("p50"))}</td>'
+               f'<td class="num">{_millis((s.compute_ms or {}).get("p50"))}</td>'
+               f'<td class="num">{_count(s.dropped_arrivals)}</td>' if open_loop else "")
             + "".join(f'<td class="num">{_na((s.memory or {}).get(k), k)}</td>' for k, _l in mem_cols)
             + f'<td class="num">{_na(s.cpu_util_pct, "cpu_util_pct")}</td>'
             f"<td>{'yes' if s.stable else 'no'}</td><td>{esc('; '.join(notes))}</td></tr>")

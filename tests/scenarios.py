@@ -441,6 +441,18 @@ def overloaded_run() -> RunRecord:
     return record
 
 
+def rate_kept_up_run(served: tuple[float, float] = (49.6, 49.8)) -> RunRecord:
+    """--rate 50 on a model that keeps up: served within 1% of the offered rate, nothing dropped.
+    With `served` below the rate (e.g. (20, 40): a 50 ms model) the backlog queues what it cannot serve."""
+    steps = [cpu_step(1, served[0], 60.0, rss=700 * MiB, model_bytes=CPU_MODEL),
+             cpu_step(2, served[1], 55.0, rss=702 * MiB, model_bytes=CPU_MODEL)]
+    for step in steps:
+        step.offered_rps, step.dropped_arrivals = 50.0, 0
+    record = cpu_record(steps, model_bytes=CPU_MODEL)
+    record.config["rate_rps"] = 50.0
+    return record
+
+
 def oversubscribed_cpu_run() -> RunRecord:
     """4 predictors x 2 intra-op threads (torch's default on 2 cores) = 8 busy threads on 2 cores:
     throughput falls from 1 predictor's."""

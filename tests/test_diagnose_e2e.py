@@ -142,3 +142,29 @@ def test_one_intra_op_thread_per_predictor_does_not_oversubscribe(tmp_path):
     assert "CPU_OVERSUBSCRIPTION" not in codes(record)
     assert record.environment["torch_num_threads"] == 1
     assert torch.get_num_threads() == threads_here  # this process was not touched
+
+
+def test_a_model_failing_every_request_exits_2_with_its_error_on_one_line(tmp_path):
+    """It answers the validation request, then raises: no step completes a request. The cause is said on
+    stderr and the exit code is 2 (not 0 with steps of 0 req/s); run.json and the report keep what was seen."""
+    (tmp_path / "failing_after_one.py").write_text(
+        "import torch\n\nclass Failing(torch.nn.Module):\n    example_input_shape = (2, 8)\n"
+        "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(8, 8)\n"
+        "        self.calls = 0\n"
+        "    def forward(self, x):\n        self.calls += 1\n"
+        "        if self.calls > 1:\n            raise RuntimeError('feature store unreachable')\n"
+        "        return self.lin(x)\n\ndef make():\n    return Failing()\n")
+    out = tmp_path / "report"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
+    proc = subprocess.run([sys.executable, "-m", "profiler", "diagnose", "--model", "failing_after_one:make",
+                           "--device", "cpu", "--predictors", "1,2", "--duration", "0.5s", "--warmup", "0.1s",
+                           "--window", "0.2s", "--quiet", "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    lines = [line for line in proc.stderr.splitlines() if line.startswith("gpuscope:")]
+    assert lines == ["gpuscope: no request completed at any predictor count: RuntimeError: feature store unreachable "
+                     "(run.json and the report keep what was seen)"], proc.stderr
+    record = load_run(str(out / "run.json"))
+    assert record.status == "complete" and all(s.requests == 0 for s in record.steps)
+    assert record.sharing["bytes_per_extra_predictor"].detail == "fewer than two predictor counts completed requests"
+    assert (out / "report.html").exists()

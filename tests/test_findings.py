@@ -657,3 +657,20 @@ def test_layers_add_up_to_nvml_and_are_never_negative_when_torch_was_read_later(
 
     layers = gpu_layers(process, 600 * MiB, 700 * MiB, 500 * MiB)
     assert layers == expected and sum(layers.values()) == process
+
+
+def test_a_rate_served_short_without_drops_is_overloaded_and_never_recommended():
+    """--rate 50 on a 50 ms model: 20 and 40 req/s served, nothing dropped (the backlog holds 64 per
+    predictor), p99 mostly queueing. That is overload; before, only drops counted and the report said
+    healthy. A rate that is kept up with stays quiet."""
+    from profiler.findings import conclude
+
+    short = S.rate_kept_up_run(served=(20.0, 40.0))
+    conclude(short)
+    found = only(rule_overloaded(short, T), "OVERLOADED")
+    assert "served 20 req/s; the backlog queued the rest" in found.title
+    assert short.recommendation["predictors"] is None
+    assert short.recommendation["reason"] == "no predictor count kept up with --rate 50 req/s"
+    kept = S.rate_kept_up_run()
+    conclude(kept)
+    assert rule_overloaded(kept, T) == [] and kept.recommendation["predictors"] == 1

@@ -278,3 +278,21 @@ def test_a_sweep_that_could_recommend_nothing_is_not_called_healthy(tmp_path: Pa
 ])
 def test_evidence_values_are_shown_in_their_units(key, value, shown):
     assert fmt(value, key) == shown
+
+
+def test_an_open_loop_run_shows_the_offered_rate_queueing_and_drops_per_step(tmp_path: Path) -> None:
+    """--rate: the latency of an overloaded step is mostly queueing; the steps table says so, as the
+    terminal summary does (it showed neither the offered rate nor the queue/compute split)."""
+    _record, run, _samples = rf.cpu_run(str(tmp_path), counts=(1, 2))
+    record = load_run(run)
+    for step, served, dropped in zip(record.steps, (20.0, 40.0), (0, 12)):
+        step.offered_rps, step.throughput_rps, step.dropped_arrivals = 50.0, served, dropped
+        step.queue_ms, step.compute_ms = {"p50": 397.0}, {"p50": 50.2}
+    html = render_html(record, _fake_plots())
+    steps = html[html.index('<section id="steps">'):]
+    steps = steps[:steps.index("</section>")]
+    for header in ("offered (requests/s)", "queue p50 (ms)", "compute p50 (ms)", "dropped arrivals"):
+        assert header in steps
+    assert ">50.0<" in steps and ">397" in steps and ">12<" in steps
+    closed = render_html(load_run(rf.cpu_run(str(tmp_path / "closed"))[1]), _fake_plots())
+    assert "queue p50" not in closed  # closed loop: no such columns

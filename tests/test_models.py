@@ -352,3 +352,62 @@ def test_tied_weights_count_once(tmp_path):
     assert model.param_bytes == 8 * 8 * 4
     assert model.unique_storages == 1
     assert os.path.getsize(path) > 0
+
+
+class _Tokens(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = torch.nn.Embedding(100, 8)
+
+    def forward(self, ids):
+        return self.embed(ids).sum(-1)
+
+
+class _TwoInputs(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(4, 4)
+
+    def forward(self, x, mask):
+        return self.lin(x) * mask
+
+
+def test_an_export_file_of_token_ids_brings_its_dtype_too(tmp_path):
+    """Exported with int64 ids: the example's dtype is the default, as its shape is (float32 was fed)."""
+    path = str(tmp_path / "tokens.pt2")
+    torch.export.save(torch.export.export(_Tokens(), (torch.randint(0, 100, (8, 16)),)), path)
+    model = load_model(path, "cpu")
+    assert (model.input_shape, model.dtype) == ((8, 16), "int64")
+    validate_model(model)
+    assert load_model(path, "cpu", dtype="int32").dtype == "int32"  # --dtype wins
+
+
+@pytest.mark.parametrize("how", ["export", "torchscript", "factory"])
+def test_a_model_with_two_inputs_is_refused_saying_so(tmp_path, how, monkeypatch):
+    if how == "export":
+        spec = str(tmp_path / "two.pt2")
+        torch.export.save(torch.export.export(_TwoInputs(), (torch.randn(2, 4), torch.ones(2, 4))), spec)
+    elif how == "torchscript":
+        spec = str(tmp_path / "two.pt")
+        torch.jit.save(torch.jit.script(_TwoInputs()), spec)
+    else:
+        (tmp_path / "two_inputs_factory.py").write_text(
+            "import torch\n\nclass Two(torch.nn.Module):\n    def forward(self, x, mask):\n        return x * mask\n\n"
+            "def make():\n    return Two()\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        spec = "two_inputs_factory:make"
+    with pytest.raises(ModelLoadError, match=r"takes 2 inputs; gpuscope feeds one tensor"):
+        load_model(spec, "cpu", input_shape=(2, 4))
+
+
+def test_a_factory_may_name_the_model_class_itself(tmp_path, monkeypatch):
+    """`--model mods:MLP` means an MLP(): it was taken for a module and failed with "'str' object has no
+    attribute '_apply'"."""
+    (tmp_path / "class_factory.py").write_text(
+        "import torch\n\nclass MLP(torch.nn.Module):\n    example_input_shape = (2, 4)\n"
+        "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(4, 4)\n"
+        "    def forward(self, x):\n        return self.lin(x)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    model = load_model("class_factory:MLP", "cpu")
+    assert model.kind == "factory" and model.param_bytes == (16 + 4) * 4
+    validate_model(model)
