@@ -364,8 +364,35 @@ def _load_factory(spec: str) -> Any:
     return module
 
 
+def _unregistered_tensors(module: Any) -> list[Any]:
+    """Weights a model holds outside its parameters and buffers: plain tensor attributes (a lookup table
+    kept as `self.table`, a torch.export program's lifted constants) and a frozen TorchScript module's
+    graph constants (torch.jit.freeze turns every parameter into one). Without them such a model weighs
+    0 B and its copies go unseen."""
+    import torch
+
+    found: list[Any] = []
+    modules = module.modules() if hasattr(module, "modules") else [module]
+    for sub in modules:
+        try:
+            found += [value for value in vars(sub).values() if isinstance(value, torch.Tensor)]
+        except TypeError:
+            continue
+    graph = getattr(module, "graph", None)
+    if graph is not None and hasattr(graph, "findAllNodes"):
+        try:
+            for node in graph.findAllNodes("prim::Constant"):
+                output = node.output()
+                if output.type().kind() == "TensorType":
+                    found.append(output.toIValue())
+        except Exception:  # an internal API: a torch without it only loses the constants
+            pass
+    return found
+
+
 def weight_storages(module: Any) -> dict[int, int]:
-    """Unique storages of a module's parameters and buffers: data pointer -> bytes."""
+    """Unique storages of a module's weights (parameters, buffers, tensor attributes, frozen constants):
+    data pointer -> bytes."""
     storages: dict[int, int] = {}
     tensors = []
     for getter in ("parameters", "buffers"):
@@ -375,6 +402,7 @@ def weight_storages(module: Any) -> dict[int, int]:
                 tensors += list(fn())
             except Exception:
                 pass
+    tensors += _unregistered_tensors(module)
     for tensor in tensors:
         try:
             storage = tensor.untyped_storage()
@@ -399,6 +427,12 @@ def _sizes(module: Any) -> tuple[int, int, int]:
         for tensor in fn():
             storage = tensor.untyped_storage()
             target[storage.data_ptr()] = storage.nbytes()
+    for tensor in _unregistered_tensors(module):  # counted with the buffers: weights that are not parameters
+        try:
+            storage = tensor.untyped_storage()
+            buffer_ptrs.setdefault(storage.data_ptr(), storage.nbytes())
+        except Exception:
+            continue
     for ptr in param_ptrs:
         buffer_ptrs.pop(ptr, None)
     return sum(param_ptrs.values()), sum(buffer_ptrs.values()), len(param_ptrs) + len(buffer_ptrs)

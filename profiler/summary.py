@@ -73,7 +73,10 @@ def format_summary(record: RunRecord) -> str:
     if sharing:
         per = sharing.get("bytes_per_extra_predictor")
         lines.append("")
-        lines.append(f"sharing: {'verified: all predictors ran one copy of the weights' if sharing.get('verified') else 'NOT verified'}"
+        verdict = ("verified: all predictors ran one copy of the weights" if sharing.get("verified") else
+                   "nothing to compare: the predictors ran no weights gpuscope can see" if
+                   sharing.get("distinct_weight_sets") == 0 else "NOT verified")
+        lines.append(f"sharing: {verdict}"
                      f" ({sharing.get('distinct_weight_sets')} distinct weight set(s)); "
                      f"memory per extra predictor: {_mem(per) if not is_available(per) or per >= 0 else '-' + format_bytes(-per)}")
     lines.append("")

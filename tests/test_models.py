@@ -411,3 +411,37 @@ def test_a_factory_may_name_the_model_class_itself(tmp_path, monkeypatch):
     model = load_model("class_factory:MLP", "cpu")
     assert model.kind == "factory" and model.param_bytes == (16 + 4) * 4
     validate_model(model)
+
+
+class _WithTable(torch.nn.Module):
+    """A lookup table kept as a plain tensor attribute (1 MiB), beside a small Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = torch.nn.Linear(8, 8)
+        self.table = torch.randn(512, 512)
+
+    def forward(self, x):
+        return self.lin(x) + self.table[: x.shape[0], :8]
+
+
+@pytest.mark.parametrize("how", ["frozen-torchscript", "export-with-a-constant", "factory-with-a-constant"])
+def test_weights_outside_parameters_are_weighed_and_their_copies_seen(tmp_path, how, monkeypatch):
+    """torch.jit.freeze turns parameters into graph constants and a table kept as `self.table` is no
+    parameter either: such models weighed 0 B or a few KiB, and --copy-model's copies went unseen."""
+    table_bytes, linear_bytes = 512 * 512 * 4, (64 + 8) * 4
+    if how == "frozen-torchscript":
+        spec = str(tmp_path / "frozen.pt")
+        torch.jit.save(torch.jit.freeze(torch.jit.script(_WithTable().eval())), spec)
+    elif how == "export-with-a-constant":
+        spec = str(tmp_path / "const.pt2")
+        torch.export.save(torch.export.export(_WithTable(), (torch.randn(4, 8),)), spec)
+    else:
+        (tmp_path / "table_factory.py").write_text(
+            "from tests.test_models import _WithTable\n\ndef make():\n    return _WithTable()\n")
+        monkeypatch.syspath_prepend(str(tmp_path))
+        spec = "table_factory:make"
+    model = load_model(spec, "cpu", input_shape=(4, 8))
+    assert model.model_bytes >= table_bytes + linear_bytes, model.model_bytes
+    validate_model(model)
+    assert weight_pointers(model.reload()).isdisjoint(weight_pointers(model.module))  # a copy is a copy
