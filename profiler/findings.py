@@ -39,6 +39,7 @@ class Thresholds:
     fragmentation_split_share: float = 0.20
     foreign_fail_share: float = 0.10
     overload_short_share: float = 0.05        # OVERLOADED: served more than this below the offered rate
+    oversubscription_busy_share: float = 0.5  # CPU_OVERSUBSCRIPTION: quiet when the step used less of the cores
     # FOREIGN_PROCESS fails when another process computes on the card. Tuned on the H200 readings:
     # a process that only holds a 2 GiB tensor still shows 1% SM, so "any utilisation" would fail idle holders.
     foreign_busy_sm_pct: float = 5.0
@@ -205,7 +206,14 @@ def rule_cpu_oversubscription(record: RunRecord, t: Thresholds) -> list[Finding]
         # while it synchronises: one busy thread per predictor. On the CPU each predictor runs its pool.
         return step.predictors if record.gpu else step.predictors * (step.intra_op_threads or 1)
 
-    over = [s for s in steps if busy_threads(s) > cores]
+    def idle(step: Step) -> bool:
+        # The step's measured CPU (the process's mean over the window) shows whether those threads were busy:
+        # a model that sleeps or waits on I/O starts them and leaves the cores free.
+        cpu = step.cpu_util_pct
+        return isinstance(cpu, (int, float)) and not isinstance(cpu, bool) and math.isfinite(cpu) \
+            and cpu < t.oversubscription_busy_share * 100.0 * cores
+
+    over = [s for s in steps if busy_threads(s) > cores and not idle(s)]
     if not over:
         return []
     fitting = [s for s in steps if s not in over]

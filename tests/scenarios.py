@@ -72,7 +72,7 @@ def latency(p50: float, p99: float | None = None) -> dict[str, float]:
 def gpu_step(n: int, rps: float, p50: float, p99: float | None = None, *, process: int, allocated: int,
              reserved: int, model_bytes: int, other: int = 0, total: int = TOTAL, driver: int = DRIVER,
              device_used: int | None = None, duration_s: float = 1.5, distinct: int = 1, errors: int = 0,
-             oom: bool = False, cpu_util: float | None = 30.0, intra_op_threads: int | None = 16,
+             oom: bool = False, cpu_util: float | None = None, intra_op_threads: int | None = 16,
              retries: int = 0, inactive_split: int = 0, error_messages: Sequence[str] = (),
              grad: bool = False, outputs_with_grad: int = 0, dead: int = 0) -> Step:
     """One measured step on a GPU: peak figures plus the layers at the peak tick, as StepMonitor gives them."""

@@ -674,3 +674,14 @@ def test_a_rate_served_short_without_drops_is_overloaded_and_never_recommended()
     kept = S.rate_kept_up_run()
     conclude(kept)
     assert rule_overloaded(kept, T) == [] and kept.recommendation["predictors"] == 1
+
+
+def test_threads_that_sleep_are_not_an_oversubscription():
+    """4 predictors x 2 intra-op threads on 2 cores, but the model sleeps (I/O, a remote call): the step's
+    measured CPU is 4% of one core, so the cores were free and nothing is oversubscribed."""
+    busy = S.oversubscribed_cpu_run()
+    assert only(rule_cpu_oversubscription(busy, T), "CPU_OVERSUBSCRIPTION")
+    sleeping = S.oversubscribed_cpu_run()
+    for step in sleeping.steps:
+        step.cpu_util_pct = 4.0
+    assert rule_cpu_oversubscription(sleeping, T) == []
