@@ -40,6 +40,8 @@ class StepMonitor:
         self.ticks = 0
         self._since_ns: int | None = None
         self._anchored_on_process = False
+        # (t_ns, this process's memory) per tick of the step: at most a step's ticks (6 s at 50 ms: 120)
+        self._series: list[tuple[int, float]] = []
 
     def reset(self, since_ns: int | None = None) -> None:
         """Start a new step's peaks. With `since_ns` (the step's start on the sampler's clock), a tick
@@ -52,6 +54,7 @@ class StepMonitor:
             self.ticks = 0
             self._since_ns = since_ns
             self._anchored_on_process = False
+            self._series = []
 
     def _figures(self, values: list[ScopedValue]) -> dict[str, Any]:
         me = f"pid:{self.pid}"
@@ -112,6 +115,9 @@ class StepMonitor:
                         self._peaks[key] = value
                 elif key not in self._peaks:
                     self._peaks[key] = value
+            own = figures.get("process_gpu_bytes" if self.gpu_index is not None else "rss_bytes")
+            if is_available(own):
+                self._series.append((t_ns, float(own)))
             if self.gpu_index is not None:
                 anchor = figures.get("process_gpu_bytes")
                 if is_available(anchor):
@@ -139,10 +145,17 @@ class StepMonitor:
                     self._layers_at_peak = cpu_layers(anchor, self.model_bytes)
 
     def snapshot(self) -> dict[str, Any]:
-        """Peak figures since reset, plus `layers` at the tick where this process peaked."""
+        """Peak figures since reset, plus `layers` at the tick where this process peaked, plus how much this
+        process's memory grew over the second half of the step (`late_growth_bytes` over `late_growth_s`):
+        warm-up is in the first half; a step that still grows in its second half is leaking, not warming."""
         with self._lock:
             out = dict(self._peaks)
             out["layers"] = dict(self._layers_at_peak)
+            series = self._series
+            if len(series) >= 4:
+                half = series[len(series) // 2:]
+                out["late_growth_bytes"] = int(half[-1][1] - half[0][1])
+                out["late_growth_s"] = round((half[-1][0] - half[0][0]) / 1e9, 3)
             return out
 
 

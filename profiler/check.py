@@ -112,7 +112,7 @@ LIVE_CHECKED_CODES = ("FOREIGN_PROCESS", "MULTIPLE_ENGINES", "ENGINE_PREALLOCATI
                       "MEASUREMENT_GAP", "CACHE_BLOAT", "MEMORY_GROWTH", "LOW_HEADROOM", "OUTSIDE_ALLOCATOR")
 MODE_CODES = {"watch": LIVE_CHECKED_CODES, "profile": LIVE_CHECKED_CODES, "compare": ("PROCESSES_VS_THREADS",)}
 # Codes only another mode's rules raise: a diagnose sweep never looks for them.
-NOT_IN_DIAGNOSE_CODES = ("MEMORY_GROWTH", "PROCESSES_VS_THREADS")
+NOT_IN_DIAGNOSE_CODES = ("PROCESSES_VS_THREADS",)
 # A trend over fewer samples than this is not looked for (profiler/watch_findings.py: LiveThresholds.min_points).
 TREND_CODES_MIN_TICKS = {"MEMORY_GROWTH": 5}
 

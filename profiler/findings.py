@@ -20,7 +20,7 @@ KNOWN_CODES = (
     "MULTIPLE_ENGINES", "ENGINE_PREALLOCATION", "DEFAULT_STREAM_SERIALIZATION", "THROUGHPUT_PLATEAU",
     "CPU_OVERSUBSCRIPTION", "OOM", "GRAD_ENABLED", "LOW_HEADROOM", "FRAGMENTATION", "PID_NAMESPACE",
     "PREDICTOR_ERRORS", "MEASUREMENT_GAP", "OVERLOADED",
-    "MEMORY_GROWTH",  # watch and in-process runs (profiler/watch_findings.py)
+    "MEMORY_GROWTH",  # watch and in-process runs (profiler/watch_findings.py), and growth inside diagnose's steps
     "PROCESSES_VS_THREADS",  # gpuscope compare (profiler/compare.py)
 )
 
@@ -40,6 +40,7 @@ class Thresholds:
     foreign_fail_share: float = 0.10
     overload_short_share: float = 0.05        # OVERLOADED: served more than this below the offered rate
     oversubscription_busy_share: float = 0.5  # CPU_OVERSUBSCRIPTION: quiet when the step used less of the cores
+    step_growth_min_bytes: int = 32 * MiB     # MEMORY_GROWTH (diagnose): growth in the second half of every step
     # FOREIGN_PROCESS fails when another process computes on the card. Tuned on the H200 readings:
     # a process that only holds a 2 GiB tensor still shows 1% SM, so "any utilisation" would fail idle holders.
     foreign_busy_sm_pct: float = 5.0
@@ -311,6 +312,37 @@ def rule_overloaded(record: RunRecord, t: Thresholds) -> list[Finding]:
          "dropped_arrivals_by_predictors": {str(s.predictors): s.dropped_arrivals for s in over}},
         "the latencies of an overloaded step are queueing, not serving: lower --rate, or add predictors "
         "while throughput still grows", least.predictors)]
+
+
+def rule_memory_growth_in_steps(record: RunRecord, t: Thresholds) -> list[Finding]:
+    """This process's memory still climbing in the second half of every step (warm-up is in the first):
+    a leak or an unbounded cache, which the sweep would otherwise report as a cost per predictor."""
+    steps = _ok_steps(record)
+    growing = []
+    for step in steps:
+        grew, span = step.memory.get("late_growth_bytes"), step.memory.get("late_growth_s")
+        if not (isinstance(grew, (int, float)) and isinstance(span, (int, float)) and span > 0):
+            return []  # a step without the figure (an older record, too few ticks): no verdict
+        if grew >= t.step_growth_min_bytes:
+            growing.append((step, grew, span))
+    if not steps or len(growing) < len(steps):
+        return []
+    step, grew, span = max(growing, key=lambda g: g[1] / g[2])
+    key = memory_key(record)
+    what = "GPU memory" if key == "process_gpu_bytes" else "resident memory (RSS)"
+    slope = bytes_per_extra_predictor(record, key)
+    return [Finding(
+        "MEMORY_GROWTH", "warn",
+        f"this process's {what} kept growing while every step ran: +{format_bytes(grew)} in the last "
+        f"{span:.1f} s at {step.predictors} predictor{'s' if step.predictors != 1 else ''} "
+        f"({format_bytes(grew / span)}/s)",
+        {"figure": key, "late_growth_bytes_by_predictors": {str(g.predictors): int(b) for g, b, _s in growing},
+         "late_growth_s_by_predictors": {str(g.predictors): s for g, _b, s in growing},
+         "bytes_per_extra_predictor": slope},
+        "a leak or an unbounded cache (tensors kept per request: lists, caches keyed by input, autograd "
+        "graphs), not a cost of predictors: the memory per extra predictor above includes it and grows with "
+        "--duration; find the owner (tracemalloc or memray on the CPU, torch.cuda.memory_snapshot() on a GPU) "
+        "and bound it", step.predictors)]
 
 
 def rule_oom(record: RunRecord, t: Thresholds) -> list[Finding]:
@@ -622,7 +654,7 @@ RULES: tuple[Rule, ...] = (
     rule_oom, rule_predictor_errors, rule_overloaded, rule_duplicate_model, rule_foreign_process, rule_multiple_engines,
     rule_engine_preallocation, rule_low_headroom, rule_cache_bloat, rule_fragmentation, rule_per_predictor_growth,
     rule_default_stream_serialization, rule_cpu_oversubscription, rule_grad_enabled, rule_pid_namespace,
-    rule_measurement_gap, rule_outside_allocator, rule_throughput_plateau,
+    rule_measurement_gap, rule_outside_allocator, rule_throughput_plateau, rule_memory_growth_in_steps,
 )
 
 

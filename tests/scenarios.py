@@ -453,6 +453,16 @@ def rate_kept_up_run(served: tuple[float, float] = (49.6, 49.8)) -> RunRecord:
     return record
 
 
+def leaking_cpu_run(late_growth: int = 425 * MiB) -> RunRecord:
+    """A model that keeps 4 MiB per request (a per-request cache): RSS still climbs in the second half of
+    every step, by `late_growth` over 0.5 s (2 MiB: a steady process's noise)."""
+    steps = [cpu_step(1, 110.0, 9.0, rss=900 * MiB, model_bytes=CPU_MODEL),
+             cpu_step(2, 120.0, 17.0, rss=1750 * MiB, model_bytes=CPU_MODEL)]
+    for step in steps:
+        step.memory.update(late_growth_bytes=late_growth * step.predictors, late_growth_s=0.5)
+    return cpu_record(steps, model_bytes=CPU_MODEL)
+
+
 def oversubscribed_cpu_run() -> RunRecord:
     """4 predictors x 2 intra-op threads (torch's default on 2 cores) = 8 busy threads on 2 cores:
     throughput falls from 1 predictor's."""

@@ -168,3 +168,27 @@ def test_a_model_failing_every_request_exits_2_with_its_error_on_one_line(tmp_pa
     assert record.status == "complete" and all(s.requests == 0 for s in record.steps)
     assert record.sharing["bytes_per_extra_predictor"].detail == "fewer than two predictor counts completed requests"
     assert (out / "report.html").exists()
+
+
+def test_a_model_that_keeps_memory_per_request_is_a_leak_not_a_per_predictor_cost(tmp_path, monkeypatch):
+    """4 MiB kept per request: RSS climbs inside every step. MEMORY_GROWTH says so, where before the sweep
+    only reported hundreds of MiB 'per extra predictor'; the built-in model's steps stay quiet."""
+    (tmp_path / "leaky_model.py").write_text(
+        "import torch\n\nclass Leaky(torch.nn.Module):\n    example_input_shape = (8, 256)\n"
+        "    def __init__(self):\n        super().__init__()\n        self.lin = torch.nn.Linear(256, 256)\n"
+        "        self.cache = []\n"
+        "    def forward(self, x):\n        self.cache.append(torch.ones(1024 * 1024))\n        return self.lin(x)\n\n"
+        "def make():\n    return Leaky()\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    diagnose(tmp_path / "leak", model="leaky_model:make", duration="1s")
+    record = load_run(str(tmp_path / "leak" / "run.json"))
+    growth = [f for f in record.findings if f.code == "MEMORY_GROWTH"]
+    assert len(growth) == 1 and growth[0].severity == "warn", [f.code for f in record.findings]
+    assert all(s.memory["late_growth_bytes"] >= 32 * 1024**2 for s in record.steps)
+
+
+def test_the_builtin_model_does_not_grow_inside_its_steps(shared_run):
+    result, out = shared_run
+    record = load_run(str(out / "run.json"))
+    assert "MEMORY_GROWTH" not in codes(record)
+    assert all(s.memory["late_growth_bytes"] < 32 * 1024**2 for s in record.steps)

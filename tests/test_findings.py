@@ -14,7 +14,7 @@ from profiler.decomposition import layers_total
 from profiler.findings import (DEFAULT_THRESHOLDS, KNOWN_CODES, RULES, Thresholds, conclude, evaluate, recommend,
                                rule_cache_bloat, rule_cpu_oversubscription, rule_default_stream_serialization,
                                rule_duplicate_model, rule_engine_preallocation, rule_foreign_process, rule_fragmentation,
-                               rule_grad_enabled, rule_low_headroom, rule_measurement_gap, rule_multiple_engines,
+                               rule_grad_enabled, rule_low_headroom, rule_measurement_gap, rule_memory_growth_in_steps, rule_multiple_engines,
                                rule_oom, rule_outside_allocator, rule_overloaded, rule_per_predictor_growth, rule_pid_namespace,
                                rule_predictor_errors, rule_throughput_plateau)
 from profiler.run import RunRecord
@@ -37,6 +37,9 @@ def fresh(builder):
 # rule -> (scenario, code, severity, numbers the title must show)
 FIRES = {
     rule_oom: (S.oom_run, "OOM", "fail", ["out of memory at 4 predictors", "2 is the ceiling"]),
+    rule_memory_growth_in_steps: (S.leaking_cpu_run, "MEMORY_GROWTH", "warn",
+                                  ["kept growing while every step ran", "+850 MiB in the last 0.5 s at 2 predictors",
+                                   "(1.66 GiB/s)"]),
     rule_overloaded: (S.overloaded_run, "OVERLOADED", "warn",
                       ["offered 500 req/s but 1 predictor served 80 req/s", "840 arrivals were dropped"]),
     rule_predictor_errors: (lambda: S.predictor_errors_run(1, 10), "PREDICTOR_ERRORS", "warn",
@@ -76,9 +79,7 @@ FIRES = {
 def test_every_rule_and_code_has_a_scenario():
     assert set(FIRES) == set(RULES)
     from profiler.compare import FINDING_CODE as COMPARE_CODE  # tested in test_compare.py
-    from profiler.watch_findings import GROWTH_CODE  # fired by watch/in-process rules, tested in test_watch.py
-
-    assert {code for _, code, _, _ in FIRES.values()} | {GROWTH_CODE, COMPARE_CODE} == set(KNOWN_CODES)
+    assert {code for _, code, _, _ in FIRES.values()} | {COMPARE_CODE} == set(KNOWN_CODES)
 
 
 @pytest.mark.parametrize("rule", RULES, ids=lambda r: r.__name__)
@@ -685,3 +686,12 @@ def test_threads_that_sleep_are_not_an_oversubscription():
     for step in sleeping.steps:
         step.cpu_util_pct = 4.0
     assert rule_cpu_oversubscription(sleeping, T) == []
+
+
+def test_a_steady_process_does_not_grow_in_its_steps():
+    """2 MiB over the second half of a step is allocator noise, not a leak; and a step without the
+    figure (a record from before it was measured) gives no verdict."""
+    assert rule_memory_growth_in_steps(S.leaking_cpu_run(late_growth=2 * MiB), T) == []
+    old = S.leaking_cpu_run()
+    del old.steps[0].memory["late_growth_bytes"]
+    assert rule_memory_growth_in_steps(old, T) == []
