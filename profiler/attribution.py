@@ -28,6 +28,8 @@ def end_figures(last: dict[tuple[str, str], Any], pid: int, gpu_index: int) -> d
 class StepMonitor:
     """Tracks peaks for the profiled pid on one device (or the CPU) since the last reset()."""
 
+    SERIES_MAX = 512
+
     def __init__(self, pid: int, gpu_index: int | None, model_bytes: int) -> None:
         self.pid = pid
         self.gpu_index = gpu_index
@@ -40,7 +42,8 @@ class StepMonitor:
         self.ticks = 0
         self._since_ns: int | None = None
         self._anchored_on_process = False
-        # (t_ns, this process's memory) per tick of the step: at most a step's ticks (6 s at 50 ms: 120)
+        # (t_ns, this process's memory) over the step, for its late growth: every tick, halved (every other
+        # point dropped) whenever it reaches SERIES_MAX, so a long step at a short interval stays bounded
         self._series: list[tuple[int, float]] = []
 
     def reset(self, since_ns: int | None = None) -> None:
@@ -118,6 +121,8 @@ class StepMonitor:
             own = figures.get("process_gpu_bytes" if self.gpu_index is not None else "rss_bytes")
             if is_available(own):
                 self._series.append((t_ns, float(own)))
+                if len(self._series) >= self.SERIES_MAX:
+                    self._series = self._series[::2]
             if self.gpu_index is not None:
                 anchor = figures.get("process_gpu_bytes")
                 if is_available(anchor):
@@ -153,9 +158,11 @@ class StepMonitor:
             out["layers"] = dict(self._layers_at_peak)
             series = self._series
             if len(series) >= 4:
-                half = series[len(series) // 2:]
-                out["late_growth_bytes"] = int(half[-1][1] - half[0][1])
-                out["late_growth_s"] = round((half[-1][0] - half[0][0]) / 1e9, 3)
+                middle_ns = (series[0][0] + series[-1][0]) / 2
+                half = [point for point in series if point[0] >= middle_ns]
+                if len(half) >= 2:
+                    out["late_growth_bytes"] = int(half[-1][1] - half[0][1])
+                    out["late_growth_s"] = round((half[-1][0] - half[0][0]) / 1e9, 3)
             return out
 
 

@@ -215,3 +215,18 @@ class Busy(nn.Module):
         while time.perf_counter() < deadline:
             pass
         return self.linear(x)
+
+
+def test_late_growth_is_the_second_half_of_the_step_by_time_even_when_thinned():
+    """1 MiB per tick for 2,000 ticks: the series is thinned to stay bounded, and the growth over the
+    second half of the step's time is still half of it."""
+    pid = os.getpid()
+    monitor = StepMonitor(pid, None, 288)
+    monitor.reset(since_ns=0)
+    for tick in range(2000):
+        monitor(tick * 50_000_000, [(f"pid:{pid}", "rss_bytes", 100 * 2**20 + tick * 2**20)])
+    snapshot = monitor.snapshot()
+    assert len(monitor._series) < StepMonitor.SERIES_MAX
+    # thinning keeps every 8th early point here: the second half starts at most that late (1% of its growth)
+    assert abs(snapshot["late_growth_bytes"] - 1000 * 2**20) <= 10 * 2**20, snapshot["late_growth_bytes"]
+    assert abs(snapshot["late_growth_s"] - 50.0) <= 0.5
