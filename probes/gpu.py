@@ -138,14 +138,13 @@ class GpuProbe:
             self._last_sm[key] = (samples[pid], now_s)
             return samples[pid]
         last = self._last_sm.get(key)
-        if last is not None and now_s - last[1] <= self.SM_HOLD_S:
-            return last[0]
-        self._last_sm.pop(key, None)  # bounded: only processes sampled in the last SM_HOLD_S stay
-        return 0
+        return last[0] if last is not None and now_s - last[1] <= self.SM_HOLD_S else 0
 
     def read(self) -> list[ScopedValue]:
         out: list[ScopedValue] = []
         now_s = time.monotonic()
+        # bounded: samples older than SM_HOLD_S go, including those of processes that have exited
+        self._last_sm = {k: v for k, v in self._last_sm.items() if now_s - v[1] <= self.SM_HOLD_S}
         for index in range(self.device_count):
             scope = device_scope(index)
             memory = _attempt(lambda: self._backend.memory_info(index))

@@ -7,6 +7,7 @@ in os.cpu_count() and every predictor's intra-op pool sizes itself from that.
 from __future__ import annotations
 
 import os
+import time
 from collections import deque
 from typing import Any
 
@@ -76,6 +77,17 @@ def read_smaps_rollup(pid: int, proc_root: str = "/proc") -> dict[str, int] | No
     return {"rss_bytes": fields[b"Rss"], "pss_bytes": fields.get(b"Pss", fields[b"Rss"]), "uss_bytes": uss}
 
 
+def read_rss_bytes(pid: int, proc_root: str = "/proc") -> int | Unavailable:
+    """RSS from /proc/PID/statm: microseconds, where smaps_rollup (USS, PSS) costs milliseconds."""
+    try:
+        with open(f"{proc_root}/{pid}/statm", "rb") as fh:
+            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except FileNotFoundError:
+        return Unavailable(PROCESS_GONE, f"pid {pid} exited")
+    except (OSError, ValueError, IndexError) as exc:
+        return Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
+
+
 def read_rss_uss_bytes(pid: int, proc_root: str = "/proc") -> tuple[int, int] | None:
     """RSS and USS of a process (see read_smaps_rollup for the cost)."""
     rollup = read_smaps_rollup(pid, proc_root)
@@ -105,8 +117,6 @@ class HostProbe:
 
     def __init__(self, pid: int | None = None, per_core: bool = True, uss_every_s: float | None = 2.0,
                  clock_s: Any = None) -> None:
-        import time
-
         self.pid = os.getpid() if pid is None else pid
         self._per_core = per_core
         self._uss_every_s = uss_every_s
@@ -131,8 +141,6 @@ class HostProbe:
         is a multiple of 20% of a core, and right after a start a few ms can read as 800%. A mean over
         at least a quarter second is within 4%; until one is available, the reading says so.
         """
-        import time
-
         now = time.monotonic()  # CPU seconds are real seconds, whatever clock the caller injected
         spent = self._proc.cpu_times()
         history = self._cpu_history
@@ -147,7 +155,6 @@ class HostProbe:
     def request_uss(self) -> None:
         """Read USS at the next read() whatever the interval: a short step still gets a reading of its
         own (diagnose asks at each step's final tick)."""
-        self._uss_read_at = None
         self._uss_requested = True
 
     def _uss_due(self) -> bool:

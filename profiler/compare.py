@@ -29,7 +29,7 @@ from typing import Any, Callable
 
 from probes.readings import ERROR, NO_DEVICE, NOT_SUPPORTED, PROCESS_GONE, Unavailable, is_available, reading_to_json
 from probes.redact import redact_argv
-from probes.host import read_smaps_rollup
+from probes.host import read_rss_bytes, read_smaps_rollup
 from probes.units import format_bytes
 from profiler.errors import EXIT_OK, EXIT_USAGE, UsageError
 from profiler.options import WorkloadOptions
@@ -85,17 +85,6 @@ def _read_process_memory(pid: int) -> dict[str, int] | Unavailable:
         return Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
 
 
-def _read_process_rss(pid: int) -> int | Unavailable:
-    """RSS from /proc/PID/statm: microseconds, where smaps_rollup (USS, PSS) costs milliseconds."""
-    try:
-        with open(f"/proc/{pid}/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except FileNotFoundError:
-        return Unavailable(PROCESS_GONE, f"pid {pid} exited")
-    except (OSError, ValueError, IndexError) as exc:
-        return Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
-
-
 class ParticipantsProbe:
     """A sampler probe: memory of the processes taking part in the current step, summed once per process.
 
@@ -112,7 +101,7 @@ class ParticipantsProbe:
 
     def __init__(self, nvml: Any = None, nvml_index: int | None = None, children_every_s: float = 1.0,
                  read_memory: Callable[[int], dict[str, int] | Unavailable] = _read_process_memory,
-                 read_rss: Callable[[int], int | Unavailable] = _read_process_rss, full_every_s: float = 1.0,
+                 read_rss: Callable[[int], int | Unavailable] = read_rss_bytes, full_every_s: float = 1.0,
                  clock_s: Callable[[], float] = time.monotonic) -> None:
         self.nvml = nvml
         self.nvml_index = nvml_index
@@ -449,14 +438,14 @@ def comparison_findings(comparison: dict[str, Any], gpu: bool, model_bytes: int)
     numbers = comparison.get("verdict_numbers") or {}
     if n is not None and numbers.get("threads"):
         # the count the verdict speaks of, so the finding and the verdict never describe different deployments
-        largest = int(numbers.get("predictors") or n)
-        t = next(r for r in ok_rows(rows, THREADS) if r["predictors"] == largest)
-        p = next(r for r in ok_rows(rows, PROCESSES) if r["predictors"] == largest)
+        at_n = int(numbers.get("predictors") or n)
+        t = next(r for r in ok_rows(rows, THREADS) if r["predictors"] == at_n)
+        p = next(r for r in ok_rows(rows, PROCESSES) if r["predictors"] == at_n)
         device_diff = p["device_bytes"] - t["device_bytes"] if is_available(p["device_bytes"]) and is_available(t["device_bytes"]) else None
         host_diff = p["host_uss_bytes"] - t["host_uss_bytes"] if is_available(p["host_uss_bytes"]) and is_available(t["host_uss_bytes"]) else None
-        phrases = [x for x in (_memory_phrase(largest, device_diff, "device", gpu, model_bytes),
-                               _memory_phrase(largest, host_diff, "host", gpu, model_bytes)) if x]
-        title = phrases[0] if phrases else f"{largest} processes versus {largest} threads: memory not measured"
+        phrases = [x for x in (_memory_phrase(at_n, device_diff, "device", gpu, model_bytes),
+                               _memory_phrase(at_n, host_diff, "host", gpu, model_bytes)) if x]
+        title = phrases[0] if phrases else f"{at_n} processes versus {at_n} threads: memory not measured"
         per_extra = comparison.get("per_extra_predictor", {})
         winner = comparison.get("winner")
         faster = numbers.get("throughput_ratio_processes_to_threads", 1) > 1 + numbers.get("tie_tolerance", SAME_THROUGHPUT)
@@ -477,11 +466,11 @@ def comparison_findings(comparison: dict[str, Any], gpu: bool, model_bytes: int)
                       f"(each extra process costs {_fmt(per_extra.get(PROCESSES, {}).get('device_bytes' if gpu else 'host_uss_bytes'))}"
                       f" against {_fmt(per_extra.get(THREADS, {}).get('device_bytes' if gpu else 'host_uss_bytes'))} per extra thread)")
         findings.append(Finding(FINDING_CODE, severity, title,
-                                reading_to_json({"at_predictors": largest, "phrases": phrases,
+                                reading_to_json({"at_predictors": at_n, "phrases": phrases,
                                                  "verdict": comparison.get("verdict"),
                                                  "per_extra_predictor": per_extra, "verdict_numbers": numbers,
                                                  "host_uss_diff_bytes": host_diff, "device_diff_bytes": device_diff}),
-                                remedy, largest))
+                                remedy, at_n))
     for row in rows:
         if row.get("error"):
             findings.append(Finding(FINDING_CODE, "warn",

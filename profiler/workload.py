@@ -40,7 +40,6 @@ class PredictorResult:
     end_times_ns: list[int] = field(default_factory=list)
     queue_ns: list[int] = field(default_factory=list)
     error_end_ns: list[int] = field(default_factory=list)  # when each error happened (windows count theirs)
-    errors: int = 0  # all errors, warm-up included (for messages and OOM)
     error_messages: list[str] = field(default_factory=list)
     weights: frozenset[int] = frozenset()
     grad_enabled: bool = False
@@ -190,7 +189,6 @@ class PredictorPool:
                 if sync is not None:
                     sync()
             except Exception as exc:
-                result.errors += 1
                 result.error_end_ns.append(perf())
                 if len(result.error_messages) < MAX_ERROR_MESSAGES:
                     result.error_messages.append(f"{type(exc).__name__}: {str(exc).strip()[:200]}")

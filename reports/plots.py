@@ -398,16 +398,6 @@ def _fmt_ms(value: Any) -> str:
     return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
 
 
-def _slope(points: list[tuple[int, float]]) -> float | None:
-    if len(points) < 2 or len({x for x, _ in points}) < 2:
-        return None
-    n = len(points)
-    mx = sum(x for x, _ in points) / n
-    my = sum(y for _, y in points) / n
-    sxx = sum((x - mx) ** 2 for x, _ in points)
-    return sum((x - mx) * (y - my) for x, y in points) / sxx if sxx else None
-
-
 PROCESS_KEYS = ("model_weights_bytes", "activations_bytes", "allocator_cache_bytes", "outside_allocator_bytes",
                 "unattributed_process_bytes", "rest_of_process_bytes")
 
@@ -552,7 +542,7 @@ def _draw_breakdown(fig: Any, record: "RunRecord", tl: TimelineLayers | None) ->
     ax.set_ylim(0, ymax)
     ax.set_xlim(-0.6, len(bars) - 0.4)
     ax.set_xticks(x, [b[0] for b in bars])
-    starred = any(b[0].split("\n")[0].endswith("\u2605") for b in bars)
+    starred = recommended is not None and any(s.predictors == recommended for s in record.steps)
     ax.set_xlabel(predictors_axis_label(record, starred) if not by_peak else "moment of the run")
     ax.set_ylabel(f"memory ({unit})")
     ax.grid(axis="x", visible=False)
@@ -579,17 +569,17 @@ def _breakdown_title(record: "RunRecord", bars: list[Any], totals: list[int], ca
         text += f"; each extra predictor adds {format_bytes(slope)}" if slope >= MiB / 2 else \
             "; extra predictors add no memory"
     # The weights' share where the user would run: the recommended count, else the largest count that fit.
-    fitted = [s for s in record.steps if not s.oom and step_layers(record, s)]
-    focus = next((s for s in fitted if s.predictors == _recommended(record)), None) or \
-        max(fitted, key=lambda s: sum(step_layers(record, s).values()), default=None)
+    fitted = {s.predictors: layers for s in record.steps if not s.oom and (layers := step_layers(record, s))}
+    focus = _recommended(record) if _recommended(record) in fitted else \
+        max(fitted, key=lambda n: sum(fitted[n].values()), default=None)
     if focus is not None:
-        layers = step_layers(record, focus)
+        layers = fitted[focus]
         own = sum(v for k, v in layers.items() if k in PROCESS_KEYS)
         weights = layers.get("model_weights_bytes", 0)
         if "unattributed_device_bytes" in layers:  # the device-level fallback: this process's total is unknown
             text += "; NVML lists no process here, so this process's own total is unknown"
         elif weights and own:
-            text += f"; model weights are {weights / own:.0%} of this process at {predictors(focus.predictors)}"
+            text += f"; model weights are {weights / own:.0%} of this process at {predictors(focus)}"
     return text
 
 
