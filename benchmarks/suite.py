@@ -24,7 +24,7 @@ def _machine() -> dict[str, Any]:
     import psutil
     import torch
 
-    from probes.host import usable_cores
+    from gpuscope.probes.host import usable_cores
 
     return {"machine": platform.machine(), "python": platform.python_version(), "torch": torch.__version__,
             "logical_cores": os.cpu_count(), "usable_cores": usable_cores(),
@@ -33,7 +33,7 @@ def _machine() -> dict[str, Any]:
 
 
 def _model(device: str) -> Any:
-    from profiler.models import load_model
+    from gpuscope.measure.models import load_model
 
     return load_model("builtin:mlp", device, size="small")
 
@@ -46,13 +46,13 @@ def _device() -> str:
 
 def _probes(pid: int, device: str) -> dict[str, Any]:
     """The probes a diagnose run uses on this machine."""
-    from probes.host import HostProbe
+    from gpuscope.probes.host import HostProbe
 
     probes: dict[str, Any] = {"host": HostProbe(pid)}
     if device.startswith("cuda"):
-        from probes.allocator import AllocatorProbe, RealTorchCuda
-        from probes.gpu import GpuProbe
-        from probes.nvml import open_backend
+        from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
+        from gpuscope.probes.gpu import GpuProbe
+        from gpuscope.probes.nvml import open_backend
 
         probes["gpu"] = GpuProbe(open_backend())
         probes["allocator"] = AllocatorProbe(RealTorchCuda(), {0: f"pid:{pid}/gpu:0"})
@@ -63,9 +63,9 @@ def _probes(pid: int, device: str) -> dict[str, Any]:
 
 def bench_sampler_overhead(quick: bool, echo: Echo) -> dict[str, Any]:
     """Throughput with the sampler at 50/10/5 ms vs without, interleaved A B A B."""
-    from probes.sampler import PeakTracker, Sampler
-    from probes.samplefile import SampleWriter
-    from profiler.workload import PredictorPool
+    from gpuscope.measure.workload import PredictorPool
+    from gpuscope.probes.samplefile import SampleWriter
+    from gpuscope.probes.sampler import PeakTracker, Sampler
 
     device = _device()
     model = _model(device)
@@ -103,7 +103,7 @@ def _bare_loop(model: Any, threads: int, seconds: float) -> float:
     """The same model called back to back on `threads` plain threads: the ceiling for the pool."""
     import torch
 
-    from profiler.models import make_input
+    from gpuscope.measure.models import make_input
 
     counts = [0] * threads
     stop = threading.Event()
@@ -135,7 +135,7 @@ def _bare_loop(model: Any, threads: int, seconds: float) -> float:
 
 
 def bench_harness(quick: bool, echo: Echo) -> dict[str, Any]:
-    from profiler.workload import PredictorPool
+    from gpuscope.measure.workload import PredictorPool
 
     model = _model(_device())
     pool = PredictorPool(model)
@@ -162,8 +162,8 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     """Per-probe cost of one tick (wall and CPU), over 1,000 ticks, on an idle process with torch loaded."""
     import torch  # noqa: F401  (loaded, as in a real run: it changes /proc costs)
 
-    from probes.sampler import PeakTracker, Sampler
-    from probes.samplefile import SampleWriter
+    from gpuscope.probes.samplefile import SampleWriter
+    from gpuscope.probes.sampler import PeakTracker, Sampler
 
     sys.path.insert(0, REPO)
     ticks = 300 if quick else 1000
@@ -171,7 +171,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     probes = _probes(os.getpid(), device)
     # Ticks run back to back here; a simulated 50 ms clock makes the host probe read USS as often
     # as it would in a real run (every 2 s = every 40th tick), so the average is honest.
-    from probes.host import HostProbe
+    from gpuscope.probes.host import HostProbe
 
     simulated = {"now": 0.0}
 
@@ -182,8 +182,8 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     probes["host"] = HostProbe(os.getpid(), clock_s=clock_s)
     source = "real NVML" if "gpu" in probes else "replayed H200 readings (no GPU here)"
     if "gpu" not in probes:
-        from probes.allocator import AllocatorProbe
-        from probes.gpu import GpuProbe
+        from gpuscope.probes.allocator import AllocatorProbe
+        from gpuscope.probes.gpu import GpuProbe
         from tests.fakes.nvml import ReplayNvml
         from tests.fakes.torch_cuda import FakeTorchCuda
 
@@ -208,7 +208,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
 
 
 def _fake_describe(pid: int, name: str) -> Any:
-    from probes.processes import ProcessInfo
+    from gpuscope.probes.processes import ProcessInfo
 
     return ProcessInfo(pid, True, name or "python3", "root", "python3 serve.py", ("torch",), {})
 
@@ -221,7 +221,7 @@ def bench_time_to_answer(quick: bool, echo: Echo) -> dict[str, Any]:
 
     out = tempfile.mkdtemp(prefix="gpuscope-bench-diag-")
     started = time.perf_counter()
-    proc = subprocess.run([sys.executable, "-m", "profiler", "diagnose", "--out", out, "--quiet"],
+    proc = subprocess.run([sys.executable, "-m", "gpuscope", "diagnose", "--out", out, "--quiet"],
                           cwd=REPO, capture_output=True, text=True)
     wall = time.perf_counter() - started
     if proc.returncode != 0:
@@ -241,8 +241,8 @@ def bench_time_to_answer(quick: bool, echo: Echo) -> dict[str, Any]:
 
 def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
     """A watch-like run: `seconds / interval_s` ticks of realistic GPU readings, written as a real sampler would."""
-    from probes.samplefile import SampleWriter
-    from profiler.run import RunRecord, Step
+    from gpuscope.probes.samplefile import SampleWriter
+    from gpuscope.record.run import RunRecord, Step
 
     pid = 4242
     ticks = int(seconds / interval_s)
@@ -271,7 +271,7 @@ def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
 
 
 def bench_scale(quick: bool, echo: Echo) -> dict[str, Any]:
-    from profiler.run import save_run
+    from gpuscope.record.run import save_run
 
     cases = [("1 h at 1 s", 3600, 1.0), ("10 min at 5 ms", 600, 0.005), ("24 h at 1 s", 86400, 1.0)]
     if quick:
@@ -283,7 +283,7 @@ def bench_scale(quick: bool, echo: Echo) -> dict[str, Any]:
         save_run(record, os.path.join(out, "run.json"))
         started = time.perf_counter()
         try:
-            from reports.render import render_report
+            from gpuscope.reports.render import render_report
 
             render_report(record, out, os.path.join(out, "samples.jsonl"))
             render_s: float | None = time.perf_counter() - started
@@ -301,8 +301,8 @@ def bench_scale(quick: bool, echo: Echo) -> dict[str, Any]:
 
 def _sampler_memory(quick: bool, echo: Echo) -> dict[str, Any]:
     """Python heap held by a sampler with its trackers after 2,000 vs 20,000 ticks: it must not grow with the run."""
-    from probes.sampler import PeakTracker, Sampler
-    from probes.samplefile import SampleWriter
+    from gpuscope.probes.samplefile import SampleWriter
+    from gpuscope.probes.sampler import PeakTracker, Sampler
 
     class SyntheticProbe:
         def __init__(self) -> None:

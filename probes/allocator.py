@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Any, Protocol
 
-from probes.readings import ERROR, NO_DEVICE, NOT_INITIALIZED, Unavailable
+from gpuscope.probes.readings import ERROR, NO_DEVICE, NOT_INITIALIZED, Unavailable
 
 ScopedValue = tuple[str, str, Any]
 

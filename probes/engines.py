@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
-from probes.readings import NO_PERMISSION, NOT_SUPPORTED, PROCESS_GONE, Unavailable
-from probes.redact import redact_env
+from gpuscope.probes.readings import NO_PERMISSION, NOT_SUPPORTED, PROCESS_GONE, Unavailable
+from gpuscope.probes.redact import redact_env
 
 # Library path fragments that prove an engine's GPU runtime is mapped (FINDINGS.md).
 ENGINE_SIGNATURES: dict[str, tuple[str, ...]] = {

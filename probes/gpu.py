@@ -11,9 +11,9 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from probes.nvml import MetricError, NvmlBackend, ProcessRow
-from probes.processes import ProcessInfo, describe_process
-from probes.readings import ERROR, NOT_SUPPORTED, Unavailable
+from gpuscope.probes.nvml import MetricError, NvmlBackend, ProcessRow
+from gpuscope.probes.processes import ProcessInfo, describe_process
+from gpuscope.probes.readings import ERROR, NOT_SUPPORTED, Unavailable
 
 MAX_PID = 4_194_304  # Linux pid_max upper bound (2**22)
 ScopedValue = tuple[str, str, Any]
@@ -28,7 +28,7 @@ class DeviceInfo:
     driver: str | Unavailable
 
     def to_json(self) -> dict:
-        from probes.readings import reading_to_json
+        from gpuscope.probes.readings import reading_to_json
 
         return reading_to_json({"index": self.index, "name": self.name, "uuid": self.uuid,
                                 "total_bytes": self.total_bytes, "driver": self.driver})

@@ -13,7 +13,7 @@ from typing import Any
 
 import psutil
 
-from probes.readings import ERROR, NO_PERMISSION, NOT_INITIALIZED, PROCESS_GONE, Unavailable
+from gpuscope.probes.readings import ERROR, NO_PERMISSION, NOT_INITIALIZED, PROCESS_GONE, Unavailable
 
 ScopedValue = tuple[str, str, Any]
 

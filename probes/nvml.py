@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-from probes.readings import ERROR, NO_DEVICE, NO_PERMISSION, NOT_INITIALIZED, NOT_SUPPORTED, PROCESS_GONE
+from gpuscope.probes.readings import ERROR, NO_DEVICE, NO_PERMISSION, NOT_INITIALIZED, NOT_SUPPORTED, PROCESS_GONE
 
 
 class DeviceUnavailable(Exception):

@@ -10,9 +10,9 @@ from typing import Callable
 
 import psutil
 
-from probes.engines import EngineReport, EnginesProbe
-from probes.readings import NO_PERMISSION, PROCESS_GONE, Unavailable
-from probes.redact import redact_argv
+from gpuscope.probes.engines import EngineReport, EnginesProbe
+from gpuscope.probes.readings import NO_PERMISSION, PROCESS_GONE, Unavailable
+from gpuscope.probes.redact import redact_argv
 
 
 @dataclass(frozen=True)
@@ -26,7 +26,7 @@ class ProcessInfo:
     memory_env: dict[str, str] | Unavailable
 
     def to_json(self) -> dict:
-        from probes.readings import reading_to_json
+        from gpuscope.probes.readings import reading_to_json
 
         return reading_to_json({
             "pid": self.pid, "exists": self.exists, "name": self.name, "user": self.user,

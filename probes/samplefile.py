@@ -15,7 +15,7 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
-from probes.readings import Unavailable, reading_from_json, reading_to_json
+from gpuscope.probes.readings import Unavailable, reading_from_json, reading_to_json
 
 SAMPLES_SCHEMA = "gpuscope.samples/1"
 SUPPORTED_SAMPLE_SCHEMAS = (SAMPLES_SCHEMA,)

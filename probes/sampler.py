@@ -11,8 +11,8 @@ import time
 from collections import defaultdict
 from typing import Any, Callable, Protocol
 
-from probes.readings import ERROR, Unavailable, is_available
-from probes.samplefile import SampleWriter
+from gpuscope.probes.readings import ERROR, Unavailable, is_available
+from gpuscope.probes.samplefile import SampleWriter
 
 ScopedValue = tuple[str, str, Any]
 

@@ -12,6 +12,6 @@ __version__ = "0.1.0"
 
 def profile(*args: Any, **kwargs: Any) -> Any:
     """Profile the current process: `with profiler.profile(out="gpuscope-report"):`."""
-    from profiler.inprocess import profile as _profile
+    from gpuscope.inprocess import profile as _profile
 
     return _profile(*args, **kwargs)

@@ -1,6 +1,6 @@
 """`python -m profiler` is `gpuscope`."""
 import sys
 
-from profiler.cli import main
+from gpuscope.commands.app import main
 
 sys.exit(main())

@@ -38,7 +38,7 @@ import threading
 import time
 from typing import Any, Callable
 
-from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_RUNNING, RunRecord
+from gpuscope.record.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_RUNNING, RunRecord
 
 ScopedValue = tuple[str, str, Any]
 
@@ -71,7 +71,7 @@ class LazyAllocatorProbe:
         self._given_up = False
 
     def _build(self) -> Any:
-        from probes.allocator import AllocatorProbe, RealTorchCuda
+        from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
 
         backend = self._backend
         if backend is None:
@@ -88,9 +88,9 @@ class LazyAllocatorProbe:
                 return None  # never initialise CUDA (a context costs ~600 MiB) for an app that has not
         scopes = self._scopes
         if scopes is None:
-            from profiler.devices import nvml_index_for
-
             import torch
+
+            from gpuscope.measure.devices import nvml_index_for
 
             scopes = {i: nvml_index_for(i, self._nvml_uuids) for i in range(torch.cuda.device_count())}
         return AllocatorProbe(backend, {t: f"pid:{self.pid}/gpu:{n}" for t, n in scopes.items()},
@@ -115,7 +115,7 @@ class Profile:
                  describe: Callable[[int, str], Any] | None = None, pid_exists: Callable[[int], bool] | None = None,
                  listeners: list[Callable[[int, list[ScopedValue]], None]] | None = None) -> None:
         if isinstance(interval, str):
-            from probes.units import parse_duration_s
+            from gpuscope.probes.units import parse_duration_s
 
             interval = parse_duration_s(interval)
         if float(interval) < 0.005:
@@ -242,14 +242,16 @@ class Profile:
 
     def _start_locked(self) -> None:
         """The body of start(), under self._lock and with the folder claimed."""
-        from probes.host import HostProbe, host_info
-        from probes.redact import redact_argv
-        from probes.sampler import PeakTracker, Sampler
-        from probes.samplefile import SampleWriter
-        from profiler import __version__
-        from profiler.attribution import GapTracker
-        from profiler.session import SAMPLES_FILE, now_iso, open_nvml, prepare_out_dir
-        from profiler.watch import LiveTracker, children_of
+        from gpuscope import __version__
+        from gpuscope.measure.attribution import GapTracker
+        from gpuscope.measure.live import LiveTracker, children_of
+        from gpuscope.measure.recording import open_nvml
+        from gpuscope.probes.host import HostProbe, host_info
+        from gpuscope.probes.redact import redact_argv
+        from gpuscope.probes.samplefile import SampleWriter
+        from gpuscope.probes.sampler import PeakTracker, Sampler
+        from gpuscope.record.files import SAMPLES_FILE, prepare_out_dir
+        from gpuscope.record.run import now_iso
 
         self.out_dir = prepare_out_dir(self._folder_key or os.path.abspath(self.out))  # a later chdir changes nothing
         self._nvml, unavailable = (self._nvml_opener or open_nvml)()
@@ -259,7 +261,7 @@ class Profile:
         self._gpu_probe = None
         uuids: list[Any] = []
         if self._nvml is not None:
-            from probes.gpu import GpuProbe
+            from gpuscope.probes.gpu import GpuProbe
 
             self._gpu_probe = GpuProbe(self._nvml, describe=self._describe, pid_exists=self._pid_exists)
             record.devices = [d.to_json() for d in self._gpu_probe.devices]
@@ -317,8 +319,9 @@ class Profile:
 
     def _finish(self, _status: str, _ended_by: str, _failure: str | None, _render: bool) -> RunRecord:
         """stop()'s work once sampling is to end: the record, run.json and the report."""
-        from profiler.run import save_run
-        from profiler.session import RUN_FILE, Progress, render
+        from gpuscope.measure.recording import Progress, render
+        from gpuscope.record.files import RUN_FILE
+        from gpuscope.record.run import save_run
 
         try:
             atexit.unregister(self._at_exit)
@@ -348,11 +351,11 @@ class Profile:
 
     # -- the record
     def _build_record(self, ended_by: str) -> RunRecord:
-        from probes.engines import memory_variables
-        from probes.processes import describe_process
-        from profiler.session import now_iso
-        from profiler.attribution import end_figures
-        from profiler.watch import children_of, complete_live_record, live_processes
+        from gpuscope.measure.attribution import end_figures
+        from gpuscope.measure.live import children_of, complete_live_record, live_processes
+        from gpuscope.probes.engines import memory_variables
+        from gpuscope.probes.processes import describe_process
+        from gpuscope.record.run import now_iso
 
         record = self.record
         assert record is not None
@@ -394,7 +397,7 @@ class Profile:
 
     def summary(self) -> str:
         """The terminal summary of the finished profile (as `gpuscope watch` prints)."""
-        from profiler.watch import format_live_summary
+        from gpuscope.reports.text import format_live_summary
 
         return format_live_summary(self.record) if self.record is not None else "profile not started"
 

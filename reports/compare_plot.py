@@ -8,9 +8,10 @@ Panels: host memory (sum of USS), device memory when measured (NVML), throughput
 from __future__ import annotations
 
 import io
-from profiler.files import write_bytes_atomic
 import textwrap
 from typing import Any
+
+from gpuscope.record.files import write_bytes_atomic
 
 MODE_STYLE = {"threads": ("#0072B2", "o", "N threads, 1 process"),
               "processes": ("#D55E00", "s", "N processes, 1 predictor each")}

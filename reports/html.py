@@ -23,18 +23,25 @@ import struct
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterable
 
-from probes.readings import is_available
-from probes.redact import REDACTED, is_secret_name, redact_cmdline, redact_env, redact_text
-from probes.units import format_bytes
-from profiler.decomposition import CPU_LAYERS, GPU_LAYERS, LAYER_LABELS
-from profiler.run import SEVERITY_ORDER, sorted_findings
-
-from reports.plots import (LAYER_COLORS, as_unavailable, capacity_bytes, finite, is_live,  # light: matplotlib is
-                           predictors, step_layers)  # imported lazily
+from gpuscope.probes.readings import is_available
+from gpuscope.probes.redact import REDACTED, is_secret_name, redact_cmdline, redact_env, redact_text
+from gpuscope.probes.units import format_bytes
+from gpuscope.record.catalogue import LIVE_MODES, SEVERITY_ORDER
+from gpuscope.record.layers import CPU_LAYERS, GPU_LAYERS, LAYER_LABELS
+from gpuscope.record.run import sorted_findings
+from gpuscope.reports.plotdata import (  # imported lazily
+    as_unavailable,
+    capacity_bytes,
+    finite,
+    is_live,
+    predictors,
+    step_layers,
+)
+from gpuscope.reports.plots import LAYER_COLORS
 
 if TYPE_CHECKING:  # pragma: no cover
-    from profiler.run import RunRecord, Step
-    from reports.plots import Plot
+    from gpuscope.record.run import RunRecord, Step
+    from gpuscope.reports.plots import Plot
 
 
 _CSS = """
@@ -250,7 +257,7 @@ def _verdict(record: "RunRecord") -> str:
     elif record.mode == "compare" and (record.extra or {}).get("comparison"):
         verdict = str(record.extra["comparison"].get("verdict") or "")
         headline = "Threads versus processes" + (f": {verdict}" if verdict else "")
-    elif record.mode in ("watch", "profile") and not record.steps:
+    elif record.mode in LIVE_MODES and not record.steps:
         watched = "a running process" if record.mode == "watch" else "this process, in place"
         headline = f"Observed {watched}" + (f" (pid {record.pid})" if record.pid else "")
     elif not record.steps:
@@ -497,8 +504,8 @@ def _comparison(record: "RunRecord", plots: list["Plot"]) -> str:
     plot = next((p for p in plots if p.name == "compare.png"), None)
     if plot is None:
         try:  # the same figure as compare.png, drawn from run.json (also when re-rendered by `gpuscope report`)
-            from reports.compare_plot import compare_png
-            from reports.plots import Plot
+            from gpuscope.reports.compare_plot import compare_png
+            from gpuscope.reports.plots import Plot
 
             plot = Plot("compare.png", compare_png(comp), str(comp.get("verdict") or "threads versus processes"))
         except Exception:

@@ -16,9 +16,10 @@ of characters XML 1.0 cannot carry; the file is written atomically.
 from __future__ import annotations
 
 import re
-from profiler.files import write_bytes_atomic
 import xml.etree.ElementTree as ET
 from typing import Any
+
+from gpuscope.record.files import write_bytes_atomic
 
 SUITE_NAME = "gpuscope.check"
 CLASSNAME = "gpuscope.check"

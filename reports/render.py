@@ -14,13 +14,13 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from probes.samplefile import SamplesFileError, load_timeline
-from profiler.files import REPORT_FILES, write_bytes_atomic
-from profiler.run import RunFileError, load_run
+from gpuscope.probes.samplefile import SamplesFileError, load_timeline
+from gpuscope.record.files import REPORT_FILES, write_bytes_atomic
+from gpuscope.record.run import RunFileError, load_run
 
 if TYPE_CHECKING:  # pragma: no cover
-    from probes.samplefile import Timeline
-    from profiler.run import RunRecord
+    from gpuscope.probes.samplefile import Timeline
+    from gpuscope.record.run import RunRecord
 
 def _write_atomic(path: str, data: bytes) -> None:
     write_bytes_atomic(path, data)
@@ -74,8 +74,8 @@ def render_report(record: "RunRecord", out_dir: str, samples_path: str | None = 
 def render_timeline_report(record: "RunRecord", out_dir: str, timeline: "Timeline | None",
                            notes: list[str] | None = None) -> dict[str, str]:
     """render_report for a caller that already holds the timeline (and the notes about it)."""
-    from reports.html import render_html
-    from reports.plots import render_plots
+    from gpuscope.reports.html import render_html
+    from gpuscope.reports.plots import render_plots
 
     os.makedirs(out_dir, exist_ok=True)
     notes = list(notes or [])

@@ -11,11 +11,11 @@ import json
 import os
 from typing import Any
 
-from probes.readings import ERROR, NO_DEVICE, NO_PERMISSION, NOT_SUPPORTED, Unavailable, reading_to_json
-from probes.samplefile import SAMPLES_SCHEMA, SampleWriter
-from probes.units import GiB, MiB
-from profiler.decomposition import cpu_layers, gpu_layers
-from profiler.run import STATUS_COMPLETE, STATUS_INTERRUPTED, Finding, RunRecord, Step, save_run
+from gpuscope.probes.readings import ERROR, NO_DEVICE, NO_PERMISSION, NOT_SUPPORTED, Unavailable, reading_to_json
+from gpuscope.probes.samplefile import SAMPLES_SCHEMA, SampleWriter
+from gpuscope.probes.units import GiB, MiB
+from gpuscope.record.layers import cpu_layers, gpu_layers
+from gpuscope.record.run import STATUS_COMPLETE, STATUS_INTERRUPTED, Finding, RunRecord, Step, save_run
 
 PID = 4242
 OTHER_PID = 777

@@ -29,19 +29,26 @@ import json
 from dataclasses import replace
 from typing import Any, Iterable, Sequence
 
-from probes.allocator import AllocatorProbe
-from probes.gpu import GpuProbe
-from probes.processes import ProcessInfo
-from probes.readings import NO_DEVICE, Unavailable, reading_to_json
-from probes.sampler import PeakTracker, Sampler
-from probes.units import GiB, MiB
-from profiler.attribution import GapTracker, StepMonitor
-from profiler.decomposition import cpu_layers, gpu_layers
-from profiler.run import STATUS_COMPLETE, RunRecord, Step
-from profiler.sweep import step_from_run
-from profiler.workload import PredictorResult, StepRun
-from tests.fakes.nvml import (FACTS_H200, H200_DRIVER_RESERVED_BYTES, H200_TOTAL_BYTES, DeviceState, FakeProcess,
-                              ReplayNvml, ScriptedNvml)
+from gpuscope.measure.attribution import GapTracker, StepMonitor
+from gpuscope.measure.sweep import step_from_run
+from gpuscope.measure.workload import PredictorResult, StepRun
+from gpuscope.probes.allocator import AllocatorProbe
+from gpuscope.probes.gpu import GpuProbe
+from gpuscope.probes.processes import ProcessInfo
+from gpuscope.probes.readings import NO_DEVICE, Unavailable, reading_to_json
+from gpuscope.probes.sampler import PeakTracker, Sampler
+from gpuscope.probes.units import GiB, MiB
+from gpuscope.record.layers import cpu_layers, gpu_layers
+from gpuscope.record.run import STATUS_COMPLETE, RunRecord, Step
+from tests.fakes.nvml import (
+    FACTS_H200,
+    H200_DRIVER_RESERVED_BYTES,
+    H200_TOTAL_BYTES,
+    DeviceState,
+    FakeProcess,
+    ReplayNvml,
+    ScriptedNvml,
+)
 from tests.fakes.torch_cuda import FakeTorchCuda, TorchFigures
 
 TOTAL = H200_TOTAL_BYTES                    # 143,771 MiB

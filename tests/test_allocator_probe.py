@@ -1,8 +1,8 @@
 """AllocatorProbe with an injected TorchCudaBackend: FakeTorchCuda, and the H200's real memory_stats dicts."""
 from __future__ import annotations
 
-from probes.allocator import METRICS, STAT_KEYS, AllocatorProbe
-from probes.readings import ERROR, NO_DEVICE, NOT_INITIALIZED, Unavailable
+from gpuscope.probes.allocator import METRICS, STAT_KEYS, AllocatorProbe
+from gpuscope.probes.readings import ERROR, NO_DEVICE, NOT_INITIALIZED, Unavailable
 from tests.fakes.nvml import GiB, MiB, ReplayNvml
 from tests.fakes.torch_cuda import FakeTorchCuda, TorchFigures
 

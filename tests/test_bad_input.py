@@ -1,6 +1,6 @@
 """Bad input to `gpuscope diagnose`: one clear line on stderr, exit code 2, no traceback, nothing written.
 
-Every case runs the real CLI in a subprocess (`python -m profiler diagnose ...`).
+Every case runs the real CLI in a subprocess (`python -m gpuscope diagnose ...`).
 The subprocesses of the table run a few at a time (each one imports torch), and
 each test asserts on its own case: exit code 2, exactly one non-empty stderr
 line, no "Traceback", nothing on stdout, and no run.json or samples.jsonl in
@@ -31,7 +31,7 @@ MARKER = "UNPICKLED-MARKER"
 ONE_GPU_CLI = ("import sys, torch\n"
                "torch.cuda.is_available = lambda: True\n"
                "torch.cuda.device_count = lambda: 1\n"
-               "from profiler.cli import main\n"
+               "from gpuscope.commands.app import main\n"
                "sys.exit(main(sys.argv[1:]))\n")
 
 
@@ -51,7 +51,7 @@ class Case:
     args: tuple[str, ...]                 # diagnose's arguments; {d} is the folder holding the inputs,
                                           # {unwritable} a folder that cannot be created (_unwritable_folder)
     says: tuple[str, ...] = ()            # fragments the one stderr line must contain
-    one_gpu: bool = False                 # run under ONE_GPU_CLI instead of `python -m profiler`
+    one_gpu: bool = False                 # run under ONE_GPU_CLI instead of `python -m gpuscope`
     predictors: str | None = "1"         # None: the case passes its own --predictors
     xfail: str = ""                       # a known bug outside the tests: why this case fails today
 
@@ -177,13 +177,13 @@ def _argv(case: Case, d: Path, out: Path) -> list[str]:
     return argv + args  # the case's own --out, if any, comes last and wins
 
 
-# Runs `python -m profiler ARGV` once per case in a forked child of one interpreter that imported
+# Runs `python -m gpuscope ARGV` once per case in a forked child of one interpreter that imported
 # torch once: the same entry point (runpy, like -m), its own stdout/stderr files, cwd and exit code,
 # and an uncaught exception prints its traceback as the interpreter would. Saves a torch import per case.
 RUNNER = r"""
 import json, os, runpy, sys, traceback
 import torch
-import profiler.cli, profiler.models, profiler.session
+import gpuscope.commands.app, gpuscope.measure.models, gpuscope.measure.diagnose
 
 def child(case):
     os.chdir(case["cwd"])
@@ -195,10 +195,10 @@ def child(case):
     if case["one_gpu"]:
         torch.cuda.is_available = lambda: True
         torch.cuda.device_count = lambda: 1
-    sys.argv = ["profiler"] + case["argv"]
+    sys.argv = ["gpuscope"] + case["argv"]
     code = 0
     try:
-        runpy.run_module("profiler", run_name="__main__", alter_sys=True)
+        runpy.run_module("gpuscope", run_name="__main__", alter_sys=True)
     except SystemExit as exc:
         if exc.code is None or isinstance(exc.code, int):
             code = exc.code or 0
@@ -251,10 +251,10 @@ def _run_table(cases: list[Case], d: Path) -> dict[str, dict]:
 
 
 def _run_real(case: Case, d: Path) -> dict:
-    """The same case through a fresh `python -m profiler` (or the one-GPU wrapper)."""
+    """The same case through a fresh `python -m gpuscope` (or the one-GPU wrapper)."""
     out = d / "out-real" / case.id
     argv = _argv(case, d, out)
-    cmd = ([sys.executable, "-c", ONE_GPU_CLI] if case.one_gpu else [sys.executable, "-m", "profiler"]) + argv
+    cmd = ([sys.executable, "-c", ONE_GPU_CLI] if case.one_gpu else [sys.executable, "-m", "gpuscope"]) + argv
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(d)]), COLUMNS="200")
     proc = subprocess.run(cmd, cwd=d, env=env, capture_output=True, text=True, timeout=120)
     return {"rc": proc.returncode, "stdout": proc.stdout, "stderr": proc.stderr, "out": str(out), "cmd": cmd}
@@ -307,7 +307,7 @@ REAL = ("plain-pickle", "factory-raises", "cuda-7-on-a-one-gpu-machine")
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.id in REAL], ids=str)
 def test_a_fresh_interpreter_says_the_same(case: Case, outcomes: dict[str, dict], inputs: Path) -> None:
-    """A few cases again through a fresh `python -m profiler`, the command users type."""
+    """A few cases again through a fresh `python -m gpuscope`, the command users type."""
     got = _run_real(case, inputs)
     _assert_one_line_exit_2(case, got, inputs)
     assert got["stderr"] == outcomes[case.id]["stderr"].replace("/out/", "/out-real/")
@@ -332,7 +332,7 @@ def test_a_refused_pickle_never_runs_its_payload(tmp_path: Path) -> None:
     assert marker.exists()
     marker.unlink()
 
-    from profiler.models import ModelLoadError, load_model
+    from gpuscope.measure.models import ModelLoadError, load_model
 
     for path in paths:
         with pytest.raises(ModelLoadError, match="refused"):
@@ -344,7 +344,7 @@ def test_a_trusted_pickle_of_a_real_model_loads(tmp_path: Path) -> None:
     """--trust-model-file is the explicit opt-in: a torch.save'd nn.Module then loads."""
     import torch
 
-    from profiler.models import load_model
+    from gpuscope.measure.models import load_model
 
     path = tmp_path / "whole-module.pt"
     torch.save(torch.nn.Linear(4, 3), path)
@@ -395,7 +395,7 @@ def test_a_crafted_pt2_is_refused_without_running_its_pickle(tmp_path: Path, whe
     marker = tmp_path / "pwned-by-pt2"
     evil = _crafted_pt2(tmp_path, where, marker)
 
-    from profiler.models import ModelLoadError, load_model
+    from gpuscope.measure.models import ModelLoadError, load_model
 
     try:
         with pytest.raises(ModelLoadError, match="refused"):
@@ -408,7 +408,7 @@ def test_a_valid_pt2_loads_and_runs(tmp_path: Path) -> None:
     """The guard refuses crafted archives, not real ones (and torch.export's module has no eval())."""
     import torch
 
-    from profiler.models import load_model, validate_model
+    from gpuscope.measure.models import load_model, validate_model
 
     model = load_model(str(_export_archive(tmp_path)), "cpu", (2, 4))
     validate_model(model)

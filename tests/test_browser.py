@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from reports.render import render_report
+from gpuscope.reports.render import render_report
 from tests import report_fixtures as rf
 
 pytestmark = pytest.mark.browser

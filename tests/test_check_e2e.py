@@ -18,7 +18,7 @@ SHORT = ["--predictors", "1", "--duration", "0.6s", "--warmup", "0.1s", "--windo
 
 def _check(tmp_path: Path, *limits: str) -> tuple[subprocess.CompletedProcess, Path]:
     out = tmp_path / "report"
-    proc = subprocess.run([sys.executable, "-m", "profiler", "check", *SHORT, "--out", str(out),
+    proc = subprocess.run([sys.executable, "-m", "gpuscope", "check", *SHORT, "--out", str(out),
                            "--junit", str(out / "junit.xml"), *limits],
                           cwd=tmp_path, env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True, text=True,
                           timeout=180)
@@ -89,7 +89,7 @@ def test_an_interrupted_sweep_replaces_the_last_junit_file_with_its_own(tmp_path
     out.mkdir()
     (out / "junit.xml").write_text('<testsuites><testsuite name="OLD RUN" tests="1"/></testsuites>')
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
-    proc = subprocess.run([sys.executable, "-m", "profiler", "check", "--model", "interrupting_model:make",
+    proc = subprocess.run([sys.executable, "-m", "gpuscope", "check", "--model", "interrupting_model:make",
                            "--predictors", "1,2", "--duration", "5s", "--warmup", "0s", "--window", "0.2s", "--quiet",
                            "--max-p99-ms", "100000", "--out", str(out), "--junit", str(out / "junit.xml")],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=180)

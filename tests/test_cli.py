@@ -13,7 +13,7 @@ ENV = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.env
 
 PROBE = """
 import sys
-from profiler.cli import main
+from gpuscope.commands.app import main
 code = main(["--help"])
 heavy = sorted(m for m in ("torch", "matplotlib", "reports.html", "reports.plots", "pynvml") if m in sys.modules)
 print("HEAVY:" + ",".join(heavy))
@@ -35,7 +35,7 @@ def test_help_is_fast_and_imports_nothing_heavy():
 
 def test_every_command_has_help():
     for command in ("diagnose", "check", "report", "ps", "watch", "export", "compare", "version"):
-        done = subprocess.run([sys.executable, "-m", "profiler", command, "--help"], capture_output=True, text=True,
+        done = subprocess.run([sys.executable, "-m", "gpuscope", command, "--help"], capture_output=True, text=True,
                               timeout=60, cwd=ROOT, env=ENV)
         assert done.returncode == 0, (command, done.stderr)
         assert "Usage" in done.stdout, command
@@ -43,7 +43,7 @@ def test_every_command_has_help():
 
 def test_unknown_command_and_option_are_one_line_exit_2():
     for argv in (["frobnicate"], ["diagnose", "--no-such-option"], ["check", "--at-predictors", "abc"]):
-        done = subprocess.run([sys.executable, "-m", "profiler", *argv], capture_output=True, text=True, timeout=60,
+        done = subprocess.run([sys.executable, "-m", "gpuscope", *argv], capture_output=True, text=True, timeout=60,
                               cwd=ROOT, env=ENV)
         assert done.returncode == 2, (argv, done.stderr)
         lines = [line for line in done.stderr.splitlines() if line.strip()]
@@ -53,7 +53,7 @@ def test_unknown_command_and_option_are_one_line_exit_2():
 
 def test_check_help_shows_the_bracketed_table_name():
     # Rich reads `[check]` as markup and swallows it unless escaped
-    done = subprocess.run([sys.executable, "-m", "profiler", "check", "--help"], capture_output=True, text=True,
+    done = subprocess.run([sys.executable, "-m", "gpuscope", "check", "--help"], capture_output=True, text=True,
                           timeout=60, cwd=ROOT, env={**ENV, "COLUMNS": "200"})
     assert done.returncode == 0, done.stderr
     assert "a gpuscope.toml with a [check] table" in done.stdout

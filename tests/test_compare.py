@@ -18,12 +18,13 @@ from pathlib import Path
 import psutil
 import pytest
 
-from probes.readings import Unavailable, is_available
-from profiler.compare import (PROCESSES, THREADS, CompareOptions, ParticipantsProbe, build_comparison,
-                              compare_environment, comparison_findings, format_comparison, run_compare)
-from profiler.errors import UsageError
-from profiler.process_worker import spawned_pids
-from profiler.session import Progress
+from gpuscope.analysis.verdict import PROCESSES, THREADS, build_comparison, comparison_findings
+from gpuscope.measure.compare import CompareOptions, ParticipantsProbe, compare_environment, run_compare
+from gpuscope.measure.recording import Progress
+from gpuscope.measure.workers import spawned_pids
+from gpuscope.probes.readings import Unavailable, is_available
+from gpuscope.record.errors import UsageError
+from gpuscope.reports.text import format_comparison
 from tests.fakes.nvml import DeviceState, FakeProcess, ScriptedNvml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -220,7 +221,7 @@ def test_a_worker_that_dies_mid_run_is_reported_and_every_worker_is_reaped(tmp_p
 def test_sigint_stops_and_reaps_every_worker_then_exits_130(tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "profiler", "compare", "--model", "builtin:mlp", "--device", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "gpuscope", "compare", "--model", "builtin:mlp", "--device", "cpu",
                              "--predictors", "2", "--duration", "4s", "--warmup", "0.3s", "--out", str(out)],
                             cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers: set[int] = set()
@@ -254,7 +255,7 @@ def test_a_killed_parent_takes_its_workers_with_it(tmp_path: Path) -> None:
     """SIGKILL runs no cleanup in the parent: the workers' parent-death signal and closed pipe end them."""
     out = tmp_path / "killed"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    proc = subprocess.Popen([sys.executable, "-m", "profiler", "compare", "--model", "builtin:mlp", "--device", "cpu",
+    proc = subprocess.Popen([sys.executable, "-m", "gpuscope", "compare", "--model", "builtin:mlp", "--device", "cpu",
                              "--predictors", "1", "--duration", "30s", "--out", str(out), "-q"],
                             cwd=str(ROOT), env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     workers: set[int] = set()
@@ -443,7 +444,7 @@ def test_one_predictor_alone_compares_nothing() -> None:
 
 def test_compare_plot_draws_both_modes() -> None:
     pytest.importorskip("matplotlib")
-    from reports.compare_plot import compare_png, series
+    from gpuscope.reports.compare_plot import compare_png, series
 
     rows = [_synthetic(THREADS, 1, 100, 300 * MiB, Unavailable("no_device")),
             _synthetic(PROCESSES, 1, 102, 300 * MiB, Unavailable("no_device")),

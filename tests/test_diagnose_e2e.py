@@ -11,11 +11,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from probes.host import usable_cores
-from probes.samplefile import load_timeline
-from profiler.options import DiagnoseOptions
-from profiler.run import SCHEMA, load_run
-from profiler.session import run_diagnose
+from gpuscope.measure.diagnose import run_diagnose
+from gpuscope.measure.options import DiagnoseOptions
+from gpuscope.probes.host import usable_cores
+from gpuscope.probes.samplefile import load_timeline
+from gpuscope.record.run import SCHEMA, load_run
 
 pytestmark = pytest.mark.slow
 
@@ -131,7 +131,7 @@ def test_one_intra_op_thread_per_predictor_does_not_oversubscribe(tmp_path):
     out = tmp_path / "fits"
     threads_here = torch.get_num_threads()
     env = {**os.environ, "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    proc = subprocess.run([sys.executable, "-m", "profiler", "diagnose", "--device", "cpu", "--predictors", "2",
+    proc = subprocess.run([sys.executable, "-m", "gpuscope", "diagnose", "--device", "cpu", "--predictors", "2",
                            "--intra-op-threads", "1", "--duration", "1s", "--warmup", "0.2s", "--window", "0.5s",
                            "--out", str(out), "--quiet", "--json"],
                           cwd=str(ROOT), env=env, capture_output=True, text=True, timeout=120)
@@ -156,7 +156,7 @@ def test_a_model_failing_every_request_exits_2_with_its_error_on_one_line(tmp_pa
         "        return self.lin(x)\n\ndef make():\n    return Failing()\n")
     out = tmp_path / "report"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
-    proc = subprocess.run([sys.executable, "-m", "profiler", "diagnose", "--model", "failing_after_one:make",
+    proc = subprocess.run([sys.executable, "-m", "gpuscope", "diagnose", "--model", "failing_after_one:make",
                            "--device", "cpu", "--predictors", "1,2", "--duration", "0.5s", "--warmup", "0.1s",
                            "--window", "0.2s", "--quiet", "--out", str(out)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)

@@ -8,9 +8,16 @@ import sys
 
 import pytest
 
-from probes.engines import (ENGINE_SIGNATURES, EngineReport, EnginesProbe, _unavailable_for, engines_in_maps,
-                            memory_variables, read_environ)
-from probes.readings import NO_PERMISSION, NOT_SUPPORTED, PROCESS_GONE, Unavailable
+from gpuscope.probes.engines import (
+    ENGINE_SIGNATURES,
+    EngineReport,
+    EnginesProbe,
+    _unavailable_for,
+    engines_in_maps,
+    memory_variables,
+    read_environ,
+)
+from gpuscope.probes.readings import NO_PERMISSION, NOT_SUPPORTED, PROCESS_GONE, Unavailable
 
 SITE = "/opt/torch/.venv/lib/python3.12/site-packages"
 

@@ -16,16 +16,17 @@ import psutil
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from probes.nvml import DeviceUnavailable
-from probes.processes import ProcessInfo
-from probes.readings import NO_DEVICE, NOT_SUPPORTED
-from profiler.errors import UsageError
-from profiler.exporter import LiveView, NodeSource, run_export, start_exporter
-from profiler.findings import KNOWN_CODES
-from profiler.run import Finding
-from profiler.session import Progress
-from profiler.watch import WatchOptions, run_watch
-from profiler.watch_findings import GROWTH_CODE
+from gpuscope.analysis.live_rules import GROWTH_CODE
+from gpuscope.commands.export import run_export
+from gpuscope.measure.exporter import LiveView, NodeSource, start_exporter
+from gpuscope.measure.recording import Progress
+from gpuscope.measure.watch import WatchOptions, run_watch
+from gpuscope.probes.nvml import DeviceUnavailable
+from gpuscope.probes.processes import ProcessInfo
+from gpuscope.probes.readings import NO_DEVICE, NOT_SUPPORTED
+from gpuscope.record.catalogue import KNOWN_CODES
+from gpuscope.record.errors import UsageError
+from gpuscope.record.run import Finding
 from tests.fakes.nvml import H200_TOTAL_BYTES, DeviceState, FakeDevice, FakeProcess, GiB, MiB, ScriptedNvml
 
 SERVER = FakeProcess(4_000_301, 1620 * MiB, "python3", sm_util_pct=62)

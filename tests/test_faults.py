@@ -19,14 +19,14 @@ from pathlib import Path
 
 import pytest
 
-from probes.gpu import GpuProbe
-from probes.processes import ProcessInfo, describe_process
-from probes.readings import NO_DEVICE, PROCESS_GONE, Unavailable, is_available
-from probes.sampler import PeakTracker, Sampler
-from probes.samplefile import SampleWriter, load_timeline
-from profiler.attribution import GapTracker, StepMonitor
-from profiler.options import DiagnoseOptions
-from profiler.run import RunRecord, load_run
+from gpuscope.measure.attribution import GapTracker, StepMonitor
+from gpuscope.measure.options import DiagnoseOptions
+from gpuscope.probes.gpu import GpuProbe
+from gpuscope.probes.processes import ProcessInfo, describe_process
+from gpuscope.probes.readings import NO_DEVICE, PROCESS_GONE, Unavailable, is_available
+from gpuscope.probes.samplefile import SampleWriter, load_timeline
+from gpuscope.probes.sampler import PeakTracker, Sampler
+from gpuscope.record.run import RunRecord, load_run
 from tests.fakes.nvml import DeviceState, FakeProcess, GiB, MiB, ScriptedNvml
 
 FAST = dict(device="cpu", duration="1s", warmup="0.1s", window="0.3s", interval="50ms", quiet=True)
@@ -41,7 +41,7 @@ def _factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> str:
 
 
 def _diagnose(spec: str, out: Path, predictors: str, report: bool = False):
-    from profiler.session import run_diagnose
+    from gpuscope.measure.diagnose import run_diagnose
 
     return run_diagnose(DiagnoseOptions(model=spec, predictors=predictors, out=str(out), report=report, **FAST))
 
@@ -169,7 +169,7 @@ def test_oom_at_a_step_ends_the_sweep_and_keeps_the_last_good_step(tmp_path, mon
     assert "PREDICTOR_ERRORS" not in _codes(record)  # the OOM is the finding, not a flood of errors
     assert record.recommendation.get("predictors") == 1  # the last good step
 
-    from profiler.summary import format_summary
+    from gpuscope.reports.text import format_summary
 
     summary = format_summary(record)
     assert "OOM" in summary
@@ -186,8 +186,8 @@ def _gpu_record(pid: int) -> RunRecord:
 
 
 def _finish(record, peaks, gaps, probe, pid, sampler) -> None:
-    from profiler.findings import conclude
-    from profiler.session import _finish_record
+    from gpuscope.analysis.findings import conclude
+    from gpuscope.measure.diagnose import _finish_record
 
     _finish_record(record, peaks, gaps, probe, pid, 0, True, sampler)
     conclude(record)
@@ -342,9 +342,9 @@ def test_sample_writer_on_a_full_disk_keeps_the_error_and_stops_writing():
 
 
 def test_disk_full_during_the_run_is_exit_2_and_keeps_what_was_written(tmp_path, monkeypatch):
-    import profiler.session
+    import gpuscope.measure.diagnose as diagnose_session
 
-    monkeypatch.setattr(profiler.session, "SampleWriter", _FillsUp)
+    monkeypatch.setattr(diagnose_session, "SampleWriter", _FillsUp)
     result = _diagnose("builtin:mlp", tmp_path / "out", "1")
     assert result.exit_code == 2
     record = load_run(str(tmp_path / "out" / "run.json"))
@@ -356,15 +356,15 @@ def test_disk_full_during_the_run_is_exit_2_and_keeps_what_was_written(tmp_path,
 
 
 def _main(argv: list[str]) -> int:
-    from profiler.cli import main
+    from gpuscope.commands.app import main
 
     return main(argv)
 
 
 def test_disk_full_on_the_command_line_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    import profiler.session
+    import gpuscope.measure.diagnose as diagnose_session
 
-    monkeypatch.setattr(profiler.session, "SampleWriter", _FillsUp)
+    monkeypatch.setattr(diagnose_session, "SampleWriter", _FillsUp)
     rc = _main(["diagnose", "--out", str(tmp_path / "out"), "--predictors", "1", "--device", "cpu", "--duration", "1s",
                 "--warmup", "0.1s", "--window", "0.3s", "--quiet"])
     err = capsys.readouterr().err
@@ -376,9 +376,9 @@ def test_disk_full_on_the_command_line_is_one_line_and_exit_2(tmp_path, monkeypa
 
 
 def test_run_json_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    import profiler.session
+    import gpuscope.measure.diagnose as diagnose_session
 
-    real_save = profiler.session.save_run
+    real_save = diagnose_session.save_run
     calls = []
 
     def save_run(record, path):
@@ -387,7 +387,7 @@ def test_run_json_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, monkey
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         real_save(record, path)
 
-    monkeypatch.setattr(profiler.session, "save_run", save_run)
+    monkeypatch.setattr(diagnose_session, "save_run", save_run)
     rc = _main(["diagnose", "--out", str(tmp_path / "out"), "--predictors", "1", "--device", "cpu", "--duration", "1s",
                 "--warmup", "0.1s", "--window", "0.3s", "--quiet"])
     err = capsys.readouterr().err

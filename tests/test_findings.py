@@ -7,17 +7,39 @@ import json
 
 import pytest
 
-from probes.readings import Unavailable
-from probes.units import GiB, MiB
-from profiler import findings
-from profiler.decomposition import layers_total
-from profiler.findings import (DEFAULT_THRESHOLDS, KNOWN_CODES, RULES, Thresholds, conclude, evaluate, recommend,
-                               rule_cache_bloat, rule_cpu_oversubscription, rule_default_stream_serialization,
-                               rule_duplicate_model, rule_engine_preallocation, rule_foreign_process, rule_fragmentation,
-                               rule_grad_enabled, rule_low_headroom, rule_measurement_gap, rule_memory_growth_in_steps, rule_multiple_engines,
-                               rule_oom, rule_outside_allocator, rule_overloaded, rule_per_predictor_growth, rule_pid_namespace,
-                               rule_predictor_errors, rule_throughput_plateau)
-from profiler.run import RunRecord
+from gpuscope.analysis import findings
+from gpuscope.analysis.findings import (
+    DEFAULT_THRESHOLDS,
+    RULES,
+    Thresholds,
+    conclude,
+    evaluate,
+    recommend,
+    rule_cache_bloat,
+    rule_cpu_oversubscription,
+    rule_default_stream_serialization,
+    rule_duplicate_model,
+    rule_engine_preallocation,
+    rule_foreign_process,
+    rule_fragmentation,
+    rule_grad_enabled,
+    rule_low_headroom,
+    rule_measurement_gap,
+    rule_memory_growth_in_steps,
+    rule_multiple_engines,
+    rule_oom,
+    rule_outside_allocator,
+    rule_overloaded,
+    rule_per_predictor_growth,
+    rule_pid_namespace,
+    rule_predictor_errors,
+    rule_throughput_plateau,
+)
+from gpuscope.probes.readings import Unavailable
+from gpuscope.probes.units import GiB, MiB
+from gpuscope.record.catalogue import KNOWN_CODES
+from gpuscope.record.layers import layers_total
+from gpuscope.record.run import RunRecord
 from tests import scenarios as S
 
 T = DEFAULT_THRESHOLDS
@@ -78,7 +100,7 @@ FIRES = {
 
 def test_every_rule_and_code_has_a_scenario():
     assert set(FIRES) == set(RULES)
-    from profiler.compare import FINDING_CODE as COMPARE_CODE  # tested in test_compare.py
+    from gpuscope.analysis.verdict import FINDING_CODE as COMPARE_CODE  # tested in test_compare.py
     assert {code for _, code, _, _ in FIRES.values()} | {COMPARE_CODE} == set(KNOWN_CODES)
 
 
@@ -427,7 +449,7 @@ def test_pid_namespace_evidence_from_the_gap_tracker():
 def test_without_a_process_list_the_decomposition_falls_back_to_the_device():
     """A container without the host pid namespace: the layers still add up to NVML's device `used`,
     torch's own figures split off, the rest unattributed; not a bar of driver reserve alone."""
-    from profiler.findings import conclude
+    from gpuscope.analysis.findings import conclude
 
     record, _session = S.container_run()
     conclude(record)
@@ -654,7 +676,7 @@ def test_process_readings_in_json_form_do_not_crash_the_rules():
                  "allocator_cache_bytes": 0, "outside_allocator_bytes": 0}),
 ])
 def test_layers_add_up_to_nvml_and_are_never_negative_when_torch_was_read_later(process, expected):
-    from profiler.decomposition import gpu_layers
+    from gpuscope.record.layers import gpu_layers
 
     layers = gpu_layers(process, 600 * MiB, 700 * MiB, 500 * MiB)
     assert layers == expected and sum(layers.values()) == process
@@ -664,7 +686,7 @@ def test_a_rate_served_short_without_drops_is_overloaded_and_never_recommended()
     """--rate 50 on a 50 ms model: 20 and 40 req/s served, nothing dropped (the backlog holds 64 per
     predictor), p99 mostly queueing. That is overload; before, only drops counted and the report said
     healthy. A rate that is kept up with stays quiet."""
-    from profiler.findings import conclude
+    from gpuscope.analysis.findings import conclude
 
     short = S.rate_kept_up_run(served=(20.0, 40.0))
     conclude(short)

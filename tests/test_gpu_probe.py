@@ -10,15 +10,24 @@ import sys
 
 import pytest
 
-from probes.allocator import AllocatorProbe
-from probes.gpu import MAX_PID, CheckedRow, GpuProbe, check_row
-from probes.nvml import ProcessRow
-from probes.processes import ProcessInfo, describe_process
-from probes.readings import ERROR, NO_DEVICE, NO_PERMISSION, NOT_SUPPORTED, PROCESS_GONE, Unavailable
-from probes.sampler import Sampler
-from probes.samplefile import SampleWriter, load_timeline
-from tests.fakes.nvml import (H200_DRIVER_RESERVED_BYTES, H200_TOTAL_BYTES, DeviceState, FakeDevice, FakeProcess,
-                              GiB, MiB, ReplayNvml, ScriptedNvml)
+from gpuscope.probes.allocator import AllocatorProbe
+from gpuscope.probes.gpu import MAX_PID, CheckedRow, GpuProbe, check_row
+from gpuscope.probes.nvml import ProcessRow
+from gpuscope.probes.processes import ProcessInfo, describe_process
+from gpuscope.probes.readings import ERROR, NO_DEVICE, NO_PERMISSION, NOT_SUPPORTED, PROCESS_GONE, Unavailable
+from gpuscope.probes.samplefile import SampleWriter, load_timeline
+from gpuscope.probes.sampler import Sampler
+from tests.fakes.nvml import (
+    H200_DRIVER_RESERVED_BYTES,
+    H200_TOTAL_BYTES,
+    DeviceState,
+    FakeDevice,
+    FakeProcess,
+    GiB,
+    MiB,
+    ReplayNvml,
+    ScriptedNvml,
+)
 from tests.fakes.torch_cuda import FakeTorchCuda
 
 OWN = FakeProcess(474, 1620 * MiB, "python3", sm_util_pct=62)
@@ -422,7 +431,7 @@ def test_older_drivers_answer_the_process_list_through_the_v2_call():
     (not an NVMLError) on a driver without it: the backend asks the _v2 call instead."""
     import types
 
-    from probes.nvml import PynvmlBackend
+    from gpuscope.probes.nvml import PynvmlBackend
 
     class NVMLLibraryMismatchError(Exception):
         pass

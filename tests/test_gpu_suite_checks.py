@@ -11,7 +11,7 @@ from typing import Any
 
 import pytest
 
-from profiler.attribution import StepMonitor
+from gpuscope.measure.attribution import StepMonitor
 from tests.gpu import scenarios as sc
 
 MiB, GiB = sc.MiB, sc.GiB
@@ -41,7 +41,7 @@ def _run(copy_model: bool) -> sc.DiagnoseRun:
     run = {"status": "complete", "config": {"device": "cuda:0", "copy_model": copy_model}, "steps": steps,
            "model": {"model_bytes": MODEL_BYTES}, "baseline": {"context_bytes": CONTEXT_BYTES}, "findings": [],
            "pid": PID, "processes": [{"pid": PID, "self": True, "engines": ["torch"]}]}
-    return sc.DiagnoseRun(None, ["python", "-m", "profiler", "diagnose"], 0, 1.0, "", "", run)
+    return sc.DiagnoseRun(None, ["python", "-m", "gpuscope", "diagnose"], 0, 1.0, "", "", run)
 
 
 def test_a_clean_gpu_run_passes_and_its_layers_add_up_to_nvml():

@@ -8,8 +8,8 @@ import sys
 import psutil
 import pytest
 
-from probes.host import HostProbe, cgroup_cpu_quota, host_info, read_rss_uss_bytes, usable_cores
-from probes.readings import PROCESS_GONE, Unavailable
+from gpuscope.probes.host import HostProbe, cgroup_cpu_quota, host_info, read_rss_uss_bytes, usable_cores
+from gpuscope.probes.readings import PROCESS_GONE, Unavailable
 
 MiB = 1024**2
 AFFINITY = len(os.sched_getaffinity(0))

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from probes.readings import NO_PERMISSION, Unavailable
-from profiler.run import Finding, load_run
-from reports.html import _CSS, csp, fmt, render_html
-from reports.plots import Plot
-from reports.render import render_report
+from gpuscope.probes.readings import NO_PERMISSION, Unavailable
+from gpuscope.record.run import Finding, load_run
+from gpuscope.reports.html import _CSS, csp, fmt, render_html
+from gpuscope.reports.plots import Plot
+from gpuscope.reports.render import render_report
 from tests import report_fixtures as rf
 
 ALLOWED_TAGS = {"html", "head", "meta", "title", "style", "body", "main", "header", "h1", "h2", "h3", "p", "nav",

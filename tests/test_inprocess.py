@@ -1,4 +1,4 @@
-"""`profiler.profile()`: the in-process API, in a real threaded server loop on the CPU (the example of
+"""`gpuscope.profile()`: the in-process API, in a real threaded server loop on the CPU (the example of
 docs/live.md, run verbatim) and with the scripted NVML plus a fake allocator for the GPU picture."""
 from __future__ import annotations
 
@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-import profiler
-from probes.samplefile import load_timeline
-from profiler.inprocess import Profile
-from profiler.run import load_run
+import gpuscope
+from gpuscope.inprocess import Profile
+from gpuscope.probes.samplefile import load_timeline
+from gpuscope.record.run import load_run
 from tests.fakes.nvml import DeviceState, FakeProcess, GiB, MiB, ScriptedNvml
 from tests.fakes.torch_cuda import FakeTorchCuda
 
@@ -119,7 +119,7 @@ def test_reset_peaks_false_leaves_the_applications_peak_statistics_alone(tmp_pat
 def test_as_a_decorator_each_call_is_its_own_profile(tmp_path):
     calls = []
 
-    @profiler.profile(out=str(tmp_path / "d"), interval=0.01, report=False, nvml_opener=NO_GPU)
+    @gpuscope.profile(out=str(tmp_path / "d"), interval=0.01, report=False, nvml_opener=NO_GPU)
     def handle(n: int) -> int:
         calls.append(n)
         time.sleep(0.03)
@@ -132,7 +132,7 @@ def test_as_a_decorator_each_call_is_its_own_profile(tmp_path):
     assert calls == [3, 4] and first.started_at and second.status == "complete"
     assert sampler_threads() == []
 
-    @profiler.profile
+    @gpuscope.profile
     def bare() -> str:
         return "ok"
 
@@ -146,7 +146,7 @@ def test_overlapping_decorated_calls_never_fail_and_the_running_profile_notes_th
     out = tmp_path / "overlap"
     started = threading.Barrier(3)
 
-    @profiler.profile(out=str(out), interval=0.01, report=False, nvml_opener=NO_GPU)
+    @gpuscope.profile(out=str(out), interval=0.01, report=False, nvml_opener=NO_GPU)
     def handle(n: int) -> int:
         started.wait(timeout=10)
         time.sleep(0.05)
@@ -176,31 +176,31 @@ def test_overlapping_decorated_calls_never_fail_and_the_running_profile_notes_th
 
 
 def test_a_second_profile_into_a_running_profiles_folder_is_refused_clearly(tmp_path):
-    from profiler.inprocess import ProfileBusy
+    from gpuscope.inprocess import ProfileBusy
 
-    with profiler.profile(out=str(tmp_path / "same"), interval=0.01, report=False, nvml_opener=NO_GPU):
+    with gpuscope.profile(out=str(tmp_path / "same"), interval=0.01, report=False, nvml_opener=NO_GPU):
         with pytest.raises(ProfileBusy, match="already running in this process"):
-            profiler.profile(out=str(tmp_path / "same"), interval=0.01, report=False, nvml_opener=NO_GPU).start()
-        with profiler.profile(out=str(tmp_path / "other"), interval=0.01, report=False, nvml_opener=NO_GPU):
+            gpuscope.profile(out=str(tmp_path / "same"), interval=0.01, report=False, nvml_opener=NO_GPU).start()
+        with gpuscope.profile(out=str(tmp_path / "other"), interval=0.01, report=False, nvml_opener=NO_GPU):
             pass  # another folder: fine
     # once the first has stopped, the folder is free again
-    profiler.profile(out=str(tmp_path / "same"), interval=0.01, report=False, nvml_opener=NO_GPU).start().stop()
+    gpuscope.profile(out=str(tmp_path / "same"), interval=0.01, report=False, nvml_opener=NO_GPU).start().stop()
 
 
 def test_the_folder_stays_claimed_until_the_report_is_written(tmp_path):
     """A profile starting into the folder while the previous one is still writing its record and report
     would delete them: it is refused until stop() has returned, then starts."""
-    from profiler.inprocess import ProfileBusy
+    from gpuscope.inprocess import ProfileBusy
 
     out = str(tmp_path / "handoff")
-    first = profiler.profile(out=out, interval=0.01, nvml_opener=NO_GPU).start()  # with the report: slow stop
+    first = gpuscope.profile(out=out, interval=0.01, nvml_opener=NO_GPU).start()  # with the report: slow stop
     time.sleep(0.05)
     stopped_at: list[float] = []
     stopper = threading.Thread(target=lambda: (first.stop(), stopped_at.append(time.monotonic())))
     stopper.start()
     refused = 0
     while True:
-        second = profiler.profile(out=out, interval=0.01, report=False, nvml_opener=NO_GPU)
+        second = gpuscope.profile(out=out, interval=0.01, report=False, nvml_opener=NO_GPU)
         try:
             second.start()
             started_at = time.monotonic()
@@ -216,19 +216,19 @@ def test_the_folder_stays_claimed_until_the_report_is_written(tmp_path):
 
 def test_a_server_that_changes_directory_still_writes_its_profile_where_it_started(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    prof = profiler.profile(out="relative", interval=0.01, report=False, nvml_opener=NO_GPU).start()
+    prof = gpuscope.profile(out="relative", interval=0.01, report=False, nvml_opener=NO_GPU).start()
     (tmp_path / "elsewhere").mkdir()
     monkeypatch.chdir(tmp_path / "elsewhere")
     prof.stop()
     assert (tmp_path / "relative" / "run.json").exists() and prof.error is None
     monkeypatch.chdir(tmp_path)  # the folder was released: profiling into it again works
-    profiler.profile(out="relative", interval=0.01, report=False, nvml_opener=NO_GPU).start().stop()
+    gpuscope.profile(out="relative", interval=0.01, report=False, nvml_opener=NO_GPU).start().stop()
 
 
 def test_a_decorated_coroutine_is_profiled_for_as_long_as_it_runs(tmp_path):
     import asyncio
 
-    @profiler.profile(out=str(tmp_path / "async"), interval=0.01, report=False, nvml_opener=NO_GPU)
+    @gpuscope.profile(out=str(tmp_path / "async"), interval=0.01, report=False, nvml_opener=NO_GPU)
     async def handle() -> str:
         await asyncio.sleep(0.3)
         return "done"
@@ -240,7 +240,7 @@ def test_a_decorated_coroutine_is_profiled_for_as_long_as_it_runs(tmp_path):
 
 def test_secrets_in_the_applications_command_line_stay_out_of_the_record(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "argv", ["serve.py", "--api-key=sk-LIVE-123", "postgres://bob:hunter2@db/x"])
-    with profiler.profile(out=str(tmp_path / "secret"), interval=0.01, nvml_opener=NO_GPU):
+    with gpuscope.profile(out=str(tmp_path / "secret"), interval=0.01, nvml_opener=NO_GPU):
         time.sleep(0.05)
     for name in ("run.json", "report.html"):
         text = (tmp_path / "secret" / name).read_text()
@@ -253,7 +253,7 @@ def test_an_exception_inside_is_recorded_then_propagates_unchanged(tmp_path):
         pass
 
     with pytest.raises(Boom, match="request 7 failed"):
-        with profiler.profile(out=str(tmp_path / "e"), interval=0.01, report=False, nvml_opener=NO_GPU):
+        with gpuscope.profile(out=str(tmp_path / "e"), interval=0.01, report=False, nvml_opener=NO_GPU):
             raise Boom("request 7 failed")
     record = load_run(str(tmp_path / "e" / "run.json"))
     assert record.status == "failed" and record.failure == "Boom: request 7 failed"
@@ -261,7 +261,7 @@ def test_an_exception_inside_is_recorded_then_propagates_unchanged(tmp_path):
 
 
 def test_start_stop_rules(tmp_path):
-    prof = profiler.profile(out=str(tmp_path / "s"), interval=0.01, report=False, nvml_opener=NO_GPU)
+    prof = gpuscope.profile(out=str(tmp_path / "s"), interval=0.01, report=False, nvml_opener=NO_GPU)
     assert isinstance(prof, Profile) and prof.stop() is None  # never started: nothing to stop
     prof.start()
     with pytest.raises(RuntimeError, match="already started"):
@@ -272,17 +272,17 @@ def test_start_stop_rules(tmp_path):
     events = load_timeline(str(tmp_path / "s" / "samples.jsonl")).events
     assert any(e.get("event") == "phase" and e.get("name") == "warm-up" for e in events)
     with pytest.raises(ValueError, match="at least 0.005 s"):
-        profiler.profile(interval=0.001)
+        gpuscope.profile(interval=0.001)
 
 
 def test_an_application_without_torch_never_gets_it_imported_and_exit_keeps_run_json(tmp_path):
     script = f"""
 import sys
-import profiler
-with profiler.profile(out={str(tmp_path / 'a')!r}, interval=0.01, report=False):
+import gpuscope
+with gpuscope.profile(out={str(tmp_path / 'a')!r}, interval=0.01, report=False):
     sum(range(100000))
 assert "torch" not in sys.modules, "profile() imported torch"
-prof = profiler.profile(out={str(tmp_path / 'b')!r}, interval=0.01).start()
+prof = gpuscope.profile(out={str(tmp_path / 'b')!r}, interval=0.01).start()
 # the interpreter exits without prof.stop()
 """
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT, timeout=60)

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _start(out: Path) -> subprocess.Popen:
-    cmd = [sys.executable, "-m", "profiler", "diagnose", "--model", "builtin:mlp", "--device", "cpu",
+    cmd = [sys.executable, "-m", "gpuscope", "diagnose", "--model", "builtin:mlp", "--device", "cpu",
            "--duration", "30s", "--predictors", "1,2", "--warmup", "0.1s", "--window", "1s", "--interval", "50ms",
            "--out", str(out)]
     env = dict(os.environ, PYTHONPATH=str(ROOT))
@@ -92,7 +92,7 @@ def test_a_signal_stops_the_sweep_and_keeps_what_was_measured(tmp_path: Path, si
         "the sweep went on to the next step after the signal"
 
     # samples.jsonl kept, every line whole, ticks up to the end
-    from probes.samplefile import load_timeline
+    from gpuscope.probes.samplefile import load_timeline
 
     timeline = load_timeline(str(samples))
     assert timeline.torn_lines == 0
@@ -100,7 +100,7 @@ def test_a_signal_stops_the_sweep_and_keeps_what_was_measured(tmp_path: Path, si
     assert timeline.t_s[-1] >= (ends[-1]["t_ns"] - timeline.header["t0_ns"]) / 1e9  # the final tick after the stop
 
     # run.json: interrupted, with the step that was measured
-    from profiler.run import load_run
+    from gpuscope.record.run import load_run
 
     record = load_run(str(out / "run.json"))
     assert record.status == "interrupted"
@@ -135,8 +135,8 @@ def test_kill_9_leaves_samples_and_a_record_that_report_renders(tmp_path: Path) 
             proc.communicate()
     assert proc.returncode == -signal.SIGKILL
 
-    from probes.samplefile import load_timeline
-    from profiler.run import load_run
+    from gpuscope.probes.samplefile import load_timeline
+    from gpuscope.record.run import load_run
 
     timeline = load_timeline(str(samples))
     ticks = len(timeline.t_s)
@@ -156,7 +156,7 @@ def test_kill_9_leaves_samples_and_a_record_that_report_renders(tmp_path: Path) 
     assert (out / "notes.txt").read_text() == "the user's own file"
 
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    rendered = subprocess.run([sys.executable, "-m", "profiler", "report", str(out / "run.json")],
+    rendered = subprocess.run([sys.executable, "-m", "gpuscope", "report", str(out / "run.json")],
                               cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120)
     assert rendered.returncode == 0, rendered.stderr
     assert "Traceback" not in rendered.stderr
@@ -175,7 +175,7 @@ def test_ctrl_c_while_the_model_loads_says_interrupted_and_leaves_nothing(tmp_pa
         "    time.sleep(30)\n")
     out = tmp_path / "report"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
-    proc = subprocess.run([sys.executable, "-m", "profiler", "diagnose", "--model", "slow_loading_model:make",
+    proc = subprocess.run([sys.executable, "-m", "gpuscope", "diagnose", "--model", "slow_loading_model:make",
                            "--device", "cpu", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
     assert proc.returncode == 130, proc.stderr

@@ -6,10 +6,11 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
-from profiler.check import evaluate, merge_limits
-from profiler.check_command import run_check
-from profiler.run import Finding, load_run
-from reports.junit import write_junit
+from gpuscope.analysis.gate import evaluate
+from gpuscope.analysis.limits import merge_limits
+from gpuscope.commands.check import run_check
+from gpuscope.record.run import Finding, load_run
+from gpuscope.reports.junit import write_junit
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "check")
 

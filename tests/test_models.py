@@ -13,8 +13,20 @@ import pytest
 import torch
 from torch import nn
 
-from profiler.models import (EXPORT, NOT_A_MODEL, PICKLE, TORCH_SAVE, TORCHSCRIPT, ModelLoadError, classify_model_file,
-                             export_archive_risks, load_model, make_input, validate_model, weight_pointers)
+from gpuscope.measure.models import (
+    EXPORT,
+    NOT_A_MODEL,
+    PICKLE,
+    TORCH_SAVE,
+    TORCHSCRIPT,
+    ModelLoadError,
+    classify_model_file,
+    export_archive_risks,
+    load_model,
+    make_input,
+    validate_model,
+    weight_pointers,
+)
 
 
 class Evil:

@@ -13,8 +13,8 @@ from typing import Any
 import pynvml as real_pynvml
 import pytest
 
-from probes.nvml import DeviceUnavailable, MemoryInfo, MetricError, NvmlBackend, ProcessRow, PynvmlBackend
-from probes.readings import ERROR, NO_DEVICE, NO_PERMISSION, NOT_INITIALIZED, NOT_SUPPORTED, PROCESS_GONE
+from gpuscope.probes.nvml import DeviceUnavailable, MemoryInfo, MetricError, NvmlBackend, ProcessRow, PynvmlBackend
+from gpuscope.probes.readings import ERROR, NO_DEVICE, NO_PERMISSION, NOT_INITIALIZED, NOT_SUPPORTED, PROCESS_GONE
 from tests.fakes.nvml import H200_DRIVER_RESERVED_BYTES, H200_TOTAL_BYTES, ReplayNvml, ScriptedNvml
 
 

@@ -8,12 +8,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from probes.readings import NO_PERMISSION, Unavailable
-from probes.samplefile import load_timeline
-from probes.units import GiB
-from profiler.decomposition import CPU_LAYERS, GPU_LAYERS
-from profiler.run import Finding, load_run
-from reports import plots
+from gpuscope.probes.readings import NO_PERMISSION, Unavailable
+from gpuscope.probes.samplefile import load_timeline
+from gpuscope.probes.units import GiB
+from gpuscope.record.layers import CPU_LAYERS, GPU_LAYERS
+from gpuscope.record.run import Finding, load_run
+from gpuscope.reports import plotdata, plots
 from tests import report_fixtures as rf
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -34,7 +34,7 @@ def test_every_layer_has_one_distinct_colour() -> None:
 
 def test_downsample_keeps_short_series_whole() -> None:
     t = np.arange(100.0)
-    assert list(plots.downsample_minmax(t, t * 2)) == list(range(100))
+    assert list(plotdata.downsample_minmax(t, t * 2)) == list(range(100))
 
 
 def test_downsample_keeps_every_peak_of_a_long_series() -> None:
@@ -45,7 +45,7 @@ def test_downsample_keeps_every_peak_of_a_long_series() -> None:
     a[12_345] = 10_000.0  # a one-tick spike in one layer only
     b[70_001] = -5.0       # the total's deepest trough
     total = a + b
-    keep = plots.downsample_minmax(np.arange(n, dtype=float), total, {"a": a, "b": b}, max_buckets=1000)
+    keep = plotdata.downsample_minmax(np.arange(n, dtype=float), total, {"a": a, "b": b}, max_buckets=1000)
     assert len(keep) < 5_000
     assert keep[0] == 0 and keep[-1] == n - 1
     assert total[keep].max() == total.max() and total[keep].min() == total.min()
@@ -56,11 +56,11 @@ def test_downsample_keeps_every_peak_of_a_long_series() -> None:
 def test_gpu_timeline_layers_add_up_to_what_nvml_reported(tmp_path: Path) -> None:
     record, _run, samples = rf.gpu_run(str(tmp_path))
     timeline = load_timeline(samples)
-    tl = plots.timeline_layers(record, timeline)
+    tl = plotdata.timeline_layers(record, timeline)
     assert tl is not None and tl.ticks == len(timeline.t_s)
     assert set(tl.keys) <= {k for k, _ in GPU_LAYERS}
     used = dict(zip(timeline.t_s, timeline.column(f"pid:{rf.PID}/gpu:0", "used_bytes")))
-    own = sum(tl.layers[k] for k in tl.keys if k in plots.PROCESS_KEYS)
+    own = sum(tl.layers[k] for k in tl.keys if k in plotdata.PROCESS_KEYS)
     for t, value in zip(tl.t_s, own):
         assert value == used[t]
     assert np.all(tl.layers["other_processes_bytes"] == rf.OTHER_PROCESS_BYTES)
@@ -73,7 +73,7 @@ def test_gpu_timeline_layers_add_up_to_what_nvml_reported(tmp_path: Path) -> Non
 def test_cpu_timeline_uses_only_ticks_with_rss(tmp_path: Path) -> None:
     record, _run, samples = rf.cpu_run(str(tmp_path))
     timeline = load_timeline(samples)
-    tl = plots.timeline_layers(record, timeline)
+    tl = plotdata.timeline_layers(record, timeline)
     rss_ticks = sum(1 for v in timeline.column(f"pid:{rf.PID}", "rss_bytes") if v is not None)
     assert tl.ticks == rss_ticks < len(timeline.t_s)
     assert tl.keys == ["model_weights_bytes", "rest_of_process_bytes"]
@@ -85,7 +85,7 @@ def test_step_spans_fall_back_to_events(tmp_path: Path) -> None:
     expected = [(s.started_s, s.ended_s, s.predictors) for s in record.steps]
     for step in record.steps:
         step.started_s = step.ended_s = 0.0
-    spans = plots.step_spans(record, load_timeline(samples))
+    spans = plotdata.step_spans(record, load_timeline(samples))
     assert [n for _a, _b, n in spans] == [n for _a, _b, n in expected]
     for (a, b, _), (ea, eb, _) in zip(spans, expected):
         assert a == pytest.approx(ea, abs=1e-6) and b == pytest.approx(eb, abs=1e-6)
@@ -95,14 +95,14 @@ def test_step_layers_recomputed_when_the_step_has_none() -> None:
     record = rf._base_record(True, "m", (1,))
     step = rf._gpu_step(1, 0.0, 1.0)
     expected = dict(step.memory.pop("layers"))
-    assert plots.step_layers(record, step) == expected
+    assert plotdata.step_layers(record, step) == expected
 
 
 def test_unavailable_in_json_shapes_is_recognised() -> None:
-    assert plots.as_unavailable({"unavailable": "no_permission"}) == Unavailable(NO_PERMISSION)
-    assert plots.as_unavailable({"reason": "no_permission", "detail": "x"}) == Unavailable(NO_PERMISSION, "x")
-    assert plots.as_unavailable({"reason": "bogus"}) is None
-    assert plots.as_unavailable(5) is None
+    assert plotdata.as_unavailable({"unavailable": "no_permission"}) == Unavailable(NO_PERMISSION)
+    assert plotdata.as_unavailable({"reason": "no_permission", "detail": "x"}) == Unavailable(NO_PERMISSION, "x")
+    assert plotdata.as_unavailable({"reason": "bogus"}) is None
+    assert plotdata.as_unavailable(5) is None
 
 
 def test_gpu_plots_render_with_conclusions_as_titles(tmp_path: Path) -> None:
@@ -138,7 +138,7 @@ def test_plots_render_without_steps_samples_or_readings(tmp_path: Path) -> None:
 def test_outside_text_cannot_trigger_mathtext(tmp_path: Path) -> None:
     record, _run, samples = rf.gpu_run(str(tmp_path))
     record.findings.append(Finding("WEIRD_$x^2$_$", "warn", "t", {}, "", at_predictors=2))
-    _png_ok(plots.memory_timeline_png(record, plots.timeline_layers(record, load_timeline(samples))).png)
+    _png_ok(plots.memory_timeline_png(record, plotdata.timeline_layers(record, load_timeline(samples))).png)
     assert plots._safe("$a$") == r"\$a\$"
 
 
@@ -207,9 +207,9 @@ def test_non_finite_numbers_are_never_plotted(tmp_path: Path) -> None:
         _png_ok(p.png)
     throughput = rendered[2].title
     assert "inf" not in throughput.lower() and "nan" not in throughput.lower()
-    assert plots.step_layers(record, record.steps[2]) == {}
-    assert not plots.finite(float("inf")) and not plots.finite(float("nan")) and not plots.finite(10**400)
-    assert plots.finite(3) and not plots.finite(True) and not plots.finite(None)
+    assert plotdata.step_layers(record, record.steps[2]) == {}
+    assert not plotdata.finite(float("inf")) and not plotdata.finite(float("nan")) and not plotdata.finite(10**400)
+    assert plotdata.finite(3) and not plotdata.finite(True) and not plotdata.finite(None)
 
 
 def test_titles_say_one_predictor_and_short_runs_keep_a_decimal(tmp_path: Path) -> None:
@@ -223,7 +223,7 @@ def test_titles_say_one_predictor_and_short_runs_keep_a_decimal(tmp_path: Path) 
     lines = Path(samples).read_text().splitlines(True)
     Path(samples).write_text("".join(lines[:10]))  # the header and 9 ticks, 50 ms apart
     timeline = load_timeline(samples)
-    title = plots.memory_timeline_png(record, plots.timeline_layers(record, timeline), timeline).title
+    title = plots.memory_timeline_png(record, plotdata.timeline_layers(record, timeline), timeline).title
     assert title.startswith("Over 0.4 s,"), title  # not "Over 0 s"
 
 
@@ -243,8 +243,8 @@ def test_a_samples_file_that_stops_after_one_tick_renders_quietly(tmp_path: Path
 def test_a_gpu_lost_mid_run_shows_where_its_memory_readings_stop(tmp_path: Path) -> None:
     """The samples go on after NVML stops answering: the timeline's axis runs to the end of the samples
     and marks where the readings stop, instead of ending at the last reading as if the run ended there."""
-    from probes.samplefile import SampleWriter
-    from profiler.findings import conclude
+    from gpuscope.analysis.findings import conclude
+    from gpuscope.probes.samplefile import SampleWriter
     from tests import scenarios as S
 
     path = tmp_path / "samples.jsonl"
@@ -254,19 +254,19 @@ def test_a_gpu_lost_mid_run_shows_where_its_memory_readings_stop(tmp_path: Path)
     writer.close()
     conclude(record)
     timeline = load_timeline(str(path))
-    tl = plots.timeline_layers(record, timeline)
+    tl = plotdata.timeline_layers(record, timeline)
     assert tl.extras["readings_stop_t_s"] == pytest.approx(0.30)  # tick 6 of 50 ms
     assert tl.extras["samples_end_t_s"] == pytest.approx(0.45)
     _png_ok(plots.memory_timeline_png(record, tl, timeline).png)
     # a run whose readings last to its end has no such mark
     _record, _run, samples = rf.gpu_run(str(tmp_path / "whole"))
-    assert "readings_stop_t_s" not in plots.timeline_layers(load_run(_run), load_timeline(samples)).extras
+    assert "readings_stop_t_s" not in plotdata.timeline_layers(load_run(_run), load_timeline(samples)).extras
 
 
 def test_the_breakdown_title_leaves_out_a_step_that_ran_out_of_memory() -> None:
     """The slope is the run's own (the Sharing row's: the OOM step excluded), and the weights' share is
     given where the user would run: the recommended count, not the bar that ran out of memory."""
-    from profiler.findings import conclude
+    from gpuscope.analysis.findings import conclude
     from tests import scenarios as S
 
     record = S.oom_run()
@@ -288,5 +288,5 @@ def test_the_predictor_axis_claims_sharing_only_where_the_run_showed_it(tmp_path
                                                                         label) -> None:
     record = load_run(rf.gpu_run(str(tmp_path))[1])
     record.sharing, record.config["copy_model"] = sharing, copy_model
-    assert plots.predictors_axis_label(record) == label
-    assert plots.predictors_axis_label(record, starred=True) == label + "; \u2605 recommended"
+    assert plotdata.predictors_axis_label(record) == label
+    assert plotdata.predictors_axis_label(record, starred=True) == label + "; \u2605 recommended"

@@ -15,11 +15,23 @@ import time
 
 import pytest
 
-from probes.nvml import DeviceUnavailable, ProcessRow
-from probes.processes import ProcessInfo, describe_process
-from probes.readings import NO_DEVICE, NO_PERMISSION, NOT_SUPPORTED
-from profiler.ps import PS_SCHEMA, collect, format_table, printable, run_ps
-from tests.fakes.nvml import H200_DRIVER_RESERVED_BYTES, DeviceState, FakeDevice, FakeProcess, GiB, MiB, ReplayNvml, ScriptedNvml
+from gpuscope.commands.ps import run_ps
+from gpuscope.measure.snapshot import PS_SCHEMA, collect
+from gpuscope.probes.nvml import DeviceUnavailable, ProcessRow
+from gpuscope.probes.processes import ProcessInfo, describe_process
+from gpuscope.probes.readings import NO_DEVICE, NO_PERMISSION, NOT_SUPPORTED
+from gpuscope.probes.redact import printable
+from gpuscope.reports.text import format_table
+from tests.fakes.nvml import (
+    H200_DRIVER_RESERVED_BYTES,
+    DeviceState,
+    FakeDevice,
+    FakeProcess,
+    GiB,
+    MiB,
+    ReplayNvml,
+    ScriptedNvml,
+)
 
 SERVER = FakeProcess(4_000_101, 1620 * MiB, "python3", sm_util_pct=62)
 JAX = FakeProcess(4_000_102, 100 * GiB, "python3", sm_util_pct=3)
@@ -272,13 +284,13 @@ def test_the_backend_is_shut_down_after_reading():
 
 def test_gpuscope_ps_on_this_machine_without_a_gpu():
     try:
-        from probes.nvml import open_backend
+        from gpuscope.probes.nvml import open_backend
 
         open_backend().shutdown()
         pytest.skip("NVML works here: this test is for machines without a GPU")
     except DeviceUnavailable:
         pass
-    result = subprocess.run([sys.executable, "-m", "profiler", "ps"], capture_output=True, text=True, timeout=60,
+    result = subprocess.run([sys.executable, "-m", "gpuscope", "ps"], capture_output=True, text=True, timeout=60,
                             cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     assert result.returncode == 2, result.stderr
     assert result.stdout == ""

@@ -5,8 +5,18 @@ import json
 
 import pytest
 
-from probes.readings import (ERROR, NO_DEVICE, NOT_SUPPORTED, PROCESS_GONE, REASONS, Unavailable, is_available,
-                             max_reading, reading_from_json, reading_to_json)
+from gpuscope.probes.readings import (
+    ERROR,
+    NO_DEVICE,
+    NOT_SUPPORTED,
+    PROCESS_GONE,
+    REASONS,
+    Unavailable,
+    is_available,
+    max_reading,
+    reading_from_json,
+    reading_to_json,
+)
 
 
 def test_the_reasons_are_the_closed_set_of_the_design():

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from probes.redact import REDACTED, is_secret_name, redact_argv, redact_cmdline, redact_env, redact_text
+from gpuscope.probes.redact import REDACTED, is_secret_name, redact_argv, redact_cmdline, redact_env, redact_text
 
 
 @pytest.mark.parametrize("argv, expected", [

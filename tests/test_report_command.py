@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from reports.render import report_command
+from gpuscope.reports.render import report_command
 from tests import report_fixtures as rf
 
 FILES = ["memory_breakdown.png", "memory_timeline.png", "report.html", "throughput_latency.png"]
@@ -153,7 +153,7 @@ def test_a_compare_run_is_rendered_with_compare_png(tmp_path: Path, capsys: pyte
 
 def test_infinity_and_nan_in_a_record_render_as_n_a(tmp_path: Path) -> None:
     # run.json with Infinity is refused when loaded (profiler/run.py); a record built in memory can still hold one
-    from reports.render import render_report
+    from gpuscope.reports.render import render_report
 
     record, _run, samples = rf.cpu_run(str(tmp_path))
     record.steps[0].throughput_rps = float("inf")  # matplotlib: "Axis limits cannot be NaN or Inf"

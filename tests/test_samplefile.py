@@ -7,8 +7,8 @@ import threading
 
 import pytest
 
-from probes.readings import NO_DEVICE, Unavailable
-from probes.samplefile import SAMPLES_SCHEMA, Sample, SampleWriter, SamplesFileError, load_timeline
+from gpuscope.probes.readings import NO_DEVICE, Unavailable
+from gpuscope.probes.samplefile import SAMPLES_SCHEMA, Sample, SamplesFileError, SampleWriter, load_timeline
 
 T0 = 1_000_000_000_000
 

@@ -6,11 +6,11 @@ import time
 
 import pytest
 
-from probes.allocator import AllocatorProbe
-from probes.gpu import GpuProbe
-from probes.readings import ERROR, NO_DEVICE, Unavailable
-from probes.sampler import PeakTracker, Sampler
-from probes.samplefile import SampleWriter, load_timeline
+from gpuscope.probes.allocator import AllocatorProbe
+from gpuscope.probes.gpu import GpuProbe
+from gpuscope.probes.readings import ERROR, NO_DEVICE, Unavailable
+from gpuscope.probes.samplefile import SampleWriter, load_timeline
+from gpuscope.probes.sampler import PeakTracker, Sampler
 from tests.fakes.nvml import DeviceState, FakeProcess, MiB, ReplayNvml, ScriptedNvml
 from tests.fakes.torch_cuda import FakeTorchCuda
 
@@ -50,7 +50,7 @@ class FakeClockNs:
 
 
 def describe_stub(pid, name):
-    from probes.processes import ProcessInfo
+    from gpuscope.probes.processes import ProcessInfo
 
     return ProcessInfo(pid, True, name, "alice", "python serve.py", (), {})
 
@@ -116,7 +116,7 @@ def test_ticks_keep_to_the_interval_without_drift_or_bunching(monkeypatch):
     # interval after each tick would drift 3 ms per tick) and the 5th stalls 120 ms (2.4 intervals).
     fake = FakeLoopTime(run_for_ns=1_000_000_000)
     probe = TimedProbe(fake, cost_s=0.003, stall_s={5: 0.12})
-    monkeypatch.setattr("probes.sampler.time", fake)
+    monkeypatch.setattr("gpuscope.probes.sampler.time", fake)
     sampler = Sampler({"p": probe}, interval_s=0.05, clock_ns=fake.monotonic_ns)
     sampler._stop = fake.stop_event
     sampler._run()

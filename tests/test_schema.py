@@ -20,7 +20,7 @@ FIXTURE_RUN = ROOT / "tests" / "fixtures" / "check" / "cpu_run.json"
 
 def _gpuscope(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    return subprocess.run([sys.executable, "-m", "profiler", *args], cwd=cwd, env=env, capture_output=True,
+    return subprocess.run([sys.executable, "-m", "gpuscope", *args], cwd=cwd, env=env, capture_output=True,
                           text=True, timeout=120)
 
 
@@ -124,6 +124,6 @@ def test_keys_added_within_the_schema_are_read(tmp_path):
 
 
 def test_the_fixture_is_the_current_schema():
-    from profiler.run import SCHEMA
+    from gpuscope.record.run import SCHEMA
 
     assert json.loads(FIXTURE_RUN.read_text(encoding="utf-8"))["schema"] == SCHEMA

@@ -10,12 +10,19 @@ import time
 import pytest
 from torch import nn
 
-from probes.host import HostProbe
-from probes.sampler import Sampler
-from profiler.attribution import StepMonitor
-from profiler.models import LoadedModel
-from profiler.sweep import (SweepConfig, SweepHooks, default_predictor_counts, is_stable, percentiles_ms, run_sweep)
-from profiler.workload import PredictorPool
+from gpuscope.measure.attribution import StepMonitor
+from gpuscope.measure.models import LoadedModel
+from gpuscope.measure.sweep import (
+    SweepConfig,
+    SweepHooks,
+    default_predictor_counts,
+    is_stable,
+    percentiles_ms,
+    run_sweep,
+)
+from gpuscope.measure.workload import PredictorPool
+from gpuscope.probes.host import HostProbe
+from gpuscope.probes.sampler import Sampler
 
 FAST = dict(max_step_s=0.3, warmup_s=0.05, window_s=0.1)
 
@@ -193,7 +200,7 @@ def test_a_steps_cpu_is_the_mean_over_its_window_within_the_cores():
     """Step.cpu_util_pct is the process's CPU time over the measured window / its wall time: a model
     that sleeps uses almost none; a busy one at most every usable core (the old peak of 50 ms readings
     reported 302% on 2 cores)."""
-    from probes.host import usable_cores
+    from gpuscope.probes.host import usable_cores
 
     idle = run_sweep(PredictorPool(loaded(Slow(0.02))), SweepConfig((1,), **FAST), StepMonitor(os.getpid(), None, 288),
                      hooks_for(Marks()), threading.Event())[0]

@@ -20,11 +20,11 @@ from pathlib import Path
 
 import pytest
 
-from probes.gpu import GpuProbe
-from probes.sampler import PeakTracker, Sampler
-from probes.samplefile import SampleWriter
-from profiler.attribution import GapTracker, StepMonitor
-from profiler.run import RunRecord, save_run
+from gpuscope.measure.attribution import GapTracker, StepMonitor
+from gpuscope.probes.gpu import GpuProbe
+from gpuscope.probes.samplefile import SampleWriter
+from gpuscope.probes.sampler import PeakTracker, Sampler
+from gpuscope.record.run import RunRecord, save_run
 from tests.fakes.nvml import DeviceState, FakeProcess, GiB, MiB, ScriptedNvml
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,7 +41,7 @@ def test_a_model_path_that_is_markup_is_escaped_in_the_report(tmp_path, capsys, 
     torch.jit.save(torch.jit.script(torch.nn.Linear(8, 4)), str(model))
     out = tmp_path / "out"
     monkeypatch.chdir(tmp_path)
-    from profiler.cli import main
+    from gpuscope.commands.app import main
 
     rc = main(["diagnose", "--model", str(model), "--input-shape", "2x8", "--device", "cpu", "--predictors", "1",
                "--duration", "1s", "--warmup", "0.1s", "--window", "0.3s", "--out", str(out), "--quiet"])
@@ -111,10 +111,10 @@ class Outputs:
 
 def _run_with_neighbour(tmp_path: Path, neighbour_pid: int, neighbour_name: str = "") -> tuple[RunRecord, Outputs]:
     """Sample a scripted GPU holding this process and the neighbour; finish, conclude and render the run."""
-    from profiler.findings import conclude
-    from profiler.session import _finish_record
-    from profiler.summary import format_summary, summary_json
-    from reports.html import render_html
+    from gpuscope.analysis.findings import conclude
+    from gpuscope.measure.diagnose import _finish_record
+    from gpuscope.reports.html import render_html
+    from gpuscope.reports.text import format_summary, summary_json
 
     pid = os.getpid()
     nvml = ScriptedNvml(script=[DeviceState(processes=(
@@ -219,7 +219,7 @@ def test_each_secret_pattern_is_redacted_in_every_output(tmp_path, args, secret)
 
 def test_a_record_holding_a_raw_secret_is_still_redacted_and_escaped_in_html():
     """Defence in depth: a run.json from elsewhere (or hand-edited) whose command line was never redacted."""
-    from reports.html import render_html
+    from gpuscope.reports.html import render_html
 
     record = RunRecord(tool_version="test", started_at="2026-11-26T00:00:00+00:00", pid=1)
     record.config = {"device": "cuda:0", "gpu_index": 0}
@@ -269,8 +269,8 @@ def test_nothing_from_outside_reaches_a_shell_or_eval():
 
 def test_the_terminal_summary_shows_control_characters_in_findings_escaped():
     # a foreign process named with an escape sequence must not drive the user's terminal
-    from profiler.run import Finding
-    from profiler.summary import format_findings
+    from gpuscope.record.run import Finding
+    from gpuscope.reports.text import format_findings
 
     hostile = Finding("FOREIGN_PROCESS", "warn", "pid 7 (\x1b[2J\x1b]0;owned\x07evil) holds 2 GiB", {},
                       "kill \x1b[31mit")

@@ -17,15 +17,30 @@ from typing import Any, Callable
 
 import pytest
 
-from probes.processes import ProcessInfo, describe_process
-from probes.samplefile import load_timeline
-from profiler.errors import UsageError
-from profiler.run import Finding, RunRecord, load_run
-from profiler.session import Progress
-from profiler.watch import BoundedSeries, WatchOptions, format_live_summary, run_watch
-from profiler.watch_findings import (GROWTH_CODE, REFERENCE_CONTEXT_BYTES, rule_live_low_headroom,
-                                     rule_memory_growth)
-from tests.fakes.nvml import H200_DRIVER_RESERVED_BYTES, DeviceState, FakeDevice, FakeProcess, GiB, MiB, ReplayNvml, ScriptedNvml
+from gpuscope.analysis.live_rules import (
+    GROWTH_CODE,
+    REFERENCE_CONTEXT_BYTES,
+    rule_live_low_headroom,
+    rule_memory_growth,
+)
+from gpuscope.measure.live import BoundedSeries
+from gpuscope.measure.recording import Progress
+from gpuscope.measure.watch import WatchOptions, run_watch
+from gpuscope.probes.processes import ProcessInfo, describe_process
+from gpuscope.probes.samplefile import load_timeline
+from gpuscope.record.errors import UsageError
+from gpuscope.record.run import Finding, RunRecord, load_run
+from gpuscope.reports.text import format_live_summary
+from tests.fakes.nvml import (
+    H200_DRIVER_RESERVED_BYTES,
+    DeviceState,
+    FakeDevice,
+    FakeProcess,
+    GiB,
+    MiB,
+    ReplayNvml,
+    ScriptedNvml,
+)
 
 FOREIGN = FakeProcess(4_000_201, 2566 * MiB, "/opt/torch/.venv/bin/python3", sm_util_pct=5)
 OTHER_GPU = FakeProcess(4_000_202, 1 * GiB, "python3")
@@ -288,14 +303,14 @@ def test_watching_a_real_child_shows_its_rss_growth_in_the_report(tmp_path):
 def test_the_cli_watches_a_real_child_and_prints_a_summary(sleeper, tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     out = tmp_path / "cli"
-    result = subprocess.run([sys.executable, "-m", "profiler", "watch", "--pid", str(sleeper.pid), "--interval", "100ms",
+    result = subprocess.run([sys.executable, "-m", "gpuscope", "watch", "--pid", str(sleeper.pid), "--interval", "100ms",
                              "--duration", "0.5s", "--out", str(out)], capture_output=True, text=True, cwd=root,
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert f"watched pid {sleeper.pid}" in result.stdout and "ended by duration" in result.stdout
     assert (out / "run.json").exists() and (out / "report.html").exists()
     assert json.loads((out / "run.json").read_text())["mode"] == "watch"
-    bad = subprocess.run([sys.executable, "-m", "profiler", "watch", "--pid", "4000999"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "gpuscope", "watch", "--pid", "4000999"], capture_output=True,
                          text=True, cwd=root, timeout=60)
     assert bad.returncode == 2 and bad.stdout == ""
     assert bad.stderr == "gpuscope: error: --pid 4000999: no such process in this pid namespace\n"

@@ -10,9 +10,9 @@ import pytest
 import torch
 from torch import nn
 
-from profiler.models import LoadedModel, weight_pointers
-from profiler.sweep import step_from_run
-from profiler.workload import PredictorPool
+from gpuscope.measure.models import LoadedModel, weight_pointers
+from gpuscope.measure.sweep import step_from_run
+from gpuscope.measure.workload import PredictorPool
 
 STEP = dict(warmup_s=0.05, window_s=0.1)
 
@@ -243,7 +243,7 @@ class SlowLinear(nn.Linear):
 
 
 def test_an_offered_rate_far_above_capacity_drops_arrivals_instead_of_queueing_them():
-    from profiler.workload import MAX_BACKLOG_PER_PREDICTOR
+    from gpuscope.measure.workload import MAX_BACKLOG_PER_PREDICTOR
 
     # 1.5 s: long enough that an unbounded (or far too large) backlog would make the last served requests wait
     # well over a second, beyond the bound below

@@ -21,8 +21,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Sequence, Union
 
-from probes.nvml import MemoryInfo, MetricError, ProcessRow
-from probes.readings import NO_DEVICE, NOT_INITIALIZED, PROCESS_GONE, REASONS
+from gpuscope.probes.nvml import MemoryInfo, MetricError, ProcessRow
+from gpuscope.probes.readings import NO_DEVICE, NOT_INITIALIZED, PROCESS_GONE, REASONS
 
 MiB = 1024**2
 GiB = 1024**3

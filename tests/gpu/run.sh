@@ -6,9 +6,9 @@
 # It needs torch with CUDA, nvidia-ml-py, psutil, matplotlib and typer; CuPy and JAX for scenarios 5
 # and 6 (skipped, with the reason, without them). No pip, no network: gpuscope runs from this tree
 # (PYTHONPATH=.). It runs, in this order:
-#   1. pytest -m gpu tests/gpu: the planted scenarios first (each a fresh `python -m profiler diagnose`),
+#   1. pytest -m gpu tests/gpu: the planted scenarios first (each a fresh `python -m gpuscope diagnose`),
 #      then the accuracy tests and the probe tests, which create a CUDA context in pytest's own process;
-#   2. `python -m profiler diagnose` with every default, timed (diagnose's wall time; the sampler's
+#   2. `python -m gpuscope diagnose` with every default, timed (diagnose's wall time; the sampler's
 #      cost per tick is in its run.json).
 # What it leaves under $OUT (./gpu-results without it); at most 8 files come back from a device machine:
 #   gpu-results.json  the environment, each scenario's measured figures and verdict, the defaults run
@@ -56,7 +56,7 @@ pack
 
 # 2. diagnose with every default, timed, in a fresh process
 started=$(now)
-timeout -s INT -k 15 "$DEFAULTS_LIMIT_S" "$PY" -m profiler diagnose --out "$GPUSCOPE_GPU_REPORTS/diagnose-defaults" \
+timeout -s INT -k 15 "$DEFAULTS_LIMIT_S" "$PY" -m gpuscope diagnose --out "$GPUSCOPE_GPU_REPORTS/diagnose-defaults" \
   > "$GPUSCOPE_GPU_REPORTS/diagnose-defaults.txt" 2>&1
 drc=$?
 wall=$(since "$started")

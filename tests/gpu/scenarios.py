@@ -11,7 +11,7 @@ Four roles, all without importing torch at module level (this file is also impor
    `cache_bloat_model` (frees a large tensor without emptying the cache) and `cupy_torch_model` (a second
    engine, CuPy, allocating in the same process). With GPUSCOPE_GPU_TORCH_STATS=path they write torch's own
    allocator figures (and CuPy's pool) at interpreter exit: the ground truth a finding is compared with.
-3. `diagnose()`: one fresh `python -m profiler diagnose` process per scenario (a fresh CUDA context, so
+3. `diagnose()`: one fresh `python -m gpuscope diagnose` process per scenario (a fresh CUDA context, so
    baselines are not shared between scenarios), and its run.json.
 4. Checks on a run.json that every GPU run must pass (`check_gpu_run`), and small readers for findings.
 
@@ -170,7 +170,7 @@ def environment() -> dict[str, Any]:
 # ---------------------------------------------------------------- NVML and nvidia-smi, from the test process
 
 def nvml_backend() -> Any:
-    from probes.nvml import PynvmlBackend
+    from gpuscope.probes.nvml import PynvmlBackend
 
     return PynvmlBackend.open()
 
@@ -509,10 +509,10 @@ class DiagnoseRun:
 
 
 def diagnose(out_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 180.0) -> DiagnoseRun:
-    """`python -m profiler diagnose --out OUT_DIR --quiet ARGS` from the repository root; its run.json."""
+    """`python -m gpuscope diagnose --out OUT_DIR --quiet ARGS` from the repository root; its run.json."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    argv = [sys.executable, "-m", "profiler", "diagnose", "--out", str(out_dir), "--quiet", *args]
+    argv = [sys.executable, "-m", "gpuscope", "diagnose", "--out", str(out_dir), "--quiet", *args]
     started = time.monotonic()
     try:
         proc = subprocess.run(argv, cwd=str(ROOT), env=child_env(env), capture_output=True, text=True, timeout=timeout_s)
@@ -656,10 +656,10 @@ def check_gpu_run(result: DiagnoseRun) -> dict[str, Any]:
 # ---------------------------------------------------------------- run.sh's helpers
 
 def record_defaults(results: Path, run_json: Path, wall_s: float, rc: int) -> dict[str, Any]:
-    """Merge the timed `python -m profiler diagnose` (all defaults) into the results JSON."""
+    """Merge the timed `python -m gpuscope diagnose` (all defaults) into the results JSON."""
     data = json.loads(results.read_text()) if results.exists() else {"schema": "gpuscope.gpu-validation/1"}
     data.setdefault("environment", environment())
-    entry: dict[str, Any] = {"argv": ["-m", "profiler", "diagnose", "--out", str(run_json.parent)], "rc": rc,
+    entry: dict[str, Any] = {"argv": ["-m", "gpuscope", "diagnose", "--out", str(run_json.parent)], "rc": rc,
                              "wall_s": round(wall_s, 2)}
     if run_json.exists():
         run = json.loads(run_json.read_text())

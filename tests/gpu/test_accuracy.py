@@ -38,7 +38,7 @@ def torch_cuda():
 @pytest.fixture(scope="module")
 def index(torch_cuda, nvml) -> int:
     """NVML's index of torch's cuda:0 (matched by UUID, as diagnose does)."""
-    from profiler.devices import nvml_index_for
+    from gpuscope.measure.devices import nvml_index_for
 
     return nvml_index_for(0, [nvml.device_uuid(i) for i in range(nvml.device_count())])
 
@@ -55,7 +55,7 @@ def _need_smi() -> None:
 
 
 def test_nvml_per_process_memory_equals_nvidia_smi_to_the_mib(torch_cuda, nvml, index, figures):
-    from probes.gpu import GpuProbe
+    from gpuscope.probes.gpu import GpuProbe
 
     _need_smi()
     torch = torch_cuda
@@ -88,7 +88,7 @@ def test_nvml_per_process_memory_equals_nvidia_smi_to_the_mib(torch_cuda, nvml, 
 
 
 def test_allocator_probe_equals_torch_to_the_byte(torch_cuda, figures):
-    from probes.allocator import AllocatorProbe, RealTorchCuda
+    from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
 
     torch = torch_cuda
     probe = AllocatorProbe(RealTorchCuda(), {0: "pid:self/gpu:0"})
@@ -132,10 +132,10 @@ def test_allocator_probe_equals_torch_to_the_byte(torch_cuda, figures):
 def test_decomposition_layers_add_up_to_nvml_per_process_exactly(torch_cuda, nvml, index, figures):
     from torch import nn
 
-    from probes.allocator import AllocatorProbe, RealTorchCuda
-    from probes.gpu import GpuProbe
-    from probes.sampler import Sampler
-    from profiler.attribution import StepMonitor
+    from gpuscope.measure.attribution import StepMonitor
+    from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
+    from gpuscope.probes.gpu import GpuProbe
+    from gpuscope.probes.sampler import Sampler
 
     torch = torch_cuda
     model = nn.Sequential(*[nn.Linear(2048, 2048) for _ in range(4)]).to("cuda:0").eval()

@@ -1,7 +1,7 @@
 """Live tools on a real GPU (issue 7's GPU checks): `ps` shows two torch processes with their engines,
 and `watch` on a torch process sees the 2 GiB a test allocation adds.
 
-Both run the real CLI in a subprocess (`python -m profiler ...`), against processes planted here.
+Both run the real CLI in a subprocess (`python -m gpuscope ...`), against processes planted here.
 """
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from probes.samplefile import load_timeline
-from probes.readings import is_available
+from gpuscope.probes.readings import is_available
+from gpuscope.probes.samplefile import load_timeline
 
 from . import scenarios as sc
 
@@ -31,7 +31,7 @@ GROWER = textwrap.dedent("""
 
 
 def _cli(*args: str, timeout_s: float = 120.0) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "profiler", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "gpuscope", *args], capture_output=True, text=True,
                           cwd=str(sc.ROOT), env=sc.child_env(), timeout=timeout_s)
 
 

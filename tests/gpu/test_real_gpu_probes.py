@@ -14,9 +14,9 @@ import time
 
 import pytest
 
-from probes.allocator import AllocatorProbe, RealTorchCuda
-from probes.gpu import GpuProbe
-from probes.nvml import PynvmlBackend
+from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
+from gpuscope.probes.gpu import GpuProbe
+from gpuscope.probes.nvml import PynvmlBackend
 
 pytestmark = pytest.mark.gpu
 

@@ -1,5 +1,5 @@
 """Planted scenarios on a real GPU (issue 10): each plants one cause beside or inside a fresh
-`python -m profiler diagnose` process, then asserts that the right finding fires with the right
+`python -m gpuscope diagnose` process, then asserts that the right finding fires with the right
 magnitude, measured independently (torch's own figures, nvidia-smi, the model's bytes, the steps),
 and that nothing else planted fires. The clean run fires none of the planted findings.
 
@@ -47,7 +47,7 @@ def _within(value: float, truth: float, share: float) -> bool:
 def test_clean_default_sweep_shares_one_model_and_fires_no_planted_finding(scenario):
     """The built-in model on the GPU, the default predictor counts: sharing verified, and no duplicate,
     foreign-process or engine finding (nor any finding a healthy run never shows)."""
-    from profiler.sweep import default_predictor_counts
+    from gpuscope.measure.sweep import default_predictor_counts
 
     result = sc.diagnose(scenario.dir, *SHORT)
     run = result.run
@@ -272,7 +272,7 @@ def test_a_jax_sibling_with_preallocation_off_fires_no_preallocation_finding(sce
 
 def _plateau_pairs(run: dict) -> list[dict]:
     """(N, 2N) step pairs where throughput grows < 5% while p50 grows >= 1.7x, from the steps alone."""
-    from profiler.findings import DEFAULT_THRESHOLDS as T
+    from gpuscope.analysis.findings import DEFAULT_THRESHOLDS as T
 
     steps = {s["predictors"]: s for s in run["steps"] if s.get("requests", 0) > 0 and not s.get("oom")}
     pairs = []

@@ -22,10 +22,10 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from probes.readings import is_available
-from probes.units import MiB, format_bytes
-from profiler.findings import DEFAULT_THRESHOLDS, Thresholds, evaluate
-from profiler.run import Finding, RunRecord
+from gpuscope.analysis.findings import DEFAULT_THRESHOLDS, Thresholds, evaluate
+from gpuscope.probes.readings import is_available
+from gpuscope.probes.units import MiB, format_bytes
+from gpuscope.record.run import Finding, RunRecord
 
 GROWTH_CODE = "MEMORY_GROWTH"
 LIVE_CODES = (GROWTH_CODE, "LOW_HEADROOM", "OUTSIDE_ALLOCATOR")

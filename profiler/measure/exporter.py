@@ -30,16 +30,15 @@ Readings that could not be taken are left out, never exported as 0.
 """
 from __future__ import annotations
 
-import sys
 import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from probes.readings import is_available
-from profiler.errors import EXIT_OK, EXIT_USAGE, UsageError
+from gpuscope.probes.readings import is_available
+from gpuscope.record.catalogue import KNOWN_CODES, SEVERITY_LEVEL
+from gpuscope.record.errors import UsageError
 
-SEVERITY_LEVEL = {"info": 1, "warn": 2, "fail": 3}
 MAX_LABEL_CHARS = 120
 
 
@@ -77,13 +76,6 @@ def _engine_label(info: Any) -> str:
     return "unknown"
 
 
-def known_codes() -> tuple[str, ...]:
-    from profiler.findings import KNOWN_CODES
-    from profiler.watch_findings import GROWTH_CODE
-
-    return tuple(KNOWN_CODES) + ((GROWTH_CODE,) if GROWTH_CODE not in KNOWN_CODES else ())
-
-
 class GpuscopeCollector:
     """prometheus-client collector: `collect()` yields metric families from `source()` (a LiveView or None)."""
 
@@ -105,7 +97,7 @@ class GpuscopeCollector:
         severity = GaugeMetricFamily("gpuscope_finding_severity",
                                      "Worst severity of the active findings of a code: 0 none, 1 info, 2 warn, 3 fail",
                                      labels=["code"])
-        counts: dict[str, int] = {code: 0 for code in known_codes()}
+        counts: dict[str, int] = {code: 0 for code in KNOWN_CODES}
         worst: dict[str, int] = {code: 0 for code in counts}
         for finding in (view.findings if view is not None else []):
             counts[finding.code] = counts.get(finding.code, 0) + 1
@@ -237,7 +229,7 @@ class NodeSource:
     def __init__(self, backend: Any, describe: Callable[[int, str], Any] | None = None,
                  pid_exists: Callable[[int], bool] | None = None, min_interval_s: float = 1.0,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        from probes.gpu import GpuProbe
+        from gpuscope.probes.gpu import GpuProbe
 
         self._backend = backend
         self._probe = GpuProbe(backend, describe=describe, pid_exists=pid_exists)
@@ -249,7 +241,7 @@ class NodeSource:
         self.reads = 0
 
     def __call__(self) -> LiveView:
-        from profiler.ps import snapshot_findings, snapshot_from_readings
+        from gpuscope.measure.snapshot import snapshot_findings, snapshot_from_readings
 
         with self._lock:
             now = self._clock()
@@ -267,45 +259,3 @@ class NodeSource:
             self._read_at = now
             self.reads += 1
             return self._view
-
-
-def run_export(port: int, bind: str = "127.0.0.1", opener: Callable[[], Any] | None = None,
-               stop: threading.Event | None = None, describe: Callable[[int, str], Any] | None = None,
-               pid_exists: Callable[[int], bool] | None = None, err: Any = None,
-               handle_signals: bool = True, on_ready: Callable[[Exporter], None] | None = None) -> int:
-    """`gpuscope export --port PORT`: serve every GPU and process until Ctrl-C/SIGTERM. Exit 2 without a GPU."""
-    from probes.nvml import DeviceUnavailable, open_backend
-    from profiler.session import Interrupts
-    from profiler.watch import validate_port
-
-    err = err or sys.stderr
-    validate_port(port, "--port")
-    try:
-        backend = (opener or open_backend)()
-    except DeviceUnavailable as exc:
-        err.write(f"gpuscope export: no GPU here: {exc.detail}\n")
-        return EXIT_USAGE
-    stop = stop or threading.Event()
-    try:
-        exporter = start_exporter(NodeSource(backend, describe, pid_exists), port, bind)
-    except UsageError:
-        backend.shutdown()
-        raise
-    err.write(f"gpuscope export: serving Prometheus metrics on {exporter.url} (Ctrl-C stops)\n")
-    err.flush()
-    if on_ready is not None:
-        on_ready(exporter)
-    interrupts = Interrupts(stop) if handle_signals else None
-    try:
-        if interrupts is not None:
-            interrupts.__enter__()
-        while not stop.wait(0.5):
-            pass
-    except KeyboardInterrupt:
-        pass
-    finally:
-        if interrupts is not None:
-            interrupts.__exit__(None, None, None)
-        exporter.close()
-        backend.shutdown()
-    return EXIT_OK

@@ -7,188 +7,28 @@ still leave run.json (status `interrupted`) and a report of what was measured.
 """
 from __future__ import annotations
 
-import datetime as _dt
 import math
 import os
 import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
 from typing import Any, Callable
 
-from probes.host import HostProbe, host_info, usable_cores
-from probes.readings import is_available, reading_to_json
-from probes.redact import redact_argv
-from probes.sampler import PeakTracker, Sampler
-from probes.samplefile import SampleWriter
-from profiler import __version__
-from profiler.attribution import GapTracker, StepMonitor, end_figures
-from profiler.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, OutputError, UsageError
-from profiler.files import REPORT_FILES
-from profiler.options import MAX_PREDICTORS, DiagnoseOptions, parse_predictors, parse_seconds
-from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunRecord, save_run
+from gpuscope import __version__
+from gpuscope.measure.attribution import GapTracker, StepMonitor, end_figures
+from gpuscope.measure.options import MAX_PREDICTORS, DiagnoseOptions, parse_predictors, parse_seconds
+from gpuscope.measure.recording import Interrupts, Progress, SessionResult, environment_facts, open_nvml, render
+from gpuscope.probes.host import HostProbe, host_info, usable_cores
+from gpuscope.probes.readings import is_available, reading_to_json
+from gpuscope.probes.redact import redact_argv
+from gpuscope.probes.samplefile import SampleWriter
+from gpuscope.probes.sampler import PeakTracker, Sampler
+from gpuscope.record.errors import EXIT_OK, EXIT_USAGE, OutputError, UsageError
+from gpuscope.record.files import RUN_FILE, SAMPLES_FILE, check_out_path, prepare_out_dir
+from gpuscope.record.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunRecord, now_iso, save_run
 
 MAX_RATE_RPS = 1e6
-RUN_FILE = "run.json"
-SAMPLES_FILE = "samples.jsonl"
-
-
-def now_iso() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")
-
-
-def check_out_path(path: str) -> None:
-    """Fail at once, before the slow part (CUDA, the model), when --out can never be a folder because
-    it or a folder above it is a file. Permissions are proven later by prepare_out_dir."""
-    probe = os.path.abspath(path)
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            return
-        probe = parent
-    if not os.path.isdir(probe):
-        what = "it is a file" if probe == os.path.abspath(path) else f"{probe} is a file"
-        raise OutputError(f"cannot write to output folder {path}: {what}, not a folder")
-
-
-def prepare_out_dir(path: str) -> str:
-    """Create the output folder and prove it is writable, before any measurement."""
-    try:
-        os.makedirs(path, exist_ok=True)
-        probe = os.path.join(path, f".gpuscope-write-test-{os.getpid()}-{threading.get_ident()}")
-        with open(probe, "w", encoding="utf-8") as fh:
-            fh.write("ok")
-        os.unlink(probe)
-    except OSError as exc:
-        raise OutputError(f"cannot write to output folder {path}: {exc.strerror or exc}") from None
-    # A new run must not append to, or be mistaken for, the last one: nor may the last report sit beside
-    # a run that is killed before it renders its own.
-    for stale in (SAMPLES_FILE, RUN_FILE, *REPORT_FILES.values()):
-        target = os.path.join(path, stale)
-        if os.path.isfile(target) or os.path.islink(target):
-            try:
-                os.unlink(target)
-            except FileNotFoundError:
-                pass  # removed meanwhile by another run starting here
-    return path
-
-
-def environment_facts(device: str) -> dict[str, Any]:
-    import platform
-
-    import torch
-
-    from probes.engines import memory_variables
-
-    facts: dict[str, Any] = {"gpuscope": __version__, "torch": torch.__version__, "cuda": torch.version.cuda,
-                             "python": platform.python_version(), "memory_env": memory_variables(dict(os.environ)),
-                             "torch_num_threads": torch.get_num_threads()}
-    if device.startswith("cuda"):
-        facts["cudnn"] = torch.backends.cudnn.version()
-        facts["device_name"] = torch.cuda.get_device_name(device)
-    return facts
-
-
-class Interrupts:
-    """SIGINT/SIGTERM set a stop event instead of raising in the middle of a step."""
-
-    def __init__(self, stop: threading.Event) -> None:
-        self.stop = stop
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handle(self, signum: int, frame: Any) -> None:
-        if self.signum is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt  # a second Ctrl-C: the user really wants out
-        self.signum = signum
-        self.stop.set()
-
-    def __enter__(self) -> "Interrupts":
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-
-    @property
-    def exit_code(self) -> int | None:
-        if self.signum == signal.SIGINT:
-            return EXIT_SIGINT
-        if self.signum == signal.SIGTERM:
-            return EXIT_SIGTERM
-        return None
-
-
-@dataclass
-class SessionResult:
-    record: RunRecord | None
-    exit_code: int
-    out_dir: str | None = None
-    report_paths: dict[str, str] | None = None
-
-
-class Progress:
-    """Progress on stderr: a refreshing line on a terminal, plain lines otherwise."""
-
-    def __init__(self, quiet: bool = False, stream: Any = None, columns: Callable[[], int] | None = None) -> None:
-        import shutil
-
-        self.quiet = quiet
-        self.stream = stream or sys.stderr
-        self.tty = bool(getattr(self.stream, "isatty", lambda: False)())
-        self._columns = columns or (lambda: shutil.get_terminal_size((120, 24)).columns)
-        self._last_plain = 0.0
-        self._pending = False  # a refreshing line is on screen without its newline
-
-    def update(self, text: str) -> None:
-        if self.quiet:
-            return
-        if self.tty:
-            # One row, never wrapped: \r returns to the start of the last row only, so a wrapped status line
-            # would leave its first rows behind at every refresh.
-            width = max(20, self._columns() - 1)
-            if len(text) > width:
-                text = text[:width - 1] + "\u2026"
-            self.stream.write("\r\033[K" + text)
-            self.stream.flush()
-            self._pending = True
-        elif time.monotonic() - self._last_plain > 2.0 or "warming" in text:
-            self._last_plain = time.monotonic()
-            self.stream.write(text + "\n")
-            self.stream.flush()
-
-    def line(self, text: str) -> None:
-        if self.quiet:
-            return
-        self.error(text)
-
-    def error(self, text: str) -> None:
-        """A line the user must see (a failure), written even with --quiet."""
-        if self.tty:
-            self.stream.write("\r\033[K")
-            self._pending = False
-        self.stream.write(text + "\n")
-        self.stream.flush()
-
-    def finish(self) -> None:
-        """Clear a refreshing line so what follows (the summary) starts on a clean line."""
-        if self._pending:
-            self.stream.write("\r\033[K")
-            self.stream.flush()
-        self._pending = False
-
-
-def open_nvml() -> tuple[Any, dict[str, str] | None]:
-    from probes.nvml import DeviceUnavailable, open_backend
-
-    try:
-        return open_backend(), None
-    except DeviceUnavailable as exc:
-        return None, {"reason": exc.reason, "detail": exc.detail}
 
 
 def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
@@ -202,10 +42,10 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     """
     import torch
 
-    from profiler.findings import conclude
-    from profiler.models import ModelLoadError, load_model, parse_input_shape, validate_model
-    from profiler.sweep import SweepConfig, SweepHooks, default_predictor_counts, run_sweep
-    from profiler.workload import PredictorPool
+    from gpuscope.analysis.findings import conclude
+    from gpuscope.measure.models import ModelLoadError, load_model, parse_input_shape, validate_model
+    from gpuscope.measure.sweep import SweepConfig, SweepHooks, default_predictor_counts, run_sweep
+    from gpuscope.measure.workload import PredictorPool
 
     progress = progress or Progress(opts.quiet)
     # ---- validate everything the user typed, before touching the device or the disk
@@ -225,7 +65,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     except ValueError as exc:
         raise UsageError(f"--input-shape: {exc}") from None
     check_out_path(opts.out)
-    from profiler.devices import nvml_index_for, resolve_device
+    from gpuscope.measure.devices import nvml_index_for, resolve_device
 
     device = resolve_device(opts.device)
     gpu = device.startswith("cuda")
@@ -254,7 +94,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     gpu_probe = None
     nvml_index: int | None = None
     if nvml is not None:
-        from probes.gpu import GpuProbe
+        from gpuscope.probes.gpu import GpuProbe
 
         gpu_probe = GpuProbe(nvml)
         record.devices = [d.to_json() for d in gpu_probe.devices]
@@ -290,7 +130,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     # The allocator before NVML in each tick: memory allocated between the two reads then shows as NVML
     # growth for a tick (outside the allocator), not as torch holding more than NVML says the process has.
     if gpu:
-        from probes.allocator import AllocatorProbe, RealTorchCuda
+        from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
 
         scope_index = nvml_index if nvml_index is not None else int(device.split(":")[1])
         probes["allocator"] = AllocatorProbe(RealTorchCuda(), {int(device.split(":")[1]): f"pid:{pid}/gpu:{scope_index}"})
@@ -395,21 +235,8 @@ def _save_progress(record: RunRecord, path: str) -> None:
         pass
 
 
-def render(record: RunRecord, out_dir: str, progress: Progress) -> dict[str, str] | None:
-    """Render the report; a rendering failure is one line, and run.json stays."""
-    try:
-        from reports.render import render_report
-    except ImportError:
-        return {}
-    try:
-        return render_report(record, out_dir, os.path.join(out_dir, record.samples))
-    except Exception as exc:
-        progress.error(f"gpuscope: could not render the report: {type(exc).__name__}: {exc} (run.json is kept)")
-        return None
-
-
 def _process_gpu_bytes(gpu_probe: Any, pid: int, index: int | None) -> Any:
-    from probes.readings import Unavailable
+    from gpuscope.probes.readings import Unavailable
 
     for scope, metric, value in gpu_probe.read():
         if scope == f"pid:{pid}/gpu:{index}" and metric == "used_bytes":
@@ -423,8 +250,8 @@ def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, 
     """Processes seen, end-of-run figures, gaps and sampler costs: everything rules need from the run."""
     import psutil
 
-    from probes.engines import EnginesProbe
-    from probes.processes import describe_process
+    from gpuscope.probes.engines import EnginesProbe
+    from gpuscope.probes.processes import describe_process
 
     peaks, last = run_peaks.peaks(), run_peaks.last()
     children = set()
@@ -465,7 +292,7 @@ def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, 
 
 
 def _step_line(step: Any) -> str:
-    from probes.units import format_bytes
+    from gpuscope.probes.units import format_bytes
 
     memory_key = "process_gpu_bytes" if is_available(step.memory.get("process_gpu_bytes")) else "rss_bytes"
     memory = step.memory.get(memory_key)

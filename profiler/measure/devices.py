@@ -8,7 +8,7 @@ from __future__ import annotations
 import re
 from typing import Any
 
-from profiler.errors import UsageError
+from gpuscope.record.errors import UsageError
 
 _CUDA_RE = re.compile(r"^cuda(?::(\d+))?$")
 
@@ -47,4 +47,15 @@ def nvml_index_for(torch_index: int, nvml_uuids: list[Any]) -> int:
                 return index
     except Exception:
         pass
+    return torch_index
+
+
+def nvml_index_for_uuid(uuid: Any, nvml_uuids: list[Any], torch_index: int) -> int:
+    """NVML's index of the worker's device, matched by the UUID the worker read from torch (the parent never
+    touches CUDA); torch's index when the UUID is unknown."""
+    if isinstance(uuid, str) and uuid:
+        wanted = uuid.replace("GPU-", "").lower()
+        for index, nvml_uuid in enumerate(nvml_uuids):
+            if isinstance(nvml_uuid, str) and nvml_uuid.replace("GPU-", "").lower() == wanted:
+                return index
     return torch_index

@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from probes.readings import Unavailable, is_available
+from gpuscope.probes.readings import Unavailable, is_available
 
 GPU_LAYERS = (
     ("model_weights_bytes", "model weights"),

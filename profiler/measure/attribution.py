@@ -10,8 +10,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from probes.readings import Unavailable, is_available
-from profiler.decomposition import cpu_layers, gpu_layers
+from gpuscope.probes.readings import Unavailable, is_available
+from gpuscope.record.layers import cpu_layers, gpu_layers
 
 ScopedValue = tuple[str, str, Any]
 

@@ -57,412 +57,43 @@ Exit code rule (`CheckOutcome.exit_code`):
 """
 from __future__ import annotations
 
-import difflib
-import importlib
 import math
-import os
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Iterable, Mapping
+from typing import Any
 
-from probes.redact import printable
-from probes.readings import Unavailable, is_available
-from probes.units import format_bytes, parse_size
+from gpuscope.analysis.limits import (
+    EXIT_FAIL,
+    EXIT_PASS,
+    EXIT_UNMEASURED,
+    LIMIT_FLAGS,
+    LIVE_LIMITS,
+    STEP_LIMITS,
+    Limits,
+)
+from gpuscope.probes.readings import Unavailable, is_available
+from gpuscope.probes.units import format_bytes
+from gpuscope.record.catalogue import (
+    CODES,
+    GPU_ONLY_CODES,
+    LIVE_MODES,
+    MODE_DIAGNOSE,
+    MODE_WATCH,
+    SEVERITY_ORDER,
+    codes_for_mode,
+    normalise_code,
+)
 
 CHECK_SCHEMA = "gpuscope.check/1"
 
-EXIT_PASS = 0
-EXIT_FAIL = 1
-EXIT_UNMEASURED = 2
-EXIT_BAD_INPUT = 2
 
 PASS = "pass"
+
+
 FAIL = "fail"
+
+
 UNMEASURED = "unmeasured"
-
-# The findings catalogue (DESIGN.md, FINDINGS.md). profiler/findings.py may add codes
-# through a KNOWN_CODES tuple; see known_codes().
-BASE_CODES = (
-    "CACHE_BLOAT", "OUTSIDE_ALLOCATOR", "PER_PREDICTOR_GROWTH", "DUPLICATE_MODEL",
-    "FOREIGN_PROCESS", "MULTIPLE_ENGINES", "ENGINE_PREALLOCATION",
-    "DEFAULT_STREAM_SERIALIZATION", "THROUGHPUT_PLATEAU", "CPU_OVERSUBSCRIPTION", "OOM",
-    "GRAD_ENABLED", "LOW_HEADROOM", "FRAGMENTATION", "PID_NAMESPACE",
-)
-# Codes whose rule reads NVML or the CUDA allocator: on a run without a GPU their
-# absence proves nothing, so forbidding them there is unmeasured, not a pass.
-BASE_GPU_ONLY_CODES = (
-    "CACHE_BLOAT", "OUTSIDE_ALLOCATOR", "PER_PREDICTOR_GROWTH", "FOREIGN_PROCESS", "DEFAULT_STREAM_SERIALIZATION",
-    "LOW_HEADROOM", "FRAGMENTATION", "PID_NAMESPACE",
-)
-
-# Records without a predictor sweep (RunRecord.mode other than "diagnose").
-LIVE_MODES = ("watch", "profile")
-# The limits evaluated at a step of the sweep.
-STEP_LIMITS = ("max_device_memory", "max_host_memory", "min_headroom_pct", "max_p99_ms", "min_throughput")
-# What a watch or profile answers without steps: limit -> (series of record.extra["live"], what, needs a GPU).
-LIVE_LIMITS = {
-    "max_host_memory": ("rss_bytes", "peak RSS", False),
-    "max_device_memory": ("process_gpu_bytes", "peak GPU memory of the process", True),
-}
-# The codes whose rules run on a record of each mode without steps: forbidding any other code there is
-# unmeasured (its rule reads the sweep, so its absence proves nothing). Watch and profile run the
-# process-level rules of profiler/findings.py and the live ones (profiler/watch_findings.py); compare
-# its own (profiler/compare.py).
-LIVE_CHECKED_CODES = ("FOREIGN_PROCESS", "MULTIPLE_ENGINES", "ENGINE_PREALLOCATION", "PID_NAMESPACE",
-                      "MEASUREMENT_GAP", "CACHE_BLOAT", "MEMORY_GROWTH", "LOW_HEADROOM", "OUTSIDE_ALLOCATOR")
-MODE_CODES = {"watch": LIVE_CHECKED_CODES, "profile": LIVE_CHECKED_CODES, "compare": ("PROCESSES_VS_THREADS",)}
-# Codes only another mode's rules raise: a diagnose sweep never looks for them.
-NOT_IN_DIAGNOSE_CODES = ("PROCESSES_VS_THREADS",)
-# A trend over fewer samples than this is not looked for (profiler/watch_findings.py: LiveThresholds.min_points).
-TREND_CODES_MIN_TICKS = {"MEMORY_GROWTH": 5}
-
-FAIL_ON_CHOICES = ("warn", "fail")
-_SEVERITY_RANK = {"fail": 0, "warn": 1, "info": 2}
-
-# Limit name (snake case, the config key) -> command-line flag.
-LIMIT_FLAGS = {
-    "max_device_memory": "--max-device-memory",
-    "max_host_memory": "--max-host-memory",
-    "min_headroom_pct": "--min-headroom-pct",
-    "max_p99_ms": "--max-p99-ms",
-    "min_throughput": "--min-throughput",
-    "max_memory_per_predictor": "--max-memory-per-predictor",
-    "forbid": "--forbid",
-    "fail_on": "--fail-on",
-    "at_predictors": "--at-predictors",
-}
-SIZE_KEYS = ("max_device_memory", "max_host_memory", "max_memory_per_predictor")
-
-
-class CheckConfigError(ValueError):
-    """A limit that cannot be used: unknown key, malformed value, unreadable config file.
-
-    The message names where the value came from and the key, e.g.
-    `gpuscope.toml: check.max_p99_ms: expected a number, got 'fast'`.
-    """
-
-
-# --------------------------------------------------------------------------- limits
-
-
-@dataclass(frozen=True)
-class Limits:
-    """Every limit the gate can evaluate; None means not set. Sizes are bytes."""
-
-    max_device_memory: int | None = None
-    max_host_memory: int | None = None
-    min_headroom_pct: float | None = None
-    max_p99_ms: float | None = None
-    min_throughput: float | None = None
-    max_memory_per_predictor: int | None = None
-    forbid: tuple[str, ...] = ()
-    fail_on: str = "fail"
-    at_predictors: int | None = None
-
-    def any_set(self) -> bool:
-        """True when at least one explicit limit (not counting fail_on) is set."""
-        return any(getattr(self, name) not in (None, ()) for name in
-                   ("max_device_memory", "max_host_memory", "min_headroom_pct", "max_p99_ms",
-                    "min_throughput", "max_memory_per_predictor", "forbid"))
-
-    def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for f in fields(self):
-            value = getattr(self, f.name)
-            if value is None or value == ():
-                continue
-            out[f.name] = list(value) if isinstance(value, tuple) else value
-        return out
-
-
-def _findings_codes(attribute: str) -> tuple[str, ...]:
-    """A tuple of codes declared by profiler/findings.py, imported lazily; () if it does not exist yet."""
-    try:
-        module = importlib.import_module("profiler.findings")
-    except ImportError:
-        return ()
-    return tuple(normalise_code(c) for c in getattr(module, attribute, ()) or ())
-
-
-def known_codes() -> tuple[str, ...]:
-    """The catalogue, plus any codes profiler/findings.py declares in KNOWN_CODES."""
-    return tuple(dict.fromkeys(BASE_CODES + _findings_codes("KNOWN_CODES")))
-
-
-def gpu_only_codes() -> frozenset[str]:
-    """Codes whose rule needs a GPU: ours plus any profiler/findings.py declares in GPU_ONLY_CODES."""
-    return frozenset(BASE_GPU_ONLY_CODES + _findings_codes("GPU_ONLY_CODES"))
-
-
-def normalise_code(text: str) -> str:
-    """`duplicate-model`, `Duplicate_Model`, ` DUPLICATE-MODEL ` -> `DUPLICATE_MODEL`."""
-    return str(text).strip().upper().replace("-", "_")
-
-
-def parse_forbid(value: str | Iterable[str] | None) -> tuple[str, ...]:
-    """Finding codes to forbid, from `a,b c` text or a list; CheckConfigError on an unknown code.
-
-    Case-insensitive, kebab or snake case; duplicates dropped, order kept.
-    """
-    if value is None:
-        return ()
-    if isinstance(value, str):
-        items = value.replace(",", " ").split()
-        if not items:  # `--forbid "$EXTRA"` with EXTRA unset must not silently drop the config's list
-            raise CheckConfigError("no finding code given (e.g. duplicate-model,foreign-process); "
-                                   "leave the option out to keep the configured ones")
-    elif isinstance(value, (list, tuple)):
-        items = []
-        for item in value:
-            if not isinstance(item, str):
-                raise CheckConfigError(f"expected finding codes as strings, got {_show(item)}")
-            items.extend(item.replace(",", " ").split())
-    else:
-        raise CheckConfigError(f"expected a list of finding codes, got {_show(value)}")
-    catalogue = known_codes()
-    out: list[str] = []
-    for item in items:
-        code = normalise_code(item)
-        if code not in catalogue:
-            close = difflib.get_close_matches(code, catalogue, n=1)
-            hint = f"; did you mean {close[0].lower().replace('_', '-')}?" if close else ""
-            raise CheckConfigError(f"unknown finding code {item!r}{hint} "
-                                   f"(known: {', '.join(c.lower().replace('_', '-') for c in catalogue)})")
-        if code not in out:
-            out.append(code)
-    return tuple(out)
-
-
-# --------------------------------------------------------------------------- config
-
-
-class CheckConfig(dict):
-    """The raw `check` table of a config file, remembering where it came from.
-
-    `source` is the file as shown in messages; `table` the dotted table name
-    (`check` or `tool.gpuscope.check`); `path` the file's absolute path ("" when
-    no file applied).
-    """
-
-    def __init__(self, data: Mapping[str, Any] | None = None, source: str = "config", table: str = "check"):
-        super().__init__(data or {})
-        self.source = source
-        self.table = table
-        self.path = ""  # the file's absolute path; "" when no file applied
-
-
-def _toml_loads(text: str) -> dict[str, Any]:
-    try:
-        import tomllib  # Python 3.11+
-    except ModuleNotFoundError:  # pragma: no cover - Python 3.10
-        import tomli as tomllib  # type: ignore[no-redef]
-    return tomllib.loads(text)
-
-
-def _read_toml(path: str, shown: str) -> dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            text = fh.read()
-    except FileNotFoundError as exc:
-        raise CheckConfigError(f"{shown}: no such file") from exc
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CheckConfigError(f"{shown}: cannot read ({getattr(exc, 'strerror', None) or exc})") from exc
-    try:
-        return _toml_loads(text)
-    except ValueError as exc:  # tomllib.TOMLDecodeError is a ValueError
-        raise CheckConfigError(f"{shown}: not valid TOML ({exc})") from exc
-
-
-def _table(data: dict[str, Any], dotted: str, shown: str) -> dict[str, Any] | None:
-    node: Any = data
-    for part in dotted.split("."):
-        if not isinstance(node, dict) or part not in node:
-            return None
-        node = node[part]
-    if not isinstance(node, dict):
-        raise CheckConfigError(f"{shown}: {dotted}: expected a table, got {_show(node)}")
-    return node
-
-
-def load_config(cwd: str, config_path: str | None = None) -> CheckConfig:
-    """The check limits from a config file, raw (validated by merge_limits).
-
-    Precedence, first match wins (files are not merged):
-      1. `config_path` (--config): its `[check]` table; a file named pyproject.toml
-         is read at `[tool.gpuscope.check]`. A missing file or table is an error.
-      2. Otherwise, like pytest and ruff, the folders from `cwd` up to the filesystem
-         root are searched, nearest first; in each, gpuscope.toml with a `[check]`
-         table, then pyproject.toml with a `[tool.gpuscope.check]` table. The search
-         stops at the first folder holding one, and after the first folder holding
-         `.git` (the repository root), so a CI job run from a subfolder is still gated.
-    Returns an empty CheckConfig when none applies. `CheckConfig.path` is the file's
-    absolute path ("" when none); `source` is the file as shown in messages (its name
-    in `cwd`, else its path relative to `cwd`).
-    """
-    if config_path:
-        shown = config_path
-        path = config_path if os.path.isabs(config_path) else os.path.join(cwd, config_path)
-        data = _read_toml(path, shown)
-        dotted = "tool.gpuscope.check" if os.path.basename(path) == "pyproject.toml" else "check"
-        table = _table(data, dotted, shown)
-        if table is None:
-            raise CheckConfigError(f"{shown}: no [{dotted}] table")
-        config = CheckConfig(table, source=shown, table=dotted)
-        config.path = os.path.abspath(path)
-        return config
-    for folder in _folders_up(cwd):
-        for name, dotted in (("gpuscope.toml", "check"), ("pyproject.toml", "tool.gpuscope.check")):
-            path = os.path.join(folder, name)
-            if not os.path.isfile(path):
-                continue
-            shown = _shown_path(path, cwd)
-            table = _table(_read_toml(path, shown), dotted, shown)
-            if table is not None:
-                config = CheckConfig(table, source=shown, table=dotted)
-                config.path = path
-                return config
-        if os.path.exists(os.path.join(folder, ".git")):
-            break
-    return CheckConfig({}, source="config", table="check")
-
-
-def _folders_up(cwd: str) -> list[str]:
-    """`cwd` (absolute) and each folder above it, up to the filesystem root."""
-    folder = os.path.abspath(cwd)
-    out = [folder]
-    while True:
-        parent = os.path.dirname(folder)
-        if parent == folder:
-            return out
-        out.append(parent)
-        folder = parent
-
-
-def _shown_path(path: str, cwd: str) -> str:
-    """`gpuscope.toml` in cwd, `../pyproject.toml` above it (the absolute path if relpath fails)."""
-    try:
-        return os.path.relpath(path, os.path.abspath(cwd))
-    except ValueError:  # another drive on Windows
-        return path
-
-
-def _show(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return repr(value)
-
-
-def _number(value: Any, *, minimum: float | None = None, maximum: float | None = None,
-            strict_min: bool = False) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise CheckConfigError(f"expected a number, got {_show(value)}")
-    if isinstance(value, str):
-        try:
-            number = float(value.strip())
-        except ValueError:
-            raise CheckConfigError(f"expected a number, got {value!r}") from None
-    else:
-        number = float(value)
-    if not math.isfinite(number):
-        raise CheckConfigError(f"expected a finite number, got {_show(value)}")
-    if minimum is not None and (number <= minimum if strict_min else number < minimum):
-        raise CheckConfigError(f"expected a number {'>' if strict_min else '>='} {minimum:g}, got {_show(value)}")
-    if maximum is not None and number > maximum:
-        raise CheckConfigError(f"expected a number <= {maximum:g}, got {_show(value)}")
-    return number
-
-
-def _size(value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-        raise CheckConfigError(f"expected a size like 512MiB or 20GiB, got {_show(value)}")
-    if isinstance(value, str):
-        if value.strip().replace(".", "", 1).isdigit():  # "100" is 100 bytes to a parser, rarely to a person
-            raise CheckConfigError(f"a size needs a unit, got {_show(value)} (e.g. {value.strip()}MiB or "
-                                   f"{value.strip()}GiB; {value.strip()}B for bytes)")
-        try:
-            return parse_size(value)
-        except ValueError as exc:
-            raise CheckConfigError(str(exc)) from None
-    if not math.isfinite(float(value)) or value < 0:
-        raise CheckConfigError(f"expected a size like 512MiB or 20GiB, got {_show(value)}")
-    return int(value)
-
-
-def _count(value: Any) -> int:
-    if isinstance(value, str) and value.strip().isdigit():
-        value = int(value.strip())
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise CheckConfigError(f"expected a whole number of predictors >= 1, got {_show(value)}")
-    return value
-
-
-def _fail_on(value: Any) -> str:
-    if isinstance(value, str) and value.strip().lower() in FAIL_ON_CHOICES:
-        return value.strip().lower()
-    raise CheckConfigError(f"expected one of {', '.join(FAIL_ON_CHOICES)}, got {_show(value)}")
-
-
-_CONVERTERS = {
-    "max_device_memory": _size,
-    "max_host_memory": _size,
-    "max_memory_per_predictor": _size,
-    "min_headroom_pct": lambda v: _number(v, minimum=0, maximum=100),
-    "max_p99_ms": lambda v: _number(v, minimum=0, strict_min=True),
-    "min_throughput": lambda v: _number(v, minimum=0),
-    "forbid": parse_forbid,
-    "fail_on": _fail_on,
-    "at_predictors": _count,
-}
-
-
-def _unknown_key_message(key: str) -> str:
-    guess = str(key).replace("-", "_").lower()
-    if guess in _CONVERTERS:
-        return f"unknown key (keys are snake case: did you mean {guess}?)"
-    close = difflib.get_close_matches(guess, list(_CONVERTERS), n=1)
-    hint = f"; did you mean {close[0]}?" if close else ""
-    return f"unknown key{hint} (known: {', '.join(_CONVERTERS)})"
-
-
-def merge_limits(config: Mapping[str, Any] | None, cli_values: Mapping[str, Any] | None) -> Limits:
-    """Validate the config table and the command-line values; the command line wins.
-
-    `config` is load_config's result (any mapping works; a CheckConfig names its
-    file in errors). `cli_values` maps snake-case limit names to what the user
-    passed, None meaning not given (sizes may be text like `20GiB`, forbid a
-    comma-separated string). A CLI `forbid` replaces the config's list.
-    Raises CheckConfigError naming the source and key.
-    """
-    config = config or {}
-    source = getattr(config, "source", "config")
-    table = getattr(config, "table", "check")
-    values: dict[str, Any] = {}
-    for key, raw in config.items():
-        where = f"{source}: {table}.{key}"
-        if key not in _CONVERTERS:
-            raise CheckConfigError(f"{where}: {_unknown_key_message(key)}")
-        try:
-            values[key] = _CONVERTERS[key](raw)
-        except CheckConfigError as exc:
-            raise CheckConfigError(f"{where}: {exc}") from None
-    for key, raw in (cli_values or {}).items():
-        if raw is None:
-            continue
-        name = str(key).replace("-", "_").lstrip("_")
-        flag = LIMIT_FLAGS.get(name, f"--{str(key).replace('_', '-')}")
-        if name not in _CONVERTERS:
-            raise CheckConfigError(f"{flag}: unknown limit")
-        try:
-            values[name] = _CONVERTERS[name](raw)
-        except CheckConfigError as exc:
-            raise CheckConfigError(f"{flag}: {exc}") from None
-    for key in ("min_headroom_pct", "max_p99_ms", "min_throughput"):
-        if key in values:
-            values[key] = float(values[key])
-    return Limits(**values)
-
-
-# --------------------------------------------------------------------------- results
 
 
 @dataclass(frozen=True)
@@ -547,9 +178,6 @@ class CheckOutcome:
                 "at_predictors_source": self.at_predictors_source, "limits": self.limits.to_json(),
                 "counts": self.counts(), "results": [r.to_json() for r in self.results], "run": dict(self.run),
                 "notes": list(self.notes)}
-
-
-# --------------------------------------------------------------------------- evaluation
 
 
 def _ms(value: float) -> str:
@@ -847,8 +475,7 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
     # Absence of a finding proves something only on a run that finished and measured something.
     incomplete_why = _not_finished(record) or _nothing_measured(record)
     incomplete = bool(incomplete_why)
-    checked_codes = None if swept else MODE_CODES.get(mode, ())
-    gpu_only = gpu_only_codes()
+    checked_codes = None if swept else codes_for_mode(mode)
     by_code: dict[str, list[Any]] = {}
     for finding in record.findings:
         by_code.setdefault(normalise_code(finding.code), []).append(finding)
@@ -857,26 +484,25 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
         common = dict(name=f"forbid.{code}", kind="forbid", limit="absent", limit_raw=code)
         found = by_code.get(code, [])
         if found:
-            worst = sorted(found, key=lambda f: _SEVERITY_RANK.get(f.severity, 9))[0]
+            worst = sorted(found, key=lambda f: SEVERITY_ORDER.get(f.severity, 9))[0]
             more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
             results.append(LimitResult(
                 status=FAIL, measured=f"{len(found)} finding{'s' if len(found) != 1 else ''}",
                 measured_raw=len(found), at_predictors=worst.at_predictors,
                 message=f"{code} found ({worst.severity}): {worst.title}{more}", **common))
         elif checked_codes is not None and code not in checked_codes:
-            needs = "" if code in LIVE_CHECKED_CODES else " (its rule reads a predictor sweep: a diagnose run)"
+            needs = "" if MODE_WATCH in CODES[code].modes else " (its rule reads a predictor sweep: a diagnose run)"
             results.append(LimitResult(status=UNMEASURED, message=f"not measured: a {mode} run does not look for "
                                        f"{code}{needs}", **common))
-        elif swept and code in NOT_IN_DIAGNOSE_CODES:
+        elif swept and MODE_DIAGNOSE not in CODES[code].modes:
             where = "gpuscope compare" if code == "PROCESSES_VS_THREADS" else "gpuscope watch or profiler.profile()"
             results.append(LimitResult(status=UNMEASURED, message=f"not measured: a diagnose run does not look for "
                                        f"{code} (its rule reads a {where} record)", **common))
-        elif code in TREND_CODES_MIN_TICKS and mode in LIVE_MODES \
-                and (_live_ticks(record) or 0) < TREND_CODES_MIN_TICKS[code]:
+        elif mode in LIVE_MODES and (_live_ticks(record) or 0) < CODES[code].min_ticks:
             results.append(LimitResult(status=UNMEASURED, message=f"not measured: {code} needs at least "
-                                       f"{TREND_CODES_MIN_TICKS[code]} samples; the {mode} took "
+                                       f"{CODES[code].min_ticks} samples; the {mode} took "
                                        f"{_live_ticks(record) or 0}", **common))
-        elif code in gpu_only and no_gpu:
+        elif code in GPU_ONLY_CODES and no_gpu:
             results.append(LimitResult(status=UNMEASURED,
                                        message=f"not measured: {code} needs a GPU; {no_gpu}", **common))
         elif incomplete:
@@ -885,11 +511,11 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
             results.append(LimitResult(status=PASS, measured="0 findings", measured_raw=0,
                                        message=f"{code} not found", **common))
 
-    threshold = _SEVERITY_RANK[limits.fail_on]
-    at_or_above = [f for f in record.findings if _SEVERITY_RANK.get(f.severity, 9) <= threshold]
+    threshold = SEVERITY_ORDER[limits.fail_on]
+    at_or_above = [f for f in record.findings if SEVERITY_ORDER.get(f.severity, 9) <= threshold]
     gated = [f for f in at_or_above if normalise_code(f.code) not in limits.forbid]
     besides = " besides the forbidden codes above" if len(gated) < len(at_or_above) else ""
-    gated.sort(key=lambda f: (_SEVERITY_RANK.get(f.severity, 9), f.code))
+    gated.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), f.code))
     seen: dict[str, int] = {}
     for finding in gated:
         code = normalise_code(finding.code)
@@ -916,40 +542,3 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
     return CheckOutcome(results=tuple(results), limits=limits, at_predictors=given, at_predictors_source=source,
                         run=run_info, checked_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
                         notes=tuple(notes))
-
-
-# --------------------------------------------------------------------------- output
-
-
-_STATUS_LABEL = {PASS: "PASS", FAIL: "FAIL", UNMEASURED: "UNMEASURED"}
-
-
-def format_lines(outcome: CheckOutcome, exit_code: int | None = None) -> list[str]:
-    """One line per result, then a summary line, e.g.
-
-    `PASS  max-p99-ms        p99 12.3 ms <= 25 ms (at 2 predictors)`
-    `UNMEASURED  max-device-memory  not measured: no GPU was measured (no_device: ...)`
-
-    `exit_code`: the code the process really exits with, when something after the evaluation
-    (an output that could not be written) changed it; the summary line states it.
-    """
-    if not outcome.results:
-        return ["check: no limits to evaluate"]
-    status_w = max(len(_STATUS_LABEL[r.status]) for r in outcome.results) + 2
-    label_w = max(18, max(len(r.label) for r in outcome.results) + 2)
-    lines = [f"{_STATUS_LABEL[r.status]:<{status_w}}{r.label:<{label_w}}{r.message}" for r in outcome.results]
-    lines.extend(f"note: {note}" for note in outcome.notes)
-    lines.append(summary_line(outcome, exit_code))
-    # Finding titles carry outside text (process names): a newline could forge a result line in a CI log,
-    # an escape sequence recolour it, a name that is not UTF-8 (lone surrogates) crash the print.
-    return [printable(line) for line in lines]
-
-
-def summary_line(outcome: CheckOutcome, exit_code: int | None = None) -> str:
-    c = outcome.counts()
-    word = {PASS: "passed", FAIL: "FAILED", UNMEASURED: "could not measure every limit"}[outcome.status]
-    where = _at(outcome.at_predictors).strip()
-    if where and outcome.at_predictors_source in ("recommended", "smallest measured"):
-        where = where[:-1] + f", {outcome.at_predictors_source})"
-    return (f"check {word}: {c['passed']} passed, {c['failed']} failed, {c['unmeasured']} unmeasured"
-            f"{' ' + where if where else ''} -> exit {outcome.exit_code if exit_code is None else exit_code}")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 import importlib
 import os
-import warnings
 import re
 import sys
+import warnings
 import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable

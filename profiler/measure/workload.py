@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from profiler.models import LoadedModel, make_input, weight_pointers
+from gpuscope.measure.models import LoadedModel, make_input, weight_pointers
 
 MAX_ERROR_MESSAGES = 5
 MAX_BACKLOG_PER_PREDICTOR = 64  # open-loop arrivals waiting beyond this are dropped (and counted), not queued

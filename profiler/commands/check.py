@@ -19,10 +19,12 @@ import os
 import sys
 from typing import Any, Callable, Mapping
 
-from profiler.check import (EXIT_BAD_INPUT, EXIT_FAIL, CheckConfigError, CheckOutcome, Limits, evaluate,
-                            format_lines, load_config, merge_limits)
-from profiler.files import write_json_atomic
-from profiler.run import RunRecord, save_run
+from gpuscope.analysis.gate import CheckOutcome, evaluate
+from gpuscope.analysis.limits import EXIT_BAD_INPUT, EXIT_FAIL, CheckConfigError, Limits, merge_limits
+from gpuscope.commands.check_config import load_config
+from gpuscope.record.files import write_json_atomic
+from gpuscope.record.run import RunRecord, save_run
+from gpuscope.reports.text import format_lines
 
 __all__ = ["run_check", "limits_from_sources", "CheckConfigError"]
 
@@ -85,7 +87,7 @@ def run_check(record: RunRecord, limits: Limits, at_predictors: int | None = Non
                 code = EXIT_BAD_INPUT
 
     if junit_path:
-        from reports.junit import write_junit  # lazy: reports is imported only by the entry points
+        from gpuscope.reports.junit import write_junit  # lazy: reports is imported only by the entry points
 
         attempt("JUnit XML", junit_path, lambda: write_junit(outcome, junit_path))
     if json_path:

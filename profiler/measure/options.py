@@ -3,9 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from profiler.errors import UsageError
-from probes.units import parse_duration_s
-
+from gpuscope.probes.units import parse_duration_s
+from gpuscope.record.errors import UsageError
 
 MAX_PREDICTORS = 1024  # threads per step; beyond this a machine runs out of threads before it says anything useful
 

@@ -7,12 +7,14 @@ everything from it and the samples file beside it.
 """
 from __future__ import annotations
 
+import datetime as _dt
 import json
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-from probes.readings import reading_from_json, reading_to_json
-from profiler.files import write_json_atomic
+from gpuscope.probes.readings import reading_from_json, reading_to_json
+from gpuscope.record.catalogue import SEVERITY_ORDER
+from gpuscope.record.files import write_json_atomic
 
 SCHEMA = "gpuscope.run/1"
 SCHEMA_FAMILY = "gpuscope.run/"
@@ -23,7 +25,6 @@ STATUS_INTERRUPTED = "interrupted"
 STATUS_FAILED = "failed"
 STATUS_RUNNING = "running"
 
-SEVERITY_ORDER = {"fail": 0, "warn": 1, "info": 2}
 
 
 def _fields_to_json(obj: Any) -> dict[str, Any]:
@@ -187,7 +188,7 @@ class RunRecord:
 
 def _redacted_process(process: Any) -> Any:
     """Command lines are redacted when first read; again here so no record path can leak one."""
-    from probes.redact import redact_cmdline
+    from gpuscope.probes.redact import redact_cmdline
 
     if isinstance(process, dict) and isinstance(process.get("cmdline"), str):
         return {**process, "cmdline": redact_cmdline(process["cmdline"])}
@@ -239,3 +240,7 @@ def load_run(path: str) -> RunRecord:
         raise RunFileError(f"{path}: {exc}") from exc
     except (TypeError, KeyError, ValueError, AttributeError) as exc:
         raise RunFileError(f"{path}: malformed run record ({type(exc).__name__}: {exc})") from exc
+
+
+def now_iso() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).astimezone().isoformat(timespec="seconds")

@@ -27,25 +27,23 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from probes.readings import ERROR, NO_DEVICE, NOT_SUPPORTED, PROCESS_GONE, Unavailable, is_available, reading_to_json
-from probes.redact import redact_argv
-from probes.host import read_rss_bytes, read_smaps_rollup
-from probes.units import format_bytes
-from profiler.errors import EXIT_OK, EXIT_USAGE, UsageError
-from profiler.options import WorkloadOptions
-from profiler.findings import least_squares_slope
-from profiler.run import Finding, RunRecord
-
-THREADS = "threads"
-PROCESSES = "processes"
-MODES = (THREADS, PROCESSES)
-COMPARE_SCOPE = "compare"
-COMPARE_PNG = "compare.png"
-FINDING_CODE = "PROCESSES_VS_THREADS"
-SAME_THROUGHPUT = 0.10  # throughputs within 10% count as a tie; memory then decides
-PLATEAU_SHARE = 0.05  # the recommended N: the smallest within 5% of the best throughput (as diagnose)
-COMPARISON_KEYS = ("rows", "per_extra_predictor", "verdict", "winner", "recommended_predictors", "verdict_at_predictors",
-                   "verdict_numbers", "host_memory", "device_memory")
+from gpuscope.analysis.verdict import (
+    COMPARE_SCOPE,
+    MODES,
+    PROCESSES,
+    THREADS,
+    _plural,
+    build_comparison,
+    comparison_findings,
+)
+from gpuscope.measure.devices import nvml_index_for_uuid
+from gpuscope.measure.options import WorkloadOptions
+from gpuscope.probes.host import read_rss_bytes, read_smaps_rollup
+from gpuscope.probes.readings import ERROR, NO_DEVICE, NOT_SUPPORTED, PROCESS_GONE, Unavailable, is_available
+from gpuscope.probes.redact import redact_argv
+from gpuscope.probes.units import format_bytes
+from gpuscope.record.errors import EXIT_OK, EXIT_USAGE, UsageError
+from gpuscope.record.run import RunRecord
 
 
 @dataclass(frozen=True)
@@ -67,8 +65,6 @@ def default_counts(usable_cores: int) -> tuple[int, ...]:
         n *= 2
     return tuple(counts)
 
-
-# ---------------------------------------------------------------- memory of a set of processes
 
 def _read_process_memory(pid: int) -> dict[str, int] | Unavailable:
     rollup = read_smaps_rollup(pid)
@@ -182,8 +178,8 @@ class ParticipantsProbe:
         device's growth since the mode started when NVML does not list every worker."""
         if self.nvml is None or self.nvml_index is None:
             return Unavailable(NO_DEVICE, "CPU run: no NVML")
-        from probes.gpu import check_row
-        from probes.nvml import MetricError
+        from gpuscope.probes.gpu import check_row
+        from gpuscope.probes.nvml import MetricError
 
         try:
             total = self.nvml.memory_info(self.nvml_index).total_bytes
@@ -226,7 +222,7 @@ class ParticipantsProbe:
         self.device_baseline = {}
         if self.nvml is None:
             return
-        from probes.nvml import MetricError
+        from gpuscope.probes.nvml import MetricError
 
         try:
             count = self.nvml.device_count()
@@ -273,11 +269,9 @@ class WindowPeaks:
                     self._peaks[metric] = value  # keep the reason until a real value arrives
 
 
-# ---------------------------------------------------------------- turning measurements into the comparison
-
 def build_row(mode: str, predictors: int, payloads: list[dict[str, Any]], window_s: float,
               peaks: dict[str, Any], ticks: int) -> dict[str, Any]:
-    from profiler.sweep import percentiles_ms
+    from gpuscope.measure.sweep import percentiles_ms
 
     latencies_ms = [lat / 1e6 for p in payloads for lat in p["latencies_ns"]]
     messages: list[str] = []
@@ -304,252 +298,6 @@ def build_row(mode: str, predictors: int, payloads: list[dict[str, Any]], window
     return row
 
 
-def ok_rows(rows: list[dict[str, Any]], mode: str) -> list[dict[str, Any]]:
-    return sorted((r for r in rows if r.get("mode") == mode and not r.get("error") and r.get("requests", 0) > 0),
-                  key=lambda r: r["predictors"])
-
-
-def per_extra_predictor(rows: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
-    """Least-squares growth per added predictor, per mode and memory figure (bytes), from the measured rows."""
-    out: dict[str, dict[str, Any]] = {}
-    for mode in MODES:
-        mine = ok_rows(rows, mode)
-        entry: dict[str, Any] = {}
-        for key in ("host_uss_bytes", "host_pss_bytes", "device_bytes"):
-            points = [(r["predictors"], r[key]) for r in mine if is_available(r.get(key))]
-            slope = least_squares_slope(points)
-            if slope is not None:
-                entry[key] = int(round(slope))
-            else:
-                reasons = [r.get(key) for r in mine if isinstance(r.get(key), Unavailable)]
-                entry[key] = reasons[0] if reasons else Unavailable(
-                    NOT_SUPPORTED, "needs two predictor counts measured in this mode")
-        out[mode] = entry
-    return out
-
-
-def recommended_predictors(rows: list[dict[str, Any]]) -> int | None:
-    """The smallest N, measured in both modes, whose better mode is within 5% of the best throughput seen."""
-    threads = {r["predictors"]: r for r in ok_rows(rows, THREADS)}
-    processes = {r["predictors"]: r for r in ok_rows(rows, PROCESSES)}
-    both = sorted(set(threads) & set(processes))
-    if not both:
-        return None
-    best_at = {n: max(threads[n]["throughput_rps"], processes[n]["throughput_rps"]) for n in both}
-    best = max(best_at.values())
-    return min(n for n in both if best_at[n] >= best * (1 - PLATEAU_SHARE))
-
-
-def throughput_noise(rows: list[dict[str, Any]]) -> float | None:
-    """How far apart the two modes' throughputs are at 1 predictor, where they are the same deployment."""
-    t = next((r for r in ok_rows(rows, THREADS) if r["predictors"] == 1), None)
-    p = next((r for r in ok_rows(rows, PROCESSES) if r["predictors"] == 1), None)
-    if t is None or p is None or max(t["throughput_rps"], p["throughput_rps"]) <= 0:
-        return None
-    return abs(t["throughput_rps"] - p["throughput_rps"]) / max(t["throughput_rps"], p["throughput_rps"])
-
-
-def _plural(n: int, word: str) -> str:
-    return f"{n} {word}{'s' if n != 1 else ''}"
-
-
-def _memory_phrase(n: int, diff: Any, what: str, gpu: bool, model_bytes: int) -> str | None:
-    """'2 processes use 151 MiB more host memory than 2 threads: ...', or None when it cannot be said."""
-    if not is_available(diff):
-        return None
-    if diff >= 0:
-        cause = (f"{_plural(n, 'CUDA context')} and {_plural(n, 'model copy').replace('copys', 'copies')} instead of one"
-                 if gpu and what == "device" else
-                 f"{_plural(n, 'interpreter')} with torch and {_plural(n, 'copy').replace('copys', 'copies')} of the "
-                 f"{format_bytes(model_bytes)} model instead of one")
-        if n == 1:
-            return f"1 process uses {format_bytes(diff)} more {what} memory than 1 thread in its own process"
-        return f"{n} processes use {format_bytes(diff)} more {what} memory than {n} threads: {cause}"
-    return f"{n} processes use {format_bytes(-diff)} less {what} memory than {n} threads"
-
-
-def _memory_text(diffs: list[tuple[int, str]], side: str) -> str:
-    """'151 MiB less host memory' from `side`'s point of view; diffs are processes minus threads."""
-    words = []
-    for diff, what in diffs:
-        fewer = diff >= 0 if side == THREADS else diff < 0
-        words.append(f"{format_bytes(abs(diff))} {'less' if fewer else 'more'} {what} memory")
-    return " and ".join(words) or "memory not measured"
-
-
-def verdict(rows: list[dict[str, Any]], gpu: bool, model_bytes: int) -> tuple[str, str | None, dict[str, Any]]:
-    """(the verdict sentence, the winning mode or None, the numbers behind it), phrased from the rows."""
-    recommended = recommended_predictors(rows)
-    if recommended is None:
-        return ("no predictor count completed in both modes: nothing to compare", None, {})
-    measured = sorted(set(r["predictors"] for r in ok_rows(rows, THREADS)) & set(r["predictors"] for r in ok_rows(rows, PROCESSES)))
-    # at 1 predictor both modes are the same deployment (one process, one model): judge at 2 or more when possible
-    n = recommended if recommended >= 2 else next((m for m in measured if m >= 2), recommended)
-    if n == 1:
-        return ("at 1 predictor both modes are the same deployment (one process, one model): measure 2 or more "
-                "predictors to compare threads with processes", None, {"predictors": 1, "recommended_predictors": 1})
-    t = next(r for r in ok_rows(rows, THREADS) if r["predictors"] == n)
-    p = next(r for r in ok_rows(rows, PROCESSES) if r["predictors"] == n)
-    ratio = p["throughput_rps"] / t["throughput_rps"] if t["throughput_rps"] > 0 else float("inf")
-    noise = throughput_noise(rows)
-    tie = max(SAME_THROUGHPUT, noise or 0.0)
-    host_diff = (p["host_uss_bytes"] - t["host_uss_bytes"]
-                 if is_available(p["host_uss_bytes"]) and is_available(t["host_uss_bytes"]) else None)
-    device_diff = (p["device_bytes"] - t["device_bytes"]
-                   if is_available(p["device_bytes"]) and is_available(t["device_bytes"]) else None)
-    diffs = [(d, w) for d, w in ((device_diff, "device"), (host_diff, "host")) if d is not None]
-    at = f"at {_plural(n, 'predictor')}"
-    p99 = "p99 {a:.1f} vs {b:.1f} ms"
-    if ratio > 1 + tie:
-        winner = PROCESSES
-        text = (f"processes win {at}: {ratio:.2f}x the throughput of threads ({p['throughput_rps']:.1f} vs "
-                f"{t['throughput_rps']:.1f} req/s, " + p99.format(a=p["latency_ms"].get("p99", 0), b=t["latency_ms"].get("p99", 0))
-                + f") for {_memory_text(diffs, PROCESSES)}")
-    elif ratio < 1 / (1 + tie):
-        winner = THREADS
-        text = (f"threads win {at}: {1 / ratio:.2f}x the throughput of processes ({t['throughput_rps']:.1f} vs "
-                f"{p['throughput_rps']:.1f} req/s, " + p99.format(a=t["latency_ms"].get("p99", 0), b=p["latency_ms"].get("p99", 0))
-                + f") with {_memory_text(diffs, THREADS)}")
-    else:
-        winner = THREADS if not diffs or diffs[0][0] >= 0 else PROCESSES
-        first, second = (t, p) if winner == THREADS else (p, t)
-        same = f"the same throughput within {tie:.0%}" if tie <= SAME_THROUGHPUT else "throughput within this machine's noise"
-        text = (f"{winner} win {at}: {same} ({first['throughput_rps']:.1f} vs "
-                f"{second['throughput_rps']:.1f} req/s) with {_memory_text(diffs, winner)}")
-    if n != recommended:
-        text = "1 predictor already gives the best throughput, and at 1 predictor both modes are the same deployment; " + text
-    if noise is not None and noise > SAME_THROUGHPUT:
-        text += (f" (throughput is noisy here: at 1 predictor, where both modes are the same deployment, it differed "
-                 f"by {noise:.0%}, so smaller differences are not counted)")
-    numbers = {"predictors": n, "recommended_predictors": recommended,
-               "throughput_noise": round(noise, 3) if noise is not None else None, "tie_tolerance": round(tie, 3),
-               "throughput_ratio_processes_to_threads": round(ratio, 3),
-               "host_uss_diff_bytes": host_diff, "device_diff_bytes": device_diff,
-               "threads": {k: t[k] for k in ("throughput_rps", "latency_ms", "host_uss_bytes", "device_bytes")},
-               "processes": {k: p[k] for k in ("throughput_rps", "latency_ms", "host_uss_bytes", "device_bytes")}}
-    return text, winner, numbers
-
-
-def comparison_findings(comparison: dict[str, Any], gpu: bool, model_bytes: int) -> list[Finding]:
-    """PROCESSES_VS_THREADS: what N processes cost over N threads, and which mode serves better."""
-    rows = comparison.get("rows", [])
-    findings: list[Finding] = []
-    n = comparison.get("recommended_predictors")
-    numbers = comparison.get("verdict_numbers") or {}
-    if n is not None and numbers.get("threads"):
-        # the count the verdict speaks of, so the finding and the verdict never describe different deployments
-        at_n = int(numbers.get("predictors") or n)
-        t = next(r for r in ok_rows(rows, THREADS) if r["predictors"] == at_n)
-        p = next(r for r in ok_rows(rows, PROCESSES) if r["predictors"] == at_n)
-        device_diff = p["device_bytes"] - t["device_bytes"] if is_available(p["device_bytes"]) and is_available(t["device_bytes"]) else None
-        host_diff = p["host_uss_bytes"] - t["host_uss_bytes"] if is_available(p["host_uss_bytes"]) and is_available(t["host_uss_bytes"]) else None
-        phrases = [x for x in (_memory_phrase(at_n, device_diff, "device", gpu, model_bytes),
-                               _memory_phrase(at_n, host_diff, "host", gpu, model_bytes)) if x]
-        title = phrases[0] if phrases else f"{at_n} processes versus {at_n} threads: memory not measured"
-        per_extra = comparison.get("per_extra_predictor", {})
-        winner = comparison.get("winner")
-        faster = numbers.get("throughput_ratio_processes_to_threads", 1) > 1 + numbers.get("tie_tolerance", SAME_THROUGHPUT)
-        one_is_best = numbers.get("recommended_predictors") == 1  # at 1 predictor both modes are one deployment
-        severity = "warn" if winner == PROCESSES and faster and not one_is_best else "info"
-        if winner == PROCESSES and faster:
-            remedy = ("threads leave throughput on the table here (the GIL or a lock in the model serialises them): "
-                      "serve from worker processes if their memory fits, or make forward release the GIL "
-                      "(TorchScript / torch.compile, fewer Python-level ops) and compare again"
-                      + ("; but 1 predictor already gives the best throughput, where the two modes are the same"
-                         if one_is_best else ""))
-        elif winner == PROCESSES:
-            remedy = ("the two modes serve the same here, and the processes measured less memory, which is unusual "
-                      "(threads share one model; each process loads its own): measure again, longer, before "
-                      "choosing; threads stay the simpler deployment")
-        else:
-            remedy = ("serve from threads sharing one model; worker processes only add memory here "
-                      f"(each extra process costs {_fmt(per_extra.get(PROCESSES, {}).get('device_bytes' if gpu else 'host_uss_bytes'))}"
-                      f" against {_fmt(per_extra.get(THREADS, {}).get('device_bytes' if gpu else 'host_uss_bytes'))} per extra thread)")
-        findings.append(Finding(FINDING_CODE, severity, title,
-                                reading_to_json({"at_predictors": at_n, "phrases": phrases,
-                                                 "verdict": comparison.get("verdict"),
-                                                 "per_extra_predictor": per_extra, "verdict_numbers": numbers,
-                                                 "host_uss_diff_bytes": host_diff, "device_diff_bytes": device_diff}),
-                                remedy, at_n))
-    for row in rows:
-        if row.get("error"):
-            findings.append(Finding(FINDING_CODE, "warn",
-                                    f"{_plural(row['predictors'], 'predictor')} in {row['mode']} mode could not run: "
-                                    f"{row['error']}", {"row": reading_to_json(row)},
-                                    "see the worker's error; on a GPU, N processes need N CUDA contexts and N model "
-                                    "copies, which may not fit where N threads do", row["predictors"]))
-    return findings
-
-
-def _fmt(value: Any) -> str:
-    return ("+" if value >= 0 else "") + format_bytes(value) if is_available(value) else "n/a"
-
-
-def build_comparison(rows: list[dict[str, Any]], gpu: bool, model_bytes: int) -> dict[str, Any]:
-    text, winner, numbers = verdict(rows, gpu, model_bytes)
-    return reading_to_json({
-        "rows": rows, "per_extra_predictor": per_extra_predictor(rows), "verdict": text, "winner": winner,
-        "recommended_predictors": numbers.get("recommended_predictors"), "verdict_at_predictors": numbers.get("predictors"),
-        "verdict_numbers": numbers,
-        "host_memory": "peak during the measured window of the sum of USS (and PSS) over the workers of the mode "
-                       "and their descendants, each process once; the orchestrating parent is not counted",
-        "device_memory": ("peak of NVML per-process used memory summed over the workers' pids (a row whose "
-                          "device_source is device_delta could not see their pids, e.g. from a container: there it is "
-                          "the device's growth since the mode started)" if gpu
-                          else "not measured: no GPU (NVML unavailable)"),
-    })
-
-
-# ---------------------------------------------------------------- the terminal table
-
-def format_comparison(record: RunRecord) -> str:
-    comparison = record.extra.get("comparison") or {}
-    rows = comparison.get("rows", [])
-    model = record.model or {}
-    lines = [f"gpuscope compare: {model.get('source', record.config.get('model', '?'))} "
-             f"({format_bytes(model.get('model_bytes') or 0)} of weights) on {record.config.get('device', '?')}, "
-             f"{record.config.get('max_step_s', 0):g} s per step  [{record.status}]", ""]
-
-    def mem(value: Any) -> str:
-        return format_bytes(value) if is_available(value) else "n/a"
-
-    def cell(row: dict[str, Any] | None) -> str:
-        if row is None:
-            return f"{'-':>8} {'':>8} {'':>8} {'':>10} {'':>10}"
-        if row.get("error"):
-            return f"{'failed':>8} {'':>8} {'':>8} {'':>10} {'':>10}"
-        lat = row.get("latency_ms") or {}
-        return (f"{row['throughput_rps']:>8.1f} {lat.get('p50', 0):>8.2f} {lat.get('p99', 0):>8.2f} "
-                f"{mem(row.get('host_uss_bytes')):>10} {mem(row.get('device_bytes')):>10}")
-
-    width = len(cell(None))
-    lines.append(f"{'':>4}  {'threads (1 process)':<{width}}  | {'processes (1 predictor each)':<{width}}")
-    head = f"{'req/s':>8} {'p50 ms':>8} {'p99 ms':>8} {'host USS':>10} {'device':>10}"
-    lines.append(f"{'N':>4}  {head}  | {head}")
-    by = {(r.get("mode"), r.get("predictors")): r for r in rows}
-    for n in sorted({r.get("predictors") for r in rows}):
-        lines.append(f"{n:>4}  {cell(by.get((THREADS, n)))}  | {cell(by.get((PROCESSES, n)))}")
-    per_extra = comparison.get("per_extra_predictor", {})
-
-    def extra(mode: str) -> str:
-        e = per_extra.get(mode, {})
-        return f"host {_fmt(e.get('host_uss_bytes'))}, device {_fmt(e.get('device_bytes'))}"
-
-    lines.append(f"{'per extra predictor:':<{width + 6}}")
-    lines.append(f"{'':>4}  {extra(THREADS):<{width}}  | {extra(PROCESSES)}")
-    for row in rows:
-        if row.get("error"):
-            lines.append(f"{row['mode']} x{row['predictors']} failed: {row['error']}")
-    lines += ["", f"verdict: {comparison.get('verdict', 'none')}"]
-    for finding in record.findings:
-        lines.append(f"  [{finding.severity}] {finding.code}: {finding.title}")
-    if record.failure:
-        lines.append(f"failure: {record.failure}")
-    return "\n".join(lines)
-
-
-# ---------------------------------------------------------------- the session
-
 def run_compare(opts: CompareOptions, progress: Any = None,
                 nvml_opener: Callable[[], tuple[Any, dict[str, str] | None]] | None = None) -> Any:
     """Run both modes for every predictor count; save run.json (and the report). Returns a SessionResult.
@@ -557,17 +305,17 @@ def run_compare(opts: CompareOptions, progress: Any = None,
     Raises UsageError for bad input, or when the model cannot be loaded in a worker
     (before anything is written). Every worker is reaped before this returns or raises.
     """
-    from probes.host import host_info, usable_cores
-    from probes.samplefile import SampleWriter
-    from probes.sampler import Sampler
-    from profiler import __version__
-    from profiler.devices import resolve_device
-    from profiler.models import DTYPES, SIZES, parse_input_shape
-    from profiler.options import parse_predictors, parse_seconds
-    from profiler.process_worker import Interrupted, WorkerError, WorkerGroup, WorkerSpec
-    from profiler.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, save_run
-    from profiler.session import (RUN_FILE, SAMPLES_FILE, Interrupts, Progress, SessionResult, check_out_path,
-                                  now_iso, open_nvml, prepare_out_dir)
+    from gpuscope import __version__
+    from gpuscope.measure.devices import resolve_device
+    from gpuscope.measure.models import DTYPES, SIZES, parse_input_shape
+    from gpuscope.measure.options import parse_predictors, parse_seconds
+    from gpuscope.measure.recording import Interrupts, Progress, SessionResult, open_nvml
+    from gpuscope.measure.workers import Interrupted, WorkerError, WorkerGroup, WorkerSpec
+    from gpuscope.probes.host import host_info, usable_cores
+    from gpuscope.probes.samplefile import SampleWriter
+    from gpuscope.probes.sampler import Sampler
+    from gpuscope.record.files import RUN_FILE, SAMPLES_FILE, check_out_path, prepare_out_dir
+    from gpuscope.record.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, now_iso, save_run
 
     progress = progress or Progress(opts.quiet)
     counts = parse_predictors(opts.predictors) or default_counts(usable_cores())
@@ -596,7 +344,7 @@ def run_compare(opts: CompareOptions, progress: Any = None,
     record.device_unavailable = device_unavailable
     nvml_index: int | None = None
     if nvml is not None:
-        from probes.gpu import GpuProbe
+        from gpuscope.probes.gpu import GpuProbe
 
         record.devices = [d.to_json() for d in GpuProbe(nvml).devices]
     spec = WorkerSpec(model=opts.model, device=device, input_shape=shape, dtype=opts.dtype, size=size,
@@ -745,12 +493,12 @@ def compare_environment(device: str, devices: list[dict[str, Any]], nvml_index: 
     on), so the facts are taken as for the CPU, then the device's name and driver come from NVML and the torch
     thread count from the worker that loaded the model.
     """
-    from profiler.session import environment_facts  # lazy: it imports torch
+    from gpuscope.measure.recording import environment_facts  # lazy: it imports torch
 
     try:
         facts = environment_facts("cpu")
     except Exception as exc:  # torch missing or broken in the parent: the workers told us what they could
-        from profiler import __version__
+        from gpuscope import __version__
 
         facts = {"gpuscope": __version__, "python": sys.version.split()[0],
                  "torch": Unavailable("error", f"{type(exc).__name__}: {exc}")}
@@ -772,20 +520,9 @@ def compare_environment(device: str, devices: list[dict[str, Any]], nvml_index: 
 def render_comparison(record: RunRecord, out_dir: str, progress: Any) -> dict[str, str] | None:
     """report.html and compare.png (reports.render writes both for a compare record, also on `gpuscope report`);
     a rendering failure is one line, run.json stays."""
-    from profiler.session import render
+    from gpuscope.measure.recording import render
 
     return render(record, out_dir, progress)
-
-
-def nvml_index_for_uuid(uuid: Any, nvml_uuids: list[Any], torch_index: int) -> int:
-    """NVML's index of the worker's device, matched by the UUID the worker read from torch (the parent never
-    touches CUDA); torch's index when the UUID is unknown."""
-    if isinstance(uuid, str) and uuid:
-        wanted = uuid.replace("GPU-", "").lower()
-        for index, nvml_uuid in enumerate(nvml_uuids):
-            if isinstance(nvml_uuid, str) and nvml_uuid.replace("GPU-", "").lower() == wanted:
-                return index
-    return torch_index
 
 
 def _wait(seconds: float, stop: threading.Event, check: Callable[[], None]) -> None:

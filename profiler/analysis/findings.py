@@ -11,18 +11,9 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from probes.readings import Unavailable, is_available
-from probes.units import MiB, format_bytes
-from profiler.run import Finding, RunRecord, Step
-
-KNOWN_CODES = (
-    "CACHE_BLOAT", "OUTSIDE_ALLOCATOR", "PER_PREDICTOR_GROWTH", "DUPLICATE_MODEL", "FOREIGN_PROCESS",
-    "MULTIPLE_ENGINES", "ENGINE_PREALLOCATION", "DEFAULT_STREAM_SERIALIZATION", "THROUGHPUT_PLATEAU",
-    "CPU_OVERSUBSCRIPTION", "OOM", "GRAD_ENABLED", "LOW_HEADROOM", "FRAGMENTATION", "PID_NAMESPACE",
-    "PREDICTOR_ERRORS", "MEASUREMENT_GAP", "OVERLOADED",
-    "MEMORY_GROWTH",  # watch and in-process runs (profiler/watch_findings.py), and growth inside diagnose's steps
-    "PROCESSES_VS_THREADS",  # gpuscope compare (profiler/compare.py)
-)
+from gpuscope.probes.readings import Unavailable, is_available
+from gpuscope.probes.units import MiB, format_bytes
+from gpuscope.record.run import Finding, RunRecord, Step
 
 
 @dataclass(frozen=True)

@@ -1,31 +1,18 @@
-"""`gpuscope ps [--json]`: every GPU, its memory and utilisation, and every process on it, on one screen.
-
-Like nvidia-smi's process table, plus what it leaves out: who owns each
-process, its command line (secrets redacted), which GPU engines it has
-loaded (from /proc/PID/maps where readable) and their memory variables, and
-flags for devices shared by several processes or engines. Where NVML shows
-memory in use but no process (a container without the host pid namespace),
-it says attribution is impossible here, and why, instead of showing an empty
-table that looks like an idle card.
-
-`collect(backend)` takes any NvmlBackend (tests pass ScriptedNvml/ReplayNvml);
-`snapshot_from_readings()` turns one GpuProbe tick into the same snapshot, which
-the Prometheus exporter reuses at every scrape.
-"""
+"""One snapshot of every GPU process on the node: what `ps` prints and `export` serves."""
 from __future__ import annotations
 
-import json
-import sys
 from dataclasses import dataclass, field
-from typing import Any, Callable, TextIO
+from typing import Any, Callable
 
-from probes.redact import printable
-from probes.readings import Unavailable, is_available, reading_to_json
-from probes.units import MiB, format_bytes
-from profiler.errors import EXIT_OK, EXIT_USAGE
+from gpuscope.probes.readings import Unavailable, is_available, reading_to_json
+from gpuscope.probes.units import MiB, format_bytes
 
 PS_SCHEMA = "gpuscope.ps/1"
+
+
 UNLISTED_MIN_BYTES = 64 * MiB          # memory in use with nobody listed, beyond this, means hidden processes
+
+
 UNLISTED_MIN_BYTES_NO_RESERVE = 1024 * MiB  # without memory info v2 an idle card already shows the driver's reserve
 
 
@@ -94,7 +81,7 @@ class PsSnapshot:
     findings: list[Any] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
-        from profiler.run import sorted_findings
+        from gpuscope.record.run import sorted_findings
 
         return reading_to_json({"schema": PS_SCHEMA, "driver": self.driver, "cuda_driver": self.cuda_driver,
                                 "devices": [d.to_json() for d in self.devices], "notes": list(self.notes),
@@ -102,8 +89,8 @@ class PsSnapshot:
 
 
 def _attempt(fn: Callable[[], Any]) -> Any:
-    from probes.nvml import MetricError
-    from probes.readings import ERROR
+    from gpuscope.probes.nvml import MetricError
+    from gpuscope.probes.readings import ERROR
 
     try:
         return fn()
@@ -184,8 +171,8 @@ def _flag(snapshot: PsSnapshot) -> None:
 
 def snapshot_record(snapshot: PsSnapshot) -> Any:
     """A RunRecord of one instant with no profiled process, for the process-level and device-level rules."""
-    from profiler import __version__
-    from profiler.run import RunRecord
+    from gpuscope import __version__
+    from gpuscope.record.run import RunRecord
 
     record = RunRecord(tool_version=__version__, started_at="", mode="ps", pid=0)
     record.config = {"device": "none", "gpu_index": None}
@@ -209,7 +196,7 @@ def snapshot_record(snapshot: PsSnapshot) -> Any:
 
 def snapshot_findings(snapshot: PsSnapshot) -> list[Any]:
     """Findings that hold for this instant: engines, preallocation, headroom, hidden processes."""
-    from profiler.watch_findings import live_findings
+    from gpuscope.analysis.live_rules import live_findings
 
     return live_findings(snapshot_record(snapshot))
 
@@ -217,7 +204,7 @@ def snapshot_findings(snapshot: PsSnapshot) -> list[Any]:
 def collect(backend: Any, describe: Callable[[int, str], Any] | None = None,
             pid_exists: Callable[[int], bool] | None = None) -> PsSnapshot:
     """One reading of every device and process through `backend` (an NvmlBackend), with findings."""
-    from probes.gpu import GpuProbe
+    from gpuscope.probes.gpu import GpuProbe
 
     probe = GpuProbe(backend, describe=describe, pid_exists=pid_exists)
     values = probe.read()
@@ -227,128 +214,3 @@ def collect(backend: Any, describe: Callable[[int, str], Any] | None = None,
                                       _attempt(backend.cuda_driver_version))
     snapshot.findings = snapshot_findings(snapshot)
     return snapshot
-
-
-# ---------------------------------------------------------------- the table
-
-def _na(value: Any, kind: str = "bytes") -> str:
-    if not is_available(value):
-        return "n/a"
-    if kind == "bytes":
-        return format_bytes(value)
-    return f"{value:.0f}%"
-
-
-def _engines_text(info: Any) -> str:
-    engines = getattr(info, "engines", None)
-    if isinstance(engines, tuple):
-        return ",".join(engines) if engines else "-"
-    if isinstance(engines, Unavailable):
-        return {"no_permission": "(no access)", "process_gone": "(not here)"}.get(engines.reason, "n/a")
-    return "n/a"
-
-
-def _clip(text: str, width: int | None) -> str:
-    if width is None or len(text) <= width:
-        return text
-    return text[: max(0, width - 3)] + "..."
-
-
-def format_table(snapshot: PsSnapshot, width: int | None = None) -> str:
-    """The one-screen table. `width` clips command lines to a terminal's width (None: never clip)."""
-    from profiler.run import sorted_findings
-    from profiler.summary import _MARK
-
-    count = len(snapshot.devices)
-    lines = [f"gpuscope ps: {count} GPU{'s' if count != 1 else ''}, driver {printable(_text(snapshot.driver))}, "
-             f"CUDA {printable(_text(snapshot.cuda_driver))}"]
-    for device in snapshot.devices:
-        total, used, free = device.total_bytes, device.used_bytes, device.free_bytes
-        share = f" ({used / total:.0%})" if is_available(used) and is_available(total) and total else ""
-        head = (f"GPU {device.index}  {printable(_text(device.name))}  memory {_na(used)} used{share} of {_na(total)}, "
-                f"{_na(free)} free")
-        if is_available(device.driver_reserved_bytes):
-            head += f" (driver reserve {format_bytes(device.driver_reserved_bytes)})"
-        head += f"  util {_na(device.util_pct, 'pct')}  mem util {_na(device.mem_util_pct, 'pct')}"
-        lines += ["", head]
-        if device.flags:
-            lines.append("  ! " + "; ".join(device.flags))
-        if not device.processes:
-            if device.unlisted_bytes:
-                lines.append(f"  no process listed, yet {format_bytes(device.unlisted_bytes)} is in use (see below)")
-            elif is_available(device.process_list):
-                lines.append("  no processes")
-            else:
-                missing = device.process_list
-                why = f"{missing.reason}: {missing.detail}" if isinstance(missing, Unavailable) and missing.detail \
-                    else getattr(missing, "reason", str(missing))
-                lines.append(f"  process list unavailable ({printable(why)})")
-            continue
-        lines.append(f"  {'PID':>8} {'USER':<10} {'NAME':<20} {'GPU MEM':>10} {'SM':>4}  {'ENGINES':<16} COMMAND")
-        for p in device.processes:
-            info = p.info
-            user = getattr(info, "user", None)
-            user_text = user if isinstance(user, str) else "?"
-            cmd = getattr(info, "cmdline", None)
-            cmd_text = cmd if isinstance(cmd, str) else (f"({cmd.reason})" if isinstance(cmd, Unavailable) else "?")
-            name = getattr(info, "name", "?") or "?"
-            engines = _engines_text(info)
-            if len(p.engines) >= 2:
-                engines += " !"
-            row = (f"  {p.pid:>8} {_clip(printable(user_text), 10):<10} {_clip(printable(name), 20):<20} "
-                   f"{_na(p.used_bytes):>10} {_na(p.sm_util_pct, 'pct'):>4}  {_clip(engines, 16):<16} ")
-            lines.append(row + _clip(printable(cmd_text), None if width is None else max(20, width - len(row))))
-    for note in snapshot.notes:
-        lines += ["", "note: " + printable(note)]
-    findings = [f for f in sorted_findings(snapshot.findings) if f.severity in ("warn", "fail")]
-    if findings:
-        lines += ["", f"findings ({len(findings)}):"]
-        for finding in findings:
-            lines.append(f"  {_MARK.get(finding.severity, finding.severity):<4} {finding.code}: {printable(finding.title)}")
-    return "\n".join(lines)
-
-
-def _text(value: Any) -> str:
-    return str(value) if not isinstance(value, Unavailable) else "n/a"
-
-
-# ---------------------------------------------------------------- the command
-
-def run_ps(json_output: bool = False, opener: Callable[[], Any] | None = None,
-           describe: Callable[[int, str], Any] | None = None, pid_exists: Callable[[int], bool] | None = None,
-           out: TextIO | None = None, err: TextIO | None = None, width: int | None = None) -> int:
-    """`gpuscope ps`: print the table (or JSON); without a GPU, one line on stderr and exit code 2.
-
-    `opener` returns an NvmlBackend or raises probes.nvml.DeviceUnavailable (default: the real NVML).
-    """
-    from probes.nvml import DeviceUnavailable, MetricError, open_backend
-
-    out = out or sys.stdout
-    err = err or sys.stderr
-    try:
-        backend = (opener or open_backend)()
-    except DeviceUnavailable as exc:
-        err.write(f"gpuscope ps: no GPU here: {exc.detail}\n")
-        return EXIT_USAGE
-    try:
-        snapshot = collect(backend, describe=describe, pid_exists=pid_exists)
-    except MetricError as exc:  # NVML started but cannot even count its devices
-        err.write(f"gpuscope ps: NVML failed: {exc} ({exc.reason})\n")
-        return EXIT_USAGE
-    finally:
-        try:
-            backend.shutdown()
-        except Exception:
-            pass
-    if not snapshot.devices:  # a driver without a visible GPU (CUDA_VISIBLE_DEVICES="", a container without one)
-        err.write("gpuscope ps: no GPU here: NVML started but sees no device\n")
-        return EXIT_USAGE
-    if json_output:
-        out.write(json.dumps(snapshot.to_json(), indent=2, default=str) + "\n")
-    else:
-        if width is None and getattr(out, "isatty", lambda: False)():
-            import shutil
-
-            width = shutil.get_terminal_size((160, 24)).columns
-        out.write(format_table(snapshot, width) + "\n")
-    return EXIT_OK

@@ -105,7 +105,7 @@ def _die_with_parent(parent_pid: int) -> None:
 def _load(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     import torch
 
-    from profiler.models import load_model, validate_model
+    from gpuscope.measure.models import load_model, validate_model
 
     if spec.get("intra_op_threads"):
         torch.set_num_threads(int(spec["intra_op_threads"]))
@@ -168,7 +168,7 @@ def _fail(conn: Any, exc: BaseException) -> None:
 
 
 def _serve(conn: Any, model: Any, spec: dict[str, Any]) -> None:
-    from profiler.workload import PredictorPool
+    from gpuscope.measure.workload import PredictorPool
 
     pool = PredictorPool(model, streams=bool(spec.get("streams")), inference_mode=spec.get("inference_mode", True))
     runner: threading.Thread | None = None

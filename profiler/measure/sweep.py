@@ -11,9 +11,9 @@ import threading
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from profiler.attribution import StepMonitor
-from profiler.run import Step
-from profiler.workload import PredictorPool, StepRun, ThreadStartError
+from gpuscope.measure.attribution import StepMonitor
+from gpuscope.measure.workload import PredictorPool, StepRun, ThreadStartError
+from gpuscope.record.run import Step
 
 
 @dataclass(frozen=True)

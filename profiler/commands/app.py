@@ -14,7 +14,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
-from profiler.errors import EXIT_USAGE, OutputError, UsageError
+from gpuscope.record.errors import EXIT_USAGE, OutputError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   context_settings={"help_option_names": ["-h", "--help"]},
@@ -42,13 +42,13 @@ Trust = Annotated[bool, typer.Option("--trust-model-file", help="allow loading a
 
 
 def _options(**kwargs: Any) -> Any:
-    from profiler.options import DiagnoseOptions
+    from gpuscope.measure.options import DiagnoseOptions
 
     return DiagnoseOptions(**kwargs)
 
 
 def _run_session(opts: Any, **hooks: Any) -> Any:
-    from profiler.session import run_diagnose
+    from gpuscope.measure.diagnose import run_diagnose
 
     return run_diagnose(opts, **hooks)
 
@@ -62,7 +62,7 @@ def diagnose(model: Model = "builtin:mlp", model_size: ModelSize = None, input_s
              json_output: Annotated[bool, typer.Option("--json", help="print the run summary as JSON instead of the table")] = False,
              quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
     """Run a multi-threaded inference sweep on a model and explain what it saw."""
-    from profiler.summary import format_summary, summary_json
+    from gpuscope.reports.text import format_summary, summary_json
 
     opts = _options(model=model, model_size=model_size, input_shape=input_shape, dtype=dtype, device=device,
                     predictors=predictors, duration=duration, warmup=warmup, window=window, interval=interval,
@@ -100,8 +100,8 @@ def check(run: Annotated[Optional[str], typer.Option("--run", help="evaluate a s
           out: Out = "gpuscope-report", trust_model_file: Trust = False,
           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
     """Gate a deployment: exit 0 when every limit passes, 1 when one fails, 2 when one could not be measured."""
-    from profiler.check_command import limits_from_sources, run_check
-    from profiler.run import load_run
+    from gpuscope.commands.check import limits_from_sources, run_check
+    from gpuscope.record.run import load_run
 
     cli_values = {"max_device_memory": max_device_memory, "max_host_memory": max_host_memory,
                   "min_headroom_pct": min_headroom_pct, "max_p99_ms": max_p99_ms_limit, "min_throughput": min_throughput,
@@ -142,7 +142,7 @@ def check(run: Annotated[Optional[str], typer.Option("--run", help="evaluate a s
 def report(run_json: Annotated[str, typer.Argument(help="a run.json written by gpuscope")],
            out: Annotated[Optional[str], typer.Option("--out", "-o", help="folder for the report (default: beside run.json)")] = None) -> None:
     """Render report.html and the PNG plots again from a saved run (also an interrupted one)."""
-    from reports.render import report_command
+    from gpuscope.reports.render import report_command
 
     raise typer.Exit(report_command(run_json, out))
 
@@ -159,7 +159,8 @@ def compare(model: Model = "builtin:mlp", model_size: ModelSize = None, input_sh
             json_output: Annotated[bool, typer.Option("--json", help="print the comparison as JSON instead of the table")] = False,
             quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
     """Threads versus processes: N predictor threads sharing one model against N spawned worker processes."""
-    from profiler.compare import CompareOptions, format_comparison, run_compare
+    from gpuscope.measure.compare import CompareOptions, run_compare
+    from gpuscope.reports.text import format_comparison
 
     result = run_compare(CompareOptions(model=model, model_size=model_size, input_shape=input_shape, dtype=dtype,
                                         device=device, predictors=predictors, duration=duration, warmup=warmup,
@@ -179,7 +180,7 @@ def compare(model: Model = "builtin:mlp", model_size: ModelSize = None, input_sh
 
 def _print_version(value: bool) -> None:
     if value:
-        from profiler import __version__
+        from gpuscope import __version__
 
         typer.echo(f"gpuscope {__version__}")
         raise typer.Exit(0)
@@ -194,7 +195,7 @@ def _root(version_flag: Annotated[bool, typer.Option("--version", callback=_prin
 @app.command()
 def version() -> None:
     """Print gpuscope's version."""
-    from profiler import __version__
+    from gpuscope import __version__
 
     typer.echo(__version__)
 
@@ -202,7 +203,7 @@ def version() -> None:
 @app.command()
 def ps(json_output: Annotated[bool, typer.Option("--json", help="print JSON instead of the table")] = False) -> None:
     """Every GPU with its memory and utilisation, and every process on it: user, command line, engines; shared devices flagged."""
-    from profiler.ps import run_ps
+    from gpuscope.commands.ps import run_ps
 
     raise typer.Exit(run_ps(json_output))
 
@@ -217,7 +218,7 @@ def watch(pid: Annotated[int, typer.Option("--pid", help="the running process to
           json_output: Annotated[bool, typer.Option("--json", help="print the outcome as JSON instead of the summary")] = False,
           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no live status line")] = False) -> None:
     """Sample a running process from outside (GPU memory, host memory and CPU, engines, neighbours) and write the report."""
-    from profiler.watch import watch_command
+    from gpuscope.commands.watch import watch_command
 
     raise typer.Exit(watch_command(pid, interval, duration, out, prometheus_port, bind, quiet, json_output))
 
@@ -226,7 +227,7 @@ def watch(pid: Annotated[int, typer.Option("--pid", help="the running process to
 def export(port: Annotated[int, typer.Option("--port", help="TCP port of the /metrics endpoint")],
            bind: Annotated[str, typer.Option("--bind", help="address to listen on (default: loopback only)")] = "127.0.0.1") -> None:
     """Serve every GPU and process on this node as Prometheus metrics until Ctrl-C."""
-    from profiler.exporter import run_export
+    from gpuscope.commands.export import run_export
 
     raise typer.Exit(run_export(port, bind))
 
@@ -234,8 +235,8 @@ def export(port: Annotated[int, typer.Option("--port", help="TCP port of the /me
 def _user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, imported only if their modules are already loaded."""
     types: list[type[BaseException]] = [UsageError, OutputError]
-    for module, name in (("profiler.run", "RunFileError"), ("profiler.check", "CheckConfigError"),
-                         ("profiler.models", "ModelLoadError"), ("probes.samplefile", "SamplesFileError")):
+    for module, name in (("gpuscope.record.run", "RunFileError"), ("gpuscope.analysis.limits", "CheckConfigError"),
+                         ("gpuscope.measure.models", "ModelLoadError"), ("gpuscope.probes.samplefile", "SamplesFileError")):
         mod = sys.modules.get(module)
         if mod is not None and hasattr(mod, name):
             types.append(getattr(mod, name))

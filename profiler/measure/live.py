@@ -1,0 +1,296 @@
+"""Live tracking in bounded memory: what `watch` and `profile()` keep of every tick for a day-long run."""
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from gpuscope.probes.readings import is_available, reading_to_json
+from gpuscope.record.run import RunRecord
+
+ScopedValue = tuple[str, str, Any]
+
+
+class BoundedSeries:
+    """One figure over time in bounded memory: exact first/last/peak, and a decimated trace for trends.
+
+    Every point is kept until `max_points`; then every other point is dropped
+    and only every 2nd (4th, ...) new point is kept, so the trace always spans
+    the whole watch evenly.
+    """
+
+    def __init__(self, max_points: int = 2048) -> None:
+        self.max_points = max(8, max_points)
+        self.points: list[tuple[float, float]] = []
+        self._stride = 1
+        self._seen = 0
+        self.first: tuple[float, float] | None = None
+        self.last: tuple[float, float] | None = None
+        self.peak: tuple[float, float] | None = None
+
+    def append(self, t_s: float, value: float) -> None:
+        value = float(value)
+        if self.first is None:
+            self.first = (t_s, value)
+        self.last = (t_s, value)
+        if self.peak is None or value > self.peak[1]:
+            self.peak = (t_s, value)
+        if self._seen % self._stride == 0:
+            self.points.append((t_s, value))
+            if len(self.points) >= self.max_points:
+                self.points = self.points[::2]
+                self._stride *= 2
+        self._seen += 1
+
+    def __len__(self) -> int:
+        return self._seen
+
+    @staticmethod
+    def _median(values: list[float]) -> float:
+        ordered = sorted(values)
+        n = len(ordered)
+        return ordered[n // 2] if n % 2 else (ordered[n // 2 - 1] + ordered[n // 2]) / 2
+
+    def summary(self) -> dict[str, Any]:
+        """first/mid/last are medians of the first, middle and last tenth (robust to one odd tick)."""
+        if self.first is None or self.last is None or self.peak is None:
+            return {"points": 0}
+        points = list(self.points)
+        if points[-1] != self.last:
+            points.append(self.last)
+        n = len(points)
+        k = max(1, n // 10)
+        values = [v for _, v in points]
+        mid_at = n // 2
+        mid_window = values[max(0, mid_at - k // 2): max(0, mid_at - k // 2) + k] or [values[mid_at]]
+        slope = None
+        if n >= 2:
+            mean_t = sum(t for t, _ in points) / n
+            mean_v = sum(values) / n
+            var = sum((t - mean_t) ** 2 for t, _ in points)
+            if var > 0:
+                slope = sum((t - mean_t) * (v - mean_v) for t, v in points) / var
+        return {"first": self._median(values[:k]), "mid": self._median(mid_window), "last": self._median(values[-k:]),
+                "peak": self.peak[1], "peak_t_s": round(self.peak[0], 3), "first_t_s": round(self.first[0], 3),
+                "last_t_s": round(self.last[0], 3), "first_value": self.first[1], "last_value": self.last[1],
+                "slope_bytes_per_s": slope, "points": self._seen}
+
+
+class LiveTracker:
+    """A sampler listener that follows one pid (its NVML memory per device, RSS, memory outside the allocator),
+    every device's used memory, and when every other pid was first and last seen. Thread-safe."""
+
+    MAX_PIDS = 2048
+
+    def __init__(self, pid: int, t0_ns: int, max_points: int = 2048) -> None:
+        self.pid = pid
+        self.t0_ns = t0_ns
+        self._max_points = max_points
+        self._lock = threading.Lock()
+        self.ticks = 0
+        self.last_t_s = 0.0
+        self.rss = BoundedSeries(max_points)
+        self.gpu: dict[int, BoundedSeries] = {}
+        self.outside: dict[int, BoundedSeries] = {}
+        self.devices: dict[int, dict[str, Any]] = {}
+        self.seen: dict[tuple[int, int], list[float]] = {}  # (pid, gpu) -> [first_t_s, last_t_s]
+        self.listed_at_start: dict[int, bool] = {}          # gpu -> was the target listed at the first read
+        self.context: dict[int, dict[str, Any]] = {}        # gpu -> observed context baseline
+        self.last_values: list[ScopedValue] = []
+
+    def __call__(self, t_ns: int, values: list[ScopedValue]) -> None:
+        t_s = (t_ns - self.t0_ns) / 1e9
+        me, prefix = f"pid:{self.pid}", f"pid:{self.pid}/gpu:"
+        used_now: dict[int, float] = {}
+        reserved_now: dict[int, float] = {}
+        listed_devices: set[int] = set()
+        with self._lock:
+            self.ticks += 1
+            self.last_t_s = t_s
+            self.last_values = values
+            for scope, metric, value in values:
+                if scope == me:
+                    if metric == "rss_bytes" and is_available(value):
+                        self.rss.append(t_s, value)
+                elif scope.startswith("gpu:"):
+                    index = _int(scope[4:])
+                    if index is None:
+                        continue
+                    device = self.devices.setdefault(index, {"index": index})
+                    if metric == "used_bytes" and is_available(value):
+                        device["last_used_bytes"] = value
+                        if value > device.get("peak_used_bytes", -1):
+                            device["peak_used_bytes"], device["peak_t_s"] = value, round(t_s, 3)
+                    elif metric == "total_bytes" and is_available(value):
+                        device["total_bytes"] = value
+                    elif metric == "process_count":
+                        if is_available(value):
+                            listed_devices.add(index)
+                elif scope.startswith("pid:") and "/gpu:" in scope:
+                    pid_text, _, gpu_text = scope[4:].partition("/gpu:")
+                    pid, index = _int(pid_text), _int(gpu_text)
+                    if pid is None or index is None:
+                        continue
+                    if metric == "used_bytes":
+                        span = self.seen.get((pid, index))
+                        if span is None:
+                            if len(self.seen) >= self.MAX_PIDS:  # churning pids over a day: forget the stalest
+                                del self.seen[min(self.seen, key=lambda k: self.seen[k][1])]
+                            span = self.seen[(pid, index)] = [t_s, t_s]
+                        span[1] = t_s
+                        if scope.startswith(prefix) and is_available(value):
+                            used_now[index] = value
+                    elif metric == "torch_reserved_bytes" and scope.startswith(prefix) and is_available(value):
+                        reserved_now[index] = value
+            for index in listed_devices:
+                if index not in self.listed_at_start:
+                    self.listed_at_start[index] = index in used_now
+            for index, used in used_now.items():
+                self.gpu.setdefault(index, BoundedSeries(self._max_points)).append(t_s, used)
+                if index not in self.context and self.listed_at_start.get(index) is False:
+                    self.context[index] = {"bytes": used, "source": "observed", "t_s": round(t_s, 3),
+                                           "detail": "the process's first NVML reading on this device"}
+                if index in reserved_now:
+                    self.outside.setdefault(index, BoundedSeries(self._max_points)).append(
+                        t_s, max(0.0, used - reserved_now[index]))
+
+    def main_gpu(self) -> int | None:
+        """The device where the target held the most memory (None: it never appeared on a GPU)."""
+        with self._lock:
+            peaks = {i: s.peak[1] for i, s in self.gpu.items() if s.peak is not None}
+        return max(peaks, key=lambda i: (peaks[i], -i)) if peaks else None
+
+    def current_gpu_bytes(self) -> dict[int, float]:
+        with self._lock:
+            return {i: s.last[1] for i, s in self.gpu.items() if s.last is not None and s.last[0] == self.last_t_s}
+
+    def pid_spans(self) -> dict[tuple[int, int], list[float]]:
+        with self._lock:
+            return {k: list(v) for k, v in self.seen.items()}
+
+    def summary(self, mode: str = "watch") -> dict[str, Any]:
+        """What the live rules read (`record.extra["live"]`, see profiler/watch_findings.py)."""
+        gpu_index = self.main_gpu()
+        with self._lock:
+            series: dict[str, Any] = {}
+            if len(self.rss):
+                series["rss_bytes"] = self.rss.summary()
+            if gpu_index is not None:
+                series["process_gpu_bytes"] = self.gpu[gpu_index].summary()
+                if gpu_index in self.outside and len(self.outside[gpu_index]):
+                    series["outside_allocator_bytes"] = self.outside[gpu_index].summary()
+            context: dict[str, Any] = {}
+            if gpu_index is not None:
+                if gpu_index in self.outside and len(self.outside[gpu_index]):
+                    outside = self.outside[gpu_index].summary()
+                    context = {"bytes": outside["first_value"], "source": "allocator",
+                               "detail": "NVML per-process used - torch reserved at the first reading"}
+                elif gpu_index in self.context:
+                    context = dict(self.context[gpu_index])
+                else:
+                    from gpuscope.analysis.live_rules import REFERENCE_CONTEXT_BYTES
+
+                    context = {"bytes": REFERENCE_CONTEXT_BYTES, "source": "reference",
+                               "detail": "the process already held GPU memory when sampling began; reference "
+                                         "figure from an H200 with CUDA 13 and lazy module loading"}
+            devices = [dict(d) for _, d in sorted(self.devices.items())]
+            return {"target_pid": self.pid, "gpu_index": gpu_index, "mode": mode, "ticks": self.ticks,
+                    "duration_s": round(self.last_t_s, 3), "series": series, "devices": devices, "context": context}
+
+
+def _int(text: str) -> int | None:
+    try:
+        return int(text)
+    except ValueError:
+        return None
+
+
+def process_alive(proc: Any) -> bool:
+    """A psutil.Process that still runs (a zombie has exited; a reused pid is another process)."""
+    import psutil
+
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
+
+
+def children_of(pid: int) -> set[int]:
+    import psutil
+
+    try:
+        return {c.pid for c in psutil.Process(pid).children(recursive=True)}
+    except psutil.Error:
+        return set()
+
+
+def live_processes(target_pid: int, target_info: Any, described: dict[int, Any], peaks: dict[tuple[str, str], Any],
+                   spans: dict[tuple[int, int], list[float]], children: set[int], end_t_s: float,
+                   interval_s: float) -> list[dict[str, Any]]:
+    """record.processes for a live session: one entry per (pid, device) NVML listed, plus the target itself.
+
+    `described`: pid -> ProcessInfo (GpuProbe.processes); `peaks`: PeakTracker.peaks(); `spans`: pid/gpu first
+    and last seen (LiveTracker.pid_spans()).
+    """
+    entries: list[dict[str, Any]] = []
+    listed_target = False
+    for (pid, gpu), (first_s, last_s) in sorted(spans.items()):
+        info = target_info if pid == target_pid and target_info is not None else described.get(pid)
+        # not described (evicted from a long watch's bounded cache): unknown, not "outside this namespace"
+        entry = info.to_json() if info is not None else {"pid": pid, "exists": None, "name": "?"}
+        scope = f"pid:{pid}/gpu:{gpu}"
+        entry.update({
+            "self": pid == target_pid or pid in children, "child": pid in children, "gpu": gpu,
+            "peak_used_bytes": peaks.get((scope, "used_bytes")), "peak_sm_util_pct": peaks.get((scope, "sm_util_pct")),
+            "first_seen_s": round(first_s, 3), "last_seen_s": round(last_s, 3),
+            "gone": last_s < end_t_s - max(interval_s, 1e-9) / 2,
+        })
+        listed_target = listed_target or pid == target_pid
+        entries.append(reading_to_json(entry))
+    if not listed_target and target_info is not None:
+        entry = target_info.to_json()
+        entry.update({"self": True, "child": False, "gpu": None, "peak_used_bytes": None, "peak_sm_util_pct": None})
+        entries.append(reading_to_json(entry))
+
+    def order(p: dict[str, Any]) -> tuple:
+        used = p.get("peak_used_bytes")
+        return (not p.get("self"), p.get("gpu") if isinstance(p.get("gpu"), int) else -1,
+                -(used if isinstance(used, (int, float)) else 0), p.get("pid", 0))
+
+    return sorted(entries, key=order)
+
+
+def merge_gaps(trackers: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """measurement_gaps and pid_namespace evidence over one GapTracker per device."""
+    gaps: dict[str, Any] = {}
+    evidence = {"unlisted_used_bytes": 0, "self_not_listed": False, "self_not_listed_ticks": 0}
+    for tracker in trackers:
+        gaps.update(tracker.gaps)
+        ev = tracker.evidence()
+        evidence["unlisted_used_bytes"] = max(evidence["unlisted_used_bytes"], ev.get("unlisted_used_bytes") or 0)
+        evidence["self_not_listed"] = evidence["self_not_listed"] or bool(ev.get("self_not_listed"))
+        evidence["self_not_listed_ticks"] += int(ev.get("self_not_listed_ticks") or 0)
+    return gaps, evidence
+
+
+def complete_live_record(record: RunRecord, live: dict[str, Any], gap_trackers: list[Any], sampler: Any,
+                         no_sweep_reason: str) -> None:
+    """What a watch and an in-process profile add alike once their samples are in: gaps, sampler costs,
+    no sweep (so no sharing or recommendation), and the findings that apply from the samples alone."""
+    from gpuscope.analysis.live_rules import live_findings
+
+    gaps, evidence = merge_gaps(gap_trackers)
+    record.extra.update({"live": live, "measurement_gaps": gaps, "pid_namespace": evidence,
+                         "context_baseline": live.get("context")})
+    record.sampler = sampler_stats(sampler)
+    record.sharing = {}
+    record.recommendation = {"predictors": None, "reason": f"{no_sweep_reason}; no predictor sweep was run "
+                                                           "(gpuscope diagnose recommends a count)"}
+    record.findings = live_findings(record)
+
+
+def sampler_stats(sampler: Any) -> dict[str, Any]:
+    return {"interval_s": sampler.interval_s, "ticks": sampler.ticks, "missed_ticks": sampler.missed_ticks,
+            "mean_tick_cost_us": round(sampler.mean_tick_cost_us, 1),
+            "mean_tick_cpu_us": round(getattr(sampler, "mean_tick_cpu_us", 0.0), 1),
+            "probe_cost_us": {k: round(v / max(1, sampler.ticks) / 1000, 1) for k, v in sampler.probe_cost_ns.items()},
+            "probe_errors": dict(sampler.probe_errors)}
