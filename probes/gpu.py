@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from gpuscope.probes import scopes
 from gpuscope.probes.nvml import MetricError, NvmlBackend, ProcessRow
 from gpuscope.probes.processes import ProcessInfo, describe_process
 from gpuscope.probes.readings import ERROR, NOT_SUPPORTED, Unavailable
@@ -42,14 +43,6 @@ class CheckedRow:
     used_bytes: int | Unavailable
     in_namespace: bool
     note: str = ""
-
-
-def device_scope(index: int) -> str:
-    return f"gpu:{index}"
-
-
-def process_device_scope(pid: int, index: int) -> str:
-    return f"pid:{pid}/gpu:{index}"
 
 
 def _attempt(fn: Callable[[], Any]) -> Any:
@@ -146,7 +139,7 @@ class GpuProbe:
         # bounded: samples older than SM_HOLD_S go, including those of processes that have exited
         self._last_sm = {k: v for k, v in self._last_sm.items() if now_s - v[1] <= self.SM_HOLD_S}
         for index in range(self.device_count):
-            scope = device_scope(index)
+            scope = scopes.device(index)
             memory = _attempt(lambda: self._backend.memory_info(index))
             if isinstance(memory, Unavailable):
                 for metric in ("total_bytes", "used_bytes", "free_bytes", "driver_reserved_bytes"):
@@ -174,7 +167,7 @@ class GpuProbe:
             self._last_util_us[index] = now_us
             proc_util = _attempt(lambda: self._backend.process_utilization_pct(index, since_us))
             for row in checked:
-                pscope = process_device_scope(row.pid, index)
+                pscope = scopes.process_on_device(row.pid, index)
                 out.append((pscope, "used_bytes", row.used_bytes))
                 if isinstance(proc_util, Unavailable):
                     out.append((pscope, "sm_util_pct", proc_util))

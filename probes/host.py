@@ -13,6 +13,7 @@ from typing import Any
 
 import psutil
 
+from gpuscope.probes import scopes
 from gpuscope.probes.readings import ERROR, NO_PERMISSION, NOT_INITIALIZED, PROCESS_GONE, Unavailable
 
 ScopedValue = tuple[str, str, Any]
@@ -179,7 +180,7 @@ class HostProbe:
         memory = psutil.virtual_memory()
         out += [("host", "mem_used_bytes", memory.total - memory.available),
                 ("host", "mem_available_bytes", memory.available)]
-        scope = f"pid:{self.pid}"
+        scope = scopes.process(self.pid)
         metrics = ("rss_bytes", "uss_bytes", "cpu_util_pct", "num_threads",
                    "ctx_switches_voluntary", "ctx_switches_involuntary")
         try:

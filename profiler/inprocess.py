@@ -71,6 +71,7 @@ class LazyAllocatorProbe:
         self._given_up = False
 
     def _build(self) -> Any:
+        from gpuscope.probes import scopes as scopes_
         from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
 
         backend = self._backend
@@ -93,7 +94,7 @@ class LazyAllocatorProbe:
             from gpuscope.measure.devices import nvml_index_for
 
             scopes = {i: nvml_index_for(i, self._nvml_uuids) for i in range(torch.cuda.device_count())}
-        return AllocatorProbe(backend, {t: f"pid:{self.pid}/gpu:{n}" for t, n in scopes.items()},
+        return AllocatorProbe(backend, {t: scopes_.process_on_device(self.pid, n) for t, n in scopes.items()},
                               reset_peaks=self._reset_peaks)
 
     def read(self) -> list[ScopedValue]:

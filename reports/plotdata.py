@@ -5,10 +5,20 @@ import math
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from gpuscope.record.catalogue import LIVE_MODES
+from gpuscope.probes import scopes
 from gpuscope.probes.readings import ERROR, Unavailable, is_available
 from gpuscope.probes.units import GiB, MiB
-from gpuscope.record.layers import CPU_LAYERS, GPU_LAYERS, cpu_layers, gpu_layers
+from gpuscope.record.catalogue import LIVE_MODES
+from gpuscope.record.layers import (
+    CPU_LAYERS,
+    DEVICE_METRICS,
+    GPU_LAYERS,
+    PROCESS_METRICS,
+    DeviceTick,
+    cpu_layers,
+    device_tick,
+    tick_layers,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpuscope.probes.samplefile import Timeline
@@ -85,11 +95,16 @@ def step_layers(record: "RunRecord", step: "Step") -> dict[str, int]:
         return {k: int(v) for k, v in layers.items() if finite(v)}
     model = memory.get("model_bytes") if finite(memory.get("model_bytes")) else model_bytes(record)
     if record.gpu:
-        nobody_listed = memory.get("other_processes_bytes") == 0  # the device-level fallback (PID_NAMESPACE)
-        return gpu_layers(memory.get("process_gpu_bytes"), memory.get("torch_allocated_bytes"),
-                          memory.get("torch_reserved_bytes"), model, memory.get("other_processes_bytes"),
-                          memory.get("driver_reserved_bytes"),
-                          device_used_bytes=memory.get("device_used_bytes") if nobody_listed else None)
+        # An older record without layers: its peak figures attributed as one tick would be. A step's peaks
+        # carry no process count; "nobody else" (0) is the sign that NVML listed no process there.
+        other = memory.get("other_processes_bytes")
+        tick = DeviceTick(process_bytes=memory.get("process_gpu_bytes"),
+                          allocated_bytes=memory.get("torch_allocated_bytes"),
+                          reserved_bytes=memory.get("torch_reserved_bytes"),
+                          device_used_bytes=memory.get("device_used_bytes"),
+                          driver_reserved_bytes=memory.get("driver_reserved_bytes"),
+                          process_list=0 if other == 0 else None, other_processes_bytes=other)
+        return tick_layers(tick, model)
     return cpu_layers(memory.get("rss_bytes"), model)
 
 
@@ -126,7 +141,7 @@ def capacity_bytes(record: "RunRecord", timeline: "Timeline | None" = None) -> f
             if finite((step.memory or {}).get("device_total_bytes")):
                 return float(step.memory["device_total_bytes"])
         if timeline is not None:
-            values = [v for v in timeline.column(f"gpu:{index}", "total_bytes") if finite(v)]
+            values = [v for v in timeline.column(scopes.device(index), "total_bytes") if finite(v)]
             if values:
                 return float(max(values))
         return None
@@ -213,31 +228,23 @@ def timeline_layers(record: "RunRecord", timeline: "Timeline | None",
     uss_values: list[float] = []
     if record.gpu:
         index = gpu_index(record)
-        gscope, pscope = f"gpu:{index}", f"pid:{pid}/gpu:{index}"
-        used = column(timeline, pscope, "used_bytes")
-        allocated = column(timeline, pscope, "torch_allocated_bytes")
-        reserved = column(timeline, pscope, "torch_reserved_bytes")
-        driver = column(timeline, gscope, "driver_reserved_bytes")
-        device_used = column(timeline, gscope, "used_bytes")
-        listed = column(timeline, gscope, "process_count")
-        suffix = f"/gpu:{index}"
-        others = [column(timeline, scope, "used_bytes") for scope in sorted(timeline.scopes())
-                  if scope.startswith("pid:") and scope.endswith(suffix) and scope != pscope]
+        # The tick's readings rebuilt from the columns the attribution reads, then attributed by the one
+        # function the run itself used (record/layers.py), so the timeline and the steps cannot disagree.
+        columns = [(scope, metric, column(timeline, scope, metric)) for scope, metric in timeline.series
+                   if scopes.parse(scope).gpu == index
+                   and (metric in DEVICE_METRICS if scopes.parse(scope).is_device else metric in PROCESS_METRICS)]
         for i, t in enumerate(timeline.t_s):
-            other_values = [col[i] for col in others if is_available(col[i])]
-            other = sum(other_values) if other_values else (0 if others or used[i] is not None else None)
-            # NVML counts memory but lists nobody (PID_NAMESPACE): the device-level fallback
-            fallback = device_used[i] if used[i] is None and listed[i] == 0 else None
-            layers = gpu_layers(used[i], allocated[i], reserved[i], model, other, driver[i],
-                                device_used_bytes=fallback)
-            if not layers or used[i] is None and driver[i] is None and fallback is None:
+            tick = device_tick([(scope, metric, col[i]) for scope, metric, col in columns if col[i] is not None],
+                               pid, index)
+            layers = tick_layers(tick, model)
+            if not layers:
                 continue
             rows_t.append(t)
             for k in keys:
                 rows[k].append(layers.get(k, 0))
     else:
-        rss = column(timeline, f"pid:{pid}", "rss_bytes")
-        uss = column(timeline, f"pid:{pid}", "uss_bytes")
+        rss = column(timeline, scopes.process(pid), "rss_bytes")
+        uss = column(timeline, scopes.process(pid), "uss_bytes")
         for i, t in enumerate(timeline.t_s):
             layers = cpu_layers(rss[i], model)
             if not layers:

@@ -183,7 +183,8 @@ def write_samples(path: str, record: RunRecord, *, gpu: bool, interval_s: float,
                                                                    "process": MODEL_BYTES + 256 * MiB + CONTEXT_BYTES}
             used = fig["process"] + OTHER_PROCESS_BYTES + DRIVER_RESERVED
             v["gpu:0"] = {"total_bytes": GPU_TOTAL, "used_bytes": used, "free_bytes": GPU_TOTAL - used,
-                          "driver_reserved_bytes": DRIVER_RESERVED, "util_pct": min(100, 20 * n)}
+                          "driver_reserved_bytes": DRIVER_RESERVED, "util_pct": min(100, 20 * n),
+                          "process_count": 2}  # NVML listed both processes, as GpuProbe writes it
             v[f"pid:{pid}/gpu:0"] = {"used_bytes": fig["process"], "sm_util_pct": min(100, 20 * n),
                                      "torch_allocated_bytes": fig["allocated"],
                                      "torch_reserved_bytes": fig["reserved"],
@@ -335,7 +336,8 @@ def write_long_samples(path: str, *, hours: float = 24.0, interval_s: float = 1.
                 other = OTHER_PROCESS_BYTES if (i // 7200) % 2 else 0
                 used = process + other + DRIVER_RESERVED
                 v["gpu:0"] = {"total_bytes": GPU_TOTAL, "used_bytes": used, "free_bytes": GPU_TOTAL - used,
-                              "driver_reserved_bytes": DRIVER_RESERVED, "util_pct": 40 + load}
+                              "driver_reserved_bytes": DRIVER_RESERVED, "util_pct": 40 + load,
+                              "process_count": 2 if other else 1}
                 v[f"pid:{pid}/gpu:0"] = {"used_bytes": process, "sm_util_pct": 40, "torch_allocated_bytes": allocated,
                                          "torch_reserved_bytes": reserved,
                                          "torch_peak_allocated_bytes": allocated,

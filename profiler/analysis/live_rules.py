@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gpuscope.analysis.findings import DEFAULT_THRESHOLDS, Thresholds, evaluate
+from gpuscope.probes import scopes
 from gpuscope.probes.readings import is_available
 from gpuscope.probes.units import MiB, format_bytes
 from gpuscope.record.run import Finding, RunRecord
@@ -148,7 +149,7 @@ def rule_live_low_headroom(record: RunRecord, t: Thresholds = DEFAULT_THRESHOLDS
         severity = "fail" if share > t.headroom_fail else "warn"
         out.append(Finding(
             "LOW_HEADROOM", severity,
-            f"gpu:{device.get('index')} was {share:.0%} full at its peak ({format_bytes(total - used)} free)",
+            f"{scopes.device(device.get('index'))} was {share:.0%} full at its peak ({format_bytes(total - used)} free)",
             {"gpu": device.get("index"), "device_used_bytes": used, "device_total_bytes": total, "used_share": share,
              "t_s": device.get("peak_t_s")},
             "fewer predictors or processes on this device, a smaller batch, a memory cap per engine, "

@@ -10,19 +10,20 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from gpuscope.probes import scopes
 from gpuscope.probes.readings import Unavailable, is_available
-from gpuscope.record.layers import cpu_layers, gpu_layers
+from gpuscope.record.layers import DeviceTick, cpu_layers, device_tick, tick_layers
 
 ScopedValue = tuple[str, str, Any]
 
 
 def end_figures(last: dict[tuple[str, str], Any], pid: int, gpu_index: int) -> dict[str, Any]:
     """The process's memory figures at the last tick of a run (CACHE_BLOAT reads them 'at the end')."""
-    mine = f"pid:{pid}/gpu:{gpu_index}"
+    mine = scopes.process_on_device(pid, gpu_index)
     return {"process_gpu_bytes": last.get((mine, "used_bytes")),
             "torch_allocated_bytes": last.get((mine, "torch_allocated_bytes")),
             "torch_reserved_bytes": last.get((mine, "torch_reserved_bytes")),
-            "device_used_bytes": last.get((f"gpu:{gpu_index}", "used_bytes"))}
+            "device_used_bytes": last.get((scopes.device(gpu_index), "used_bytes"))}
 
 
 class StepMonitor:
@@ -59,19 +60,17 @@ class StepMonitor:
             self._anchored_on_process = False
             self._series = []
 
-    def _figures(self, values: list[ScopedValue]) -> dict[str, Any]:
-        me = f"pid:{self.pid}"
+    def _figures(self, values: list[ScopedValue]) -> tuple[dict[str, Any], DeviceTick | None]:
+        """This tick's figures by the names a step's peaks use, and the device's tick for its layers."""
+        me = scopes.process(self.pid)
         figures: dict[str, Any] = {"model_bytes": self.model_bytes}
+        tick: DeviceTick | None = None
         if self.gpu_index is not None:
-            device = f"gpu:{self.gpu_index}"
-            mine = f"{me}/{device}"
-            suffix = f"/{device}"
-            other_total = 0
-            process_list: Any = None
+            device = scopes.device(self.gpu_index)
+            mine = scopes.process_on_device(self.pid, self.gpu_index)
+            tick = device_tick(values, self.pid, self.gpu_index)
             for scope, metric, value in values:
-                if scope == device and metric == "process_count":
-                    process_list = value
-                elif scope == device:
+                if scope == device:
                     key = {"used_bytes": "device_used_bytes", "total_bytes": "device_total_bytes",
                            "driver_reserved_bytes": "driver_reserved_bytes", "free_bytes": "device_free_bytes",
                            "util_pct": "device_util_pct"}.get(metric)
@@ -87,26 +86,21 @@ class StepMonitor:
                            "sm_util_pct": "process_sm_util_pct"}.get(metric)
                     if key:
                         figures[key] = value
-                elif scope.startswith("pid:") and scope.endswith(suffix) and metric == "used_bytes":
-                    if is_available(value):
-                        other_total += int(value)
-                        pid = int(scope[4:-len(suffix)])
-                        self.other_pids_seen[pid] = max(self.other_pids_seen.get(pid, 0), int(value))
-            # A true 0 only when NVML's process list was read; otherwise say why it is missing.
-            figures["other_processes_bytes"] = other_total if is_available(process_list) else (
-                process_list if isinstance(process_list, Unavailable) else Unavailable("no_device", "no process list"))
+            for pid, used in tick.other_pids.items():
+                self.other_pids_seen[pid] = max(self.other_pids_seen.get(pid, 0), used)
+            figures["other_processes_bytes"] = tick.other_processes_bytes
             if "process_gpu_bytes" not in figures and "device_used_bytes" in figures:
                 figures["process_gpu_bytes"] = Unavailable("process_gone", "NVML does not list this process")
         for scope, metric, value in values:
             if scope == me and metric in ("rss_bytes", "uss_bytes", "cpu_util_pct", "num_threads",
                                           "ctx_switches_involuntary", "ctx_switches_voluntary"):
                 figures[metric] = value
-            elif scope == "host" and metric == "cpu_util_pct":
+            elif scope == scopes.HOST and metric == "cpu_util_pct":
                 figures["host_cpu_util_pct"] = value
-        return figures
+        return figures, tick
 
     def __call__(self, t_ns: int, values: list[ScopedValue]) -> None:
-        figures = self._figures(values)
+        figures, tick = self._figures(values)
         with self._lock:
             if self._since_ns is not None and t_ns < self._since_ns:
                 return
@@ -123,26 +117,19 @@ class StepMonitor:
                 self._series.append((t_ns, float(own)))
                 if len(self._series) >= self.SERIES_MAX:
                     self._series = self._series[::2]
-            if self.gpu_index is not None:
-                anchor = figures.get("process_gpu_bytes")
+            if tick is not None:
+                anchor = tick.process_bytes
                 if is_available(anchor):
                     if not self._anchored_on_process:  # a process figure outranks the device-level fallback
                         self._anchored_on_process, self._anchor_peak = True, -1.0
                     if anchor > self._anchor_peak:
                         self._anchor_peak = anchor
-                        self._layers_at_peak = gpu_layers(anchor, figures.get("torch_allocated_now_bytes"),
-                                                          figures.get("torch_reserved_now_bytes"), self.model_bytes,
-                                                          figures.get("other_processes_bytes"),
-                                                          figures.get("driver_reserved_bytes"))
-                elif not self._anchored_on_process and _nobody_listed(figures):
+                        self._layers_at_peak = tick_layers(tick, self.model_bytes)
+                elif not self._anchored_on_process and tick.nobody_listed:
                     # NVML counts memory but lists no process (PID_NAMESPACE): split the device's used memory
-                    device_used = figures.get("device_used_bytes")
-                    if is_available(device_used) and device_used > self._anchor_peak:
-                        self._anchor_peak = device_used
-                        self._layers_at_peak = gpu_layers(None, figures.get("torch_allocated_now_bytes"),
-                                                          figures.get("torch_reserved_now_bytes"), self.model_bytes,
-                                                          None, figures.get("driver_reserved_bytes"),
-                                                          device_used_bytes=device_used)
+                    if tick.device_used_bytes > self._anchor_peak:
+                        self._anchor_peak = tick.device_used_bytes
+                        self._layers_at_peak = tick_layers(tick, self.model_bytes)
             else:
                 anchor = figures.get("rss_bytes")
                 if is_available(anchor) and anchor > self._anchor_peak:
@@ -166,12 +153,6 @@ class StepMonitor:
             return out
 
 
-def _nobody_listed(figures: dict[str, Any]) -> bool:
-    """NVML's process list for the device was read and is empty (other_processes_bytes is a true 0 only
-    then), so this process's memory cannot be told apart from anyone else's."""
-    return figures.get("other_processes_bytes") == 0 and is_available(figures.get("device_used_bytes"))
-
-
 class GapTracker:
     """Notices readings that were available and then stopped (NVML failing mid-run, the GPU lost),
     and the signs of a foreign pid namespace (memory used while NVML lists nobody)."""
@@ -189,7 +170,8 @@ class GapTracker:
     def __call__(self, t_ns: int, values: list[ScopedValue]) -> None:
         if self.gpu_index is None:
             return
-        device = f"gpu:{self.gpu_index}"
+        device = scopes.device(self.gpu_index)
+        mine = scopes.process_on_device(self.pid, self.gpu_index)
         figures: dict[str, Any] = {}
         self_listed = False
         reserved = None
@@ -204,7 +186,7 @@ class GapTracker:
                         gap = self.gaps.setdefault(f"{scope} {metric}", {"reason": value.reason, "detail": value.detail,
                                                                           "ticks": 0, "first_t_ns": t_ns})
                         gap["ticks"] += 1
-            elif scope == f"pid:{self.pid}/{device}":
+            elif scope == mine:
                 if metric == "used_bytes" and is_available(value):
                     self_listed = True
                 elif metric == "torch_reserved_bytes" and is_available(value):

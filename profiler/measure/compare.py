@@ -38,6 +38,7 @@ from gpuscope.analysis.verdict import (
 )
 from gpuscope.measure.devices import nvml_index_for_uuid
 from gpuscope.measure.options import WorkloadOptions
+from gpuscope.probes import scopes
 from gpuscope.probes.host import read_rss_bytes, read_smaps_rollup
 from gpuscope.probes.readings import ERROR, NO_DEVICE, NOT_SUPPORTED, PROCESS_GONE, Unavailable, is_available
 from gpuscope.probes.redact import redact_argv
@@ -159,12 +160,12 @@ class ParticipantsProbe:
                 rss = self._read_rss(pid)
                 memory = rss if isinstance(rss, Unavailable) else {"rss_bytes": rss}
             if isinstance(memory, Unavailable):
-                out += [(f"pid:{pid}", key, memory) for key in totals]
+                out += [(scopes.process(pid), key, memory) for key in totals]
                 if pid in pids:  # a helper that exited is fine; a worker that vanished is not
                     missing = memory if missing is None else missing
                 continue
             for key, value in memory.items():
-                out.append((f"pid:{pid}", key, value))
+                out.append((scopes.process(pid), key, value))
                 totals[key] += value
         if pids:
             for key, value in totals.items():
@@ -196,7 +197,7 @@ class ParticipantsProbe:
             checked = check_row(row, total, lambda pid: True)
             if checked.pid in pids and checked.pid not in seen:  # each pid once, whatever the binding returned
                 seen[checked.pid] = checked.used_bytes
-                out.append((f"pid:{checked.pid}/gpu:{self.nvml_index}", "used_bytes", checked.used_bytes))
+                out.append((scopes.process_on_device(checked.pid, self.nvml_index), "used_bytes", checked.used_bytes))
         if seen and not workers <= set(seen):
             # some workers are on the device and not listed (their pid namespace, a listing race): a sum of the
             # listed ones would be too small by a whole process, so the device's growth stands in, as below

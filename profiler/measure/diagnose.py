@@ -19,6 +19,7 @@ from gpuscope import __version__
 from gpuscope.measure.attribution import GapTracker, StepMonitor, end_figures
 from gpuscope.measure.options import MAX_PREDICTORS, DiagnoseOptions, parse_predictors, parse_seconds
 from gpuscope.measure.recording import Interrupts, Progress, SessionResult, environment_facts, open_nvml, render
+from gpuscope.probes import scopes
 from gpuscope.probes.host import HostProbe, host_info, usable_cores
 from gpuscope.probes.readings import is_available, reading_to_json
 from gpuscope.probes.redact import redact_argv
@@ -133,7 +134,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
 
         scope_index = nvml_index if nvml_index is not None else int(device.split(":")[1])
-        probes["allocator"] = AllocatorProbe(RealTorchCuda(), {int(device.split(":")[1]): f"pid:{pid}/gpu:{scope_index}"})
+        probes["allocator"] = AllocatorProbe(RealTorchCuda(), {int(device.split(":")[1]): scopes.process_on_device(pid, scope_index)})
     if gpu_probe is not None:
         probes["gpu"] = gpu_probe
     # Without NVML the picture falls back to the CPU one (RSS), plus the allocator's own figures.
@@ -239,7 +240,7 @@ def _process_gpu_bytes(gpu_probe: Any, pid: int, index: int | None) -> Any:
     from gpuscope.probes.readings import Unavailable
 
     for scope, metric, value in gpu_probe.read():
-        if scope == f"pid:{pid}/gpu:{index}" and metric == "used_bytes":
+        if index is not None and scope == scopes.process_on_device(pid, index) and metric == "used_bytes":
             return value
     gpu_probe.drain_events()
     return Unavailable("process_gone", "NVML does not list this process")
@@ -266,14 +267,14 @@ def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, 
     else:
         known[pid] = describe_process(pid, known[pid].name, EnginesProbe())  # engines loaded since first sight
     for other_pid, info in known.items():
-        on_device = nvml_index is not None and (f"pid:{other_pid}/gpu:{nvml_index}", "used_bytes") in peaks
+        on_device = nvml_index is not None and (scopes.process_on_device(other_pid, nvml_index), "used_bytes") in peaks
         if other_pid != pid and not on_device:
             continue  # seen only on another GPU: not this run's neighbour
         entry = info.to_json()
         entry["self"] = other_pid == pid or other_pid in children
         entry["child"] = other_pid in children
         if nvml_index is not None:
-            scope = f"pid:{other_pid}/gpu:{nvml_index}"
+            scope = scopes.process_on_device(other_pid, nvml_index)
             entry["gpu"] = nvml_index
             entry["peak_used_bytes"] = peaks.get((scope, "used_bytes"))
             entry["peak_sm_util_pct"] = peaks.get((scope, "sm_util_pct"))

@@ -35,6 +35,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
+from gpuscope.probes import scopes
 from gpuscope.probes.readings import is_available
 from gpuscope.record.catalogue import KNOWN_CODES, SEVERITY_LEVEL
 from gpuscope.record.errors import UsageError
@@ -59,7 +60,7 @@ class LiveView:
 def nvml_answered(values: list[tuple[str, str, Any]]) -> bool:
     """Whether NVML gave this tick any device reading: a GPU that fell off the bus leaves NVML open
     but every call failing, which must read as gpuscope_nvml_available 0, not as an idle node."""
-    return any(scope.startswith("gpu:") and metric == "used_bytes" and is_available(value)
+    return any(scopes.parse(scope).is_device and metric == "used_bytes" and is_available(value)
                for scope, metric, value in values)
 
 
@@ -130,8 +131,9 @@ class GpuscopeCollector:
         }
         families = {m: GaugeMetricFamily(name, doc, labels=["gpu"]) for m, (name, doc, _) in specs.items()}
         for scope, metric, value in view.values:
-            if metric in families and scope.startswith("gpu:") and "/" not in scope and is_available(value):
-                families[metric].add_metric([scope[4:]], float(value) * specs[metric][2])
+            parsed = scopes.parse(scope)
+            if metric in families and parsed.is_device and is_available(value):
+                families[metric].add_metric([str(parsed.gpu)], float(value) * specs[metric][2])
         yield from families.values()
 
     def _process_families(self, view: LiveView) -> Iterator[Any]:
@@ -155,13 +157,11 @@ class GpuscopeCollector:
             return "child" if pid in view.children else "other"
 
         for scope, metric, value in view.values:
-            if not scope.startswith("pid:") or not is_available(value):
+            parsed = scopes.parse(scope)
+            if parsed.pid is None or not is_available(value):
                 continue
-            pid_text, _, gpu_text = scope[4:].partition("/gpu:")
-            try:
-                pid = int(pid_text)
-            except ValueError:
-                continue
+            pid = parsed.pid
+            gpu_text = str(parsed.gpu) if parsed.gpu is not None else ""
             info = view.processes.get(pid)
             name = _label(getattr(info, "name", "") or "")
             if gpu_text:
@@ -249,7 +249,7 @@ class NodeSource:
                 return self._view
             values = self._probe.read()
             self._probe.drain_events()
-            listed = {int(s[4:].partition("/")[0]) for s, m, _ in values if s.startswith("pid:") and m == "used_bytes"}
+            listed = {scopes.parse(s).pid for s, m, _ in values if scopes.parse(s).pid is not None and m == "used_bytes"}
             for pid in [p for p in self._probe.processes if p not in listed]:
                 del self._probe.processes[pid]  # pids come and go for weeks: keep only the listed ones
             snapshot = snapshot_from_readings(self._probe.devices, values, self._probe.processes)

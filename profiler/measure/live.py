@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from gpuscope.probes import scopes
 from gpuscope.probes.readings import is_available, reading_to_json
 from gpuscope.record.run import RunRecord
 
@@ -99,7 +100,7 @@ class LiveTracker:
 
     def __call__(self, t_ns: int, values: list[ScopedValue]) -> None:
         t_s = (t_ns - self.t0_ns) / 1e9
-        me, prefix = f"pid:{self.pid}", f"pid:{self.pid}/gpu:"
+        me = scopes.process(self.pid)
         used_now: dict[int, float] = {}
         reserved_now: dict[int, float] = {}
         listed_devices: set[int] = set()
@@ -111,10 +112,10 @@ class LiveTracker:
                 if scope == me:
                     if metric == "rss_bytes" and is_available(value):
                         self.rss.append(t_s, value)
-                elif scope.startswith("gpu:"):
-                    index = _int(scope[4:])
-                    if index is None:
-                        continue
+                    continue
+                parsed = scopes.parse(scope)
+                if parsed.is_device:
+                    index = parsed.gpu
                     device = self.devices.setdefault(index, {"index": index})
                     if metric == "used_bytes" and is_available(value):
                         device["last_used_bytes"] = value
@@ -125,11 +126,8 @@ class LiveTracker:
                     elif metric == "process_count":
                         if is_available(value):
                             listed_devices.add(index)
-                elif scope.startswith("pid:") and "/gpu:" in scope:
-                    pid_text, _, gpu_text = scope[4:].partition("/gpu:")
-                    pid, index = _int(pid_text), _int(gpu_text)
-                    if pid is None or index is None:
-                        continue
+                elif parsed.is_process_on_device:
+                    pid, index = parsed.pid, parsed.gpu
                     if metric == "used_bytes":
                         span = self.seen.get((pid, index))
                         if span is None:
@@ -137,9 +135,9 @@ class LiveTracker:
                                 del self.seen[min(self.seen, key=lambda k: self.seen[k][1])]
                             span = self.seen[(pid, index)] = [t_s, t_s]
                         span[1] = t_s
-                        if scope.startswith(prefix) and is_available(value):
+                        if pid == self.pid and is_available(value):
                             used_now[index] = value
-                    elif metric == "torch_reserved_bytes" and scope.startswith(prefix) and is_available(value):
+                    elif metric == "torch_reserved_bytes" and pid == self.pid and is_available(value):
                         reserved_now[index] = value
             for index in listed_devices:
                 if index not in self.listed_at_start:
@@ -197,13 +195,6 @@ class LiveTracker:
                     "duration_s": round(self.last_t_s, 3), "series": series, "devices": devices, "context": context}
 
 
-def _int(text: str) -> int | None:
-    try:
-        return int(text)
-    except ValueError:
-        return None
-
-
 def process_alive(proc: Any) -> bool:
     """A psutil.Process that still runs (a zombie has exited; a reused pid is another process)."""
     import psutil
@@ -237,7 +228,7 @@ def live_processes(target_pid: int, target_info: Any, described: dict[int, Any],
         info = target_info if pid == target_pid and target_info is not None else described.get(pid)
         # not described (evicted from a long watch's bounded cache): unknown, not "outside this namespace"
         entry = info.to_json() if info is not None else {"pid": pid, "exists": None, "name": "?"}
-        scope = f"pid:{pid}/gpu:{gpu}"
+        scope = scopes.process_on_device(pid, gpu)
         entry.update({
             "self": pid == target_pid or pid in children, "child": pid in children, "gpu": gpu,
             "peak_used_bytes": peaks.get((scope, "used_bytes")), "peak_sm_util_pct": peaks.get((scope, "sm_util_pct")),

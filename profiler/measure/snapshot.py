@@ -4,6 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from gpuscope.probes import scopes
 from gpuscope.probes.readings import Unavailable, is_available, reading_to_json
 from gpuscope.probes.units import MiB, format_bytes
 
@@ -109,7 +110,7 @@ def snapshot_from_readings(devices: list[Any], values: list[tuple[str, str, Any]
     out: list[PsDevice] = []
     for info in devices:
         index = info.index
-        figures = by_scope.get(f"gpu:{index}", {})
+        figures = by_scope.get(scopes.device(index), {})
         missing = Unavailable("error", "not read")
         device = PsDevice(index=index, name=info.name, uuid=info.uuid,
                           total_bytes=figures.get("total_bytes", info.total_bytes),
@@ -117,13 +118,9 @@ def snapshot_from_readings(devices: list[Any], values: list[tuple[str, str, Any]
                           driver_reserved_bytes=figures.get("driver_reserved_bytes", missing),
                           util_pct=figures.get("util_pct", missing), mem_util_pct=figures.get("mem_util_pct", missing),
                           process_list=figures.get("process_count", missing))
-        suffix = f"/gpu:{index}"
         for scope, metrics in by_scope.items():
-            if not (scope.startswith("pid:") and scope.endswith(suffix)):
-                continue
-            try:
-                pid = int(scope[4:-len(suffix)])
-            except ValueError:
+            pid = scopes.pid_on_device(scope, index)
+            if pid is None:
                 continue
             device.processes.append(PsProcess(pid, index, metrics.get("used_bytes"), metrics.get("sm_util_pct"),
                                               processes.get(pid)))
@@ -146,7 +143,7 @@ def _flag(snapshot: PsSnapshot) -> None:
                 device.unlisted_bytes = int(hidden)
                 device.flags.append("NO PROCESS ATTRIBUTION")
                 snapshot.notes.append(
-                    f"gpu:{device.index}: NVML reports {format_bytes(hidden)} in use"
+                    f"{scopes.device(device.index)}: NVML reports {format_bytes(hidden)} in use"
                     + (f" (beyond the driver's {format_bytes(reserve)} reserve)" if is_available(reserve) else "")
                     + " but lists no process. Attribution to processes is impossible here: this looks like a "
                     "container without the host's pid namespace, where NVML hides (or cannot map) the host pids "
@@ -156,11 +153,11 @@ def _flag(snapshot: PsSnapshot) -> None:
         if foreign:
             device.flags.append("PIDS OUTSIDE THIS NAMESPACE")
             snapshot.notes.append(
-                f"gpu:{device.index}: NVML lists pid{'s' if len(foreign) != 1 else ''} "
+                f"{scopes.device(device.index)}: NVML lists pid{'s' if len(foreign) != 1 else ''} "
                 f"{', '.join(str(p.pid) for p in foreign[:6])} that this pid namespace does not have: NVML reports "
                 "host pids, so their user, command line and engines cannot be read here (run with --pid=host).")
         if not is_available(listed):
-            snapshot.notes.append(f"gpu:{device.index}: the process list could not be read ({listed}).")
+            snapshot.notes.append(f"{scopes.device(device.index)}: the process list could not be read ({listed}).")
         if device.shared:
             device.flags.append(f"SHARED by {len(device.processes)} processes")
         engines = device.engines

@@ -31,6 +31,7 @@ from gpuscope.measure.live import (
     live_processes,
     process_alive,
 )
+from gpuscope.probes import scopes
 from gpuscope.probes.readings import is_available, reading_to_json
 from gpuscope.probes.redact import printable as _printable
 from gpuscope.probes.units import format_bytes
@@ -190,14 +191,14 @@ class WatchSession:
 
     # -- the loop
     def _status_line(self, values: list[ScopedValue], elapsed_s: float) -> str:
-        me = f"pid:{self.pid}"
+        me = scopes.process(self.pid)
         figures = {(s, m): v for s, m, v in values}
         parts = [f"watch pid {self.pid} ({_printable(self.target_info.name)[:24]})",
                  f"{elapsed_s:6.1f}/{self.duration_s:g} s"]
         gpu_now = self.tracker.current_gpu_bytes()
         for index, used in sorted(gpu_now.items()):
-            util = figures.get((f"pid:{self.pid}/gpu:{index}", "sm_util_pct"))
-            parts.append(f"gpu:{index} {format_bytes(used)}" + (f" sm {util}%" if is_available(util) else ""))
+            util = figures.get((scopes.process_on_device(self.pid, index), "sm_util_pct"))
+            parts.append(f"{scopes.device(index)} {format_bytes(used)}" + (f" sm {util}%" if is_available(util) else ""))
         if not gpu_now and self.gpu_probe is not None:
             parts.append("not on a GPU")
         rss = figures.get((me, 'rss_bytes'))
@@ -210,9 +211,8 @@ class WatchSession:
             parts.append(f"{threads} threads")
         others = 0
         for index in gpu_now:
-            suffix = f"/gpu:{index}"
-            others += sum(1 for (s, m), v in figures.items() if m == "used_bytes" and s.endswith(suffix)
-                          and s.startswith("pid:") and not s.startswith(f"{me}/") and int(s[4:-len(suffix)]) not in self.children)
+            others += sum(1 for (s, m), v in figures.items() if m == "used_bytes"
+                          and scopes.pid_on_device(s, index) not in (None, self.pid, *self.children))
         if others:
             parts.append(f"{others} other process{'es' if others != 1 else ''} on its GPU")
         engines = self.target_info.engines

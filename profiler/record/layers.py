@@ -21,8 +21,10 @@ On the CPU the same picture uses the process's RSS and the model's bytes.
 """
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, Iterable
 
+from gpuscope.probes import scopes
 from gpuscope.probes.readings import Unavailable, is_available
 
 GPU_LAYERS = (
@@ -123,5 +125,78 @@ def layers_total(layers: dict[str, int]) -> int:
     return sum(layers.values())
 
 
-def describe_missing(value: Any) -> str:
-    return str(value) if isinstance(value, Unavailable) else "not measured"
+# ---------------------------------------------------------------- one tick of one device, attributed
+
+# The process's NVML and allocator readings a tick's layers are made of (metric names in samples.jsonl).
+PROCESS_METRICS = ("used_bytes", "torch_allocated_bytes", "torch_reserved_bytes")
+DEVICE_METRICS = ("used_bytes", "driver_reserved_bytes", "process_count")
+
+
+@dataclass
+class DeviceTick:
+    """What one tick's readings say about one device, from the profiled process's side.
+
+    `other_processes_bytes` is a true sum only when NVML's process list was read (`process_list` is a
+    count); otherwise it carries the list's Unavailable, so "nobody else" is never claimed unread.
+    """
+
+    process_bytes: Any = None
+    allocated_bytes: Any = None
+    reserved_bytes: Any = None
+    device_used_bytes: Any = None
+    driver_reserved_bytes: Any = None
+    process_list: Any = None
+    other_processes_bytes: Any = None
+    other_pids: dict[int, int] = field(default_factory=dict)
+
+    @property
+    def nobody_listed(self) -> bool:
+        """NVML's process list was read and is empty while the device counts memory (PID_NAMESPACE):
+        this process's memory cannot be told apart from anyone else's."""
+        return self.process_list == 0 and is_available(self.device_used_bytes)
+
+
+def device_tick(values: Iterable[tuple[str, str, Any]], pid: int, gpu_index: int) -> DeviceTick:
+    """Gather one tick's readings of `gpu_index` (as the sampler hands them over, or rebuilt from
+    samples.jsonl) into the figures the layers are made of."""
+    tick = DeviceTick()
+    other_total = 0
+    for text, metric, value in values:
+        scope = scopes.parse(text)
+        if scope.gpu != gpu_index:
+            continue
+        if scope.is_device:
+            if metric == "used_bytes":
+                tick.device_used_bytes = value
+            elif metric == "driver_reserved_bytes":
+                tick.driver_reserved_bytes = value
+            elif metric == "process_count":
+                tick.process_list = value
+        elif scope.pid == pid:
+            if metric == "used_bytes":
+                tick.process_bytes = value
+            elif metric == "torch_allocated_bytes":
+                tick.allocated_bytes = value
+            elif metric == "torch_reserved_bytes":
+                tick.reserved_bytes = value
+        elif metric == "used_bytes" and is_available(value):
+            other_total += int(value)
+            tick.other_pids[scope.pid] = int(value)
+    if is_available(tick.process_list):
+        tick.other_processes_bytes = other_total
+    else:
+        tick.other_processes_bytes = (tick.process_list if isinstance(tick.process_list, Unavailable)
+                                      else Unavailable("no_device", "no process list"))
+    return tick
+
+
+def tick_layers(tick: DeviceTick, model_bytes: Any) -> dict[str, int]:
+    """The layers of one tick: from the process's NVML figure when NVML lists it, from the device's
+    `used` when NVML lists nobody (the PID_NAMESPACE fallback), else none."""
+    if is_available(tick.process_bytes):
+        return gpu_layers(tick.process_bytes, tick.allocated_bytes, tick.reserved_bytes, model_bytes,
+                          tick.other_processes_bytes, tick.driver_reserved_bytes)
+    if tick.nobody_listed:
+        return gpu_layers(None, tick.allocated_bytes, tick.reserved_bytes, model_bytes, None,
+                          tick.driver_reserved_bytes, device_used_bytes=tick.device_used_bytes)
+    return {}
