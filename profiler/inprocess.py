@@ -38,6 +38,7 @@ import threading
 import time
 from typing import Any, Callable
 
+from gpuscope.record.catalogue import MODE_PROFILE
 from gpuscope.record.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, STATUS_RUNNING, RunRecord
 
 ScopedValue = tuple[str, str, Any]
@@ -243,50 +244,34 @@ class Profile:
 
     def _start_locked(self) -> None:
         """The body of start(), under self._lock and with the folder claimed."""
-        from gpuscope import __version__
         from gpuscope.measure.attribution import GapTracker
         from gpuscope.measure.live import LiveTracker, children_of
-        from gpuscope.measure.recording import open_nvml
-        from gpuscope.probes.host import HostProbe, host_info
-        from gpuscope.probes.redact import redact_argv
-        from gpuscope.probes.samplefile import SampleWriter
-        from gpuscope.probes.sampler import PeakTracker, Sampler
-        from gpuscope.record.files import SAMPLES_FILE, prepare_out_dir
-        from gpuscope.record.run import now_iso
+        from gpuscope.measure.recording import Recording
+        from gpuscope.probes.host import HostProbe
+        from gpuscope.probes.sampler import PeakTracker
 
-        self.out_dir = prepare_out_dir(self._folder_key or os.path.abspath(self.out))  # a later chdir changes nothing
-        self._nvml, unavailable = (self._nvml_opener or open_nvml)()
-        record = RunRecord(tool_version=__version__, started_at=now_iso(), host=host_info(), pid=self.pid,
-                           mode="profile")
-        record.device_unavailable = unavailable
-        self._gpu_probe = None
-        uuids: list[Any] = []
-        if self._nvml is not None:
-            from gpuscope.probes.gpu import GpuProbe
-
-            self._gpu_probe = GpuProbe(self._nvml, describe=self._describe, pid_exists=self._pid_exists)
-            record.devices = [d.to_json() for d in self._gpu_probe.devices]
-            uuids = [d.uuid for d in self._gpu_probe.devices]
+        self._recording = recording = Recording(MODE_PROFILE, self.pid, nvml_opener=self._nvml_opener)
+        self.out_dir = recording.claim_folder(self._folder_key or os.path.abspath(self.out))  # a later chdir: no change
+        record = recording.record
+        self._gpu_probe = recording.open_devices(describe=self._describe, pid_exists=self._pid_exists)
+        uuids: list[Any] = [d.uuid for d in self._gpu_probe.devices] if self._gpu_probe is not None else []
         probes: dict[str, Any] = {"host": HostProbe(self.pid, uss_every_s=2.0)}
-        # the allocator before NVML, as in diagnose (profiler/session.py says why)
+        # the allocator before NVML, as in diagnose (commands/diagnose.py says why)
         probes["allocator"] = LazyAllocatorProbe(self.pid, self._torch_cuda, self._torch_scopes, uuids,
                                                  self.reset_peaks)
         if self._gpu_probe is not None:
             probes["gpu"] = self._gpu_probe
-        self._t0_ns = time.monotonic_ns()
         self._peaks = PeakTracker()
+        self._t0_ns = time.monotonic_ns()
         self._tracker = LiveTracker(self.pid, self._t0_ns)
         count = self._gpu_probe.device_count if self._gpu_probe is not None else 0
         self._gaps = [GapTracker(self.pid, index) for index in range(count)]
-        self._writer = SampleWriter(os.path.join(self.out_dir, SAMPLES_FILE),
-                                    {"started_at": record.started_at, "t0_ns": self._t0_ns,
-                                     "interval_s": self.interval_s, "pid": self.pid, "mode": "profile"})
-        self._sampler = Sampler(probes, self.interval_s, self._writer,
-                                [self._peaks, self._tracker, *self._gaps, *self._extra_listeners],
-                                event_sources=[self._gpu_probe] if self._gpu_probe is not None else [])
-        record.config = {"device": "cpu", "gpu_index": None, "interval_s": self.interval_s, "out": self.out_dir,
-                         "label": self.label, "reset_peaks": self.reset_peaks, "device_index_space": "nvml",
-                         "argv": redact_argv(list(sys.argv))}  # the app's own secrets stay out of the report
+        self._sampler = recording.start_samples(probes, self.interval_s,
+                                                [self._peaks, self._tracker, *self._gaps, *self._extra_listeners])
+        # the app's own command line, redacted: its secrets stay out of the report
+        recording.config({"device": "cpu", "gpu_index": None, "interval_s": self.interval_s, "out": self.out_dir,
+                          "label": self.label, "reset_peaks": self.reset_peaks, "device_index_space": "nvml"},
+                         argv=list(sys.argv))
         record.status = STATUS_RUNNING
         self.record = record
         self._children_at_start = children_of(self.pid)
@@ -320,34 +305,29 @@ class Profile:
 
     def _finish(self, _status: str, _ended_by: str, _failure: str | None, _render: bool) -> RunRecord:
         """stop()'s work once sampling is to end: the record, run.json and the report."""
-        from gpuscope.measure.recording import Progress, render
-        from gpuscope.record.files import RUN_FILE
-        from gpuscope.record.run import save_run
+        from gpuscope.measure.recording import Progress
+        from gpuscope.record.errors import OutputError
+        from gpuscope.reports.render import render_run
 
         try:
             atexit.unregister(self._at_exit)
         except Exception:
             pass
-        self._sampler.stop()  # joins the thread and takes one last reading
-        self._writer.close()
+        recording = self._recording
+        recording.stop_samples()  # joins the thread and takes one last reading
         record = self._build_record(_ended_by)
         record.status = _status
         record.failure = _failure
-        if self._writer.error is not None:
-            record.failure = record.failure or f"samples file: {self._writer.error}"
-        if self._nvml is not None:
-            try:
-                self._nvml.shutdown()
-            except Exception:
-                pass
+        recording.close_devices()
+        # a good guest: silent unless something fails (then one line on stderr)
+        recording.progress = Progress(quiet=False)
         try:
-            save_run(record, os.path.join(self.out_dir or ".", RUN_FILE))
-        except OSError as exc:
-            self.error = f"cannot write run.json: {exc.strerror or exc}"
+            result = recording.finish(0, self.report and _render, render_run)
+        except OutputError as exc:
+            self.error = str(exc)
             sys.stderr.write(f"gpuscope profile: {self.error}\n")
             return record
-        if self.report and _render:
-            self.report_paths = render(record, self.out_dir or ".", Progress(quiet=False))
+        self.report_paths = result.report_paths
         return record
 
     # -- the record

@@ -55,6 +55,11 @@ def read_samples(samples_path: str | None) -> tuple["Timeline | None", list[str]
     return timeline, notes
 
 
+def render_run(record: "RunRecord", out_dir: str) -> dict[str, str]:
+    """The renderer every recording finishes with: the report of a run from its record and samples.jsonl."""
+    return render_report(record, out_dir, os.path.join(out_dir, record.samples))
+
+
 def render_report(record: "RunRecord", out_dir: str, samples_path: str | None = None) -> dict[str, str]:
     """Write report.html and the run's PNGs into out_dir; return {kind: path}.
 

@@ -183,7 +183,7 @@ def _argv(case: Case, d: Path, out: Path) -> list[str]:
 RUNNER = r"""
 import json, os, runpy, sys, traceback
 import torch
-import gpuscope.commands.app, gpuscope.measure.models, gpuscope.measure.diagnose
+import gpuscope.commands.app, gpuscope.measure.models, gpuscope.commands.diagnose
 
 def child(case):
     os.chdir(case["cwd"])

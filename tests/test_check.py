@@ -647,3 +647,11 @@ def test_a_size_without_a_unit_is_refused_naming_the_option():
         limits(max_host_memory="100")  # 100 bytes to a parser, 100 MiB or GiB to whoever typed it
     assert "needs a unit" in str(info.value) and "100MiB" in str(info.value)
     assert limits(max_host_memory=100 * 1024**2).max_host_memory == 100 * 1024**2  # a TOML integer is bytes
+
+
+def test_a_gate_pinned_to_a_count_never_lets_the_p99_limit_end_the_sweep():
+    assert Limits(max_p99_ms=25.0).sweep_p99_limit_ms() == 25.0
+    assert Limits(max_p99_ms=25.0).sweep_p99_limit_ms(at_predictors=4) is None
+    assert Limits(max_p99_ms=25.0, at_predictors=2).sweep_p99_limit_ms() is None
+    assert Limits(at_predictors=2).gated_count(4) == 4 and Limits(at_predictors=2).gated_count() == 2
+    assert Limits().gated_count() is None

@@ -19,7 +19,8 @@ import psutil
 import pytest
 
 from gpuscope.analysis.verdict import PROCESSES, THREADS, build_comparison, comparison_findings
-from gpuscope.measure.compare import CompareOptions, ParticipantsProbe, compare_environment, run_compare
+from gpuscope.commands.compare import CompareOptions, compare_environment, run_compare
+from gpuscope.measure.participants import ParticipantsProbe
 from gpuscope.measure.recording import Progress
 from gpuscope.measure.workers import spawned_pids
 from gpuscope.probes.readings import Unavailable, is_available

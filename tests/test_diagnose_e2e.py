@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from gpuscope.measure.diagnose import run_diagnose
+from gpuscope.commands.diagnose import run_diagnose
 from gpuscope.measure.options import DiagnoseOptions
 from gpuscope.probes.host import usable_cores
 from gpuscope.probes.samplefile import load_timeline

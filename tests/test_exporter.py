@@ -20,7 +20,7 @@ from gpuscope.analysis.live_rules import GROWTH_CODE
 from gpuscope.commands.export import run_export
 from gpuscope.measure.exporter import LiveView, NodeSource, start_exporter
 from gpuscope.measure.recording import Progress
-from gpuscope.measure.watch import WatchOptions, run_watch
+from gpuscope.commands.watch import WatchOptions, run_watch
 from gpuscope.probes.nvml import DeviceUnavailable
 from gpuscope.probes.processes import ProcessInfo
 from gpuscope.probes.readings import NO_DEVICE, NOT_SUPPORTED

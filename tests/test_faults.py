@@ -41,7 +41,7 @@ def _factory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, body: str) -> str:
 
 
 def _diagnose(spec: str, out: Path, predictors: str, report: bool = False):
-    from gpuscope.measure.diagnose import run_diagnose
+    from gpuscope.commands.diagnose import run_diagnose
 
     return run_diagnose(DiagnoseOptions(model=spec, predictors=predictors, out=str(out), report=report, **FAST))
 
@@ -187,7 +187,7 @@ def _gpu_record(pid: int) -> RunRecord:
 
 def _finish(record, peaks, gaps, probe, pid, sampler) -> None:
     from gpuscope.analysis.findings import conclude
-    from gpuscope.measure.diagnose import _finish_record
+    from gpuscope.commands.diagnose import _finish_record
 
     _finish_record(record, peaks, gaps, probe, pid, 0, True, sampler)
     conclude(record)
@@ -295,7 +295,7 @@ def test_the_profiled_and_a_foreign_process_exiting_between_ticks(tmp_path):
             foreign.wait()
     last = monitor.snapshot()
     assert last["process_gpu_bytes"] == 2 * GiB  # the peak before it vanished
-    figures = monitor._figures(values)
+    figures, _ = monitor._figures(values)
     assert isinstance(figures["process_gpu_bytes"], Unavailable)
     assert figures["process_gpu_bytes"].reason == PROCESS_GONE
     assert monitor.other_pids_seen[foreign.pid] == 3 * GiB
@@ -342,9 +342,9 @@ def test_sample_writer_on_a_full_disk_keeps_the_error_and_stops_writing():
 
 
 def test_disk_full_during_the_run_is_exit_2_and_keeps_what_was_written(tmp_path, monkeypatch):
-    import gpuscope.measure.diagnose as diagnose_session
+    import gpuscope.measure.recording as recording_module
 
-    monkeypatch.setattr(diagnose_session, "SampleWriter", _FillsUp)
+    monkeypatch.setattr(recording_module, "SampleWriter", _FillsUp)
     result = _diagnose("builtin:mlp", tmp_path / "out", "1")
     assert result.exit_code == 2
     record = load_run(str(tmp_path / "out" / "run.json"))
@@ -362,9 +362,9 @@ def _main(argv: list[str]) -> int:
 
 
 def test_disk_full_on_the_command_line_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    import gpuscope.measure.diagnose as diagnose_session
+    import gpuscope.measure.recording as recording_module
 
-    monkeypatch.setattr(diagnose_session, "SampleWriter", _FillsUp)
+    monkeypatch.setattr(recording_module, "SampleWriter", _FillsUp)
     rc = _main(["diagnose", "--out", str(tmp_path / "out"), "--predictors", "1", "--device", "cpu", "--duration", "1s",
                 "--warmup", "0.1s", "--window", "0.3s", "--quiet"])
     err = capsys.readouterr().err
@@ -376,9 +376,9 @@ def test_disk_full_on_the_command_line_is_one_line_and_exit_2(tmp_path, monkeypa
 
 
 def test_run_json_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, monkeypatch, capsys):
-    import gpuscope.measure.diagnose as diagnose_session
+    import gpuscope.measure.recording as recording_module
 
-    real_save = diagnose_session.save_run
+    real_save = recording_module.save_run
     calls = []
 
     def save_run(record, path):
@@ -387,7 +387,7 @@ def test_run_json_that_cannot_be_written_is_one_line_and_exit_2(tmp_path, monkey
             raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), path)
         real_save(record, path)
 
-    monkeypatch.setattr(diagnose_session, "save_run", save_run)
+    monkeypatch.setattr(recording_module, "save_run", save_run)
     rc = _main(["diagnose", "--out", str(tmp_path / "out"), "--predictors", "1", "--device", "cpu", "--duration", "1s",
                 "--warmup", "0.1s", "--window", "0.3s", "--quiet"])
     err = capsys.readouterr().err

@@ -112,7 +112,7 @@ class Outputs:
 def _run_with_neighbour(tmp_path: Path, neighbour_pid: int, neighbour_name: str = "") -> tuple[RunRecord, Outputs]:
     """Sample a scripted GPU holding this process and the neighbour; finish, conclude and render the run."""
     from gpuscope.analysis.findings import conclude
-    from gpuscope.measure.diagnose import _finish_record
+    from gpuscope.commands.diagnose import _finish_record
     from gpuscope.reports.html import render_html
     from gpuscope.reports.text import format_summary, summary_json
 

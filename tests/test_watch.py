@@ -25,7 +25,7 @@ from gpuscope.analysis.live_rules import (
 )
 from gpuscope.measure.live import BoundedSeries
 from gpuscope.measure.recording import Progress
-from gpuscope.measure.watch import WatchOptions, run_watch
+from gpuscope.commands.watch import WatchOptions, run_watch
 from gpuscope.probes.processes import ProcessInfo, describe_process
 from gpuscope.probes.samplefile import load_timeline
 from gpuscope.record.errors import UsageError

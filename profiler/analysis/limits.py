@@ -80,6 +80,16 @@ class Limits:
                    ("max_device_memory", "max_host_memory", "min_headroom_pct", "max_p99_ms",
                     "min_throughput", "max_memory_per_predictor", "forbid"))
 
+    def gated_count(self, at_predictors: int | None = None) -> int | None:
+        """The predictor count the gate is pinned to: the command line's, else the config's, else None
+        (then the gate reads the sweep's recommendation)."""
+        return at_predictors if at_predictors is not None else self.at_predictors
+
+    def sweep_p99_limit_ms(self, at_predictors: int | None = None) -> float | None:
+        """The p99 limit a sweep for this gate may stop at. None when the gate is pinned to a count: the
+        sweep must measure that count, so a p99 past the limit below it must not end the sweep early."""
+        return self.max_p99_ms if self.gated_count(at_predictors) is None else None
+
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {}
         for f in fields(self):

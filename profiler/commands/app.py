@@ -48,7 +48,7 @@ def _options(**kwargs: Any) -> Any:
 
 
 def _run_session(opts: Any, **hooks: Any) -> Any:
-    from gpuscope.measure.diagnose import run_diagnose
+    from gpuscope.commands.diagnose import run_diagnose
 
     return run_diagnose(opts, **hooks)
 
@@ -111,9 +111,8 @@ def check(run: Annotated[Optional[str], typer.Option("--run", help="evaluate a s
     if run is not None:
         record = load_run(run)
     else:
-        # Gated at a given count: the sweep must measure it, so the p99 limit does not stop the sweep below it.
-        at = at_predictors if at_predictors is not None else limits.at_predictors
-        p99_for_sweep = getattr(limits, "max_p99_ms", None) if at is None else None
+        at = limits.gated_count(at_predictors)
+        p99_for_sweep = limits.sweep_p99_limit_ms(at_predictors)
         opts = _options(model=model, model_size=model_size, input_shape=input_shape, dtype=dtype, device=device,
                         predictors=predictors, duration=duration, warmup=warmup, window=window, interval=interval,
                         streams=streams, copy_model=copy_model, inference_mode=inference_mode,
@@ -159,7 +158,7 @@ def compare(model: Model = "builtin:mlp", model_size: ModelSize = None, input_sh
             json_output: Annotated[bool, typer.Option("--json", help="print the comparison as JSON instead of the table")] = False,
             quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
     """Threads versus processes: N predictor threads sharing one model against N spawned worker processes."""
-    from gpuscope.measure.compare import CompareOptions, run_compare
+    from gpuscope.commands.compare import CompareOptions, run_compare
     from gpuscope.reports.text import format_comparison
 
     result = run_compare(CompareOptions(model=model, model_size=model_size, input_shape=input_shape, dtype=dtype,

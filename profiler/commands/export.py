@@ -14,8 +14,8 @@ def run_export(port: int, bind: str = "127.0.0.1", opener: Callable[[], Any] | N
                pid_exists: Callable[[int], bool] | None = None, err: Any = None,
                handle_signals: bool = True, on_ready: Callable[[Exporter], None] | None = None) -> int:
     """`gpuscope export --port PORT`: serve every GPU and process until Ctrl-C/SIGTERM. Exit 2 without a GPU."""
+    from gpuscope.commands.watch import validate_port
     from gpuscope.measure.recording import Interrupts
-    from gpuscope.measure.watch import validate_port
     from gpuscope.probes.nvml import DeviceUnavailable, open_backend
 
     err = err or sys.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from gpuscope.measure.recording import sampler_stats
 from gpuscope.probes import scopes
 from gpuscope.probes.readings import is_available, reading_to_json
 from gpuscope.record.run import RunRecord
@@ -277,11 +278,3 @@ def complete_live_record(record: RunRecord, live: dict[str, Any], gap_trackers: 
     record.recommendation = {"predictors": None, "reason": f"{no_sweep_reason}; no predictor sweep was run "
                                                            "(gpuscope diagnose recommends a count)"}
     record.findings = live_findings(record)
-
-
-def sampler_stats(sampler: Any) -> dict[str, Any]:
-    return {"interval_s": sampler.interval_s, "ticks": sampler.ticks, "missed_ticks": sampler.missed_ticks,
-            "mean_tick_cost_us": round(sampler.mean_tick_cost_us, 1),
-            "mean_tick_cpu_us": round(getattr(sampler, "mean_tick_cpu_us", 0.0), 1),
-            "probe_cost_us": {k: round(v / max(1, sampler.ticks) / 1000, 1) for k, v in sampler.probe_cost_ns.items()},
-            "probe_errors": dict(sampler.probe_errors)}

@@ -10,8 +10,10 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gpuscope import __version__
-from gpuscope.record.errors import EXIT_SIGINT, EXIT_SIGTERM
-from gpuscope.record.run import RunRecord
+from gpuscope.probes.samplefile import SampleWriter
+from gpuscope.record.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, OutputError
+from gpuscope.record.files import RUN_FILE, SAMPLES_FILE, prepare_out_dir
+from gpuscope.record.run import RunRecord, now_iso, save_run
 
 
 def environment_facts(device: str) -> dict[str, Any]:
@@ -131,14 +133,172 @@ def open_nvml() -> tuple[Any, dict[str, str] | None]:
         return None, {"reason": exc.reason, "detail": exc.detail}
 
 
-def render(record: RunRecord, out_dir: str, progress: Progress) -> dict[str, str] | None:
-    """Render the report; a rendering failure is one line, and run.json stays."""
-    try:
-        from gpuscope.reports.render import render_report
-    except ImportError:
-        return {}
-    try:
-        return render_report(record, out_dir, os.path.join(out_dir, record.samples))
-    except Exception as exc:
-        progress.error(f"gpuscope: could not render the report: {type(exc).__name__}: {exc} (run.json is kept)")
-        return None
+
+
+def sampler_stats(sampler: Any) -> dict[str, Any]:
+    """What sampling cost, for record.sampler (the same keys in every mode)."""
+    if sampler is None:
+        return {"ticks": 0}
+    return {"interval_s": sampler.interval_s, "ticks": sampler.ticks, "missed_ticks": sampler.missed_ticks,
+            "mean_tick_cost_us": round(sampler.mean_tick_cost_us, 1),
+            "mean_tick_cpu_us": round(getattr(sampler, "mean_tick_cpu_us", 0.0), 1),
+            "probe_cost_us": {k: round(v / max(1, sampler.ticks) / 1000, 1) for k, v in sampler.probe_cost_ns.items()},
+            "probe_errors": dict(sampler.probe_errors)}
+
+
+Renderer = Callable[[RunRecord, str], "dict[str, str] | None"]
+
+
+class Recording:
+    """One run's life on disk, the same for every mode: diagnose, watch, profile() and compare.
+
+    In order: the record is opened (host facts, start time), the devices are
+    opened (NVML, or why not), the output folder is claimed (emptied of the
+    last run's files), samples stream to samples.jsonl from the first tick,
+    run.json is saved as the run goes (status running: what a kill -9 leaves),
+    and `finish()` stops sampling, saves the final run.json and renders the
+    report. Each mode adds only what differs: its probes, its loop, its record.
+
+    The report is rendered by the `renderer` the caller hands in (commands and
+    the library API pass reports.render): the measure layer never imports the
+    reports it feeds.
+    """
+
+    def __init__(self, mode: str, pid: int, progress: Any = None,
+                 nvml_opener: Callable[[], tuple[Any, dict[str, str] | None]] | None = None) -> None:
+        from gpuscope.probes.host import host_info
+
+        self.mode = mode
+        self.pid = pid
+        self.progress = progress or Progress(quiet=True)
+        self._nvml_opener = nvml_opener or open_nvml
+        self.record = RunRecord(tool_version=__version__, started_at=now_iso(), host=host_info(), pid=pid, mode=mode)
+        self.nvml: Any = None
+        self.gpu_probe: Any = None
+        self.out_dir: str | None = None
+        self.writer: Any = None
+        self.sampler: Any = None
+        self.t0_ns: int | None = None
+
+    # -- devices
+    def open_devices(self, cpu_detail: str | None = None, ask_nvml: bool = True,
+                     describe: Callable[[int, str], Any] | None = None,
+                     pid_exists: Callable[[int], bool] | None = None) -> Any:
+        """Open NVML and list the devices in the record; returns the GpuProbe, or None (the record says why).
+
+        `cpu_detail`: this run measures no GPU (the user chose the CPU); NVML is closed again and the record
+        says so, keeping NVML's own reason when it had one. `ask_nvml=False` does not even open it (a parent
+        that must not touch the device its workers are measured on).
+        """
+        nvml, unavailable = self._nvml_opener() if ask_nvml else (None, None)
+        if cpu_detail is not None:
+            if nvml is not None:
+                nvml.shutdown()
+                nvml, unavailable = None, {"reason": "no_device", "detail": cpu_detail}
+            elif unavailable is not None:
+                unavailable = {**unavailable, "detail": f"{unavailable['detail']}; {cpu_detail}"}
+            else:
+                unavailable = {"reason": "no_device", "detail": cpu_detail}
+        self.nvml = nvml
+        self.record.device_unavailable = unavailable
+        if nvml is not None:
+            from gpuscope.probes.gpu import GpuProbe
+
+            self.gpu_probe = GpuProbe(nvml, describe=describe, pid_exists=pid_exists)
+            self.record.devices = [d.to_json() for d in self.gpu_probe.devices]
+        return self.gpu_probe
+
+    def close_devices(self) -> None:
+        if self.nvml is not None:
+            try:
+                self.nvml.shutdown()
+            except Exception:  # a driver already gone: nothing left to release
+                pass
+            self.nvml = None
+
+    # -- the folder and the samples
+    def claim_folder(self, path: str) -> str:
+        """Create (or empty of the last run's files) the output folder, proving it writable."""
+        self.out_dir = prepare_out_dir(path)
+        return self.out_dir
+
+    @property
+    def run_path(self) -> str:
+        return os.path.join(self.out_dir or ".", RUN_FILE)
+
+    def config(self, values: dict[str, Any], argv: list[str] | None = None) -> dict[str, Any]:
+        """record.config: the mode's settings plus the command line that started it, redacted."""
+        from gpuscope.probes.redact import redact_argv
+
+        self.record.config = {**values, "argv": redact_argv(list(sys.argv[1:] if argv is None else argv))}
+        return self.record.config
+
+    def start_samples(self, probes: dict[str, Any], interval_s: float, listeners: list[Any],
+                      header: dict[str, Any] | None = None, clock_ns: Callable[[], int] | None = None,
+                      event_sources: list[Any] | None = None) -> Any:
+        """The sampler and samples.jsonl (streamed from the first tick). Not started: a mode ticks it itself
+        (watch) or starts its thread (`sampler.start()`) when its measurement begins."""
+        from gpuscope.probes.sampler import Sampler
+
+        clock = clock_ns or time.monotonic_ns
+        self.t0_ns = clock()
+        self.writer = SampleWriter(os.path.join(self.out_dir or ".", SAMPLES_FILE),
+                                   {"started_at": self.record.started_at, "t0_ns": self.t0_ns,
+                                    "interval_s": interval_s, "pid": self.pid, "mode": self.mode, **(header or {})})
+        if event_sources is None:
+            event_sources = [self.gpu_probe] if self.gpu_probe is not None else []
+        kwargs: dict[str, Any] = {"event_sources": event_sources}
+        if clock_ns is not None:
+            kwargs["clock_ns"] = clock_ns
+        self.sampler = Sampler(probes, interval_s, self.writer, listeners, **kwargs)
+        return self.sampler
+
+    def stop_samples(self, threaded: bool = True) -> None:
+        """Stop the sampler's thread (it takes one last reading) and close samples.jsonl."""
+        if self.sampler is not None and threaded:
+            self.sampler.stop()
+        if self.writer is not None:
+            self.writer.close()
+
+
+    # -- run.json and the report
+    def save_progress(self) -> None:
+        """Write the record as it stands; a failure here must not stop the measurement."""
+        try:
+            save_run(self.record, self.run_path)
+        except OSError:
+            pass
+
+    def finish(self, exit_code: int, report: bool, renderer: Renderer | None,
+               before_report: Callable[[RunRecord], None] | None = None) -> SessionResult:
+        """The final run.json, then the report. A samples file that failed is exit 2 with the lines kept;
+        a run.json that cannot be written is an OutputError (one line) naming where the samples are."""
+        record = self.record
+        writer = self.writer
+        if writer is not None and writer.error is not None:
+            self.progress.error(f"gpuscope: writing samples failed: {writer.error.strerror or writer.error} "
+                                f"({writer.lines_written} lines kept in {writer.path})")
+            record.failure = record.failure or f"samples file: {writer.error}"
+            exit_code = EXIT_USAGE
+        try:
+            save_run(record, self.run_path)
+        except OSError as exc:
+            kept = f" (samples kept in {writer.path})" if writer is not None else ""
+            raise OutputError(f"cannot write {self.run_path}: {exc.strerror or exc}{kept}") from None
+        if before_report is not None and exit_code == EXIT_OK:
+            before_report(record)
+        paths = None
+        if report and renderer is not None:
+            paths = self.render(renderer)
+            if paths is None:
+                exit_code = exit_code or EXIT_USAGE
+        return SessionResult(record, exit_code, self.out_dir, paths)
+
+    def render(self, renderer: Renderer) -> dict[str, str] | None:
+        """Render the report; a rendering failure is one line, and run.json stays."""
+        try:
+            return renderer(self.record, self.out_dir or ".")
+        except Exception as exc:
+            self.progress.error(f"gpuscope: could not render the report: {type(exc).__name__}: {exc} "
+                                "(run.json is kept)")
+            return None

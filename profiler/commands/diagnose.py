@@ -10,24 +10,29 @@ from __future__ import annotations
 import math
 import os
 import signal
-import sys
 import threading
-import time
 from typing import Any, Callable
 
-from gpuscope import __version__
 from gpuscope.measure.attribution import GapTracker, StepMonitor, end_figures
 from gpuscope.measure.options import MAX_PREDICTORS, DiagnoseOptions, parse_predictors, parse_seconds
-from gpuscope.measure.recording import Interrupts, Progress, SessionResult, environment_facts, open_nvml, render
+from gpuscope.measure.recording import (
+    Interrupts,
+    Progress,
+    Recording,
+    SessionResult,
+    environment_facts,
+    open_nvml,
+    sampler_stats,
+)
 from gpuscope.probes import scopes
-from gpuscope.probes.host import HostProbe, host_info, usable_cores
+from gpuscope.probes.host import HostProbe, usable_cores
 from gpuscope.probes.readings import is_available, reading_to_json
-from gpuscope.probes.redact import redact_argv
-from gpuscope.probes.samplefile import SampleWriter
-from gpuscope.probes.sampler import PeakTracker, Sampler
-from gpuscope.record.errors import EXIT_OK, EXIT_USAGE, OutputError, UsageError
-from gpuscope.record.files import RUN_FILE, SAMPLES_FILE, check_out_path, prepare_out_dir
-from gpuscope.record.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunRecord, now_iso, save_run
+from gpuscope.probes.sampler import PeakTracker
+from gpuscope.record.catalogue import MODE_DIAGNOSE
+from gpuscope.record.errors import EXIT_OK, EXIT_USAGE, UsageError
+from gpuscope.record.files import check_out_path
+from gpuscope.record.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunRecord, now_iso
+from gpuscope.reports.render import render_run
 
 MAX_RATE_RPS = 1e6
 
@@ -81,24 +86,13 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         torch.set_num_threads(opts.intra_op_threads)
 
     # ---- the device, and the CUDA context baseline before the model loads
-    nvml, device_unavailable = nvml_opener()
-    if not gpu:
-        # A CPU run measures no GPU; say why: none here (NVML's own reason), or the user chose the CPU.
-        if nvml is not None:
-            nvml.shutdown()
-            nvml, device_unavailable = None, {"reason": "no_device", "detail": f"profiling on the CPU (--device {opts.device})"}
-        elif device_unavailable is not None:
-            device_unavailable = {**device_unavailable, "detail": f"{device_unavailable['detail']}; profiling on the CPU"}
     pid = os.getpid()
-    record = RunRecord(tool_version=__version__, started_at=now_iso(), host=host_info(), pid=pid, mode="diagnose")
-    record.device_unavailable = device_unavailable
-    gpu_probe = None
+    recording = Recording(MODE_DIAGNOSE, pid, progress, nvml_opener)
+    record = recording.record
+    # A CPU run measures no GPU; the record says why: none here (NVML's own reason), or the user chose the CPU.
+    gpu_probe = recording.open_devices(cpu_detail=None if gpu else f"profiling on the CPU (--device {opts.device})")
     nvml_index: int | None = None
-    if nvml is not None:
-        from gpuscope.probes.gpu import GpuProbe
-
-        gpu_probe = GpuProbe(nvml)
-        record.devices = [d.to_json() for d in gpu_probe.devices]
+    if gpu_probe is not None:
         nvml_index = nvml_index_for(int(device.split(":")[1]), [d.uuid for d in gpu_probe.devices])
     if gpu:
         torch.zeros(1, device=device)  # initialise CUDA: what NVML shows now is the context alone
@@ -112,17 +106,17 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         validate_model(model)
     except ModelLoadError as exc:
         raise UsageError(str(exc)) from None
-    out_dir = prepare_out_dir(opts.out)
+    out_dir = recording.claim_folder(opts.out)
 
-    record.config = {"device": device, "gpu_index": nvml_index, "model": opts.model, "model_size": size,
-                     "predictors": list(counts), "max_step_s": max_step_s, "warmup_s": warmup_s, "window_s": window_s,
-                     "interval_s": interval_s, "streams": bool(opts.streams and gpu), "copy_model": opts.copy_model,
-                     "inference_mode": opts.inference_mode, "intra_op_threads": opts.intra_op_threads,
-                     "rate_rps": opts.rate, "max_p99_ms": opts.max_p99_ms, "out": out_dir,
-                     "argv": redact_argv(sys.argv[1:])}
+    recording.config({"device": device, "gpu_index": nvml_index, "model": opts.model, "model_size": size,
+                      "predictors": list(counts), "max_step_s": max_step_s, "warmup_s": warmup_s,
+                      "window_s": window_s, "interval_s": interval_s, "streams": bool(opts.streams and gpu),
+                      "copy_model": opts.copy_model, "inference_mode": opts.inference_mode,
+                      "intra_op_threads": opts.intra_op_threads, "rate_rps": opts.rate, "max_p99_ms": opts.max_p99_ms,
+                      "out": out_dir})
     record.model = model.to_json()
     record.environment = environment_facts(device)
-    if nvml is not None:
+    if gpu_probe is not None:
         record.environment["driver"] = gpu_probe.devices[0].driver if gpu_probe and gpu_probe.devices else None
 
     # ---- probes and sampler
@@ -134,30 +128,27 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
 
         scope_index = nvml_index if nvml_index is not None else int(device.split(":")[1])
-        probes["allocator"] = AllocatorProbe(RealTorchCuda(), {int(device.split(":")[1]): scopes.process_on_device(pid, scope_index)})
+        probes["allocator"] = AllocatorProbe(RealTorchCuda(),
+                                             {int(device.split(":")[1]): scopes.process_on_device(pid, scope_index)})
     if gpu_probe is not None:
         probes["gpu"] = gpu_probe
     # Without NVML the picture falls back to the CPU one (RSS), plus the allocator's own figures.
     monitor = StepMonitor(pid, nvml_index if gpu_probe is not None else None, model.model_bytes)
     run_peaks = PeakTracker()
     gaps = GapTracker(pid, nvml_index)
-    t0_ns = time.monotonic_ns()
-    writer = SampleWriter(os.path.join(out_dir, SAMPLES_FILE),
-                          {"started_at": record.started_at, "t0_ns": t0_ns, "interval_s": interval_s, "pid": pid,
-                           "mode": "diagnose", "device": device, "gpu_index": nvml_index})
-    sampler = Sampler(probes, interval_s, writer, [monitor, run_peaks, gaps],
-                      event_sources=[gpu_probe] if gpu_probe is not None else [])
+    sampler = recording.start_samples(probes, interval_s, [monitor, run_peaks, gaps],
+                                      {"device": device, "gpu_index": nvml_index})
+    t0_ns = recording.t0_ns
 
     stop = threading.Event()
     pool = PredictorPool(model, streams=opts.streams, copy_model=opts.copy_model, inference_mode=opts.inference_mode)
     config = SweepConfig(predictors=counts, max_step_s=max_step_s, warmup_s=warmup_s, window_s=window_s,
                          max_p99_ms=opts.max_p99_ms, rate_rps=opts.rate)
-    run_path = os.path.join(out_dir, RUN_FILE)
 
     def on_step(step: Any) -> None:
         progress.line(_step_line(step))
         record.steps = list(hooks.steps)
-        _save_progress(record, run_path)  # a kill -9 still leaves every finished step on disk
+        recording.save_progress()  # a kill -9 still leaves every finished step on disk
 
     def step_end_tick() -> Any:  # every step gets a USS reading of its own, however short it is
         host_probe.request_uss()
@@ -167,7 +158,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
                        on_line=progress.line, on_step=on_step, intra_op_threads=torch.get_num_threads)
     if opts.streams and not gpu:
         progress.line("--streams needs a CUDA device: ignored on the CPU")
-    _save_progress(record, run_path)  # status "running": what a killed run leaves behind
+    recording.save_progress()  # status "running": what a killed run leaves behind
     crash: BaseException | None = None
     with Interrupts(stop) as interrupts:
         sampler.start()
@@ -180,8 +171,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
             crash = exc
         finally:
             stop.set()
-            sampler.stop()
-            writer.close()
+            recording.stop_samples()
             pool.release_copies()
     progress.finish()
     record.steps = hooks.steps
@@ -206,34 +196,12 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
                                                f"{opts.duration}); raise --duration")
                        + " (run.json and the report keep what was seen)")
         exit_code = EXIT_USAGE
-    if writer.error is not None:
-        progress.error(f"gpuscope: writing samples failed: {writer.error.strerror or writer.error} "
-                       f"({writer.lines_written} lines kept in {writer.path})")
-        record.failure = record.failure or f"samples file: {writer.error}"
-        exit_code = EXIT_USAGE
-    try:
-        save_run(record, run_path)
-    except OSError as exc:
-        raise OutputError(f"cannot write {run_path}: {exc.strerror or exc} "
-                          f"(samples kept in {writer.path})") from None
-    if before_report is not None and crash is None and exit_code == EXIT_OK:
-        before_report(record)
-    paths = None
-    if opts.report:
-        paths = render(record, out_dir, progress)
-        if paths is None:
-            exit_code = exit_code or EXIT_USAGE
+    recording.close_devices()
+    result = recording.finish(exit_code, opts.report, render_run,
+                              before_report if crash is None else None)
     if crash is not None:
         raise crash
-    return SessionResult(record, exit_code, out_dir, paths)
-
-
-def _save_progress(record: RunRecord, path: str) -> None:
-    """Write the record as it stands (status running); a failure here must not stop the measurement."""
-    try:
-        save_run(record, path)
-    except OSError:
-        pass
+    return result
 
 
 def _process_gpu_bytes(gpu_probe: Any, pid: int, index: int | None) -> Any:
@@ -247,7 +215,7 @@ def _process_gpu_bytes(gpu_probe: Any, pid: int, index: int | None) -> Any:
 
 
 def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, gpu_probe: Any, pid: int,
-                   nvml_index: int | None, gpu: bool, sampler: Sampler) -> None:
+                   nvml_index: int | None, gpu: bool, sampler: Any) -> None:
     """Processes seen, end-of-run figures, gaps and sampler costs: everything rules need from the run."""
     import psutil
 
@@ -285,11 +253,7 @@ def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, 
         record.baseline["end"] = end_figures(last, pid, nvml_index)
     record.extra["measurement_gaps"] = gaps.gaps
     record.extra["pid_namespace"] = gaps.evidence()
-    record.sampler = {"interval_s": sampler.interval_s, "ticks": sampler.ticks, "missed_ticks": sampler.missed_ticks,
-                      "mean_tick_cost_us": round(sampler.mean_tick_cost_us, 1),
-                      "mean_tick_cpu_us": round(sampler.mean_tick_cpu_us, 1),
-                      "probe_cost_us": {k: round(v / max(1, sampler.ticks) / 1000, 1) for k, v in sampler.probe_cost_ns.items()},
-                      "probe_errors": dict(sampler.probe_errors)}
+    record.sampler = sampler_stats(sampler)
 
 
 def _step_line(step: Any) -> str:
