@@ -19,8 +19,9 @@ Metrics (bytes and ratios in 0..1, Prometheus naming):
   gpuscope_device_utilization_ratio{gpu}           SM busy share (NVML utilization.gpu / 100)
   gpuscope_device_memory_utilization_ratio{gpu}    memory controller busy share
   gpuscope_device_processes{gpu}                   processes NVML lists on the device
-  gpuscope_process_gpu_memory_bytes{gpu,pid,name,engine,role}
-  gpuscope_process_sm_utilization_ratio{gpu,pid,name,role}
+  gpuscope_process_gpu_memory_bytes{gpu,pid,name,engine,role,pod_uid,container_id}
+  gpuscope_process_sm_utilization_ratio{gpu,pid,name,role,pod_uid,container_id}
+                                                   pod_uid/container_id from /proc/PID/cgroup, '' when none
   gpuscope_target_resident_memory_bytes{pid,name}  (watch only) RSS of the watched process
   gpuscope_target_cpu_utilization_ratio{pid,name}  (watch only) CPU time share, 1.0 = one core
   gpuscope_target_threads{pid,name}                (watch only)
@@ -75,6 +76,12 @@ def _engine_label(info: Any) -> str:
     if isinstance(engines, tuple):
         return ",".join(engines) if engines else "none"
     return "unknown"
+
+
+def _container_label(info: Any, key: str) -> str:
+    """pod_uid/container_id from /proc/PID/cgroup; '' (no label, to Prometheus) in none or unread."""
+    value = getattr(info, key, None)
+    return _label(value) if isinstance(value, str) else ""
 
 
 def known_codes() -> tuple[str, ...]:
@@ -146,9 +153,9 @@ class GpuscopeCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         memory = GaugeMetricFamily("gpuscope_process_gpu_memory_bytes", "GPU memory NVML attributes to a process",
-                                   labels=["gpu", "pid", "name", "engine", "role"])
+                                   labels=["gpu", "pid", "name", "engine", "role", "pod_uid", "container_id"])
         sm = GaugeMetricFamily("gpuscope_process_sm_utilization_ratio", "A process's SM utilisation (0..1)",
-                               labels=["gpu", "pid", "name", "role"])
+                               labels=["gpu", "pid", "name", "role", "pod_uid", "container_id"])
         rss = GaugeMetricFamily("gpuscope_target_resident_memory_bytes", "Resident memory of the watched process",
                                 labels=["pid", "name"])
         cpu = GaugeMetricFamily("gpuscope_target_cpu_utilization_ratio",
@@ -172,11 +179,12 @@ class GpuscopeCollector:
                 continue
             info = view.processes.get(pid)
             name = _label(getattr(info, "name", "") or "")
+            pod = [_container_label(info, "pod_uid"), _container_label(info, "container_id")]
             if gpu_text:
                 if metric == "used_bytes":
-                    memory.add_metric([gpu_text, str(pid), name, _engine_label(info), role(pid)], float(value))
+                    memory.add_metric([gpu_text, str(pid), name, _engine_label(info), role(pid)] + pod, float(value))
                 elif metric == "sm_util_pct":
-                    sm.add_metric([gpu_text, str(pid), name, role(pid)], float(value) / 100.0)
+                    sm.add_metric([gpu_text, str(pid), name, role(pid)] + pod, float(value) / 100.0)
             elif pid == view.target_pid:
                 if metric == "rss_bytes":
                     rss.add_metric([str(pid), name], float(value))
