@@ -10,9 +10,18 @@ so a burst of scrapers cannot hammer the driver).
 The endpoint binds to 127.0.0.1 unless `--bind` says otherwise: process names
 and command-line-derived labels are information about the node.
 
+`export` never exits because NVML is missing or failing (profiler/nvml_retry.py): it
+serves `gpuscope_nvml_available 0` with the reason, retries with backoff, and
+recovers. Every endpoint also answers /healthz (profiler/http_endpoint.py).
+The default port, 9840, is not the default of any exporter commonly run on a GPU
+node (node-exporter 9100, dcgm-exporter 9400, nvidia_gpu_exporter 9835,
+process-exporter 9256, kube-state-metrics and cAdvisor 8080, kubelet 10250/10255).
+
 Metrics (bytes and ratios in 0..1, Prometheus naming):
   gpuscope_nvml_available                          1 when NVML answered the last reading (0: not started,
                                                    or every device reading failed, as when a GPU is lost)
+  gpuscope_nvml_info{reason,detail}                1; reason "ok" while available, else why not (a
+                                                   probes.readings reason) and the driver's words
   gpuscope_device_info{gpu,name,uuid}              1
   gpuscope_device_memory_{total,used,free}_bytes{gpu}
   gpuscope_device_driver_reserved_bytes{gpu}
@@ -38,9 +47,10 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from probes.readings import is_available
-from profiler.errors import EXIT_OK, EXIT_USAGE, UsageError
+from profiler.errors import EXIT_OK, UsageError
 
 SEVERITY_LEVEL = {"info": 1, "warn": 2, "fail": 3}
+DEFAULT_PORT = 9840
 MAX_LABEL_CHARS = 120
 
 
@@ -84,6 +94,20 @@ def _container_label(info: Any, key: str) -> str:
     return _label(value) if isinstance(value, str) else ""
 
 
+def _nvml_status(view: LiveView | None) -> list[str]:
+    """[reason, detail] for gpuscope_nvml_info."""
+    if view is None:
+        return ["not_initialized", "no reading yet"]
+    if view.nvml_available:
+        return ["ok", ""]
+    why = view.device_unavailable
+    if not why:
+        from profiler.nvml_retry import _lost_reason
+
+        why = _lost_reason(view.values)
+    return [_label(why.get("reason")) or "error", _label(why.get("detail"))]
+
+
 def known_codes() -> tuple[str, ...]:
     from profiler.findings import KNOWN_CODES
     from profiler.watch_findings import GROWTH_CODE
@@ -107,6 +131,10 @@ class GpuscopeCollector:
         up = GaugeMetricFamily("gpuscope_nvml_available", "1 when NVML could be read on this node")
         up.add_metric([], 1.0 if view is not None and view.nvml_available else 0.0)
         yield up
+        status = GaugeMetricFamily("gpuscope_nvml_info", "NVML's state: reason ok, or why it cannot be read (value 1)",
+                                   labels=["reason", "detail"])
+        status.add_metric(_nvml_status(view), 1.0)
+        yield status
         findings_active = GaugeMetricFamily("gpuscope_findings_active", "Active gpuscope findings by code",
                                             labels=["code"])
         severity = GaugeMetricFamily("gpuscope_finding_severity",
@@ -224,14 +252,23 @@ class Exporter:
         self._thread.join(timeout=5)
 
 
-def start_exporter(source: Callable[[], LiveView | None], port: int, bind: str = "127.0.0.1") -> Exporter:
+def start_exporter(source: Callable[[], LiveView | None], port: int, bind: str = "127.0.0.1",
+                   health: Callable[[], str] | None = None) -> Exporter:
     """Serve `source`'s views on http://BIND:PORT/metrics (port 0: any free port). UsageError if it cannot listen."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    return serve_collector(GpuscopeCollector(source), port, bind, health)
+
+
+def serve_collector(collector: Any, port: int, bind: str = "127.0.0.1",
+                    health: Callable[[], str] | None = None) -> Exporter:
+    """Serve one collector from a registry of its own on /metrics, with /healthz. UsageError if it cannot listen."""
+    from prometheus_client import CollectorRegistry
+
+    from profiler.http_endpoint import serve
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GpuscopeCollector(source))
+    registry.register(collector)
     try:
-        server, thread = start_http_server(int(port), addr=bind, registry=registry)
+        server, thread = serve(registry, int(port), bind, health)
     except OSError as exc:
         raise UsageError(f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}") from None
     except ValueError as exc:  # not an address
@@ -255,6 +292,11 @@ class NodeSource:
         self._view: LiveView | None = None
         self._read_at = float("-inf")
         self.reads = 0
+
+    @property
+    def devices(self) -> list[Any]:
+        """The GPUs NVML listed when this source opened (probes.gpu.DeviceInfo)."""
+        return self._probe.devices
 
     def __call__(self) -> LiveView:
         from profiler.ps import snapshot_findings, snapshot_from_readings
@@ -280,24 +322,27 @@ class NodeSource:
 def run_export(port: int, bind: str = "127.0.0.1", opener: Callable[[], Any] | None = None,
                stop: threading.Event | None = None, describe: Callable[[int, str], Any] | None = None,
                pid_exists: Callable[[int], bool] | None = None, err: Any = None,
-               handle_signals: bool = True, on_ready: Callable[[Exporter], None] | None = None) -> int:
-    """`gpuscope export --port PORT`: serve every GPU and process until Ctrl-C/SIGTERM. Exit 2 without a GPU."""
-    from probes.nvml import DeviceUnavailable, open_backend
+               handle_signals: bool = True, on_ready: Callable[[Exporter], None] | None = None,
+               clock: Callable[[], float] = time.monotonic, poll_s: float = 0.5) -> int:
+    """`gpuscope export --port PORT`: serve every GPU and process until Ctrl-C/SIGTERM.
+
+    Without NVML (no driver, a driver being upgraded, a lost GPU) it keeps serving
+    `gpuscope_nvml_available 0` and retries (profiler/nvml_retry.py); only bad input exits 2.
+    """
+    from probes.nvml import open_backend
+    from profiler.nvml_retry import RetryingNodeSource
     from profiler.session import Interrupts
     from profiler.watch import validate_port
 
     err = err or sys.stderr
     validate_port(port, "--port")
-    try:
-        backend = (opener or open_backend)()
-    except DeviceUnavailable as exc:
-        err.write(f"gpuscope export: no GPU here: {exc.detail}\n")
-        return EXIT_USAGE
     stop = stop or threading.Event()
+    source = RetryingNodeSource(opener or open_backend, describe, pid_exists, clock=clock, log=err)
+    source.ensure()  # the first attempt before listening: a taken port still closes NVML
     try:
-        exporter = start_exporter(NodeSource(backend, describe, pid_exists), port, bind)
+        exporter = start_exporter(source, port, bind, health=source.health)
     except UsageError:
-        backend.shutdown()
+        source.close()
         raise
     err.write(f"gpuscope export: serving Prometheus metrics on {exporter.url} (Ctrl-C stops)\n")
     err.flush()
@@ -307,13 +352,13 @@ def run_export(port: int, bind: str = "127.0.0.1", opener: Callable[[], Any] | N
     try:
         if interrupts is not None:
             interrupts.__enter__()
-        while not stop.wait(0.5):
-            pass
+        while not stop.wait(poll_s):
+            source.ensure()  # recover without waiting for a scrape
     except KeyboardInterrupt:
         pass
     finally:
         if interrupts is not None:
             interrupts.__exit__(None, None, None)
         exporter.close()
-        backend.shutdown()
+        source.close()
     return EXIT_OK
