@@ -26,6 +26,10 @@ is recorded (status failed) and then re-raised unchanged. One side effect to
 know: peaks between ticks are caught by `torch.cuda.reset_peak_memory_stats()`
 after each reading; pass `reset_peaks=False` if your code reads
 `torch.cuda.max_memory_allocated()` itself.
+
+`prometheus_port=N` also serves the allocator's figures per device on
+http://127.0.0.1:N/metrics while the profile runs (profiler/inprocess_metrics.py):
+the split of this process's memory that no outside exporter can see.
 """
 from __future__ import annotations
 
@@ -113,7 +117,8 @@ class Profile:
                  nvml_opener: Callable[[], tuple[Any, dict[str, str] | None]] | None = None,
                  torch_cuda: Any = None, torch_scopes: dict[int, int] | None = None,
                  describe: Callable[[int, str], Any] | None = None, pid_exists: Callable[[int], bool] | None = None,
-                 listeners: list[Callable[[int, list[ScopedValue]], None]] | None = None) -> None:
+                 listeners: list[Callable[[int, list[ScopedValue]], None]] | None = None,
+                 prometheus_port: int | None = None, prometheus_bind: str = "127.0.0.1") -> None:
         if isinstance(interval, str):
             from probes.units import parse_duration_s
 
@@ -127,7 +132,15 @@ class Profile:
         self.label = label
         self._settings = dict(out=out, interval=interval, report=report, reset_peaks=reset_peaks, label=label,
                               nvml_opener=nvml_opener, torch_cuda=torch_cuda, torch_scopes=torch_scopes,
-                              describe=describe, pid_exists=pid_exists, listeners=listeners)
+                              describe=describe, pid_exists=pid_exists, listeners=listeners,
+                              prometheus_port=prometheus_port, prometheus_bind=prometheus_bind)
+        if prometheus_port is not None:
+            from profiler.watch import validate_port
+
+            prometheus_port = validate_port(prometheus_port, "profile(prometheus_port=...)")
+        self.prometheus_port = prometheus_port
+        self.prometheus_bind = prometheus_bind
+        self.metrics: Any = None  # the running endpoint (profiler.exporter.Exporter) while sampling
         self._nvml_opener = nvml_opener
         self._torch_cuda = torch_cuda
         self._torch_scopes = torch_scopes
@@ -220,6 +233,7 @@ class Profile:
             try:
                 self._start_locked()
             except BaseException:
+                self._close_metrics()
                 self._release_folder()
                 raise
         return self
@@ -252,6 +266,14 @@ class Profile:
         from profiler.watch import LiveTracker, children_of
 
         self.out_dir = prepare_out_dir(self._folder_key or os.path.abspath(self.out))  # a later chdir changes nothing
+        listeners = list(self._extra_listeners)
+        if self.prometheus_port is not None:  # first: a taken port fails start() before anything runs
+            from profiler.exporter import serve_collector
+            from profiler.inprocess_metrics import AllocatorGauges
+
+            gauges = AllocatorGauges(self.pid)
+            self.metrics = serve_collector(gauges, self.prometheus_port, self.prometheus_bind)
+            listeners.insert(0, gauges)
         self._nvml, unavailable = (self._nvml_opener or open_nvml)()
         record = RunRecord(tool_version=__version__, started_at=now_iso(), host=host_info(), pid=self.pid,
                            mode="profile")
@@ -279,7 +301,7 @@ class Profile:
                                     {"started_at": record.started_at, "t0_ns": self._t0_ns,
                                      "interval_s": self.interval_s, "pid": self.pid, "mode": "profile"})
         self._sampler = Sampler(probes, self.interval_s, self._writer,
-                                [self._peaks, self._tracker, *self._gaps, *self._extra_listeners],
+                                [self._peaks, self._tracker, *self._gaps, *listeners],
                                 event_sources=[self._gpu_probe] if self._gpu_probe is not None else [])
         record.config = {"device": "cpu", "gpu_index": None, "interval_s": self.interval_s, "out": self.out_dir,
                          "label": self.label, "reset_peaks": self.reset_peaks, "device_index_space": "nvml",
@@ -325,6 +347,7 @@ class Profile:
         except Exception:
             pass
         self._sampler.stop()  # joins the thread and takes one last reading
+        self._close_metrics()
         self._writer.close()
         record = self._build_record(_ended_by)
         record.status = _status
@@ -345,6 +368,11 @@ class Profile:
         if self.report and _render:
             self.report_paths = render(record, self.out_dir or ".", Progress(quiet=False))
         return record
+
+    def _close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     # -- the record
     def _build_record(self, ended_by: str) -> RunRecord:
