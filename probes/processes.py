@@ -2,6 +2,8 @@
 
 NVML reports pids from the host's pid namespace; inside a container those pids
 may not exist in our /proc (PID_NAMESPACE). `exists` records exactly that.
+`pod_uid`/`container_id` come from /proc/PID/cgroup (probes/cgroups.py): None when
+the process is in no pod or container, Unavailable when the file could not be read.
 """
 from __future__ import annotations
 
@@ -10,6 +12,7 @@ from typing import Callable
 
 import psutil
 
+from gpuscope.probes.cgroups import ContainerIds, read_container_ids
 from gpuscope.probes.engines import EngineReport, EnginesProbe
 from gpuscope.probes.readings import NO_PERMISSION, PROCESS_GONE, Unavailable
 from gpuscope.probes.redact import redact_argv
@@ -24,22 +27,37 @@ class ProcessInfo:
     cmdline: str | Unavailable  # redacted
     engines: tuple[str, ...] | Unavailable
     memory_env: dict[str, str] | Unavailable
+    pod_uid: str | Unavailable | None = None        # None: in no Kubernetes pod
+    container_id: str | Unavailable | None = None   # None: in no container
 
     def to_json(self) -> dict:
         from gpuscope.probes.readings import reading_to_json
 
-        return reading_to_json({
+        out = {
             "pid": self.pid, "exists": self.exists, "name": self.name, "user": self.user,
             "cmdline": self.cmdline,
             "engines": list(self.engines) if isinstance(self.engines, tuple) else self.engines,
             "memory_env": self.memory_env,
-        })
+        }
+        for key in ("pod_uid", "container_id"):  # keys only where the cgroup names them (or could not be read)
+            if getattr(self, key) is not None:
+                out[key] = getattr(self, key)
+        return reading_to_json(out)
+
+
+def _container_fields(pid: int, proc_root: str) -> dict[str, "str | Unavailable | None"]:
+    ids = read_container_ids(pid, proc_root)
+    if isinstance(ids, Unavailable):
+        return {"pod_uid": ids, "container_id": ids}
+    assert isinstance(ids, ContainerIds)
+    return {"pod_uid": ids.pod_uid, "container_id": ids.container_id}
 
 
 Describer = Callable[[int, str], ProcessInfo]
 
 
-def describe_process(pid: int, nvml_name: str = "", engines_probe: EnginesProbe | None = None) -> ProcessInfo:
+def describe_process(pid: int, nvml_name: str = "", engines_probe: EnginesProbe | None = None,
+                     proc_root: str = "/proc") -> ProcessInfo:
     """Describe a pid from psutil and /proc; `nvml_name` is the fallback name."""
     probe = engines_probe or EnginesProbe()
     try:
@@ -56,12 +74,14 @@ def describe_process(pid: int, nvml_name: str = "", engines_probe: EnginesProbe 
                 cmdline = Unavailable(NO_PERMISSION, str(exc))
     except psutil.ZombieProcess:  # it exists (NVML may still list it for a moment): not a namespace problem
         gone = Unavailable(PROCESS_GONE, f"pid {pid} has exited (zombie)")
-        return ProcessInfo(pid, True, nvml_name or "?", gone, gone, gone, gone)
+        return ProcessInfo(pid, True, nvml_name or "?", gone, gone, gone, gone, gone, gone)
     except psutil.NoSuchProcess:
         gone = Unavailable(PROCESS_GONE, f"pid {pid} is not in this pid namespace")
-        return ProcessInfo(pid, False, nvml_name or "?", gone, gone, gone, gone)
+        return ProcessInfo(pid, False, nvml_name or "?", gone, gone, gone, gone, gone, gone)
     except psutil.AccessDenied as exc:
         denied = Unavailable(NO_PERMISSION, str(exc))
-        return ProcessInfo(pid, True, nvml_name or "?", denied, denied, denied, denied)
+        return ProcessInfo(pid, True, nvml_name or "?", denied, denied, denied, denied,
+                           **_container_fields(pid, proc_root))  # /proc/PID/cgroup is world-readable
     report: EngineReport = probe.report(pid)
-    return ProcessInfo(pid, True, name or nvml_name, user, cmdline, report.engines, report.memory_env)
+    return ProcessInfo(pid, True, name or nvml_name, user, cmdline, report.engines, report.memory_env,
+                       **_container_fields(pid, proc_root))

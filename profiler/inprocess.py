@@ -1,14 +1,14 @@
-"""`profiler.profile()`: allocator-level truth from inside your own server.
+"""`gpuscope.profile()`: allocator-level truth from inside your own server.
 
-    import profiler
+    import gpuscope
 
-    with profiler.profile(out="gpuscope-report", interval=0.05):
+    with gpuscope.profile(out="gpuscope-report", interval=0.05):
         serve()                      # your threads, your loop
 
-    @profiler.profile(out="gpuscope-report")
+    @gpuscope.profile(out="gpuscope-report")
     def main(): ...
 
-    prof = profiler.profile(out="gpuscope-report").start()
+    prof = gpuscope.profile(out="gpuscope-report").start()
     ...
     prof.stop()                      # returns the RunRecord; prof.report_paths has report.html
 
@@ -26,6 +26,10 @@ is recorded (status failed) and then re-raised unchanged. One side effect to
 know: peaks between ticks are caught by `torch.cuda.reset_peak_memory_stats()`
 after each reading; pass `reset_peaks=False` if your code reads
 `torch.cuda.max_memory_allocated()` itself.
+
+`prometheus_port=N` also serves the allocator's figures per device on
+http://127.0.0.1:N/metrics while the profile runs (profiler/inprocess_metrics.py):
+the split of this process's memory that no outside exporter can see.
 """
 from __future__ import annotations
 
@@ -115,7 +119,8 @@ class Profile:
                  nvml_opener: Callable[[], tuple[Any, dict[str, str] | None]] | None = None,
                  torch_cuda: Any = None, torch_scopes: dict[int, int] | None = None,
                  describe: Callable[[int, str], Any] | None = None, pid_exists: Callable[[int], bool] | None = None,
-                 listeners: list[Callable[[int, list[ScopedValue]], None]] | None = None) -> None:
+                 listeners: list[Callable[[int, list[ScopedValue]], None]] | None = None,
+                 prometheus_port: int | None = None, prometheus_bind: str = "127.0.0.1") -> None:
         if isinstance(interval, str):
             from gpuscope.probes.units import parse_duration_s
 
@@ -129,7 +134,15 @@ class Profile:
         self.label = label
         self._settings = dict(out=out, interval=interval, report=report, reset_peaks=reset_peaks, label=label,
                               nvml_opener=nvml_opener, torch_cuda=torch_cuda, torch_scopes=torch_scopes,
-                              describe=describe, pid_exists=pid_exists, listeners=listeners)
+                              describe=describe, pid_exists=pid_exists, listeners=listeners,
+                              prometheus_port=prometheus_port, prometheus_bind=prometheus_bind)
+        if prometheus_port is not None:
+            from gpuscope.measure.exporter import validate_port
+
+            prometheus_port = validate_port(prometheus_port, "profile(prometheus_port=...)")
+        self.prometheus_port = prometheus_port
+        self.prometheus_bind = prometheus_bind
+        self.metrics: Any = None  # the running endpoint (measure.exporter.Exporter) while sampling
         self._nvml_opener = nvml_opener
         self._torch_cuda = torch_cuda
         self._torch_scopes = torch_scopes
@@ -217,11 +230,12 @@ class Profile:
         """Start sampling; ProfileBusy when another running profile of this process writes to `out`."""
         with self._lock:
             if self._state != "new":
-                raise RuntimeError("this profile was already started; create a new profiler.profile() per run")
+                raise RuntimeError("this profile was already started; create a new gpuscope.profile() per run")
             self._claim_folder()
             try:
                 self._start_locked()
             except BaseException:
+                self._close_metrics()
                 self._release_folder()
                 raise
         return self
@@ -231,7 +245,7 @@ class Profile:
         with _ACTIVE_LOCK:
             holder = _ACTIVE.get(key)
             if holder is not None and holder is not self:  # starting or running: registered until stop()
-                raise ProfileBusy(f"profiler.profile(out={self.out!r}) is already running in this process (it samples "
+                raise ProfileBusy(f"gpuscope.profile(out={self.out!r}) is already running in this process (it samples "
                                   "the whole process): stop it first, or give this profile another folder")
             _ACTIVE[key] = self
             self._folder_key = key  # released by this key, whatever the working directory is by then
@@ -252,6 +266,14 @@ class Profile:
 
         self._recording = recording = Recording(MODE_PROFILE, self.pid, nvml_opener=self._nvml_opener)
         self.out_dir = recording.claim_folder(self._folder_key or os.path.abspath(self.out))  # a later chdir: no change
+        listeners = list(self._extra_listeners)
+        if self.prometheus_port is not None:  # first: a taken port fails start() before anything runs
+            from gpuscope.measure.exporter import serve_collector
+            from gpuscope.measure.inprocess_metrics import AllocatorGauges
+
+            gauges = AllocatorGauges(self.pid)
+            self.metrics = serve_collector(gauges, self.prometheus_port, self.prometheus_bind)
+            listeners.insert(0, gauges)
         record = recording.record
         self._gpu_probe = recording.open_devices(describe=self._describe, pid_exists=self._pid_exists)
         uuids: list[Any] = [d.uuid for d in self._gpu_probe.devices] if self._gpu_probe is not None else []
@@ -267,7 +289,7 @@ class Profile:
         count = self._gpu_probe.device_count if self._gpu_probe is not None else 0
         self._gaps = [GapTracker(self.pid, index) for index in range(count)]
         self._sampler = recording.start_samples(probes, self.interval_s,
-                                                [self._peaks, self._tracker, *self._gaps, *self._extra_listeners])
+                                                [self._peaks, self._tracker, *self._gaps, *listeners])
         # the app's own command line, redacted: its secrets stay out of the report
         recording.config({"device": "cpu", "gpu_index": None, "interval_s": self.interval_s, "out": self.out_dir,
                           "label": self.label, "reset_peaks": self.reset_peaks, "device_index_space": "nvml"},
@@ -315,6 +337,7 @@ class Profile:
             pass
         recording = self._recording
         recording.stop_samples()  # joins the thread and takes one last reading
+        self._close_metrics()
         record = self._build_record(_ended_by)
         record.status = _status
         record.failure = _failure
@@ -329,6 +352,11 @@ class Profile:
             return record
         self.report_paths = result.report_paths
         return record
+
+    def _close_metrics(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+            self.metrics = None
 
     # -- the record
     def _build_record(self, ended_by: str) -> RunRecord:

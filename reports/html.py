@@ -683,6 +683,14 @@ def _process_env(p: dict[str, Any]) -> str:
     return f'<span class="envs">{_env_cell(env)}</span>'
 
 
+def _pod_line(p: dict[str, Any]) -> str:
+    """The Kubernetes pod uid and short container id from /proc/PID/cgroup, where the cgroup named them."""
+    named = [(label, p.get(key)[:width]) for label, key, width in (("pod", "pod_uid", 36), ("container", "container_id", 12))
+             if isinstance(p.get(key), str)]
+    return ('<br><span class="muted">' + esc(", ".join(f"{label} {text}" for label, text in named)) + "</span>"
+            if named else "")
+
+
 def _processes(record: "RunRecord") -> str:
     processes = [p for p in record.processes or [] if isinstance(p, dict)]
     parts = ['<section id="processes"><h2>Processes and engines on each device</h2>']
@@ -715,7 +723,8 @@ def _processes(record: "RunRecord") -> str:
                 flags.append("not in this pid namespace")
             rows.append(
                 f'<tr><td class="num">{e(p.get("pid"))}</td><td>{e(p.get("name"))}'
-                + (f' <span class="muted">({esc(", ".join(flags))})</span>' if flags else "") + "</td>"
+                + (f' <span class="muted">({esc(", ".join(flags))})</span>' if flags else "")
+                + _pod_line(p) + "</td>"
                 f'<td>{_na(p.get("user"))}</td><td class="num">{_na(p.get("peak_used_bytes"), "_bytes")}</td>'
                 f'<td>{_engines_cell(p.get("engines"))}{_process_env(p)}</td>'
                 f'<td class="cmd">{_cmdline_cell(p.get("cmdline"))}</td></tr>')

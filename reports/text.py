@@ -249,7 +249,10 @@ def format_table(snapshot: PsSnapshot, width: int | None = None) -> str:
                     else getattr(missing, "reason", str(missing))
                 lines.append(f"  process list unavailable ({printable(why)})")
             continue
-        lines.append(f"  {'PID':>8} {'USER':<10} {'NAME':<20} {'GPU MEM':>10} {'SM':>4}  {'ENGINES':<16} COMMAND")
+        pods = any(isinstance(getattr(q.info, k, None), str) for q in device.processes
+                   for k in ("pod_uid", "container_id"))  # pod columns only on a node that has pods
+        lines.append(f"  {'PID':>8} {'USER':<10} {'NAME':<20} {'GPU MEM':>10} {'SM':>4}  {'ENGINES':<16} "
+                     + (f"{'POD':<36} {'CONTAINER':<12} " if pods else "") + "COMMAND")
         for p in device.processes:
             info = p.info
             user = getattr(info, "user", None)
@@ -262,6 +265,8 @@ def format_table(snapshot: PsSnapshot, width: int | None = None) -> str:
                 engines += " !"
             row = (f"  {p.pid:>8} {_clip(printable(user_text), 10):<10} {_clip(printable(name), 20):<20} "
                    f"{_na(p.used_bytes):>10} {_na(p.sm_util_pct, 'pct'):>4}  {_clip(engines, 16):<16} ")
+            if pods:
+                row += f"{_container_text(info, 'pod_uid', 36):<36} {_container_text(info, 'container_id', 12):<12} "
             lines.append(row + _clip(printable(cmd_text), None if width is None else max(20, width - len(row))))
     for note in snapshot.notes:
         lines += ["", "note: " + printable(note)]
@@ -271,6 +276,14 @@ def format_table(snapshot: PsSnapshot, width: int | None = None) -> str:
         for finding in findings:
             lines.append(f"  {_MARK.get(finding.severity, finding.severity):<4} {finding.code}: {printable(finding.title)}")
     return "\n".join(lines)
+
+
+def _container_text(info: Any, key: str, width: int) -> str:
+    """A pod uid or a container id (short, as `docker ps` and `crictl ps` show it); '-' in none, '?' unread."""
+    value = getattr(info, key, None)
+    if isinstance(value, str):
+        return printable(value)[:width]
+    return "?" if isinstance(value, Unavailable) else "-"
 
 
 def _text(value: Any) -> str:

@@ -223,9 +223,9 @@ def watch(pid: Annotated[int, typer.Option("--pid", help="the running process to
 
 
 @app.command()
-def export(port: Annotated[int, typer.Option("--port", help="TCP port of the /metrics endpoint")],
+def export(port: Annotated[int, typer.Option("--port", help="TCP port of the /metrics and /healthz endpoint (9840: no common exporter's default)")] = 9840,
            bind: Annotated[str, typer.Option("--bind", help="address to listen on (default: loopback only)")] = "127.0.0.1") -> None:
-    """Serve every GPU and process on this node as Prometheus metrics until Ctrl-C."""
+    """Serve every GPU and process on this node as Prometheus metrics until Ctrl-C; without NVML it keeps serving gpuscope_nvml_available 0 and retries."""
     from gpuscope.commands.export import run_export
 
     raise typer.Exit(run_export(port, bind))

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gpuscope.measure.attribution import GapTracker
+from gpuscope.measure.exporter import validate_port
 from gpuscope.measure.live import (
     LiveTracker,
     ScopedValue,
@@ -66,14 +67,6 @@ class WatchOptions:
     quiet: bool = False
     prometheus_port: int | None = None
     bind: str = "127.0.0.1"
-
-
-def validate_port(port: int | None, option: str = "--prometheus-port") -> int | None:
-    if port is None:
-        return None
-    if not 0 <= int(port) <= 65535:
-        raise UsageError(f"{option} {port}: not a TCP port (0-65535)")
-    return int(port)
 
 
 def open_target(pid: int) -> Any:

@@ -10,17 +10,27 @@ so a burst of scrapers cannot hammer the driver).
 The endpoint binds to 127.0.0.1 unless `--bind` says otherwise: process names
 and command-line-derived labels are information about the node.
 
+`export` never exits because NVML is missing or failing (profiler/nvml_retry.py): it
+serves `gpuscope_nvml_available 0` with the reason, retries with backoff, and
+recovers. Every endpoint also answers /healthz (profiler/http_endpoint.py).
+The default port, 9840, is not the default of any exporter commonly run on a GPU
+node (node-exporter 9100, dcgm-exporter 9400, nvidia_gpu_exporter 9835,
+process-exporter 9256, kube-state-metrics and cAdvisor 8080, kubelet 10250/10255).
+
 Metrics (bytes and ratios in 0..1, Prometheus naming):
   gpuscope_nvml_available                          1 when NVML answered the last reading (0: not started,
                                                    or every device reading failed, as when a GPU is lost)
+  gpuscope_nvml_info{reason,detail}                1; reason "ok" while available, else why not (a
+                                                   probes.readings reason) and the driver's words
   gpuscope_device_info{gpu,name,uuid}              1
   gpuscope_device_memory_{total,used,free}_bytes{gpu}
   gpuscope_device_driver_reserved_bytes{gpu}
   gpuscope_device_utilization_ratio{gpu}           SM busy share (NVML utilization.gpu / 100)
   gpuscope_device_memory_utilization_ratio{gpu}    memory controller busy share
   gpuscope_device_processes{gpu}                   processes NVML lists on the device
-  gpuscope_process_gpu_memory_bytes{gpu,pid,name,engine,role}
-  gpuscope_process_sm_utilization_ratio{gpu,pid,name,role}
+  gpuscope_process_gpu_memory_bytes{gpu,pid,name,engine,role,pod_uid,container_id}
+  gpuscope_process_sm_utilization_ratio{gpu,pid,name,role,pod_uid,container_id}
+                                                   pod_uid/container_id from /proc/PID/cgroup, '' when none
   gpuscope_target_resident_memory_bytes{pid,name}  (watch only) RSS of the watched process
   gpuscope_target_cpu_utilization_ratio{pid,name}  (watch only) CPU time share, 1.0 = one core
   gpuscope_target_threads{pid,name}                (watch only)
@@ -36,10 +46,11 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from gpuscope.probes import scopes
-from gpuscope.probes.readings import is_available
+from gpuscope.probes.readings import NOT_INITIALIZED, Unavailable, is_available
 from gpuscope.record.catalogue import KNOWN_CODES, SEVERITY_LEVEL
 from gpuscope.record.errors import UsageError
 
+DEFAULT_PORT = 9840
 MAX_LABEL_CHARS = 120
 
 
@@ -77,6 +88,32 @@ def _engine_label(info: Any) -> str:
     return "unknown"
 
 
+def lost_reason(values: list[tuple[str, str, Any]]) -> dict[str, str]:
+    """Why a tick has no device reading: the first device's Unavailable, as {reason, detail}."""
+    for scope, metric, value in values:
+        if scopes.parse(scope).is_device and metric == "used_bytes" and isinstance(value, Unavailable):
+            return {"reason": value.reason, "detail": value.detail}
+    return {"reason": NOT_INITIALIZED, "detail": "NVML gave no device reading"}
+
+
+def _container_label(info: Any, key: str) -> str:
+    """pod_uid/container_id from /proc/PID/cgroup; '' (no label, to Prometheus) in none or unread."""
+    value = getattr(info, key, None)
+    return _label(value) if isinstance(value, str) else ""
+
+
+def _nvml_status(view: LiveView | None) -> list[str]:
+    """[reason, detail] for gpuscope_nvml_info."""
+    if view is None:
+        return ["not_initialized", "no reading yet"]
+    if view.nvml_available:
+        return ["ok", ""]
+    why = view.device_unavailable
+    if not why:
+        why = lost_reason(view.values)
+    return [_label(why.get("reason")) or "error", _label(why.get("detail"))]
+
+
 class GpuscopeCollector:
     """prometheus-client collector: `collect()` yields metric families from `source()` (a LiveView or None)."""
 
@@ -93,6 +130,10 @@ class GpuscopeCollector:
         up = GaugeMetricFamily("gpuscope_nvml_available", "1 when NVML could be read on this node")
         up.add_metric([], 1.0 if view is not None and view.nvml_available else 0.0)
         yield up
+        status = GaugeMetricFamily("gpuscope_nvml_info", "NVML's state: reason ok, or why it cannot be read (value 1)",
+                                   labels=["reason", "detail"])
+        status.add_metric(_nvml_status(view), 1.0)
+        yield status
         findings_active = GaugeMetricFamily("gpuscope_findings_active", "Active gpuscope findings by code",
                                             labels=["code"])
         severity = GaugeMetricFamily("gpuscope_finding_severity",
@@ -140,9 +181,9 @@ class GpuscopeCollector:
         from prometheus_client.core import GaugeMetricFamily
 
         memory = GaugeMetricFamily("gpuscope_process_gpu_memory_bytes", "GPU memory NVML attributes to a process",
-                                   labels=["gpu", "pid", "name", "engine", "role"])
+                                   labels=["gpu", "pid", "name", "engine", "role", "pod_uid", "container_id"])
         sm = GaugeMetricFamily("gpuscope_process_sm_utilization_ratio", "A process's SM utilisation (0..1)",
-                               labels=["gpu", "pid", "name", "role"])
+                               labels=["gpu", "pid", "name", "role", "pod_uid", "container_id"])
         rss = GaugeMetricFamily("gpuscope_target_resident_memory_bytes", "Resident memory of the watched process",
                                 labels=["pid", "name"])
         cpu = GaugeMetricFamily("gpuscope_target_cpu_utilization_ratio",
@@ -164,11 +205,12 @@ class GpuscopeCollector:
             gpu_text = str(parsed.gpu) if parsed.gpu is not None else ""
             info = view.processes.get(pid)
             name = _label(getattr(info, "name", "") or "")
+            pod = [_container_label(info, "pod_uid"), _container_label(info, "container_id")]
             if gpu_text:
                 if metric == "used_bytes":
-                    memory.add_metric([gpu_text, str(pid), name, _engine_label(info), role(pid)], float(value))
+                    memory.add_metric([gpu_text, str(pid), name, _engine_label(info), role(pid)] + pod, float(value))
                 elif metric == "sm_util_pct":
-                    sm.add_metric([gpu_text, str(pid), name, role(pid)], float(value) / 100.0)
+                    sm.add_metric([gpu_text, str(pid), name, role(pid)] + pod, float(value) / 100.0)
             elif pid == view.target_pid:
                 if metric == "rss_bytes":
                     rss.add_metric([str(pid), name], float(value))
@@ -208,14 +250,32 @@ class Exporter:
         self._thread.join(timeout=5)
 
 
-def start_exporter(source: Callable[[], LiveView | None], port: int, bind: str = "127.0.0.1") -> Exporter:
+def validate_port(port: int | None, option: str = "--prometheus-port") -> int | None:
+    """A port for an endpoint: None (no endpoint), or 0-65535 (0: any free port); else one clear UsageError."""
+    if port is None:
+        return None
+    if not 0 <= int(port) <= 65535:
+        raise UsageError(f"{option} {port}: not a TCP port (0-65535)")
+    return int(port)
+
+
+def start_exporter(source: Callable[[], LiveView | None], port: int, bind: str = "127.0.0.1",
+                   health: Callable[[], str] | None = None) -> Exporter:
     """Serve `source`'s views on http://BIND:PORT/metrics (port 0: any free port). UsageError if it cannot listen."""
-    from prometheus_client import CollectorRegistry, start_http_server
+    return serve_collector(GpuscopeCollector(source), port, bind, health)
+
+
+def serve_collector(collector: Any, port: int, bind: str = "127.0.0.1",
+                    health: Callable[[], str] | None = None) -> Exporter:
+    """Serve one collector from a registry of its own on /metrics, with /healthz. UsageError if it cannot listen."""
+    from prometheus_client import CollectorRegistry
+
+    from gpuscope.measure.http_endpoint import serve
 
     registry = CollectorRegistry(auto_describe=False)
-    registry.register(GpuscopeCollector(source))
+    registry.register(collector)
     try:
-        server, thread = start_http_server(int(port), addr=bind, registry=registry)
+        server, thread = serve(registry, int(port), bind, health)
     except OSError as exc:
         raise UsageError(f"cannot serve metrics on {bind}:{port}: {exc.strerror or exc}") from None
     except ValueError as exc:  # not an address
@@ -239,6 +299,11 @@ class NodeSource:
         self._view: LiveView | None = None
         self._read_at = float("-inf")
         self.reads = 0
+
+    @property
+    def devices(self) -> list[Any]:
+        """The GPUs NVML listed when this source opened (probes.gpu.DeviceInfo)."""
+        return self._probe.devices
 
     def __call__(self) -> LiveView:
         from gpuscope.measure.snapshot import snapshot_findings, snapshot_from_readings
