@@ -61,40 +61,109 @@ def _probes(pid: int, device: str) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- 1. sampler overhead
 
-def bench_sampler_overhead(quick: bool, echo: Echo) -> dict[str, Any]:
-    """Throughput with the sampler at 50/10/5 ms vs without, interleaved A B A B."""
-    from gpuscope.measure.workload import PredictorPool
+def _slot_rate(results: list[Any], start_ns: int, end_ns: int) -> float | None:
+    """Requests per second in [start_ns, end_ns), from each predictor's completion times: (n - 1) requests
+    between its first and last completion in the slot, so a slot's rate has no +-1 request rounding."""
+    total = 0.0
+    for result in results:
+        ends = [t for t in result.end_times_ns if start_ns <= t < end_ns]
+        if len(ends) < 3:
+            return None
+        total += (len(ends) - 1) / ((ends[-1] - ends[0]) / 1e9)
+    return total
+
+
+def _bootstrap_mean_ci(values: list[float], resamples: int = 4000, seed: int = 17) -> tuple[float, float]:
+    """95% percentile-bootstrap interval of the mean (seeded: the same data gives the same interval)."""
+    import random
+
+    rng = random.Random(seed)
+    n = len(values)
+    means = sorted(sum(rng.choice(values) for _ in range(n)) / n for _ in range(resamples))
+    return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
+
+
+def _toggled_pairs(pool: Any, predictors: int, interval_s: float, pairs: int, slot_s: float,
+                   probes: Callable[[], dict[str, Any]], samples_path: str) -> list[tuple[float, float]]:
+    """One long step of the pool, the sampler switched on and off in alternating slots (AB, BA, AB, ...
+    so drift cancels): (rate with, rate without) per pair of neighbouring slots."""
     from gpuscope.probes.samplefile import SampleWriter
     from gpuscope.probes.sampler import PeakTracker, Sampler
+
+    warmup_s = 0.5
+    slots: list[tuple[int, int, bool]] = []
+    writer = SampleWriter(samples_path, {"t0_ns": 0, "interval_s": interval_s})
+    sampler = Sampler(probes(), interval_s, writer, [PeakTracker()])
+
+    def toggle() -> None:
+        time.sleep(warmup_s + 0.2)  # past the pool's warm-up: only measured requests have end times
+        for pair in range(pairs):
+            for on in ((True, False) if pair % 2 == 0 else (False, True)):
+                started = time.perf_counter_ns()
+                if on:
+                    sampler.start()
+                time.sleep(max(0.0, slot_s - (time.perf_counter_ns() - started) / 1e9))
+                if on:
+                    sampler.stop()
+                slots.append((started, time.perf_counter_ns(), on))
+
+    toggler = threading.Thread(target=toggle, name="bench-toggler", daemon=True)
+    toggler.start()
+    run = pool.run_step(predictors, warmup_s + 0.4 + pairs * 2 * slot_s, warmup_s=warmup_s, window_s=1.0,
+                        is_stable=lambda windows: False)
+    toggler.join()
+    writer.close()
+    rates = []
+    for i in range(0, len(slots) - 1, 2):
+        (a0, a1, a_on), (b0, b1, _b_on) = slots[i], slots[i + 1]
+        ra, rb = _slot_rate(run.results, a0, a1), _slot_rate(run.results, b0, b1)
+        if ra is not None and rb is not None:
+            rates.append((ra, rb) if a_on else (rb, ra))
+    return rates
+
+
+def bench_sampler_overhead(quick: bool, echo: Echo) -> dict[str, Any]:
+    """Throughput with the sampler on / off in alternating slots of one long step (paired, interleaved).
+
+    Every pair gives a ratio; the figure is their mean with a 95% bootstrap interval. The machine's
+    noise decides whether 1% is resolved: the row says so (`resolved`: the interval is within +-1%).
+    """
+    from gpuscope.measure.workload import PredictorPool
 
     device = _device()
     model = _model(device)
     pool = PredictorPool(model)
-    pairs = 5
-    step_s = 1.0 if quick else 2.0
-    intervals = (0.05, 0.01, 0.005)
+    pairs = 16 if quick else 40
+    slot_s = 0.5 if quick else 1.0
+    intervals = (0.05, 0.005) if quick else (0.05, 0.01, 0.005)
+    targets = {0.05: 0.99, 0.005: 0.97}
     rows = []
     tmp = tempfile.mkdtemp(prefix="gpuscope-bench-")
     for predictors in (1, 2):
         for interval in intervals:
-            without, with_sampler = [], []
-            for pair in range(pairs):
-                run = pool.run_step(predictors, step_s, warmup_s=0.3, window_s=step_s)
-                without.append(run.requests / run.duration_s)
-                writer = SampleWriter(os.path.join(tmp, f"s-{predictors}-{interval}-{pair}.jsonl"), {"t0_ns": 0})
-                sampler = Sampler(_probes(os.getpid(), device), interval, writer, [PeakTracker()])
-                sampler.start()
-                run = pool.run_step(predictors, step_s, warmup_s=0.3, window_s=step_s)
-                sampler.stop()
-                writer.close()
-                with_sampler.append(run.requests / run.duration_s)
-            ratio = _median(with_sampler) / _median(without)
-            rows.append({"predictors": predictors, "interval_ms": interval * 1000, "pairs": pairs,
-                         "without_rps": _median(without), "with_rps": _median(with_sampler), "ratio": ratio,
-                         "target": 0.98 if interval == 0.05 else None})
-            echo(f"  sampler {interval * 1000:4.0f} ms, {predictors} predictor(s): {_median(with_sampler):8.1f} vs "
-                 f"{_median(without):8.1f} req/s  ratio {ratio:.3f}")
-    return {"rows": rows, "device": device}
+            path = os.path.join(tmp, f"s-{predictors}-{interval}.jsonl")
+            rates = _toggled_pairs(pool, predictors, interval, pairs, slot_s,
+                                   lambda: _probes(os.getpid(), device), path)
+            ratios = [with_rps / without_rps for with_rps, without_rps in rates]
+            mean = statistics.fmean(ratios) if ratios else float("nan")
+            low, high = _bootstrap_mean_ci(ratios) if len(ratios) >= 5 else (float("nan"), float("nan"))
+            target = targets.get(interval)
+            resolved = bool(high - low <= 0.02)
+            verdict = None
+            if target is not None and ratios:  # an interval wider than +-1% says nothing either way
+                verdict = "unresolved" if not resolved else "met" if low >= target else \
+                    "not met" if high < target else "unresolved"
+            rows.append({"predictors": predictors, "interval_ms": round(interval * 1000, 3), "pairs": len(ratios),
+                         "slot_s": slot_s, "without_rps": _median([r[1] for r in rates]),
+                         "with_rps": _median([r[0] for r in rates]), "ratio": mean,
+                         "ratio_median": _median(ratios), "ci95": [low, high],
+                         "pair_ratio_stdev": statistics.stdev(ratios) if len(ratios) > 1 else None,
+                         "resolved": resolved, "target": target, "verdict": verdict})
+            echo(f"  sampler {interval * 1000:4.0f} ms, {predictors} predictor(s): ratio {mean:.3f} "
+                 f"[95% CI {low:.3f}-{high:.3f}] over {len(ratios)} pairs of {slot_s:g} s "
+                 f"({_median([r[0] for r in rates]):.1f} vs {_median([r[1] for r in rates]):.1f} req/s)"
+                 + (f"  target {target}: {verdict}" if target else ""))
+    return {"rows": rows, "device": device, "method": "paired slots in one step, sampler on/off alternating"}
 
 
 # ---------------------------------------------------------------- 2. harness efficiency
@@ -158,28 +227,94 @@ def bench_harness(quick: bool, echo: Echo) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- 3. tick cost
 
+def _v1_line_bytes(t_ns: int, values: list[tuple[str, str, Any]]) -> int:
+    """Bytes the gpuscope.samples/1 writer (before the compact rows) wrote for this tick."""
+    import json
+
+    from gpuscope.probes.readings import reading_to_json
+
+    grouped: dict[str, dict[str, Any]] = {}
+    for scope, metric, value in values:
+        grouped.setdefault(scope, {})[metric] = value
+    return len(json.dumps(reading_to_json({"t_ns": t_ns, "v": grouped}), separators=(",", ":"), default=str)) + 1
+
+
+def _host_variants(pid: int, clock_s: Callable[[], float]) -> dict[str, Callable[[], Any]]:
+    """The same host readings four ways: our probe; the psutil calls the probe made before (its hot path
+    until this change); what a user would write with psutil; and the floor, the bare preads of the same
+    /proc files on open descriptors with no parsing (USS's smaps_rollup at the probe's cadence)."""
+    import psutil
+
+    from gpuscope.probes.host import HostProbe
+
+    probe = HostProbe(pid, clock_s=clock_s)
+    proc = psutil.Process(pid)
+    psutil.cpu_percent(None, percpu=True)
+
+    def before() -> None:
+        psutil.cpu_percent(None, percpu=True)
+        psutil.virtual_memory()
+        with proc.oneshot():
+            proc.memory_info(), proc.cpu_times(), proc.num_threads(), proc.num_ctx_switches()
+
+    user = psutil.Process(pid)
+    user.cpu_percent()
+
+    def psutil_user() -> None:
+        user.memory_full_info(), user.cpu_percent(), user.num_threads(), user.num_ctx_switches()
+
+    fds = [os.open(path, os.O_RDONLY) for path in ("/proc/stat", "/proc/meminfo", f"/proc/{pid}/stat",
+                                                    f"/proc/{pid}/status")]
+    sizes = [65536, 256, 1024, 4096]
+
+    def floor() -> None:
+        for fd, size in zip(fds, sizes):
+            os.pread(fd, size, 0)
+
+    return {"host_probe": probe.read, "psutil_hot_path_before": before, "psutil_user": psutil_user, "floor": floor}
+
+
+def _interleaved_us(variants: dict[str, Callable[[], Any]], rounds: int, calls: dict[str, int],
+                    cpu: dict[str, list[float]] | None = None) -> dict[str, list[float]]:
+    """Per-call wall time of each variant, `rounds` rounds, the variants' order rotating each round; the
+    thread's CPU time per call goes to `cpu` if given (less disturbed by other processes' load than wall)."""
+    names = list(variants)
+    out: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            fn, n = variants[name], calls[name]
+            started, cpu_started = time.perf_counter_ns(), time.thread_time_ns()
+            for _ in range(n):
+                fn()
+            out[name].append((time.perf_counter_ns() - started) / n / 1000)
+            if cpu is not None:
+                cpu.setdefault(name, []).append((time.thread_time_ns() - cpu_started) / n / 1000)
+    return out
+
+
 def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
-    """Per-probe cost of one tick (wall and CPU), over 1,000 ticks, on an idle process with torch loaded."""
+    """Per-probe cost of one tick (wall and CPU) over 1,000 ticks on an idle process with torch loaded; the
+    host readings side by side with psutil and with the floor; the samples file's bytes per tick."""
     import torch  # noqa: F401  (loaded, as in a real run: it changes /proc costs)
 
+    from gpuscope.probes.host import HostProbe, read_smaps_rollup
     from gpuscope.probes.samplefile import SampleWriter
     from gpuscope.probes.sampler import PeakTracker, Sampler
 
     sys.path.insert(0, REPO)
     ticks = 300 if quick else 1000
     device = _device()
-    probes = _probes(os.getpid(), device)
+    pid = os.getpid()
+    probes = _probes(pid, device)
     # Ticks run back to back here; a simulated 50 ms clock makes the host probe read USS as often
-    # as it would in a real run (every 2 s = every 40th tick), so the average is honest.
-    from gpuscope.probes.host import HostProbe
-
+    # as it would in a real run (every 10 s = every 200th tick), so the average is honest.
     simulated = {"now": 0.0}
 
     def clock_s() -> float:
         simulated["now"] += 0.05
         return simulated["now"]
 
-    probes["host"] = HostProbe(os.getpid(), clock_s=clock_s)
+    probes["host"] = HostProbe(pid, clock_s=clock_s)
     source = "real NVML" if "gpu" in probes else "replayed H200 readings (no GPU here)"
     if "gpu" not in probes:
         from gpuscope.probes.allocator import AllocatorProbe
@@ -190,20 +325,68 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
         replay = ReplayNvml()
         probes["gpu"] = GpuProbe(replay, describe=lambda pid, name: _fake_describe(pid, name))
         torch_fake = FakeTorchCuda.from_timeline()
-        probes["allocator"] = AllocatorProbe(torch_fake, {0: f"pid:{os.getpid()}/gpu:0"})
+        probes["allocator"] = AllocatorProbe(torch_fake, {0: f"pid:{pid}/gpu:0"})
     tmp = tempfile.mkdtemp(prefix="gpuscope-bench-")
-    writer = SampleWriter(os.path.join(tmp, "samples.jsonl"), {"t0_ns": 0})
+    samples = os.path.join(tmp, "samples.jsonl")
+    writer = SampleWriter(samples, {"t0_ns": 0})
+    v1_bytes = [0]
+
+    def old_format(t_ns: int, values: list[tuple[str, str, Any]]) -> None:
+        v1_bytes[0] += _v1_line_bytes(t_ns, values)
+
     sampler = Sampler(probes, 0.05, writer, [PeakTracker()])
+    per_tick_us = []
     for _ in range(ticks):
-        sampler.tick()
-        if "gpu" in probes and hasattr(probes["gpu"], "_backend") and hasattr(probes["gpu"]._backend, "advance"):
+        started = time.perf_counter_ns()
+        values = sampler.tick()
+        per_tick_us.append((time.perf_counter_ns() - started) / 1000)
+        old_format(time.monotonic_ns(), values)  # outside the timed tick
+        if "gpu" in probes and hasattr(probes["gpu"]._backend, "advance"):
             probes["gpu"]._backend.advance()
     writer.close()
+    with open(samples, encoding="utf-8") as fh:
+        v2_bytes = sum(len(line) for line in fh.readlines()[1:] if '"event"' not in line)
     per_probe = {name: cost / ticks / 1000 for name, cost in sampler.probe_cost_ns.items()}
+
+    # the host readings four ways, interleaved (a simulated 50 ms clock again for the probe's USS cadence)
+    variants = _host_variants(pid, clock_s)
+    rounds = 11 if quick else 21
+    calls = {"host_probe": 200, "psutil_hot_path_before": 200, "psutil_user": 5, "floor": 200}
+    cpu: dict[str, list[float]] = {}
+    times = _interleaved_us(variants, rounds, calls, cpu)
+    # each probe of the tick on its own, interleaved, wall and CPU (the sampler's per-probe figure is wall only)
+    probe_cpu: dict[str, list[float]] = {}
+    _interleaved_us({name: probe.read for name, probe in probes.items()}, rounds,
+                    {name: 100 for name in probes}, probe_cpu)
+    smaps_us = _median(_interleaved_us({"smaps_rollup": lambda: read_smaps_rollup(pid)}, 5, {"smaps_rollup": 5})
+                       ["smaps_rollup"])
+    floor_us = _median(times["floor"]) + smaps_us / 200  # smaps_rollup once per 200 ticks, as the probe reads USS
+    host_us = _median(times["host_probe"])
     result = {"ticks": ticks, "gpu_source": source, "mean_tick_wall_us": sampler.mean_tick_cost_us,
-              "mean_tick_cpu_us": sampler.mean_tick_cpu_us, "per_probe_wall_us": per_probe, "target_us": 1000}
-    echo(f"  {ticks} ticks: {sampler.mean_tick_cost_us:.0f} us wall, {sampler.mean_tick_cpu_us:.0f} us CPU per tick; "
+              "median_tick_wall_us": _median(per_tick_us), "mean_tick_cpu_us": sampler.mean_tick_cpu_us,
+              "per_probe_wall_us": per_probe, "target_us": 100, "host_target_us": 60,
+              "host_probe_us": host_us,
+              "psutil_baseline_us": _median(times["psutil_user"]),
+              "psutil_hot_path_before_us": _median(times["psutil_hot_path_before"]),
+              "floor_us": floor_us, "floor_preads_us": _median(times["floor"]), "smaps_rollup_us": smaps_us,
+              "host_over_floor": host_us / floor_us,
+              "psutil_baseline_over_host": _median(times["psutil_user"]) / host_us,
+              "before_over_host": _median(times["psutil_hot_path_before"]) / host_us,
+              "rounds": rounds, "uss_every_ticks": 200,
+              "cpu_us": {name: _median(values) for name, values in cpu.items()},
+              "per_probe_cpu_us": {name: _median(values) for name, values in probe_cpu.items()},
+              "samples_bytes_per_tick": {"v1": v1_bytes[0] / ticks, "v2": v2_bytes / ticks,
+                                          "ratio": v2_bytes / v1_bytes[0]}}
+    echo(f"  {ticks} ticks: {sampler.mean_tick_cost_us:.0f} us wall (median {_median(per_tick_us):.0f}), "
+         f"{sampler.mean_tick_cpu_us:.0f} us CPU per tick; "
          + ", ".join(f"{k} {v:.0f} us" for k, v in per_probe.items()) + f" (GPU probes: {source})")
+    echo(f"  host readings, medians of {rounds} interleaved rounds: probe {host_us:.1f} us, psutil as before "
+         f"{result['psutil_hot_path_before_us']:.1f} us, psutil as a user writes it {result['psutil_baseline_us']:.0f} us, "
+         f"floor {floor_us:.1f} us (preads {result['floor_preads_us']:.1f} + smaps_rollup {smaps_us:.0f} us / 200)")
+    echo("  CPU time (thread), medians: " + ", ".join(f"{k} {v:.1f} us" for k, v in result["cpu_us"].items())
+         + "; per probe " + ", ".join(f"{k} {v:.1f} us" for k, v in result["per_probe_cpu_us"].items()))
+    echo(f"  samples.jsonl: {result['samples_bytes_per_tick']['v2']:.0f} bytes a tick, "
+         f"{result['samples_bytes_per_tick']['v1']:.0f} in the old format ({result['samples_bytes_per_tick']['ratio']:.0%})")
     return result
 
 
@@ -240,7 +423,8 @@ def bench_time_to_answer(quick: bool, echo: Echo) -> dict[str, Any]:
 # ---------------------------------------------------------------- 5. scale
 
 def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
-    """A watch-like run: `seconds / interval_s` ticks of realistic GPU readings, written as a real sampler would."""
+    """A watch-like run: `seconds / interval_s` ticks of realistic GPU readings, written as a real sampler would;
+    also the bytes the old format (gpuscope.samples/1) would have taken for its ticks."""
     from gpuscope.probes.samplefile import SampleWriter
     from gpuscope.record.run import RunRecord, Step
 
@@ -248,10 +432,11 @@ def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
     ticks = int(seconds / interval_s)
     writer = SampleWriter(os.path.join(out_dir, "samples.jsonl"), {"t0_ns": 0, "interval_s": interval_s, "pid": pid})
     mib = 1024**2
+    v1_bytes = 0
     for i in range(ticks):
         t_ns = int(i * interval_s * 1e9)
         wave = (i % 600) / 600
-        writer.write({"t_ns": t_ns, "v": {
+        v = {
             "host": {"cpu_util_pct": 40.0 + 20 * wave, "mem_used_bytes": 8_000 * mib},
             f"pid:{pid}": {"rss_bytes": int((900 + 50 * wave) * mib), "cpu_util_pct": 95.0, "num_threads": 24},
             "gpu:0": {"total_bytes": 143_771 * mib, "used_bytes": int((4_000 + 600 * wave) * mib),
@@ -259,7 +444,9 @@ def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
             f"pid:{pid}/gpu:0": {"used_bytes": int((3_385 + 600 * wave) * mib), "sm_util_pct": 68,
                                   "torch_allocated_bytes": int((1_200 + 500 * wave) * mib),
                                   "torch_reserved_bytes": int((2_600 + 600 * wave) * mib)},
-        }})
+        }
+        writer.write({"t_ns": t_ns, "v": v})
+        v1_bytes += _v1_line_bytes(t_ns, [(scope, m, x) for scope, ms in v.items() for m, x in ms.items()])
     writer.close()
     record = RunRecord(tool_version="bench", started_at="2026-11-26T00:00:00+00:00", status="complete", pid=pid,
                        mode="watch", config={"device": "cuda:0", "gpu_index": 0, "interval_s": interval_s},
@@ -267,7 +454,7 @@ def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
                        devices=[{"index": 0, "name": "NVIDIA H200", "total_bytes": 143_771 * mib}])
     record.steps = [Step(predictors=1, requests=1, duration_s=float(seconds), throughput_rps=1.0,
                          latency_ms={"p50": 1.0, "p99": 2.0}, memory={}, started_s=0.0, ended_s=float(seconds))]
-    return record, ticks
+    return record, ticks, v1_bytes
 
 
 def bench_scale(quick: bool, echo: Echo) -> dict[str, Any]:
@@ -279,7 +466,7 @@ def bench_scale(quick: bool, echo: Echo) -> dict[str, Any]:
     rows = []
     for label, seconds, interval in cases:
         out = tempfile.mkdtemp(prefix="gpuscope-bench-scale-")
-        record, ticks = _synthetic_run(out, seconds, interval)
+        record, ticks, v1_bytes = _synthetic_run(out, seconds, interval)
         save_run(record, os.path.join(out, "run.json"))
         started = time.perf_counter()
         try:
@@ -289,11 +476,14 @@ def bench_scale(quick: bool, echo: Echo) -> dict[str, Any]:
             render_s: float | None = time.perf_counter() - started
         except ImportError:
             render_s = None
-        row = {"case": label, "ticks": ticks, "samples_bytes": os.path.getsize(os.path.join(out, "samples.jsonl")),
+        samples_bytes = os.path.getsize(os.path.join(out, "samples.jsonl"))
+        row = {"case": label, "ticks": ticks, "samples_bytes": samples_bytes,
+               "samples_bytes_per_tick": samples_bytes / ticks, "v1_samples_bytes_per_tick": v1_bytes / ticks,
                "run_json_bytes": os.path.getsize(os.path.join(out, "run.json")), "render_s": render_s,
                "target_render_s": 5.0 if "24 h" in label else None}
         rows.append(row)
-        echo(f"  {label}: {ticks} ticks, samples.jsonl {row['samples_bytes'] / 1e6:.1f} MB, run.json "
+        echo(f"  {label}: {ticks} ticks, samples.jsonl {row['samples_bytes'] / 1e6:.1f} MB "
+             f"({samples_bytes / ticks:.0f} bytes a tick, {v1_bytes / ticks:.0f} in the old format), run.json "
              f"{row['run_json_bytes'] / 1e3:.1f} kB, report rendered in "
              + (f"{render_s:.2f} s" if render_s is not None else "n/a"))
     return {"rows": rows, "sampler_memory": _sampler_memory(quick, echo)}

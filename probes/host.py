@@ -1,4 +1,4 @@
-"""Host CPU and memory, and one process's memory, CPU, threads and context switches (psutil).
+"""Host CPU and memory, and one process's memory, CPU, threads and context switches (from /proc).
 
 Also the number of cores this process may really use: affinity and the cgroup
 CPU quota, because a container with `cpus: 2` on a 64-core host still shows 64
@@ -6,12 +6,12 @@ in os.cpu_count() and every predictor's intra-op pool sizes itself from that.
 """
 from __future__ import annotations
 
+import errno
 import os
+import re
 import time
 from collections import deque
 from typing import Any
-
-import psutil
 
 from gpuscope.probes import scopes
 from gpuscope.probes.readings import ERROR, NO_PERMISSION, NOT_INITIALIZED, PROCESS_GONE, Unavailable
@@ -58,8 +58,8 @@ def read_smaps_rollup(pid: int, proc_root: str = "/proc") -> dict[str, int] | No
     smaps), but the kernel still walks the page tables: measured on the 2-core
     development machine, 3.7-4.4 ms for a process holding torch's CPU build and
     10.4 ms with torch's CUDA build imported (more and larger mappings). So the
-    host probe reads USS at most once per `uss_every_s` (default 2 s: 90-260 us
-    per 50 ms tick on average), RSS (statm, ~20 us) every tick.
+    host probe reads USS at most once per `uss_every_s` (default 10 s: 5-25 us
+    per 50 ms tick on average), RSS (/proc/PID/stat, a few us) every tick.
     """
     try:
         with open(f"{proc_root}/{pid}/smaps_rollup", "rb") as fh:
@@ -99,6 +99,8 @@ def host_info() -> dict[str, Any]:
     """Static facts about the host, for the run record."""
     import platform
 
+    import psutil
+
     memory = psutil.virtual_memory()
     return {
         "hostname": platform.node(),
@@ -111,31 +113,172 @@ def host_info() -> dict[str, Any]:
     }
 
 
+class ProcFile:
+    """A /proc file kept open and read again with one pread at offset 0 per reading.
+
+    Why: open + read + close of a /proc file costs ~25 us from Python, a pread on an open
+    descriptor 1-10 us (the kernel regenerates the text at offset 0 either way). A file that
+    does not fit the buffer is read again with a larger one, and the size is kept.
+    A descriptor of /proc/PID/... stays bound to that process: after it exits, reads fail with
+    ESRCH even if the pid is reused, so a reading never comes from a stranger.
+    """
+
+    __slots__ = ("path", "_fd", "_size")
+
+    def __init__(self, path: str, size: int = 4096) -> None:
+        self.path = path
+        self._fd: int | None = None
+        self._size = size
+
+    def read(self) -> bytes:
+        """The file's current text (raises OSError as open/read would)."""
+        fd = self._fd
+        if fd is None:
+            fd = self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+        data = os.pread(fd, self._size, 0)
+        while len(data) >= self._size:  # may be cut short: grow, and keep the size for the next read
+            self._size *= 4
+            data = os.pread(fd, self._size, 0)
+        return data
+
+    def close(self) -> None:
+        if self._fd is not None:
+            try:
+                os.close(self._fd)
+            except OSError:
+                pass
+            self._fd = None
+
+
+CoreTimes = tuple[int, int, int]  # (busy, idle, iowait) clock ticks of one core
+
+
+def parse_core_times(stat_text: bytes) -> list[CoreTimes]:
+    """Per-core CPU times from /proc/stat, in file order (psutil's core numbering: offline cores are
+    not listed). Busy is user + nice + system + irq + softirq + steal; guest times are already in
+    user and nice (psutil and htop leave them out of the total for that reason)."""
+    cores = []
+    for line in stat_text.split(b"\n")[1:]:  # line 0 is the all-cores total
+        if not line.startswith(b"cpu"):
+            break
+        user, nice, system, idle, iowait, irq, softirq, steal = line.split()[1:9]
+        cores.append((int(user) + int(nice) + int(system) + int(irq) + int(softirq) + int(steal),
+                      int(idle), int(iowait)))
+    return cores
+
+
+def core_busy_pct(before: CoreTimes, after: CoreTimes) -> float:
+    """One core's busy share between two readings, as psutil.cpu_percent computes it (0.1% steps,
+    0.0 when no time passed). A counter that went backwards (iowait does, on tickless kernels)
+    counts as 0, as in psutil and top."""
+    busy, idle, iowait = after[0] - before[0], after[1] - before[1], after[2] - before[2]
+    busy, idle, iowait = busy if busy > 0 else 0, idle if idle > 0 else 0, iowait if iowait > 0 else 0
+    total = busy + idle + iowait
+    return round(100.0 * busy / total, 1) if total else 0.0
+
+
+_MEMINFO_HEAD = re.compile(rb"MemTotal:\s+(\d+) kB\n(?:.*\n)*?MemAvailable:\s+(\d+) kB")
+
+
+def parse_meminfo_bytes(text: bytes) -> tuple[int, int] | None:
+    """(MemTotal, MemAvailable) in bytes from the head of /proc/meminfo, or None where the kernel does
+    not give a usable MemAvailable (before 3.14, or 0 or above the total: psutil then estimates it)."""
+    match = _MEMINFO_HEAD.match(text)
+    if match is None:
+        return None
+    total, available = int(match.group(1)) * 1024, int(match.group(2)) * 1024
+    if not available or available > total:
+        return None
+    return total, available
+
+
+class ProcessStat:
+    """The figures of /proc/PID/stat a tick needs: state, CPU seconds, threads, RSS."""
+
+    __slots__ = ("state", "cpu_s", "num_threads", "rss_bytes")
+
+    def __init__(self, text: bytes, ticks_per_s: int, page_bytes: int) -> None:
+        fields = text[text.rindex(b")") + 2:].split()  # the name in parentheses may hold spaces and ')'
+        self.state = fields[0]
+        self.cpu_s = (int(fields[11]) + int(fields[12])) / ticks_per_s  # utime + stime
+        self.num_threads = int(fields[17])
+        self.rss_bytes = int(fields[21]) * page_bytes  # the same counter statm's "resident" shows
+
+
+def parse_ctx_switches(status_text: bytes) -> tuple[int, int]:
+    """(voluntary, involuntary) context switches from /proc/PID/status. As with psutil's
+    num_ctx_switches, these are the counts of the process's main thread (the kernel's per-task figure)."""
+    voluntary = status_text.index(b"\nvoluntary_ctxt_switches:")
+    involuntary = status_text.index(b"\nnonvoluntary_ctxt_switches:")
+    return (int(status_text[voluntary + 25:status_text.index(b"\n", voluntary + 1)]),
+            int(status_text[involuntary + 28:status_text.index(b"\n", involuntary + 1)]))
+
+
+def _unavailable_for(exc: OSError, pid: int) -> Unavailable:
+    if exc.errno in (errno.ESRCH, errno.ENOENT):
+        return Unavailable(PROCESS_GONE, f"pid {pid} exited")
+    if exc.errno in (errno.EACCES, errno.EPERM):
+        return Unavailable(NO_PERMISSION, str(exc))
+    return Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
+
+
+# USS walks every mapping of the process (smaps_rollup: milliseconds for a torch process), so it is read on
+# this slower cadence, which the samples file states; RSS is read every tick.
+USS_EVERY_S = 10.0
+
+
 class HostProbe:
-    """Host-wide CPU/memory and the target process's resource use."""
+    """Host-wide CPU/memory and the target process's resource use, read straight from /proc.
+
+    Every tick: /proc/stat (per-core CPU), the head of /proc/meminfo, /proc/PID/stat (CPU time,
+    threads, RSS) and /proc/PID/status (context switches), each by one pread on a descriptor kept
+    open: ~30 us a tick where psutil took ~250 us. USS (smaps_rollup: a page-table walk, 1-10 ms)
+    comes every `uss_every_s` only, and `cadence_s()` says so, so the samples file can state it.
+    """
 
     CPU_WINDOW_S = 0.25
+    PROCESS_METRICS = ("rss_bytes", "uss_bytes", "cpu_util_pct", "num_threads",
+                       "ctx_switches_voluntary", "ctx_switches_involuntary")
 
-    def __init__(self, pid: int | None = None, per_core: bool = True, uss_every_s: float | None = 2.0,
-                 clock_s: Any = None) -> None:
+    def __init__(self, pid: int | None = None, per_core: bool = True, uss_every_s: float | None = USS_EVERY_S,
+                 clock_s: Any = None, proc_root: str = "/proc") -> None:
         self.pid = os.getpid() if pid is None else pid
+        self.scope = scopes.process(self.pid)
         self._per_core = per_core
         self._uss_every_s = uss_every_s
         self._clock_s = clock_s or time.monotonic
         self._uss_read_at: float | None = None
         self._uss_requested = False
-        self._proc = psutil.Process(self.pid)
+        self._proc_root = proc_root
+        self._ticks_per_s = os.sysconf("SC_CLK_TCK")
+        self._page_bytes = os.sysconf("SC_PAGE_SIZE")
+        self._stat = ProcFile(f"{proc_root}/stat")
+        self._meminfo = ProcFile(f"{proc_root}/meminfo", 256)  # the first lines are all a tick needs
+        self._pid_stat = ProcFile(f"{proc_root}/{self.pid}/stat", 1024)
+        self._pid_status = ProcFile(f"{proc_root}/{self.pid}/status")
         self._cpu_history: deque[tuple[float, float]] = deque()  # (monotonic s, process CPU s)
-        psutil.cpu_percent(None, percpu=True)  # prime: the first call has no interval to measure
+        self._core_times = parse_core_times(self._stat.read())  # the first reading has an interval to measure
+
+    def close(self) -> None:
+        """Close the kept-open /proc descriptors (also done when the probe is collected)."""
+        for name in ("_stat", "_meminfo", "_pid_stat", "_pid_status"):
+            handle = getattr(self, name, None)  # absent when __init__ failed part way
+            if handle is not None:
+                handle.close()
+
+    def __del__(self) -> None:
+        self.close()
+
+    def cadence_s(self) -> dict[tuple[str, str], float]:
+        """Readings taken less often than every tick, and the seconds between them: ticks in between
+        carry no value for them (never a repeated, older one)."""
+        return {(self.scope, "uss_bytes"): self._uss_every_s} if self._uss_every_s else {}
 
     def read_rss(self) -> int | Unavailable:
         """This process's RSS now (a one-off reading outside the sampler)."""
-        try:
-            return int(self._proc.memory_info().rss)
-        except psutil.Error as exc:
-            return Unavailable(PROCESS_GONE, str(exc))
+        return read_rss_bytes(self.pid, self._proc_root)
 
-    def _cpu_pct(self) -> float | Unavailable:
+    def _cpu_pct(self, cpu_s: float) -> float | Unavailable:
         """The process's CPU over the last CPU_WINDOW_S or more (100 = one core busy).
 
         The kernel counts a process's CPU time in 10 ms clock ticks, so over one 50 ms tick the share
@@ -143,9 +286,8 @@ class HostProbe:
         at least a quarter second is within 4%; until one is available, the reading says so.
         """
         now = time.monotonic()  # CPU seconds are real seconds, whatever clock the caller injected
-        spent = self._proc.cpu_times()
         history = self._cpu_history
-        history.append((now, spent.user + spent.system))
+        history.append((now, cpu_s))
         while len(history) >= 2 and now - history[1][0] >= self.CPU_WINDOW_S:
             history.popleft()
         since, cpu_then = history[0]
@@ -171,33 +313,55 @@ class HostProbe:
             return True
         return False
 
-    def read(self) -> list[ScopedValue]:
-        out: list[ScopedValue] = []
-        per_core = psutil.cpu_percent(None, percpu=True)
+    def _read_uss(self) -> int | Unavailable:
+        rollup = read_rss_uss_bytes(self.pid, self._proc_root)
+        if rollup is not None:
+            return rollup[1]
+        import psutil  # kernels before 4.14 have no smaps_rollup: psutil parses every mapping in smaps
+
+        try:
+            return int(psutil.Process(self.pid).memory_full_info().uss)
+        except psutil.NoSuchProcess:
+            return Unavailable(PROCESS_GONE, f"pid {self.pid} exited")
+        except psutil.AccessDenied as exc:
+            return Unavailable(NO_PERMISSION, str(exc))
+
+    def _read_host(self, out: list[ScopedValue]) -> None:
+        cores = parse_core_times(self._stat.read())
+        per_core = [core_busy_pct(a, b) for a, b in zip(self._core_times, cores)]
+        self._core_times = cores
         out.append(("host", "cpu_util_pct", sum(per_core) / max(1, len(per_core))))
         if self._per_core:
             out += [("host", f"core{i}_util_pct", value) for i, value in enumerate(per_core)]
-        memory = psutil.virtual_memory()
-        out += [("host", "mem_used_bytes", memory.total - memory.available),
-                ("host", "mem_available_bytes", memory.available)]
-        scope = scopes.process(self.pid)
-        metrics = ("rss_bytes", "uss_bytes", "cpu_util_pct", "num_threads",
-                   "ctx_switches_voluntary", "ctx_switches_involuntary")
+        memory = parse_meminfo_bytes(self._meminfo.read())
+        if memory is None:
+            import psutil  # psutil's estimate where the kernel gives no usable MemAvailable
+
+            vm = psutil.virtual_memory()
+            memory = (vm.total, vm.available)
+        total, available = memory
+        out += [("host", "mem_used_bytes", total - available), ("host", "mem_available_bytes", available)]
+
+    def read(self) -> list[ScopedValue]:
+        out: list[ScopedValue] = []
+        self._read_host(out)
+        scope = self.scope
         try:
-            with self._proc.oneshot():
-                out.append((scope, "rss_bytes", self._proc.memory_info().rss))
-                if self._uss_due():
-                    rollup = read_rss_uss_bytes(self.pid)
-                    out.append((scope, "uss_bytes", rollup[1] if rollup else self._proc.memory_full_info().uss))
-                switches = self._proc.num_ctx_switches()
-                out += [(scope, "cpu_util_pct", self._cpu_pct()),
-                        (scope, "num_threads", self._proc.num_threads()),
-                        (scope, "ctx_switches_voluntary", switches.voluntary),
-                        (scope, "ctx_switches_involuntary", switches.involuntary)]
-        except psutil.NoSuchProcess:
-            out += [(scope, m, Unavailable(PROCESS_GONE, f"pid {self.pid} exited")) for m in metrics]
-        except psutil.AccessDenied as exc:
-            out += [(scope, m, Unavailable(NO_PERMISSION, str(exc))) for m in metrics]
-        except Exception as exc:
-            out += [(scope, m, Unavailable(ERROR, f"{type(exc).__name__}: {exc}")) for m in metrics]
+            stat = ProcessStat(self._pid_stat.read(), self._ticks_per_s, self._page_bytes)
+            if stat.state in (b"Z", b"X"):
+                raise OSError(errno.ESRCH, "a zombie: the process has exited")
+            voluntary, involuntary = parse_ctx_switches(self._pid_status.read())
+            out.append((scope, "rss_bytes", stat.rss_bytes))
+            if self._uss_due():
+                out.append((scope, "uss_bytes", self._read_uss()))
+            out += [(scope, "cpu_util_pct", self._cpu_pct(stat.cpu_s)),
+                    (scope, "num_threads", stat.num_threads),
+                    (scope, "ctx_switches_voluntary", voluntary),
+                    (scope, "ctx_switches_involuntary", involuntary)]
+        except OSError as exc:
+            missing = _unavailable_for(exc, self.pid)
+            out += [(scope, m, missing) for m in self.PROCESS_METRICS]
+        except (ValueError, IndexError) as exc:
+            failed = Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
+            out += [(scope, m, failed) for m in self.PROCESS_METRICS]
         return out

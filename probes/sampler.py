@@ -12,12 +12,15 @@ from collections import defaultdict
 from typing import Any, Callable, Protocol
 
 from gpuscope.probes.readings import ERROR, Unavailable, is_available
-from gpuscope.probes.samplefile import SampleWriter
+from gpuscope.probes.samplefile import SampleWriter, Tick
 
 ScopedValue = tuple[str, str, Any]
 
 
 class Probe(Protocol):
+    """Reads its values at each tick. A probe that takes some readings less often than every tick
+    also has `cadence_s() -> {(scope, metric): seconds}`, which the samples file declares."""
+
     def read(self) -> list[ScopedValue]: ...
 
 
@@ -91,6 +94,11 @@ class Sampler:
         self.tick_cpu_ns = 0  # CPU time of the ticking thread: what sampling takes from the workload
         self.probe_cost_ns: dict[str, int] = defaultdict(int)
         self.probe_errors: dict[str, str] = {}
+        if writer is not None and hasattr(writer, "cadence_s"):
+            for probe in probes.values():
+                cadence = getattr(probe, "cadence_s", None)
+                if callable(cadence):
+                    writer.cadence_s.update(cadence())
 
     def tick(self) -> list[ScopedValue]:
         """Take one tick now: every probe, one shared timestamp, written and dispatched."""
@@ -108,10 +116,7 @@ class Sampler:
                     values.append((name, "probe_error", Unavailable(ERROR, self.probe_errors[name])))
                 self.probe_cost_ns[name] += time.perf_counter_ns() - probe_started
             if self.writer is not None:
-                grouped: dict[str, dict[str, Any]] = {}
-                for scope, metric, value in values:
-                    grouped.setdefault(scope, {})[metric] = value
-                self.writer.write({"t_ns": t_ns, "v": grouped})
+                self.writer.write(Tick(t_ns, values))
                 for source in self._event_sources:
                     for event in source.drain_events():
                         self.writer.write({"t_ns": t_ns, **event})

@@ -277,7 +277,7 @@ class Profile:
         record = recording.record
         self._gpu_probe = recording.open_devices(describe=self._describe, pid_exists=self._pid_exists)
         uuids: list[Any] = [d.uuid for d in self._gpu_probe.devices] if self._gpu_probe is not None else []
-        probes: dict[str, Any] = {"host": HostProbe(self.pid, uss_every_s=2.0)}
+        probes: dict[str, Any] = {"host": HostProbe(self.pid)}
         # the allocator before NVML, as in diagnose (commands/diagnose.py says why)
         probes["allocator"] = LazyAllocatorProbe(self.pid, self._torch_cuda, self._torch_scopes, uuids,
                                                  self.reset_peaks)

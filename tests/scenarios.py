@@ -21,7 +21,7 @@ tests/fixtures/gpu-facts (a copy of shared/gpu-facts):
 Some scenarios are not hand-written figures but come out of the real
 listeners: `DrivenSession` ticks GpuProbe + AllocatorProbe over a ScriptedNvml
 or the replayed H200 timeline through a Sampler, into StepMonitor, PeakTracker
-and GapTracker, exactly as `profiler.session.run_diagnose` wires them.
+and GapTracker, exactly as `gpuscope.commands.diagnose.run_diagnose` wires them.
 """
 from __future__ import annotations
 

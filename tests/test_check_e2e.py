@@ -1,6 +1,6 @@
 """`gpuscope check` running its own sweep, end to end on the CPU (a real model, real threads).
 
-What the unit tests of profiler/check.py cannot show: the exit code a CI job sees, the JUnit file, and
+What the unit tests of profiler/analysis/gate.py cannot show: the exit code a CI job sees, the JUnit file, and
 that report.html, rendered by the same command, carries the gate's outcome.
 """
 from __future__ import annotations

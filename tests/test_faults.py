@@ -1,6 +1,6 @@
 """Faults during a run: the run goes on, or ends honestly, and says what happened.
 
-The model faults run through the real session (profiler.session.run_diagnose)
+The model faults run through the real session (gpuscope.commands.diagnose.run_diagnose)
 on the CPU with a factory model written to tmp_path. NVML faults and processes
 vanishing between ticks cannot happen on the CPU path (it never opens NVML), so
 they run the real probes, sampler, attribution and findings against the

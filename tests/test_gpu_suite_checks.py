@@ -1,7 +1,7 @@
 """The GPU suite's own checker (tests/gpu/scenarios.check_gpu_run), run here on the CPU.
 
 The GPU suite runs rarely and once per lent machine, so a checker that rejects a correct run wastes the
-only try. These records are built the way a real diagnose builds them (profiler.attribution.StepMonitor,
+only try. These records are built the way a real diagnose builds them (gpuscope.measure.attribution.StepMonitor,
 with the weights layer run_sweep sets) from H200-sized figures (612 MiB context, the built-in large MLP),
 and the checker must accept the correct ones and reject the broken ones.
 """

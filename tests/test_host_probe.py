@@ -1,4 +1,4 @@
-"""HostProbe, usable_cores and read_rss_uss_bytes: real psutil readings of this test process, fake cgroup roots."""
+"""HostProbe, usable_cores and read_rss_uss_bytes: real /proc readings of this test process (agreeing with psutil), fake /proc and cgroup roots."""
 from __future__ import annotations
 
 import os
@@ -226,3 +226,88 @@ def test_read_rss_uss_bytes_from_a_synthetic_rollup(tmp_path):
 
 def test_read_rss_uss_bytes_of_a_missing_process_is_none(tmp_path):
     assert read_rss_uss_bytes(42, proc_root=str(tmp_path)) is None
+
+
+# -- /proc read directly: the same figures psutil gave -------------------------------------------
+
+def _fake_proc(root, pid: int, state: str = "S") -> str:
+    (root / str(pid)).mkdir(parents=True)
+    (root / "stat").write_text("cpu  300 0 100 1600 0 0 0 0 0 0\ncpu0 100 0 50 800 0 0 0 0 0 0\n"
+                               "cpu1 200 0 50 800 0 0 0 0 0 0\nintr 12 0 0\nctxt 99\n")
+    (root / "meminfo").write_text("MemTotal:       2000 kB\nMemFree:         500 kB\nMemAvailable:    800 kB\n"
+                                  "Buffers:          10 kB\n")
+    (root / str(pid) / "stat").write_text(
+        f"{pid} (my (odd) srv) {state} 1 1 1 0 -1 0 0 0 0 0 150 50 0 0 20 0 7 0 100 4096 300 0 0\n")
+    (root / str(pid) / "status").write_text("Name:\tsrv\nState:\tS (sleeping)\nThreads:\t7\n"
+                                            "voluntary_ctxt_switches:\t11\nnonvoluntary_ctxt_switches:\t3\n")
+    return str(root)
+
+
+def test_every_reading_from_a_fake_proc_tree(tmp_path):
+    """Per-core busy share as psutil computes it (guest in user, iowait idle, 0.1% steps), MemTotal minus
+    MemAvailable, RSS in pages, threads and the main thread's context switches, a name with ') ' in it."""
+    pid = 77
+    root = _fake_proc(tmp_path, pid)
+    probe = HostProbe(pid, uss_every_s=None, proc_root=root)
+    # core0: +30 user, +10 system, +60 idle -> 40.0%; core1: +1 user +1 iowait + 1 idle, guest +5 in user
+    (tmp_path / "stat").write_text("cpu  0 0 0 0 0 0 0 0 0 0\ncpu0 130 0 60 860 0 0 0 0 0 0\n"
+                                   "cpu1 206 0 50 801 1 0 0 0 5 0\nintr 12 0 0\n")
+    readings = as_dict(probe.read())
+    assert readings[("host", "core0_util_pct")] == 40.0
+    assert readings[("host", "core1_util_pct")] == round(100 * 6 / 8, 1)  # 6 busy (guest counted once) of 8
+    assert readings[("host", "cpu_util_pct")] == (40.0 + 75.0) / 2
+    assert readings[("host", "mem_used_bytes")] == 1200 * 1024
+    assert readings[("host", "mem_available_bytes")] == 800 * 1024
+    scope = f"pid:{pid}"
+    assert readings[(scope, "rss_bytes")] == 300 * os.sysconf("SC_PAGE_SIZE")
+    assert readings[(scope, "num_threads")] == 7
+    assert readings[(scope, "ctx_switches_voluntary")] == 11
+    assert readings[(scope, "ctx_switches_involuntary")] == 3
+    assert (scope, "uss_bytes") not in readings
+
+
+def test_a_core_with_no_time_passed_reads_zero_and_backward_counters_count_as_zero(tmp_path):
+    from gpuscope.probes.host import core_busy_pct
+
+    assert core_busy_pct((10, 100, 5), (10, 100, 5)) == 0.0
+    assert core_busy_pct((10, 100, 5), (20, 110, 2)) == 50.0  # iowait went back: 0, not -3
+
+
+def test_a_zombie_reads_process_gone(tmp_path):
+    root = _fake_proc(tmp_path, 78, state="Z")
+    readings = as_dict(HostProbe(78, uss_every_s=None, proc_root=root).read())
+    gone = readings[("pid:78", "rss_bytes")]
+    assert isinstance(gone, Unavailable) and gone.reason == PROCESS_GONE
+    assert {m for (s, m) in readings if s == "pid:78"} == set(HostProbe.PROCESS_METRICS)
+
+
+def test_no_mem_available_falls_back_to_psutil_s_estimate(tmp_path):
+    root = _fake_proc(tmp_path, 79)
+    (tmp_path / "meminfo").write_text("MemTotal:       2000 kB\nMemFree:         500 kB\nBuffers: 1 kB\n")
+    readings = as_dict(HostProbe(79, uss_every_s=None, proc_root=root).read())
+    memory = psutil.virtual_memory()  # the estimate, of this machine (the fallback asks psutil)
+    assert readings[("host", "mem_used_bytes")] + readings[("host", "mem_available_bytes")] == memory.total
+
+
+def test_the_live_process_reads_as_psutil_reads_it():
+    pid = os.getpid()
+    before = psutil.Process(pid).num_ctx_switches()
+    readings = as_dict(HostProbe(pid, uss_every_s=None).read())
+    after = psutil.Process(pid).num_ctx_switches()
+    scope = f"pid:{pid}"
+    assert before.voluntary <= readings[(scope, "ctx_switches_voluntary")] <= after.voluntary
+    assert before.involuntary <= readings[(scope, "ctx_switches_involuntary")] <= after.involuntary
+    assert readings[(scope, "num_threads")] == psutil.Process(pid).num_threads()
+    assert abs(readings[(scope, "rss_bytes")] - psutil.Process(pid).memory_info().rss) < 16 * MiB
+    assert len([m for _, m in readings if m.startswith("core")]) == len(psutil.cpu_percent(None, percpu=True))
+
+
+def test_the_kept_descriptors_are_closed(tmp_path):
+    probe = HostProbe(80, uss_every_s=None, proc_root=_fake_proc(tmp_path, 80))
+    probe.read()
+    fds = [handle._fd for handle in (probe._stat, probe._meminfo, probe._pid_stat, probe._pid_status)]
+    assert all(isinstance(fd, int) for fd in fds)
+    probe.close()
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)

@@ -152,7 +152,7 @@ def test_a_compare_run_is_rendered_with_compare_png(tmp_path: Path, capsys: pyte
 
 
 def test_infinity_and_nan_in_a_record_render_as_n_a(tmp_path: Path) -> None:
-    # run.json with Infinity is refused when loaded (profiler/run.py); a record built in memory can still hold one
+    # run.json with Infinity is refused when loaded (profiler/record/run.py); a record built in memory can still hold one
     from gpuscope.reports.render import render_report
 
     record, _run, samples = rf.cpu_run(str(tmp_path))

@@ -80,11 +80,11 @@ def test_lines_that_are_json_but_not_ticks_are_counted_not_trusted(samples_path)
 
 
 def test_a_newer_schema_is_refused_with_a_clear_message(samples_path):
-    samples_path.write_text(json.dumps({"schema": "gpuscope.samples/2", "t0_ns": 0}) + "\n")
+    samples_path.write_text(json.dumps({"schema": "gpuscope.samples/3", "t0_ns": 0}) + "\n")
     with pytest.raises(SamplesFileError) as info:
         load_timeline(str(samples_path))
     message = str(info.value)
-    assert "gpuscope.samples/2" in message and "not supported" in message and SAMPLES_SCHEMA in message
+    assert "gpuscope.samples/3" in message and "not supported" in message and SAMPLES_SCHEMA in message
     assert "upgrade gpuscope" in message
 
 

@@ -95,9 +95,9 @@ def test_a_run_json_with_non_finite_numbers_is_refused(tmp_path, constant):
 
 
 def test_a_samples_file_from_a_newer_schema_is_refused(tmp_path):
-    folder = _run_dir(tmp_path, samples_schema="gpuscope.samples/2")
+    folder = _run_dir(tmp_path, samples_schema="gpuscope.samples/3")
     _one_line_exit_2(_gpuscope("report", str(folder / "run.json"), cwd=tmp_path),
-                     "samples.jsonl", "gpuscope.samples/2", "upgrade gpuscope")
+                     "samples.jsonl", "gpuscope.samples/3", "upgrade gpuscope")
     assert not (folder / "report.html").exists()
 
 

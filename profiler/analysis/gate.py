@@ -53,7 +53,7 @@ Exit code rule (`CheckOutcome.exit_code`):
   2  nothing failed, but at least one result is unmeasured
   0  every result passed
   2  is also what the caller returns for bad input (CheckConfigError, RunFileError);
-     see profiler/check_command.py.
+     see profiler/commands/check.py.
 """
 from __future__ import annotations
 
@@ -245,7 +245,7 @@ def _mode(record: Any) -> str:
 
 
 def _live_series(record: Any, key: str) -> dict[str, Any]:
-    """One series of a watch/profile record's `extra["live"]` summary (profiler/watch.py), {} when absent."""
+    """One series of a watch/profile record's `extra["live"]` summary (profiler/commands/watch.py), {} when absent."""
     extra = getattr(record, "extra", None)
     live = extra.get("live") if isinstance(extra, dict) else None
     series = live.get("series") if isinstance(live, dict) else None

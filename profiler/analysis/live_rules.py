@@ -1,8 +1,8 @@
 """Findings that apply to a live process seen over time (`watch`, `profiler.profile()`, `export`).
 
-A watch has no predictor sweep, so the step-based rules of profiler/findings.py
+A watch has no predictor sweep, so the step-based rules of profiler/analysis/findings.py
 stay quiet; these rules read `record.extra["live"]` instead, which the live
-sessions fill (profiler/watch.py `LiveTracker.summary()`):
+sessions fill (profiler/commands/watch.py `LiveTracker.summary()`):
 
   {"target_pid": 1234, "gpu_index": 0 | None, "duration_s": 600.0,
    "series": {"process_gpu_bytes": SERIES, "rss_bytes": SERIES, "outside_allocator_bytes": SERIES},
@@ -12,7 +12,7 @@ sessions fill (profiler/watch.py `LiveTracker.summary()`):
             "slope_bytes_per_s": .., "points": n}
 
 Like every rule, these are pure functions of the record, so `gpuscope report`
-re-derives them. `live_findings()` runs profiler.findings.evaluate (the
+re-derives them. `live_findings()` runs gpuscope.analysis.findings.evaluate (the
 process-level rules: FOREIGN_PROCESS, MULTIPLE_ENGINES, ENGINE_PREALLOCATION,
 PID_NAMESPACE, MEASUREMENT_GAP, CACHE_BLOAT) and then these, never two findings
 with one code where the step rules already spoke.
@@ -209,7 +209,7 @@ LIVE_RULES: tuple[LiveRule, ...] = (rule_memory_growth, rule_live_low_headroom, 
 
 def live_findings(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS,
                   live_thresholds: LiveThresholds = DEFAULT_LIVE_THRESHOLDS) -> list[Finding]:
-    """The step-free rules of profiler.findings plus the live ones; a crashing rule is skipped, never fatal."""
+    """The step-free rules of gpuscope.analysis.findings plus the live ones; a crashing rule is skipped, never fatal."""
     findings = list(evaluate(record, thresholds))
     spoken = {f.code for f in findings}
     for rule in LIVE_RULES:

@@ -1,4 +1,4 @@
-"""What `gpuscope check` does once it has a run record: the part profiler/cli.py calls.
+"""What `gpuscope check` does once it has a run record: the part profiler/commands/app.py calls.
 
     limits = limits_from_sources(os.getcwd(), config_path, cli_values)   # CheckConfigError -> exit 2
     record = load_run(path)  or  the record of a fresh sweep             # RunFileError -> exit 2
@@ -8,7 +8,7 @@
 Exit codes: 0 every limit passed; 1 any limit failed (even if others could not be
 measured); 2 nothing failed but something could not be measured, or the input
 was bad (config, run file, an output file that could not be written while
-nothing failed). See profiler/check.py.
+nothing failed). See profiler/analysis/gate.py.
 
 This module belongs to the command line's composition root, so it may import
 `reports` (lazily, only when --junit is given).
@@ -35,7 +35,7 @@ def _stderr(message: str) -> None:
 
 def limits_from_sources(cwd: str, config_path: str | None, cli_values: Mapping[str, Any] | None,
                         echo_err: Callable[[str], Any] = _stderr) -> Limits:
-    """Limits from the config file (see profiler.check.load_config) overridden by command-line values.
+    """Limits from the config file (see gpuscope.commands.check_config.load_config) overridden by command-line values.
 
     When a config file applies, one line on `echo_err` says which (the file is looked
     up from `cwd` upwards, so a gate run from a subfolder shows where its limits came from).

@@ -1,6 +1,6 @@
 """`gpuscope compare`: N predictor threads sharing one model versus N worker processes each loading it.
 
-Both sides run the same worker (profiler/process_worker.py), the same model
+Both sides run the same worker (profiler/measure/workers.py), the same model
 spec and the same closed loop, so the only difference is the one measured:
   threads    one spawned worker process, N PredictorPool threads, one model;
   processes  N spawned worker processes, one predictor each, N models.
@@ -237,7 +237,7 @@ def run_compare(opts: CompareOptions, progress: Any = None,
 
 def compare_environment(device: str, devices: list[dict[str, Any]], nvml_index: int | None,
                         worker_info: dict[str, Any] | None) -> dict[str, Any]:
-    """record.environment of a compare: profiler.session.environment_facts, read without touching CUDA here.
+    """record.environment of a compare: gpuscope.measure.recording.environment_facts, read without touching CUDA here.
 
     The parent never initialises CUDA (a context of its own would sit on the device the workers are measured
     on), so the facts are taken as for the CPU, then the device's name and driver come from NVML and the torch

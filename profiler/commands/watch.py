@@ -132,7 +132,7 @@ class WatchSession:
         return describe_process(pid, name)
 
     def _setup(self) -> None:
-        from gpuscope.probes.host import HostProbe, read_rss_uss_bytes
+        from gpuscope.probes.host import USS_EVERY_S, HostProbe, read_rss_uss_bytes
 
         if self.port is not None:
             from gpuscope.measure.exporter import start_exporter
@@ -151,7 +151,7 @@ class WatchSession:
         self._target_described_at = self._clock()
         self.children = children_of(self.pid)
         # USS needs /proc/PID/smaps_rollup (ptrace access); without it, RSS alone rather than no readings at all.
-        uss_every = 2.0 if read_rss_uss_bytes(self.pid) is not None else None
+        uss_every = USS_EVERY_S if read_rss_uss_bytes(self.pid) is not None else None
         try:
             host = HostProbe(self.pid, uss_every_s=uss_every, clock_s=self._clock)
         except Exception as exc:
@@ -354,7 +354,7 @@ class WatchSession:
 
 
 def run_watch(opts: WatchOptions, **kwargs: Any) -> Any:
-    """Watch a process until the duration ends, it exits, or Ctrl-C. Returns profiler.session.SessionResult.
+    """Watch a process until the duration ends, it exits, or Ctrl-C. Returns gpuscope.measure.recording.SessionResult.
 
     kwargs (for tests and embedding): nvml_opener() -> (backend | None, unavailable | None), describe(pid, name),
     pid_exists(pid), progress, clock() -> seconds, wait(seconds), stop (threading.Event), handle_signals.

@@ -61,7 +61,7 @@ class LiveView:
     devices: list[dict[str, Any]]                # DeviceInfo.to_json() per device
     values: list[tuple[str, str, Any]]           # the tick's readings (scope, metric, value)
     processes: dict[int, Any] = field(default_factory=dict)  # pid -> probes.processes.ProcessInfo
-    findings: list[Any] = field(default_factory=list)         # profiler.run.Finding
+    findings: list[Any] = field(default_factory=list)         # gpuscope.record.run.Finding
     target_pid: int | None = None
     nvml_available: bool = True
     device_unavailable: dict[str, str] | None = None

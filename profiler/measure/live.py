@@ -167,7 +167,7 @@ class LiveTracker:
             return {k: list(v) for k, v in self.seen.items()}
 
     def summary(self, mode: str = "watch") -> dict[str, Any]:
-        """What the live rules read (`record.extra["live"]`, see profiler/watch_findings.py)."""
+        """What the live rules read (`record.extra["live"]`, see profiler/analysis/live_rules.py)."""
         gpu_index = self.main_gpu()
         with self._lock:
             series: dict[str, Any] = {}

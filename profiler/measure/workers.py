@@ -8,7 +8,7 @@ between them is the one being measured:
 Workers are started with the `spawn` method (a fresh interpreter: no forked
 CUDA context, no copy-on-write pages inherited from the parent) and load the
 model from its *spec* (builtin:NAME, a model file, or package.module:factory)
-through profiler.models, exactly as diagnose does; nothing is unpickled that
+through measure/models.py, exactly as diagnose does; nothing is unpickled that
 the user did not ask for (model files keep the --trust-model-file rule).
 
 Protocol, over one duplex Pipe per worker (plain tuples only):

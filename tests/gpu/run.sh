@@ -4,8 +4,9 @@
 #   bash tests/gpu/run.sh
 #
 # It needs torch with CUDA, nvidia-ml-py, psutil, matplotlib and typer; CuPy and JAX for scenarios 5
-# and 6 (skipped, with the reason, without them). No pip, no network: gpuscope runs from this tree
-# (PYTHONPATH=.). It runs, in this order:
+# and 6 (skipped, with the reason, without them). No pip, no network: gpuscope runs from this tree,
+# through a folder of links that lays it out as the wheel does (gpuscope/ = profiler/, gpuscope/probes
+# = probes/, gpuscope/reports = reports/), put first on PYTHONPATH. It runs, in this order:
 #   1. pytest -m gpu tests/gpu: the planted scenarios first (each a fresh `python -m gpuscope diagnose`),
 #      then the accuracy tests and the probe tests, which create a CUDA context in pytest's own process;
 #   2. `python -m gpuscope diagnose` with every default, timed (diagnose's wall time; the sampler's
@@ -26,7 +27,13 @@ mkdir -p "$OUT"
 WORK="$(mktemp -d "${TMPDIR:-/tmp}/gpuscope-gpu.XXXXXX")"
 export GPUSCOPE_GPU_REPORTS="$WORK/reports"
 mkdir -p "$GPUSCOPE_GPU_REPORTS"
-export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
+# The package as the wheel installs it, from this tree: links, so an edit here is what runs.
+SITE="$WORK/site"
+mkdir -p "$SITE/gpuscope"
+for entry in "$ROOT"/profiler/*; do ln -s "$entry" "$SITE/gpuscope/$(basename "$entry")"; done
+ln -s "$ROOT/probes" "$SITE/gpuscope/probes"
+ln -s "$ROOT/reports" "$SITE/gpuscope/reports"
+export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
 PYTEST_LIMIT_S="${GPUSCOPE_GPU_PYTEST_LIMIT_S:-320}"
 DEFAULTS_LIMIT_S="${GPUSCOPE_GPU_DEFAULTS_LIMIT_S:-90}"

@@ -51,7 +51,7 @@ MEMORY_VARIABLES = (
     "XLA_PYTHON_CLIENT_ALLOCATOR", "CUPY_GPU_MEMORY_LIMIT", TORCH_STATS_ENV,
 )
 
-# Layers of the profiled process itself (profiler/decomposition.py): they add up to NVML's per-process figure.
+# Layers of the profiled process itself (profiler/record/layers.py): they add up to NVML's per-process figure.
 PROCESS_LAYERS = ("model_weights_bytes", "activations_bytes", "allocator_cache_bytes", "outside_allocator_bytes",
                   "unattributed_process_bytes")
 # Findings a scenario plants; a clean run fires none of them.
@@ -551,7 +551,7 @@ def number(value: Any) -> int | float | None:
 
 
 def slope(points: list[tuple[float, float]]) -> float | None:
-    """Least-squares slope, computed here independently of profiler.findings._slope."""
+    """Least-squares slope, computed here independently of the product's slope."""
     xs = {x for x, _ in points}
     if len(xs) < 2:
         return None
@@ -638,7 +638,7 @@ def check_gpu_run(result: DiagnoseRun) -> dict[str, Any]:
         negative = {k: v for k, v in own.items() if v < 0}
         assert not negative, f"{n} predictors: negative layers {negative} (NVML below torch's reserved?)"
         assert own.get("outside_allocator_bytes", 0) > 0, f"{n} predictors: nothing outside the allocator? {own}"
-        # with --copy-model each predictor holds its own copy beside the original (profiler/sweep.py)
+        # with --copy-model each predictor holds its own copy beside the original (profiler/measure/sweep.py)
         weights = model_bytes * (1 + n) if run.get("config", {}).get("copy_model") else model_bytes
         assert own.get("model_weights_bytes") == weights, \
             f"{n} predictors: weights layer {own.get('model_weights_bytes')} != {weights} (model bytes {model_bytes})"
