@@ -11,7 +11,6 @@ import io
 import textwrap
 from typing import Any
 
-from gpuscope.record.files import write_bytes_atomic
 
 MODE_STYLE = {"threads": ("#0072B2", "o", "N threads, 1 process"),
               "processes": ("#D55E00", "s", "N processes, 1 predictor each")}
@@ -82,12 +81,3 @@ def compare_png(comparison: dict[str, Any]) -> bytes:
         buf = io.BytesIO()
         fig.savefig(buf, format="png", metadata={"Software": "gpuscope"})
     return buf.getvalue()
-
-
-def write_compare_plot(comparison: dict[str, Any], path: str) -> str | None:
-    """Write compare.png atomically; None (and nothing written) when the comparison has no rows."""
-    if not comparison.get("rows"):
-        return None
-    data = compare_png(comparison)
-    write_bytes_atomic(path, data)
-    return path

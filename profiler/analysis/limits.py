@@ -49,9 +49,6 @@ LIMIT_FLAGS = {
 }
 
 
-SIZE_KEYS = ("max_device_memory", "max_host_memory", "max_memory_per_predictor")
-
-
 class CheckConfigError(ValueError):
     """A limit that cannot be used: unknown key, malformed value, unreadable config file.
 

@@ -29,7 +29,6 @@ from gpuscope.probes.units import MiB, format_bytes
 from gpuscope.record.run import Finding, RunRecord
 
 GROWTH_CODE = "MEMORY_GROWTH"
-LIVE_CODES = (GROWTH_CODE, "LOW_HEADROOM", "OUTSIDE_ALLOCATOR")
 
 # The CUDA context and module images of a fresh process, measured on an H200 with CUDA 13 and lazy
 # loading (shared/gpu-facts: 612 MiB; 1,252 MiB with CUDA_MODULE_LOADING=EAGER). Used only when the
@@ -223,10 +222,3 @@ def live_findings(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS
             continue
         findings.extend(f for f in produced if f.code not in spoken)
     return findings
-
-
-def count_by_code(findings: list[Finding]) -> dict[str, int]:
-    counts: dict[str, int] = {}
-    for finding in findings:
-        counts[finding.code] = counts.get(finding.code, 0) + 1
-    return counts

@@ -14,6 +14,7 @@ from typing import Any, Optional
 import typer
 from typing_extensions import Annotated
 
+from gpuscope.measure.exporter import DEFAULT_PORT as DEFAULT_EXPORT_PORT
 from gpuscope.record.errors import EXIT_USAGE, OutputError, UsageError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
@@ -223,7 +224,7 @@ def watch(pid: Annotated[int, typer.Option("--pid", help="the running process to
 
 
 @app.command()
-def export(port: Annotated[int, typer.Option("--port", help="TCP port of the /metrics and /healthz endpoint (9840: no common exporter's default)")] = 9840,
+def export(port: Annotated[int, typer.Option("--port", help="TCP port of the /metrics and /healthz endpoint (9840: no common exporter's default)")] = DEFAULT_EXPORT_PORT,
            bind: Annotated[str, typer.Option("--bind", help="address to listen on (default: loopback only)")] = "127.0.0.1") -> None:
     """Serve every GPU and process on this node as Prometheus metrics until Ctrl-C; without NVML it keeps serving gpuscope_nvml_available 0 and retries."""
     from gpuscope.commands.export import run_export
