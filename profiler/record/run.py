@@ -132,6 +132,7 @@ class RunRecord:
     failure: str | None = None
     samples: str = "samples.jsonl"
     extra: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] | None = None  # `gpuscope tune`: every configuration, the best, the default, the budget
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"schema": SCHEMA}
