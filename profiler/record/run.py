@@ -138,6 +138,8 @@ class RunRecord:
         data: dict[str, Any] = {"schema": SCHEMA}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
+            if name == "tuning" and value is None:
+                continue  # only a tune run has the block
             if name == "steps":
                 data[name] = [step.to_json() for step in value]
             elif name == "findings":
