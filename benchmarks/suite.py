@@ -528,6 +528,7 @@ BENCHMARKS: dict[str, Callable[[bool, Echo], dict[str, Any]]] = {
     "harness": bench_harness,
     "sampler_overhead": bench_sampler_overhead,
     "time_to_answer": bench_time_to_answer,
+    "tune_search": lambda quick, echo: __import__("benchmarks.tune_search", fromlist=["x"]).bench_tune_search(quick, echo),
 }
 
 

@@ -29,6 +29,7 @@ from gpuscope.probes.units import format_bytes
 from gpuscope.record.catalogue import LIVE_MODES, SEVERITY_ORDER
 from gpuscope.record.layers import CPU_LAYERS, GPU_LAYERS, LAYER_LABELS
 from gpuscope.record.run import sorted_findings
+from gpuscope.reports.tuning_section import tuning_section
 from gpuscope.reports.plotdata import (  # imported lazily
     as_unavailable,
     capacity_bytes,
@@ -808,6 +809,7 @@ def render_html(record: "RunRecord", plots: list["Plot"], notes: Iterable[str] =
     title = f"gpuscope report: {fmt(model)} on {_device_label(record)}"
     toc = [("verdict", "Verdict"), ("check", "Check") if record.check else None, ("findings", "Findings"),
            ("comparison", "Threads vs processes") if (record.extra or {}).get("comparison") else None,
+           ("tuning", "Tuning") if record.tuning else None,
            ("plots", "Plots") if _has_plots_section(record) else None,
            ("steps", "Steps") if _has_steps_section(record) else None,
            ("processes", "Processes"), ("environment", "Environment"),
@@ -826,6 +828,7 @@ def render_html(record: "RunRecord", plots: list["Plot"], notes: Iterable[str] =
         _check(record),
         _findings(record),
         _comparison(record, plots),
+        tuning_section(record, {p.name: _figure(p, p.title, "tuning-plot") for p in plots if p.name == "tuning.png"}),
         _plots(record, plots),
         _steps(record),
         _processes(record),

@@ -86,6 +86,11 @@ def render_timeline_report(record: "RunRecord", out_dir: str, timeline: "Timelin
     notes = list(notes or [])
     timeline_note = next((n for n in notes if timeline is None and "samples file" in n.lower()), "")
     plots = render_plots(record, timeline, note=timeline_note.rstrip("."))
+    if record.tuning:  # a tune run: tuning.png (drawn in its own module, from the tuning block alone)
+        from gpuscope.reports.tuning_plot import tuning_png
+
+        tuned = tuning_png(record)
+        plots += [tuned] if tuned is not None else []
     paths: dict[str, str] = {}
     for plot in plots:
         path = os.path.join(out_dir, plot.name)

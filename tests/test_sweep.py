@@ -142,7 +142,7 @@ def test_run_sweep_stops_once_p99_passes_max_p99_ms():
                       StepMonitor(os.getpid(), None, 288), hooks, threading.Event())
     assert [s.predictors for s in steps] == [1]
     assert steps[0].latency_ms["p99"] > 1.0
-    assert any("passed --max-p99-ms 1: stopping the sweep" in line for line in lines)  # a line that stays
+    assert any("exceeded --max-p99-ms 1: stopping the sweep" in line for line in lines)  # a line that stays
     assert hooks.stopped_by and "at 1 predictors" not in hooks.stopped_by
 
 

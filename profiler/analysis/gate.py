@@ -78,7 +78,9 @@ from gpuscope.record.catalogue import (
     GPU_ONLY_CODES,
     LIVE_MODES,
     MODE_DIAGNOSE,
+    MODE_TUNE,
     MODE_WATCH,
+    SWEPT,
     SEVERITY_ORDER,
     codes_for_mode,
     normalise_code,
@@ -278,7 +280,7 @@ def _not_finished(record: Any) -> str:
 def _nothing_measured(record: Any) -> str:
     """Why a completed run has no findings to trust because it measured nothing ("" when it measured)."""
     mode = _mode(record)
-    if mode == "diagnose":
+    if mode in SWEPT:
         return "" if record.steps else "the run measured no steps, so it has no findings to trust"
     if mode in LIVE_MODES:
         ticks = _live_ticks(record)
@@ -307,6 +309,18 @@ def _smallest_measured_step(record: Any) -> Any:
     return min(steps, key=lambda s: s.predictors) if steps else None
 
 
+def tuned_step(record: Any) -> tuple[Any, str]:
+    """The step of a tune run's best configuration ("best"), else of the closest to its constraints ("closest")."""
+    from gpuscope.record.run import Step
+
+    tuning = getattr(record, "tuning", None) or {}
+    for which in ("best", "closest"):
+        entry = tuning.get(which)
+        if isinstance(entry, dict) and isinstance(entry.get("step"), dict):
+            return Step.from_json(entry["step"]), which
+    return None, ""
+
+
 def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> CheckOutcome:
     """Evaluate every set limit, forbidden code and finding gate against a run record.
 
@@ -322,7 +336,7 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
     and the findings gate are evaluated on the record's own findings.
     """
     mode = _mode(record)
-    swept = mode == "diagnose"
+    swept = mode in SWEPT
     notes: list[str] = []
     given = at_predictors if at_predictors is not None else limits.at_predictors
     source = "given" if given is not None else ""
@@ -349,6 +363,14 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
         notes.append(f"no predictor count was recommended ({rec.get('reason') or 'no reason recorded'}); "
                      f"the limits are checked at the smallest count measured, {given}")
     step = record.step_at(given) if given is not None else None
+    if mode == MODE_TUNE and source != "given":
+        # A tune run is gated on its best configuration (or, when none met its constraints, the closest one):
+        # its own step, which need not be in the default sweep's steps.
+        tuned, which = tuned_step(record)
+        if tuned is not None:
+            step, given, source = tuned, tuned.predictors, which
+            notes.append(f"a tune run: the limits are checked on its {which} configuration "
+                         f"({(record.tuning or {}).get(which, {}).get('label') or given})")
     measured_counts = ", ".join(str(s.predictors) for s in record.steps) or "none"
     if not swept:
         no_step = f"a {mode} run has no predictor steps (needs a diagnose run)"

@@ -178,6 +178,39 @@ def compare(model: Model = "builtin:mlp", model_size: ModelSize = None, input_sh
     raise typer.Exit(result.exit_code)
 
 
+@app.command()
+def tune(model: Model = "builtin:mlp", model_size: ModelSize = None, input_shape: InputShape = None,
+         dtype: DType = None, device: Device = "auto", predictors: Predictors = None,
+         intra_op_threads: Annotated[Optional[str], typer.Option("--intra-op-threads", help="intra-op thread counts to try, e.g. 1,2,4 (default: 1, cores/N, torch's default)")] = None,
+         env: Annotated[Optional[list[str]], typer.Option("--env", help="an environment setting to try, NAME=VALUE, each in a fresh process (repeatable)")] = None,
+         budget: Annotated[str, typer.Option("--budget", help="time for the whole search, e.g. 90s, 3m")] = "3m",
+         max_p99_ms: Annotated[Optional[float], typer.Option("--max-p99-ms", help="constraint: p99 latency in ms")] = None,
+         max_device_memory: Annotated[Optional[str], typer.Option("--max-device-memory", help="constraint: peak GPU memory of the process, e.g. 20GiB")] = None,
+         max_host_memory: Annotated[Optional[str], typer.Option("--max-host-memory", help="constraint: peak RSS, e.g. 8GiB")] = None,
+         duration: Annotated[str, typer.Option("--duration", help="longest measured time per configuration")] = "3s",
+         warmup: Warmup = "0.3s", window: Annotated[str, typer.Option("--window", help="throughput window; a configuration is stable when its last 3 agree within 10%")] = "0.5s",
+         interval: Interval = "50ms", rate: Rate = None, out: Out = "gpuscope-tune", trust_model_file: Trust = False,
+         json_output: Annotated[bool, typer.Option("--json", help="print run.json's tuning block instead of the table")] = False,
+         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
+    """Search predictors x intra-op threads (x streams and memory settings on CUDA) for the best deployment within a budget."""
+    from gpuscope.commands.tune import TuneOptions, format_tuning, run_tune
+
+    result = run_tune(TuneOptions(model=model, model_size=model_size, input_shape=input_shape, dtype=dtype, device=device,
+                                  predictors=predictors, threads=intra_op_threads, env=tuple(env or ()), budget=budget,
+                                  max_p99_ms=max_p99_ms, max_device_memory=max_device_memory,
+                                  max_host_memory=max_host_memory, duration=duration, warmup=warmup, window=window,
+                                  interval=interval, rate=rate, out=out, trust_model_file=trust_model_file,
+                                  json_output=json_output, quiet=quiet))
+    if json_output:
+        typer.echo(json.dumps({"tuning": result.record.tuning, "recommendation": result.record.recommendation,
+                               "status": result.record.status}, indent=2, default=str))
+    else:
+        typer.echo(format_tuning(result.record))
+        html = (result.report_paths or {}).get("html")
+        typer.echo(f"\nwrote {os.path.join(result.out_dir, 'run.json')}" + (f" and {html}" if html else ""))
+    raise typer.Exit(result.exit_code)
+
+
 def _print_version(value: bool) -> None:
     if value:
         from gpuscope import __version__

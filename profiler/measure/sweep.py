@@ -149,7 +149,7 @@ def run_sweep(pool: PredictorPool, config: SweepConfig, monitor: StepMonitor, ho
             break
         if config.max_p99_ms is not None and step.latency_ms.get("p99", 0) > config.max_p99_ms:
             hooks.stopped_by = (f"p99 {step.latency_ms['p99']:.1f} ms at {predictors} "
-                                f"predictor{'s' if predictors != 1 else ''} passed "
+                                f"predictor{'s' if predictors != 1 else ''} exceeded "
                                 f"--max-p99-ms {config.max_p99_ms:g}")
             hooks.on_line(f"{hooks.stopped_by}: stopping the sweep")
             break

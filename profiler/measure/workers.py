@@ -56,10 +56,14 @@ class WorkerSpec:
     intra_op_threads: int | None = None
     streams: bool = False
     inference_mode: bool = True
+    # Environment variables set in the worker before it imports torch (`gpuscope tune`'s CUBLAS_WORKSPACE_CONFIG,
+    # PYTORCH_CUDA_ALLOC_CONF): they take effect only before torch and CUDA initialise.
+    env: tuple[tuple[str, str], ...] = ()
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["input_shape"] = list(self.input_shape) if self.input_shape else None
+        data["env"] = [list(pair) for pair in self.env]
         return data
 
 
@@ -113,7 +117,8 @@ def _load(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
     model = load_model(spec["model"], spec["device"], shape, spec.get("dtype"), spec.get("size") or "small",
                        bool(spec.get("trust_model_file")))
     validate_model(model)  # one request: the first call's one-off costs are paid before the parent measures
-    info: dict[str, Any] = {"pid": os.getpid(), "model": model.to_json(), "torch_num_threads": torch.get_num_threads()}
+    info: dict[str, Any] = {"pid": os.getpid(), "model": model.to_json(), "torch_num_threads": torch.get_num_threads(),
+                            "env": {str(k): os.environ.get(str(k)) for k, _ in spec.get("env") or []}}
     if model.device.startswith("cuda"):
         index = int(model.device.split(":")[1]) if ":" in model.device else 0
         torch.cuda.synchronize(model.device)
@@ -122,6 +127,15 @@ def _load(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         except Exception:
             pass
     return model, info
+
+
+def _apply_env(pairs: list[list[str]]) -> None:
+    """Set the spec's environment before torch loads; a torch already imported would ignore it silently."""
+    if pairs and "torch" in sys.modules:
+        raise RuntimeError("torch was imported before the worker could set " + ", ".join(k for k, _ in pairs)
+                           + ": the setting would not take effect")
+    for name, value in pairs:
+        os.environ[str(name)] = str(value)
 
 
 def _window_payload(run: Any, start_ns: int, end_ns: int) -> dict[str, Any]:
@@ -146,6 +160,7 @@ def worker_main(index: int, spec: dict[str, Any], conn: Any, parent_pid: int) ->
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent stops us; Ctrl-C goes to the whole group
     _die_with_parent(parent_pid)
     try:
+        _apply_env(spec.get("env") or [])
         model, info = _load(spec)
     except BaseException as exc:  # any load failure, OSError included, is the parent's one line
         _fail(conn, exc)

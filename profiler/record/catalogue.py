@@ -20,8 +20,9 @@ MODE_DIAGNOSE = "diagnose"
 MODE_WATCH = "watch"
 MODE_PROFILE = "profile"
 MODE_COMPARE = "compare"
+MODE_TUNE = "tune"  # a search over settings; its findings are read off the default sweep, as diagnose's are
 LIVE_MODES = (MODE_WATCH, MODE_PROFILE)  # a live process: samples over time, no predictor sweep
-SWEPT = (MODE_DIAGNOSE,)
+SWEPT = (MODE_DIAGNOSE, MODE_TUNE)
 _ALL_LIVE = SWEPT + LIVE_MODES
 
 

@@ -65,6 +65,7 @@ REPORT_FILES = {
     "memory_timeline": "memory_timeline.png",
     "throughput_latency": "throughput_latency.png",
     "compare": "compare.png",
+    "tuning": "tuning.png",
 }
 
 

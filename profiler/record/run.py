@@ -132,11 +132,14 @@ class RunRecord:
     failure: str | None = None
     samples: str = "samples.jsonl"
     extra: dict[str, Any] = field(default_factory=dict)
+    tuning: dict[str, Any] | None = None  # `gpuscope tune`: every configuration, the best, the default, the budget
 
     def to_json(self) -> dict[str, Any]:
         data: dict[str, Any] = {"schema": SCHEMA}
         for name in self.__dataclass_fields__:
             value = getattr(self, name)
+            if name == "tuning" and value is None:
+                continue  # only a tune run has the block
             if name == "steps":
                 data[name] = [step.to_json() for step in value]
             elif name == "findings":
