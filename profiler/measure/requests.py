@@ -294,11 +294,11 @@ class _Request:
         self._outer = _local.current
         _local.current = self
         self._seq, self._level = self._tracker.begin()
-        self._t0 = _clock()
+        self._t0 = self._tracker.clock()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        latency = _clock() - self._t0
+        latency = self._tracker.clock() - self._t0
         _local.current = self._outer
         self._tracker.end(self._seq, self._level, latency, self._stages, exc if exc_type is not None else None)
         return None
@@ -314,12 +314,12 @@ class _Stage:
         self._name = name
 
     def __enter__(self) -> "_Stage":
-        self._t0 = _clock()
+        self._t0 = self._request._tracker.clock()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        spent = _clock() - self._t0
         owner = self._request
+        spent = owner._tracker.clock() - self._t0
         stages = owner._stages
         if stages is None:
             owner._stages = {self._name: spent}

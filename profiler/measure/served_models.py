@@ -22,6 +22,31 @@ from gpuscope.measure.models import weight_storages
 MAX_SEEN = 65536  # (thread, module) pairs remembered: a thread-per-request server reuses thread ids
 
 
+class _Hook:
+    """The forward pre-hook: a good guest in the user's module. `copy.deepcopy(model)` keeps the same hook (so
+    a copy is seen running, not failing on the tracker's lock), and `torch.save(model)` pickles an inert one."""
+
+    __slots__ = ("owner",)
+
+    def __init__(self, owner: "ServedModels | None") -> None:
+        self.owner = owner
+
+    def __call__(self, module: Any, args: Any) -> None:
+        owner = self.owner
+        if owner is not None:
+            owner.saw(module)
+        return None
+
+    def __copy__(self) -> "_Hook":
+        return self
+
+    def __deepcopy__(self, memo: dict[int, Any]) -> "_Hook":
+        return self
+
+    def __reduce__(self) -> tuple[Any, tuple[None]]:
+        return (_Hook, (None,))
+
+
 class ServedModels:
     """Forward pre-hooks on the registered modules; a summary of which weights each thread ran."""
 
@@ -41,7 +66,8 @@ class ServedModels:
 
     def attach(self) -> None:
         self.active = True
-        self._handles = [module.register_forward_pre_hook(self._hook) for module in self.registered]
+        hook = _Hook(self)
+        self._handles = [module.register_forward_pre_hook(hook) for module in self.registered]
 
     def detach(self) -> None:
         """Remove the hooks (copies made meanwhile keep theirs, inert once `active` is False)."""
@@ -53,7 +79,8 @@ class ServedModels:
                 pass
         self._handles = []
 
-    def _hook(self, module: Any, args: Any) -> None:
+    def saw(self, module: Any) -> None:
+        """A forward call of `module` on this thread (the hook's whole work: one set lookup after the first)."""
         if not self.active:
             return None
         key = (threading.get_ident(), id(module))
