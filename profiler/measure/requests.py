@@ -284,47 +284,54 @@ _NULL = _Null()
 class _Request:
     """One request in flight (a context manager; never swallows an exception)."""
 
-    __slots__ = ("_tracker", "_seq", "_level", "_t0", "_stages", "_outer")
+    __slots__ = ("_tracker", "_clock", "_seq", "_level", "_t0", "_stages", "_outer", "_scope")
 
     def __init__(self, tracker: RequestTracker) -> None:
         self._tracker = tracker
+        self._clock = tracker.clock
         self._stages: dict[str, int] | None = None
+        self._scope: _Stages | None = None
 
     def __enter__(self) -> "_Request":
         self._outer = _local.current
         _local.current = self
         self._seq, self._level = self._tracker.begin()
-        self._t0 = self._tracker.clock()
+        self._t0 = self._clock()
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
-        latency = self._tracker.clock() - self._t0
+        latency = self._clock() - self._t0
         _local.current = self._outer
         self._tracker.end(self._seq, self._level, latency, self._stages, exc if exc_type is not None else None)
         return None
 
 
-class _Stage:
-    """A named part of the current request; repeated names add up."""
+class _Stages:
+    """The stages of one request: one object per request, reused by every `request.stage()` in it (no
+    allocation per stage); nested stages keep a stack. Repeated names add up."""
 
-    __slots__ = ("_request", "_name", "_t0")
+    __slots__ = ("_request", "_next", "_names", "_starts")
 
-    def __init__(self, owner: _Request, name: str) -> None:
+    def __init__(self, owner: _Request) -> None:
         self._request = owner
-        self._name = name
+        self._next = ""
+        self._names: list[str] = []
+        self._starts: list[int] = []
 
-    def __enter__(self) -> "_Stage":
-        self._t0 = self._request._tracker.clock()
+    def __enter__(self) -> "_Stages":
+        self._names.append(self._next)
+        self._starts.append(self._request._clock())
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         owner = self._request
-        spent = owner._tracker.clock() - self._t0
+        spent = owner._clock() - self._starts.pop()
+        name = self._names.pop()
         stages = owner._stages
         if stages is None:
-            owner._stages = {self._name: spent}
+            owner._stages = {name: spent}
         else:
-            stages[self._name] = stages.get(self._name, 0) + spent
+            stages[name] = stages.get(name, 0) + spent
         return None
 
 
@@ -355,8 +362,16 @@ class RequestMarker:
 
     def stage(self, name: str) -> Any:
         """`with request.stage("model"):` times part of the current request (nothing outside a marked one)."""
+        if _tracker is None:  # no profile: one global read, not a thread-local lookup
+            return _NULL
         current = _local.current
-        return _NULL if current is None else _Stage(current, name)
+        if current is None:
+            return _NULL
+        scope = current._scope
+        if scope is None:
+            scope = current._scope = _Stages(current)
+        scope._next = name  # taken by __enter__: a stage() never entered names nothing
+        return scope
 
     def __repr__(self) -> str:
         return "gpuscope.request"
