@@ -484,6 +484,9 @@ def test_throughput_plateau_applies_to_observed_levels():
     growing = record_of(drive({1: (60, 10.0), 2: (30, 10.0)})["levels"])
     assert growing.recommendation["predictors"] == 2 and growing.recommendation.get("still_growing") is True
     assert rule_throughput_plateau(growing, DEFAULT_THRESHOLDS) == []
+    single = record_of(drive({1: (60, 10.0)})["levels"])
+    assert single.recommendation["predictors"] == 1 and single.recommendation.get("single_level") is True
+    assert "only this level" in single.recommendation["reason"]
 
 
 def test_level_groups_and_too_few_requests():

@@ -144,7 +144,11 @@ def traffic_recommendation(record: RunRecord, thresholds: Thresholds = DEFAULT_T
     limit = record.config.get("max_p99_ms")
     if limit:
         reason += f" (limit p99 {limit} ms)"
-    if chosen is highest and not limit:
+    if len(usable) == 1:
+        out["single_level"] = True
+        reason += ("; the traffic showed only this level of concurrency, so nothing says whether a larger pool "
+                   "serves more (more concurrent clients would show it)")
+    elif chosen is highest and not limit:
         out["still_growing"] = True
         reason += ("; throughput was still growing at the highest level the traffic reached, so a larger pool "
                    "may serve more (more concurrent clients would show it)")
