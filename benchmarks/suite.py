@@ -522,7 +522,97 @@ def _sampler_memory(quick: bool, echo: Echo) -> dict[str, Any]:
             "growth_bytes": growth}
 
 
+# ---------------------------------------------------------------- 6. request marking
+
+def _per_call_us(body: Callable[[], Any], calls: int, clock: Callable[[], int] = time.perf_counter_ns) -> float:
+    started = clock()
+    for _ in range(calls):
+        body()
+    return (clock() - started) / calls / 1e3
+
+
+def request_variants() -> dict[str, Callable[[], Any]]:
+    """The ways a server marks a request, and an empty call (the loop's own cost, subtracted)."""
+    from gpuscope.measure.requests import request
+
+    def empty() -> None:
+        pass
+
+    @request
+    def decorated() -> None:
+        pass
+
+    def block() -> None:
+        with request():
+            pass
+
+    def staged() -> None:
+        with request():
+            with request.stage("preprocess"):
+                pass
+            with request.stage("model"):
+                pass
+            with request.stage("postprocess"):
+                pass
+
+    return {"empty": empty, "decorator": decorated, "block": block, "block_3_stages": staged}
+
+
+def bench_request_cost(quick: bool, echo: Echo) -> dict[str, Any]:
+    """What `gpuscope.request` costs the request's own thread, with no profile (it should be ~nothing, about a
+    microsecond at most) and while one tracks requests (target: at most 5 us), and what the tracker's
+    aggregation then costs per request on the sampler thread. Rounds interleave every variant and both
+    states, medians over rounds; each round drains the tracker outside the timed loop (as the sampler does)."""
+    from gpuscope.measure import requests as requests_
+
+    variants = request_variants()
+    rounds, calls = (15, 10_000) if quick else (30, 20_000)
+    times: dict[str, list[float]] = {f"{state}:{name}": [] for state in ("off", "on") for name in variants}
+    walls: dict[str, list[float]] = {key: [] for key in times}
+    drain_us: list[float] = []
+    tracker = requests_.RequestTracker()
+    for _ in range(rounds):
+        for state in ("off", "on"):
+            if state == "on":
+                requests_.install(tracker)
+            try:
+                for name, body in variants.items():
+                    times[f"{state}:{name}"].append(_per_call_us(body, calls, time.thread_time_ns))
+                    walls[f"{state}:{name}"].append(_per_call_us(body, calls))
+            finally:
+                requests_.uninstall(tracker)
+            if state == "on":
+                queued = len(tracker._pending)
+                started = time.thread_time_ns()
+                tracker.drain()
+                if queued:
+                    drain_us.append((time.thread_time_ns() - started) / queued / 1e3)
+    rows = []
+    for state in ("off", "on"):
+        base = min(times[f"{state}:empty"])
+        median_base = _median(times[f"{state}:empty"])
+        wall_base = _median(walls[f"{state}:empty"])
+        for name in variants:
+            if name == "empty":
+                continue
+            cost = max(0.0, min(times[f"{state}:{name}"]) - base)
+            median = max(0.0, _median(times[f"{state}:{name}"]) - median_base)
+            wall = max(0.0, _median(walls[f"{state}:{name}"]) - wall_base)
+            target = 1.0 if state == "off" else 5.0
+            rows.append({"profile": state, "variant": name, "us_per_request": round(cost, 3),
+                         "median_us_per_request": round(median, 3), "wall_median_us_per_request": round(wall, 3),
+                         "target_us": target, "meets": cost <= target})
+            echo(f"  {'no profile' if state == 'off' else 'profiling '}  {name:15s} {cost:6.2f} us CPU per request "
+                 f"(median {median:5.2f}, wall median {wall:5.2f}; target <= {target:g} us)"
+                 f"{'' if cost <= target else '  OVER'}")
+    aggregate = _median(drain_us)
+    echo(f"  aggregation on the sampler thread: {aggregate:.2f} us per request (block with 3 stages included)")
+    return {"rows": rows, "aggregation_us_per_request": round(aggregate, 3), "rounds": rounds,
+            "calls_per_round": calls, "load_average": os.getloadavg()[0]}
+
+
 BENCHMARKS: dict[str, Callable[[bool, Echo], dict[str, Any]]] = {
+    "request_cost": bench_request_cost,
     "tick_cost": bench_tick_cost,
     "scale": bench_scale,
     "harness": bench_harness,

@@ -120,7 +120,8 @@ class Profile:
                  torch_cuda: Any = None, torch_scopes: dict[int, int] | None = None,
                  describe: Callable[[int, str], Any] | None = None, pid_exists: Callable[[int], bool] | None = None,
                  listeners: list[Callable[[int, list[ScopedValue]], None]] | None = None,
-                 prometheus_port: int | None = None, prometheus_bind: str = "127.0.0.1") -> None:
+                 prometheus_port: int | None = None, prometheus_bind: str = "127.0.0.1",
+                 model: Any = None, max_p99_ms: float | None = None, min_requests: int | None = None) -> None:
         if isinstance(interval, str):
             from gpuscope.probes.units import parse_duration_s
 
@@ -135,7 +136,21 @@ class Profile:
         self._settings = dict(out=out, interval=interval, report=report, reset_peaks=reset_peaks, label=label,
                               nvml_opener=nvml_opener, torch_cuda=torch_cuda, torch_scopes=torch_scopes,
                               describe=describe, pid_exists=pid_exists, listeners=listeners,
-                              prometheus_port=prometheus_port, prometheus_bind=prometheus_bind)
+                              prometheus_port=prometheus_port, prometheus_bind=prometheus_bind,
+                              model=model, max_p99_ms=max_p99_ms, min_requests=min_requests)
+        if max_p99_ms is not None and not (isinstance(max_p99_ms, (int, float)) and max_p99_ms > 0):
+            raise ValueError(f"profile(max_p99_ms={max_p99_ms!r}): a p99 limit is a positive number of milliseconds")
+        if min_requests is not None and not (isinstance(min_requests, int) and min_requests >= 1):
+            raise ValueError(f"profile(min_requests={min_requests!r}): the requests a level needs, at least 1")
+        self.max_p99_ms = float(max_p99_ms) if max_p99_ms is not None else None
+        self.min_requests = min_requests
+        self._served: Any = None
+        if model is not None:  # checked now: a wrong object fails the call, not the profile's end
+            from gpuscope.measure.served_models import ServedModels
+
+            self._served = ServedModels(model)
+        self._requests: Any = None  # the RequestTracker while this profile tracks gpuscope.request
+        self._requests_note: str | None = None
         if prometheus_port is not None:
             from gpuscope.measure.exporter import validate_port
 
@@ -236,6 +251,7 @@ class Profile:
                 self._start_locked()
             except BaseException:
                 self._close_metrics()
+                self._end_tracking()
                 self._release_folder()
                 raise
         return self
@@ -267,13 +283,24 @@ class Profile:
         self._recording = recording = Recording(MODE_PROFILE, self.pid, nvml_opener=self._nvml_opener)
         self.out_dir = recording.claim_folder(self._folder_key or os.path.abspath(self.out))  # a later chdir: no change
         listeners = list(self._extra_listeners)
+        from gpuscope.measure import requests as requests_
+
+        tracker = requests_.RequestTracker()
         if self.prometheus_port is not None:  # first: a taken port fails start() before anything runs
             from gpuscope.measure.exporter import serve_collector
-            from gpuscope.measure.inprocess_metrics import AllocatorGauges
+            from gpuscope.measure.inprocess_metrics import AllocatorGauges, Collectors, RequestMetrics
 
             gauges = AllocatorGauges(self.pid)
-            self.metrics = serve_collector(gauges, self.prometheus_port, self.prometheus_bind)
+            self.metrics = serve_collector(Collectors(gauges, RequestMetrics(self.pid, tracker)),
+                                           self.prometheus_port, self.prometheus_bind)
             listeners.insert(0, gauges)
+        if requests_.install(tracker):  # one profile at a time receives gpuscope.request's requests
+            self._requests = tracker
+            listeners.append(tracker)  # each tick aggregates the requests finished since the last
+        else:
+            self._requests_note = "another running profile of this process receives gpuscope.request's requests"
+        if self._served is not None:
+            self._served.attach()
         record = recording.record
         self._gpu_probe = recording.open_devices(describe=self._describe, pid_exists=self._pid_exists)
         uuids: list[Any] = [d.uuid for d in self._gpu_probe.devices] if self._gpu_probe is not None else []
@@ -336,6 +363,7 @@ class Profile:
         except Exception:
             pass
         recording = self._recording
+        self._end_tracking()  # requests finishing from now on are not this profile's
         recording.stop_samples()  # joins the thread and takes one last reading
         self._close_metrics()
         record = self._build_record(_ended_by)
@@ -352,6 +380,14 @@ class Profile:
             return record
         self.report_paths = result.report_paths
         return record
+
+    def _end_tracking(self) -> None:
+        from gpuscope.measure import requests as requests_
+
+        if self._requests is not None:
+            requests_.uninstall(self._requests)
+        if self._served is not None:
+            self._served.detach()
 
     def _close_metrics(self) -> None:
         if self.metrics is not None:
@@ -396,9 +432,45 @@ class Profile:
             record.baseline["end"] = end_figures(self._peaks.last(), self.pid, gpu_index)
         rss = (live.get("series") or {}).get("rss_bytes") or {}
         record.baseline["rss_at_start_bytes"] = rss.get("first_value")
+        self._traffic_into(record, gpu_index)
         complete_live_record(record, live, self._gaps, self._sampler,
                              f"this process was profiled for {live.get('duration_s', 0):.1f} s in place")
         return record
+
+    def _traffic_into(self, record: RunRecord, gpu_index: int | None) -> None:
+        """The marked requests as observed steps, the registered models' weights and sharing (record in place)."""
+        from gpuscope.analysis.live_traffic import (
+            DEFAULT_TRAFFIC_THRESHOLDS,
+            TrafficThresholds,
+            observed_steps,
+            unmeasured_codes,
+        )
+        from gpuscope.probes.readings import Unavailable
+
+        thresholds = (TrafficThresholds(min_requests=self.min_requests) if self.min_requests is not None
+                      else DEFAULT_TRAFFIC_THRESHOLDS)
+        record.config["max_p99_ms"] = self.max_p99_ms
+        record.config["min_requests_per_level"] = thresholds.min_requests
+        request_threads: set[int] = set()
+        if self._requests is not None:
+            snapshot = self._requests.snapshot()
+            request_threads = self._requests.thread_ids()
+            record.steps = observed_steps(snapshot["levels"], thresholds)
+            record.extra["requests"] = {
+                "requests": sum(s.requests for s in record.steps), "errors": sum(s.errors for s in record.steps),
+                "peak_in_flight": snapshot["peak_in_flight"], "in_flight_at_end": snapshot["in_flight_at_end"],
+                "threads": snapshot["threads"], "levels": [lv["level"] for lv in snapshot["levels"]],
+                "level_basis": "the most requests in flight at once while each request ran",
+                "throughput_basis": "Little's law: requests in flight / mean latency of that level"}
+        else:
+            record.extra["requests"] = Unavailable("not_supported", self._requests_note or "not tracked")
+        if self._served is not None:
+            record.sharing = self._served.summary("cuda" if gpu_index is not None else "cpu", request_threads)
+            self._served.release()
+            record.model.update({"model_bytes": record.sharing["model_bytes"],
+                                 "model_device": record.sharing["model_device"],
+                                 "registered": record.sharing["registered_models"]})
+        record.extra["unmeasured_codes"] = unmeasured_codes(record, self._served is not None)
 
     @property
     def running(self) -> bool:

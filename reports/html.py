@@ -525,6 +525,14 @@ def _live_plots(record: "RunRecord", by_name: dict[str, "Plot"]) -> str:
         parts.append(_figure(by_name["memory_timeline.png"],
                              "The process's memory, decomposed into the same layers at every sample; dashed lines "
                              "mark when findings happened.", "plot-timeline"))
+    if "throughput_latency.png" in by_name:
+        parts.append("<h3>Throughput and latency per level of requests in flight</h3>")
+        parts.append(_figure(by_name["throughput_latency.png"],
+                             "Measured on the server's own requests (gpuscope.request), grouped by the most requests "
+                             "in flight while each ran; throughput is requests in flight / mean latency (what a pool "
+                             "of that size sustains). The gold band is the recommended pool size; a level with too "
+                             "few requests is shown but not used.", "plot-throughput"))
+        parts.append(_observed_table(record))
     if "memory_breakdown.png" in by_name:
         parts.append("<h3>At the peak and at the end</h3>")
         parts.append(_figure(by_name["memory_breakdown.png"],
@@ -533,6 +541,33 @@ def _live_plots(record: "RunRecord", by_name: dict[str, "Plot"]) -> str:
                                 if record.gpu else "."), "plot-breakdown"))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _observed_table(record: "RunRecord") -> str:
+    """The observed levels: requests, errors, throughput, latency, stages, threads."""
+    rec = (record.recommendation or {}).get("predictors")
+    names = [n for n in ("preprocess", "model", "postprocess")
+             if any(n in (s.stages_ms or {}) for s in record.steps)]
+    names += sorted({n for s in record.steps for n in (s.stages_ms or {})} - set(names))
+    head = ("<tr><th>in flight</th><th class=\"num\">requests</th><th class=\"num\">errors</th>"
+            "<th class=\"num\">throughput (requests/s)</th><th class=\"num\">p50 (ms)</th><th class=\"num\">p99 (ms)</th>"
+            + "".join(f'<th class="num">{esc(n)} p50 (ms)</th>' for n in names)
+            + "<th class=\"num\">threads</th><th>notes</th></tr>")
+    rows = []
+    for s in record.steps:
+        lat = s.latency_ms or {}
+        star = " \u2605" if s.predictors == rec else ""
+        notes = ["too few requests: not used"] if s.too_few_requests else []
+        if s.error_messages:
+            notes.append(redact_text("; ".join(str(m) for m in s.error_messages[:3])))
+        rows.append(f"<tr><td>{esc(s.level or s.predictors)}{star}</td><td class=\"num\">{_count(s.requests)}</td>"
+                    f'<td class="num">{_count(s.errors)}</td><td class="num">{_rate(s.throughput_rps)}</td>'
+                    f'<td class="num">{_millis(lat.get("p50"))}</td><td class="num">{_millis(lat.get("p99"))}</td>'
+                    + "".join(f'<td class="num">{_millis(((s.stages_ms or {}).get(n) or {}).get("p50"))}</td>'
+                              for n in names)
+                    + f'<td class="num">{_count(s.threads)}</td><td>{esc("; ".join(notes))}</td></tr>')
+    return ('<div class="scroll"><table class="steps observed"><thead>' + head + "</thead><tbody>" + "".join(rows)
+            + "</tbody></table></div>")
 
 
 def _has_plots_section(record: "RunRecord") -> bool:

@@ -329,6 +329,9 @@ def predictors_axis_label(record: "RunRecord", starred: bool = False) -> str:
     """What the x axis counts: threads sharing one model only where the run showed it; `starred`: the
     recommended count's tick carries a star."""
     verified = (record.sharing or {}).get("verified")
+    if is_observed(record):
+        return "requests in flight (observed levels of the server's own traffic)" + (
+            "; \u2605 recommended pool size" if starred else "")
     if (record.config or {}).get("copy_model"):
         what = "threads, each with its own copy of the model"
     elif verified is True:
@@ -361,5 +364,11 @@ def _bytes_per_extra_predictor(record: "RunRecord") -> float | None:
 
 
 def is_live(record: "RunRecord") -> bool:
-    """A watch or an in-process profile without sweep steps: its plots are the memory over time."""
-    return record.mode in LIVE_MODES and not record.steps
+    """A watch or an in-process profile (no sweep; its steps, if any, are observed levels of its own traffic):
+    its plots are the memory over time, and the observed curve when requests were marked."""
+    return record.mode in LIVE_MODES and all(s.observed for s in record.steps)
+
+
+def is_observed(record: "RunRecord") -> bool:
+    """The steps are levels of concurrency seen in live traffic (gpuscope.request), not a sweep."""
+    return bool(record.steps) and all(s.observed for s in record.steps)

@@ -436,7 +436,12 @@ def _draw_throughput(fig: Any, record: "RunRecord", steps: list["Step"]) -> str:
                  label=f"{pct} latency (ms)")
     if len(xs) > 1 and min(xs) > 0 and max(xs) / min(xs) >= 8:
         ax.set_xscale("log", base=2)
-    ax.set_xticks(xs, [str(x) for x in xs])
+    ax.set_xticks(xs, [str(s.level) if s.observed and s.level else str(s.predictors) for s in steps])
+    for s in steps:
+        if s.too_few_requests:  # shown, not used: the recommendation and the plateau ignore it
+            ax.annotate(f"only {s.requests} requests:\nnot used", (s.predictors, 0), xytext=(0, 22),
+                        textcoords="offset points", ha="center", fontsize=8, color="#666666",
+                        xycoords=("data", "axes fraction"))
     ax.minorticks_off()
     rec = (record.recommendation or {}).get("predictors")
     if isinstance(rec, int) and not isinstance(rec, bool):
@@ -517,6 +522,8 @@ def render_plots(record: "RunRecord", timeline: "Timeline | None", note: str = "
         plots = [memory_timeline_png(record, tl, timeline, note)]
         if tl is not None and tl.keys:
             plots.append(memory_breakdown_png(record, tl))
+        if record.steps:  # requests marked with gpuscope.request: the curve of the observed levels
+            plots.append(throughput_latency_png(record))
         return plots
     return [memory_breakdown_png(record, tl), memory_timeline_png(record, tl, timeline, note),
             throughput_latency_png(record)]

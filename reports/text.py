@@ -144,6 +144,16 @@ def format_live_summary(record: RunRecord) -> str:
         lines.append(f"other processes on gpu:{live.get('gpu_index')}: " + ", ".join(
             f"pid {p.get('pid')} {_printable(str(p.get('name', '?')))} ({_mem(p.get('peak_used_bytes'))})"
             for p in others[:5]))
+    if record.steps:  # requests marked with gpuscope.request
+        levels = ", ".join(f"{s.level}: {s.throughput_rps:.0f} req/s p99 {(s.latency_ms or {}).get('p99', 0):.1f} ms"
+                           + (" (too few)" if s.too_few_requests else "") for s in record.steps)
+        lines.append(f"requests: {sum(s.requests for s in record.steps):,} ({sum(s.errors for s in record.steps):,} "
+                     f"errors); per level in flight: {levels}")
+        lines.append(f"pool size: {(record.recommendation or {}).get('reason', '?')}")
+    sharing = record.sharing or {}
+    if sharing.get("source") == "threads":
+        lines.append(f"model: {_mem(sharing.get('model_bytes'))} of weights; sharing "
+                     f"{'verified' if sharing.get('verified') else 'NOT verified'}: {sharing.get('detail')}")
     lines.append("")
     lines += format_findings(record.findings)
     return "\n".join(lines)

@@ -58,8 +58,9 @@ def _mem(step: Step, key: str) -> int | None:
 
 
 def _ok_steps(record: RunRecord) -> list[Step]:
-    """Steps that measured something whole: requests served, no OOM, not cut short by an interruption."""
-    return [s for s in record.steps if s.requests > 0 and not s.oom and not s.partial]
+    """Steps that measured something whole: requests served, no OOM, not cut short by an interruption, and
+    (an observed level of live traffic) backed by enough requests."""
+    return [s for s in record.steps if s.requests > 0 and not s.oom and not s.partial and not s.too_few_requests]
 
 
 def least_squares_slope(points: list[tuple[float, float]]) -> float | None:
@@ -163,6 +164,13 @@ def recommend(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) ->
 Rule = Callable[[RunRecord, Thresholds], list[Finding]]
 
 
+def _count_text(record: RunRecord, n: int) -> str:
+    """`4 predictors` for a sweep; `4 requests in flight` for a live profile's observed traffic."""
+    if any(s.observed for s in record.steps):
+        return f"{n} request{'s' if n != 1 else ''} in flight"
+    return f"{n} predictor{'s' if n != 1 else ''}"
+
+
 def rule_throughput_plateau(record: RunRecord, t: Thresholds) -> list[Finding]:
     steps = _ok_steps(record)
     if len(steps) < 2 or record.config.get("rate_rps"):
@@ -174,24 +182,28 @@ def rule_throughput_plateau(record: RunRecord, t: Thresholds) -> list[Finding]:
     if not beyond:
         return []
     last = max(beyond, key=lambda s: s.predictors)
+    observed = knee.observed
+    remedy = (f"run {_count_text(record, knee.predictors)}; more only add latency and memory" if not observed else
+              f"cap the server's worker pool at {knee.predictors} (the concurrency limit); more requests in "
+              "flight only queue inside the process and add latency")
     return [Finding(
         "THROUGHPUT_PLATEAU", "info",
-        f"throughput stops growing at {knee.predictors} predictor{'s' if knee.predictors != 1 else ''} "
+        f"throughput stops growing at {_count_text(record, knee.predictors)} "
         f"({knee.throughput_rps:.0f} req/s); {last.predictors} add only latency (p50 {knee.latency_ms.get('p50', 0):.1f}"
         f" -> {last.latency_ms.get('p50', 0):.1f} ms)",
         {"knee_predictors": knee.predictors, "knee_throughput_rps": knee.throughput_rps,
          "best_predictors": best.predictors, "best_throughput_rps": best.throughput_rps,
          "p50_ms_by_predictors": {str(s.predictors): s.latency_ms.get("p50") for s in steps},
-         "throughput_rps_by_predictors": {str(s.predictors): s.throughput_rps for s in steps}},
-        f"run {knee.predictors} predictor{'s' if knee.predictors != 1 else ''}; more only add latency and memory",
-        knee.predictors)]
+         "throughput_rps_by_predictors": {str(s.predictors): s.throughput_rps for s in steps},
+         "observed": observed},
+        remedy, knee.predictors)]
 
 
 def rule_cpu_oversubscription(record: RunRecord, t: Thresholds) -> list[Finding]:
     cores = record.host.get("usable_cores")
     if not cores:
         return []
-    steps = _ok_steps(record)
+    steps = [s for s in _ok_steps(record) if not s.observed]  # observed levels carry no CPU reading of their own
 
     def busy_threads(step: Step) -> int:
         # On a GPU the intra-op pool idles (kernels run on the device), but each predictor spins a core
@@ -548,7 +560,8 @@ def rule_engine_preallocation(record: RunRecord, t: Thresholds) -> list[Finding]
 def rule_default_stream_serialization(record: RunRecord, t: Thresholds) -> list[Finding]:
     if not record.gpu or record.config.get("streams"):
         return []
-    steps = sorted(_ok_steps(record), key=lambda s: s.predictors)
+    # a sweep's own steps only: observed traffic does not say which stream its requests ran on
+    steps = sorted((s for s in _ok_steps(record) if not s.observed), key=lambda s: s.predictors)
     by_n = {s.predictors: s for s in steps}
     for s in steps:
         double = by_n.get(s.predictors * 2)

@@ -46,6 +46,14 @@ target's peak RSS and peak NVML memory over the run (`extra["live"]["series"]`).
 Forbidden codes and the findings gate read the record's own findings; forbidding
 a code whose rule needs a sweep is unmeasured there.
 
+A profile whose requests were marked with `gpuscope.request` has observed steps
+(`"observed": true`, one per level of concurrency in its own traffic, see
+profiler/analysis/live_traffic.py): max_p99_ms and min_throughput are gated at its
+recommended level (or `--at-predictors N`, the most requests in flight) like a
+sweep's step; a level marked `too_few_requests` is never gated on; memory limits
+stay the peak over the run. A code the profile could not look for (no model
+registered, no request marked: `extra["unmeasured_codes"]`) is unmeasured, never passed.
+
 Exit code rule (`CheckOutcome.exit_code`):
 
   1  at least one result failed (a measured failure is the most useful answer,
@@ -337,11 +345,14 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
     """
     mode = _mode(record)
     swept = mode in SWEPT
+    # a profile that marked requests has observed steps (levels of concurrency in its own traffic): its step
+    # limits are gated at the recommended level like a sweep's
+    stepped = swept or (mode in LIVE_MODES and any(getattr(s, "observed", False) for s in record.steps))
     notes: list[str] = []
     given = at_predictors if at_predictors is not None else limits.at_predictors
     source = "given" if given is not None else ""
     rec = record.recommendation or {}
-    if not swept:
+    if not stepped:
         step_names = [LIMIT_FLAGS[n][2:] for n in STEP_LIMITS if getattr(limits, n) is not None
                       and not (mode in LIVE_MODES and n in LIVE_LIMITS)]
         if limits.max_memory_per_predictor is not None:
@@ -372,7 +383,7 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
             notes.append(f"a tune run: the limits are checked on its {which} configuration "
                          f"({(record.tuning or {}).get(which, {}).get('label') or given})")
     measured_counts = ", ".join(str(s.predictors) for s in record.steps) or "none"
-    if not swept:
+    if not stepped:
         no_step = f"a {mode} run has no predictor steps (needs a diagnose run)"
     elif given is None:
         no_step = "the run has no recommended predictor count; pass --at-predictors N"
@@ -380,6 +391,10 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
         no_step = f"the run did not measure {given} predictors (measured: {measured_counts})"
     elif step.partial:
         no_step = f"the step at {given} predictors was cut short by an interruption (not a full measurement)"
+        step = None
+    elif step.too_few_requests:
+        no_step = (f"the level of {step.level or given} requests in flight had too few requests ({step.requests}) "
+                   "to measure")
         step = None
     else:
         no_step = ""
@@ -398,7 +413,7 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
                 "max_p99_ms": "ms", "min_throughput": "rps"}[name]
         limit_text = format_bytes(limit_raw) if unit == "bytes" else _plain(limit_raw, unit)
         common = dict(name=name, limit=limit_text, limit_raw=limit_raw, unit=unit, at_predictors=given)
-        if step is None and mode in LIVE_MODES and name in LIVE_LIMITS:
+        if mode in LIVE_MODES and name in LIVE_LIMITS:  # a live run's memory is its peak over the run
             live_limit(name, limit_raw, limit_text, common)
             return
         if step is None:
@@ -480,7 +495,9 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
                       unit="bytes")
         value = (record.sharing or {}).get("bytes_per_extra_predictor")
         if not swept:
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {no_step}", **common))
+            why = no_step or (f"a {mode} run observes requests in flight, not predictor counts with their "
+                              "memory (needs a diagnose run)")
+            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}", **common))
         elif not is_available(value):
             if len(record.steps) < 2 and value is None:
                 why = "the sweep measured fewer than two predictor counts"
@@ -498,6 +515,9 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
     incomplete_why = _not_finished(record) or _nothing_measured(record)
     incomplete = bool(incomplete_why)
     checked_codes = None if swept else codes_for_mode(mode)
+    extra = getattr(record, "extra", None)
+    not_looked_for = extra.get("unmeasured_codes") if isinstance(extra, dict) else None
+    not_looked_for = not_looked_for if isinstance(not_looked_for, dict) else {}
     by_code: dict[str, list[Any]] = {}
     for finding in record.findings:
         by_code.setdefault(normalise_code(finding.code), []).append(finding)
@@ -516,6 +536,9 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
             needs = "" if MODE_WATCH in CODES[code].modes else " (its rule reads a predictor sweep: a diagnose run)"
             results.append(LimitResult(status=UNMEASURED, message=f"not measured: a {mode} run does not look for "
                                        f"{code}{needs}", **common))
+        elif code in not_looked_for:
+            results.append(LimitResult(status=UNMEASURED, message=f"not measured: the {mode} could not look for "
+                                       f"{code}: {not_looked_for[code]}", **common))
         elif swept and MODE_DIAGNOSE not in CODES[code].modes:
             where = "gpuscope compare" if code == "PROCESSES_VS_THREADS" else "gpuscope watch or profiler.profile()"
             results.append(LimitResult(status=UNMEASURED, message=f"not measured: a diagnose run does not look for "

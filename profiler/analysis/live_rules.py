@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gpuscope.analysis.findings import DEFAULT_THRESHOLDS, Thresholds, evaluate
+from gpuscope.analysis.live_traffic import rule_served_model_copies
 from gpuscope.probes import scopes
 from gpuscope.probes.readings import is_available
 from gpuscope.probes.units import MiB, format_bytes
@@ -203,7 +204,8 @@ def rule_live_outside_allocator(record: RunRecord, t: LiveThresholds = DEFAULT_L
 
 
 LiveRule = Callable[[RunRecord], list[Finding]]
-LIVE_RULES: tuple[LiveRule, ...] = (rule_memory_growth, rule_live_low_headroom, rule_live_outside_allocator)
+LIVE_RULES: tuple[LiveRule, ...] = (rule_memory_growth, rule_live_low_headroom, rule_live_outside_allocator,
+                                    rule_served_model_copies)
 
 
 def live_findings(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS,
@@ -213,7 +215,7 @@ def live_findings(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS
     spoken = {f.code for f in findings}
     for rule in LIVE_RULES:
         try:
-            if rule is rule_live_low_headroom:
+            if rule in (rule_live_low_headroom, rule_served_model_copies):
                 produced = rule(record, thresholds)
             else:
                 produced = rule(record, live_thresholds)

@@ -17,9 +17,18 @@ Metrics (per NVML device index `gpu` and process `pid`; bytes, counters `_total`
   gpuscope_allocator_oom_total              torch's num_ooms (allocations that failed)
   gpuscope_allocator_alloc_retries_total    torch's num_alloc_retries (cache flushed to satisfy one)
 A figure that could not be read (CUDA not initialised yet, NVML absent) is left out, never 0.
+
+With requests marked by `gpuscope.request` (profiler/measure/requests.py), per process `pid`; seconds:
+  gpuscope_requests_in_flight                     requests in flight now (read at the scrape)
+  gpuscope_requests_total{outcome}                completed requests, outcome ok | error
+  gpuscope_request_duration_seconds               histogram of whole requests (ok and error)
+  gpuscope_request_stage_duration_seconds{stage}  histogram per `request.stage(name)` (preprocess, model, ...)
+The histograms are fed when the tracker aggregates (each sampler tick, and at every scrape), not on the
+request's own thread, so a request pays nothing more for them.
 """
 from __future__ import annotations
 
+import bisect
 import threading
 from typing import Any, Iterator
 
@@ -99,3 +108,98 @@ class AllocatorGauges:
         yield cached
         yield outside
         yield from counters.values()
+
+
+# Request latencies from 0.5 ms to 10 s (prometheus-client's defaults start at 5 ms: too coarse for a model call).
+LATENCY_BUCKETS_S = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class _Histogram:
+    """Cumulative-on-export bucket counts and a sum; fed under the metrics' own lock."""
+
+    __slots__ = ("counts", "total", "count")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS_S) + 1)
+        self.total = 0.0
+        self.count = 0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS_S, seconds)] += 1
+        self.total += seconds
+        self.count += 1
+
+    def buckets(self) -> list[tuple[str, float]]:
+        out, running = [], 0
+        for bound, count in zip(LATENCY_BUCKETS_S, self.counts):
+            running += count
+            out.append((repr(float(bound)), float(running)))
+        out.append(("+Inf", float(self.count)))
+        return out
+
+
+class RequestMetrics:
+    """A prometheus-client collector of a profile's marked requests (a RequestTracker observer)."""
+
+    def __init__(self, pid: int, tracker: Any) -> None:
+        self.pid = pid
+        self.tracker = tracker
+        self._lock = threading.Lock()
+        self._requests = _Histogram()
+        self._stages: dict[str, _Histogram] = {}
+        self._outcomes = {"ok": 0, "error": 0}
+        tracker.observers.append(self.observe)
+
+    def observe(self, total_s: float, stages_s: dict[str, float], ok: bool) -> None:
+        with self._lock:
+            self._requests.observe(total_s)
+            self._outcomes["ok" if ok else "error"] += 1
+            for name, seconds in stages_s.items():
+                histogram = self._stages.get(name)
+                if histogram is None:
+                    histogram = self._stages[name] = _Histogram()
+                histogram.observe(seconds)
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+        self.tracker.drain()  # the requests finished since the last tick
+        pid = str(self.pid)
+        in_flight = GaugeMetricFamily("gpuscope_requests_in_flight",
+                                      "Requests marked with gpuscope.request in flight now", labels=["pid"])
+        in_flight.add_metric([pid], float(self.tracker.in_flight))
+        total = CounterMetricFamily("gpuscope_requests", "Completed requests marked with gpuscope.request",
+                                    labels=["pid", "outcome"])
+        whole = HistogramMetricFamily("gpuscope_request_duration_seconds",
+                                      "Latency of whole requests marked with gpuscope.request", labels=["pid"])
+        stages = HistogramMetricFamily("gpuscope_request_stage_duration_seconds",
+                                       "Latency of each request.stage(name) inside marked requests",
+                                       labels=["pid", "stage"])
+        with self._lock:
+            for outcome, count in self._outcomes.items():
+                total.add_metric([pid, outcome], float(count))
+            whole.add_metric([pid], self._requests.buckets(), self._requests.total)
+            for name in sorted(self._stages):
+                histogram = self._stages[name]
+                stages.add_metric([pid, name], histogram.buckets(), histogram.total)
+        yield in_flight
+        yield total
+        yield whole
+        yield stages
+
+
+class Collectors:
+    """Several collectors served as one registry entry (the allocator gauges and the request metrics)."""
+
+    def __init__(self, *collectors: Any) -> None:
+        self.collectors = collectors
+
+    def describe(self) -> list[Any]:
+        return []
+
+    def collect(self) -> Iterator[Any]:
+        for collector in self.collectors:
+            yield from collector.collect()

@@ -267,14 +267,22 @@ def merge_gaps(trackers: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:
 def complete_live_record(record: RunRecord, live: dict[str, Any], gap_trackers: list[Any], sampler: Any,
                          no_sweep_reason: str) -> None:
     """What a watch and an in-process profile add alike once their samples are in: gaps, sampler costs,
-    no sweep (so no sharing or recommendation), and the findings that apply from the samples alone."""
+    no sweep, and the findings that apply from the samples alone. A profile that saw marked requests
+    (observed steps) gets the pool size from its own traffic; one with registered models keeps the sharing
+    its threads showed (record.sharing, set before this)."""
     from gpuscope.analysis.live_rules import live_findings
+    from gpuscope.analysis.live_traffic import traffic_recommendation
 
     gaps, evidence = merge_gaps(gap_trackers)
     record.extra.update({"live": live, "measurement_gaps": gaps, "pid_namespace": evidence,
                          "context_baseline": live.get("context")})
     record.sampler = sampler_stats(sampler)
-    record.sharing = {}
-    record.recommendation = {"predictors": None, "reason": f"{no_sweep_reason}; no predictor sweep was run "
-                                                           "(gpuscope diagnose recommends a count)"}
+    record.sharing = record.sharing if isinstance(record.sharing, dict) else {}
+    if record.steps:
+        record.recommendation = traffic_recommendation(record)
+    else:
+        record.recommendation = {"predictors": None, "reason": f"{no_sweep_reason}; no predictor sweep was run "
+                                                               "(gpuscope diagnose recommends a count; mark requests "
+                                                               "with gpuscope.request for the pool size from "
+                                                               "live traffic)"}
     record.findings = live_findings(record)

@@ -390,9 +390,9 @@ def _unregistered_tensors(module: Any) -> list[Any]:
     return found
 
 
-def weight_storages(module: Any) -> dict[int, int]:
+def weight_storages(module: Any, device_type: str | None = None) -> dict[int, int]:
     """Unique storages of a module's weights (parameters, buffers, tensor attributes, frozen constants):
-    data pointer -> bytes."""
+    data pointer -> bytes; only those on `device_type` ("cuda", "cpu") when given."""
     storages: dict[int, int] = {}
     tensors = []
     for getter in ("parameters", "buffers"):
@@ -405,6 +405,8 @@ def weight_storages(module: Any) -> dict[int, int]:
     tensors += _unregistered_tensors(module)
     for tensor in tensors:
         try:
+            if device_type is not None and tensor.device.type != device_type:
+                continue
             storage = tensor.untyped_storage()
             storages[storage.data_ptr()] = storage.nbytes()
         except Exception:

@@ -23,6 +23,10 @@ MODE_COMPARE = "compare"
 MODE_TUNE = "tune"  # a search over settings; its findings are read off the default sweep, as diagnose's are
 LIVE_MODES = (MODE_WATCH, MODE_PROFILE)  # a live process: samples over time, no predictor sweep
 SWEPT = (MODE_DIAGNOSE, MODE_TUNE)
+# diagnose's sweep, and a profile's own traffic (gpuscope.request: levels of concurrency observed) and registered
+# models (profile(model=...)); a profile that marked no request or registered no model lists the code it could not
+# look for in extra["unmeasured_codes"], which the gate reports as unmeasured
+SWEPT_OR_TRAFFIC = SWEPT + (MODE_PROFILE,)
 _ALL_LIVE = SWEPT + LIVE_MODES
 
 
@@ -40,19 +44,19 @@ CODES: dict[str, Code] = {c.name: c for c in (
     Code("CACHE_BLOAT", _ALL_LIVE, gpu_only=True),
     Code("OUTSIDE_ALLOCATOR", _ALL_LIVE, gpu_only=True),
     Code("PER_PREDICTOR_GROWTH", SWEPT, gpu_only=True),
-    Code("DUPLICATE_MODEL", SWEPT),
+    Code("DUPLICATE_MODEL", SWEPT_OR_TRAFFIC),
     Code("FOREIGN_PROCESS", _ALL_LIVE, gpu_only=True),
     Code("MULTIPLE_ENGINES", _ALL_LIVE),
     Code("ENGINE_PREALLOCATION", _ALL_LIVE),
     Code("DEFAULT_STREAM_SERIALIZATION", SWEPT, gpu_only=True),
-    Code("THROUGHPUT_PLATEAU", SWEPT),
+    Code("THROUGHPUT_PLATEAU", SWEPT_OR_TRAFFIC),
     Code("CPU_OVERSUBSCRIPTION", SWEPT),
     Code("OOM", SWEPT),
     Code("GRAD_ENABLED", SWEPT),
     Code("LOW_HEADROOM", _ALL_LIVE, gpu_only=True),
     Code("FRAGMENTATION", SWEPT, gpu_only=True),
     Code("PID_NAMESPACE", _ALL_LIVE, gpu_only=True),
-    Code("PREDICTOR_ERRORS", SWEPT),
+    Code("PREDICTOR_ERRORS", SWEPT_OR_TRAFFIC),
     Code("MEASUREMENT_GAP", _ALL_LIVE),
     Code("OVERLOADED", SWEPT),
     Code("MEMORY_GROWTH", _ALL_LIVE, min_ticks=5),  # watch and profile, and growth inside diagnose's steps

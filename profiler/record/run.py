@@ -88,6 +88,13 @@ class Step:
     partial: bool = False  # cut short by an interruption: shown, never recommended or gated on
     offered_rps: float | None = None  # --rate: the arrival rate offered
     dropped_arrivals: int = 0  # --rate: arrivals dropped because the backlog was full
+    stages_ms: dict[str, dict[str, float]] | None = None  # per stage {"p50", "p99", "mean"}: preprocess, model, ...
+    # A live profile's traffic (profiler/analysis/live_traffic.py): a group of concurrency levels, not a swept count.
+    observed: bool = False  # measured on the application's own requests; `predictors` = most in flight
+    level: str | None = None  # the group of levels: "1", "2", "3-4", "5-8", ...
+    too_few_requests: bool = False  # shown, never recommended, plateaued or gated on
+    threads: int | None = None  # distinct threads that served this level's requests
+    concurrency_mean: float | None = None  # request-weighted mean of the levels in the group
 
     @property
     def error_rate(self) -> float:
