@@ -56,6 +56,7 @@ class WorkerSpec:
     intra_op_threads: int | None = None
     streams: bool = False
     inference_mode: bool = True
+    requests_path: str | None = None  # --requests: a translator's (or the model's) requests, JSONL
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -111,7 +112,7 @@ def _load(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         torch.set_num_threads(int(spec["intra_op_threads"]))
     shape = tuple(spec["input_shape"]) if spec.get("input_shape") else None
     model = load_model(spec["model"], spec["device"], shape, spec.get("dtype"), spec.get("size") or "small",
-                       bool(spec.get("trust_model_file")))
+                       bool(spec.get("trust_model_file")), spec.get("requests_path"))
     validate_model(model)  # one request: the first call's one-off costs are paid before the parent measures
     info: dict[str, Any] = {"pid": os.getpid(), "model": model.to_json(), "torch_num_threads": torch.get_num_threads()}
     if model.device.startswith("cuda"):
