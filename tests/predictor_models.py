@@ -84,7 +84,7 @@ class TextTranslator:
         return torch.tensor([_tokens(request), _tokens(request[::-1])])
 
     def postprocess(self, output: torch.Tensor) -> list[float]:
-        return [round(float(v), 6) for v in output[0]]
+        return [round(v, 6) for v in output[0].tolist()]
 
     def example_requests(self) -> list[str]:
         return ["hello world", "gpuscope", "threads and the GIL", "one more request"]
