@@ -112,6 +112,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         validate_model(model)
     except (ModelLoadError, RequestsError) as exc:
         raise UsageError(str(exc)) from None
+    out_dir = recording.claim_folder(opts.out)
     # ---- thread safety, before the sweep (about a second): writes seen, responses compared
     progress.update("checking thread safety")
     safety_config = SafetyConfig(predictors=max(2, min(4, max(counts))), tolerance=tolerance)
@@ -119,7 +120,6 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         record.thread_safety = check_thread_safety(model, safety_config)
     except Exception as exc:  # the check must never cost the sweep: say why it has no verdict
         record.thread_safety = {"checked": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
-    out_dir = recording.claim_folder(opts.out)
 
     recording.config({"device": device, "gpu_index": nvml_index, "model": opts.model, "model_size": size,
                       "predictors": list(counts), "max_step_s": max_step_s, "warmup_s": warmup_s,
