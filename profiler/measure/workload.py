@@ -335,6 +335,11 @@ class PredictorPool:
                 thread.join(timeout=30)
             raise ThreadStartError(f"could not start {predictors} predictor threads ({len(started)} started): {exc}") from None
         dispatcher = None
+        measure_start: int | None = None
+        cpu_start_s = 0.0
+        if warmup_s <= 0:  # no warm-up: the window opens before the predictors are released, never after
+            measure_start, cpu_start_s = time.perf_counter_ns(), _process_cpu_s()  # their first requests
+            measuring.set()
         try:
             try:
                 ready.wait(timeout=120)
@@ -345,10 +350,14 @@ class PredictorPool:
                                               name="gpuscope-dispatcher")
                 dispatcher.start()
             _wait(warmup_s, outside_stop, step_stop)
+            if measure_start is None:
+                measure_start = time.perf_counter_ns()
+                cpu_start_s = _process_cpu_s()
+                measuring.set()
+            # the threads' scheduler times bracket their own interval (every predictor has its id once the
+            # barrier let it go), read after the window opens so the reads never delay it
             times_start = self._thread_times(results)
-            measure_start = time.perf_counter_ns()
-            cpu_start_s = _process_cpu_s()
-            measuring.set()
+            times_start_ns = time.perf_counter_ns()
             windows: list[float] = []
             stable = False
             last_count, last_t = 0, measure_start
@@ -370,7 +379,8 @@ class PredictorPool:
                         break
             measure_end = time.perf_counter_ns()
             cpu_s = _process_cpu_s() - cpu_start_s
-            thread_times = _sum_thread_times(times_start, self._thread_times(results), (measure_end - measure_start) / 1e9)
+            times_end = self._thread_times(results)
+            thread_times = _sum_thread_times(times_start, times_end, (time.perf_counter_ns() - times_start_ns) / 1e9)
         finally:
             step_stop.set()
             try:
