@@ -689,3 +689,81 @@ def host_pid_listed_run() -> tuple[RunRecord, DrivenSession]:
     record = gpu_record(steps, model_bytes=H200_MODEL, processes=session.processes(), end=session.end_figures(),
                         extra=session.extra())
     return record, session
+
+
+# ---------------------------------------------------------------- translators: the GIL and thread safety
+# Figures measured on the 2-core development machine (load average 6-7 from other sessions), 2026-12-04:
+# tests.predictor_models:pure_python at 1 and 2 predictors, --intra-op-threads 1, 2 s steps.
+
+PURE_PYTHON_STAGES = {"preprocess": 3.2, "model": 0.082, "postprocess": 0.07}  # mean ms at 1 predictor
+
+
+def stages(means: dict[str, float]) -> dict[str, dict[str, float]]:
+    return {stage: {"p50": mean * 0.95, "p99": mean * 1.6, "mean": mean} for stage, mean in means.items()}
+
+
+def thread_times(wall: float, on_cpu: float, runqueue: float) -> dict[str, float]:
+    return {"wall": wall, "on_cpu": on_cpu, "runqueue": runqueue, "blocked": max(0.0, wall - on_cpu - runqueue)}
+
+
+def translator_step(n: int, rps: float, means: dict[str, float], times: dict[str, float] | None, *,
+                    cpu_util: float, intra_op_threads: int = 1) -> Step:
+    step = cpu_step(n, rps, sum(means.values()), rss=720 * MiB, model_bytes=mib(0.001),
+                    intra_op_threads=intra_op_threads, cpu_util=cpu_util)
+    step.stages_ms = stages(means)
+    step.thread_times_s = times
+    return step
+
+
+def gil_contention_run(blocked_at_2: float = 0.2, runqueue_at_2: float = 2.81, cpu_at_2: float = 50.0,
+                       rps_at_2: float = 301.0, means_at_2: dict[str, float] | None = None,
+                       intra_op_threads: int = 1, cores: int = 2) -> RunRecord:
+    """pure_python as measured: 2 predictors blocked 0.2 s of their 4 s (0.98 s on a CPU, 2.81 s in the run
+    queue: a busy machine), throughput 298 -> 301 req/s. `blocked_at_2` etc. move it across the thresholds."""
+    at_2 = means_at_2 or {"preprocess": 6.187, "model": 0.186, "postprocess": 0.253}
+    steps = [translator_step(1, 298.0, PURE_PYTHON_STAGES, thread_times(2.0, 0.98, 1.02), cpu_util=49.5,
+                             intra_op_threads=intra_op_threads),
+             translator_step(2, rps_at_2, at_2, thread_times(4.0, 4.0 - runqueue_at_2 - blocked_at_2, runqueue_at_2),
+                             cpu_util=cpu_at_2, intra_op_threads=intra_op_threads)]
+    record = cpu_record(steps, model_bytes=mib(0.001), cores=cores)
+    record.model.update({"source": "tests.predictor_models:pure_python", "kind": "factory",
+                         "translator": {"type": "PurePythonTranslator", "preprocess": True, "postprocess": True}})
+    return record
+
+
+def gil_on_free_cores_run(cpu_at_2: float = 104.0, runqueue_at_2: float = 0.2, rps_at_2: float = 310.0) -> RunRecord:
+    """The same translator on an idle machine: one core busy, the threads barely queue for a core, and
+    throughput stays flat (signal B); nothing blocked shows, so signal A alone would miss it."""
+    steps = [translator_step(1, 300.0, PURE_PYTHON_STAGES, thread_times(2.0, 1.98, 0.02), cpu_util=99.0),
+             translator_step(2, rps_at_2, {"preprocess": 6.2, "model": 0.1, "postprocess": 0.07},
+                             thread_times(4.0, 4.0 - runqueue_at_2, runqueue_at_2), cpu_util=cpu_at_2)]
+    return cpu_record(steps, model_bytes=mib(0.001))
+
+
+def thread_check(writes: Sequence[dict[str, Any]] = (), sequential: Sequence[dict[str, Any]] = (),
+                 concurrent: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    """record.thread_safety as measure/thread_safety.py writes it."""
+    return {"checked": True, "requests": 8, "concurrent_predictors": 4, "rounds": 0 if sequential else 3,
+            "tolerance": 0.0, "duration_s": 0.3, "writes": list(writes), "write_count": len(writes),
+            "sequential_mismatches": list(sequential), "sequential_mismatch_count": len(sequential),
+            "concurrent_judged": not sequential, "concurrent_mismatches": list(concurrent),
+            "concurrent_mismatch_count": len(concurrent), "concurrent_requests": 0 if sequential else 96}
+
+
+STATEFUL_WRITE = {"attribute": "Stateful.last", "path": "model", "kind": "rebound", "owner": "model", "requests": 8}
+
+
+def thread_unsafe_run(writes: Sequence[dict[str, Any]] = (STATEFUL_WRITE,),
+                      sequential: Sequence[dict[str, Any]] = ({"request": 0, "max_abs_diff": 1.86},),
+                      concurrent: Sequence[dict[str, Any]] = ()) -> RunRecord:
+    """tests.predictor_models:stateful: `self.last = h` on every request (so even two passes one at a time differ)."""
+    record = clean_cpu_run()
+    record.thread_safety = thread_check(writes, sequential, concurrent)
+    return record
+
+
+def nondeterministic_run() -> RunRecord:
+    """tests.predictor_models:dropout: dropout on in eval; no write, outputs differ one at a time."""
+    record = clean_cpu_run()
+    record.thread_safety = thread_check(sequential=[{"request": i, "max_abs_diff": 3.04 - i * 0.2} for i in range(8)])
+    return record

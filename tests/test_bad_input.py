@@ -104,6 +104,22 @@ CASES = [
     Case("cuda-7", ("--device", "cuda:7"), ("cuda:7",)),
     Case("cuda-7-on-a-one-gpu-machine", ("--device", "cuda:7"), ("cuda:7", "does not exist", "1 GPU"), one_gpu=True),
     # ---- output folders
+    # ---- requests for a translator, and the thread-safety check's tolerance
+    Case("requests-file-missing", ("--model", "gpuscope_translators:make", "--requests", "{d}/no-such.jsonl"),
+         ("--requests", "no-such.jsonl", "no such file")),
+    Case("requests-file-not-json", ("--model", "gpuscope_translators:make", "--requests", "{d}/not-json.jsonl"),
+         ("--requests", "line 2 is not JSON")),
+    Case("requests-file-empty", ("--model", "gpuscope_translators:make", "--requests", "{d}/empty.jsonl"),
+         ("--requests", "holds no request")),
+    Case("requests-file-is-a-folder", ("--model", "gpuscope_translators:make", "--requests", "{d}/a-folder.pt"),
+         ("--requests", "is a directory")),
+    Case("preprocess-raises", ("--model", "gpuscope_translators:make_raising", "--requests", "{d}/requests.jsonl"),
+         ("preprocess rejected request 1 of", "requests.jsonl", "ValueError: cannot decode 'first'")),
+    Case("example-requests-raise", ("--model", "gpuscope_translators:make_no_examples"),
+         ("example_requests() raised", "KeyError")),
+    Case("output-tolerance-negative", ("--output-tolerance", "-0.1"), ("--output-tolerance", ">= 0")),
+    Case("output-tolerance-nan", ("--output-tolerance", "nan"), ("--output-tolerance", "nan")),
+    Case("output-tolerance-a-word", ("--output-tolerance", "tight"), ("--output-tolerance", "valid number")),
     Case("output-folder-under-a-file", ("--out", "{d}/a-file/report"), ("cannot write to output folder",)),
     Case("output-folder-is-a-file", ("--out", "{d}/a-file"), ("cannot write to output folder", "is a file")),
     Case("output-folder-read-only", ("--out", "{unwritable}"), ("cannot write to output folder",)),
@@ -162,6 +178,27 @@ def _make_inputs(d: Path) -> None:
         zf.writestr("corrupt/archive_format", "pt2")
         zf.writestr("corrupt/models/model.json", "{not json")
     (d / "a-file").write_text("a file where a folder should be\n")
+    (d / "requests.jsonl").write_text('"first"\n"second"\n')
+    (d / "not-json.jsonl").write_text('"fine"\n{"text": unquoted}\n')
+    (d / "empty.jsonl").write_text("\n\n")
+    (d / "gpuscope_translators.py").write_text(
+        "import torch\n\n"
+        "class Text:\n"
+        "    def __init__(self):\n"
+        "        self.model = torch.nn.Linear(4, 4)\n"
+        "    def preprocess(self, request):\n"
+        "        return torch.ones(1, 4) * len(str(request))\n"
+        "    def example_requests(self):\n"
+        "        return ['a', 'bb']\n\n"
+        "class Raising(Text):\n"
+        "    def preprocess(self, request):\n"
+        "        raise ValueError(f'cannot decode {request!r}')\n\n"
+        "class NoExamples(Text):\n"
+        "    def example_requests(self):\n"
+        "        return {}['examples']\n\n"
+        "def make():\n    return Text()\n\n"
+        "def make_raising():\n    return Raising()\n\n"
+        "def make_no_examples():\n    return NoExamples()\n")
     (d / "read-only").mkdir()
     (d / "read-only").chmod(0o555)
 

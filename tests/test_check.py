@@ -655,3 +655,17 @@ def test_a_gate_pinned_to_a_count_never_lets_the_p99_limit_end_the_sweep():
     assert Limits(max_p99_ms=25.0, at_predictors=2).sweep_p99_limit_ms() is None
     assert Limits(at_predictors=2).gated_count(4) == 4 and Limits(at_predictors=2).gated_count() == 2
     assert Limits().gated_count() is None
+
+
+def test_forbid_thread_unsafe_is_unmeasured_without_the_check_and_judged_with_it(cpu_run):
+    out = evaluate(cpu_run, limits(forbid="thread-unsafe,nondeterministic-output,gil-contention"))
+    assert result(out, "forbid.THREAD_UNSAFE").status == "unmeasured"
+    assert "thread-safety check" in result(out, "forbid.THREAD_UNSAFE").message
+    assert result(out, "forbid.NONDETERMINISTIC_OUTPUT").status == "unmeasured"
+    assert result(out, "forbid.GIL_CONTENTION").status == "pass"  # no Python stages: nothing to contend
+    cpu_run.thread_safety = {"checked": True, "writes": [], "sequential_mismatches": [], "concurrent_mismatches": []}
+    out = evaluate(cpu_run, limits(forbid="thread-unsafe"))
+    assert result(out, "forbid.THREAD_UNSAFE").status == "pass"
+    cpu_run.findings.append(Finding("THREAD_UNSAFE", "fail", "a request writes Stateful.last (rebound)"))
+    out = evaluate(cpu_run, limits(forbid="thread-unsafe"))
+    assert result(out, "forbid.THREAD_UNSAFE").status == "fail" and out.exit_code == 1

@@ -33,6 +33,9 @@ from gpuscope.analysis.findings import (
     rule_per_predictor_growth,
     rule_pid_namespace,
     rule_predictor_errors,
+    rule_gil_contention,
+    rule_nondeterministic_output,
+    rule_thread_unsafe,
     rule_throughput_plateau,
 )
 from gpuscope.probes.readings import Unavailable
@@ -92,6 +95,13 @@ FIRES = {
                            ["gpu:0 used_bytes (no_device, 4 ticks)", "gpu:0 process_count (no_device, 4 ticks)"]),
     rule_outside_allocator: (S.context_only_run, "OUTSIDE_ALLOCATOR", "info",
                              ["610 MiB of this process's GPU memory", "612 MiB right after initialisation"]),
+    rule_thread_unsafe: (S.thread_unsafe_run, "THREAD_UNSAFE", "fail", ["a request writes Stateful.last (rebound)"]),
+    rule_nondeterministic_output: (S.nondeterministic_run, "NONDETERMINISTIC_OUTPUT", "info",
+                                   ["8 of 8 responses differ between two passes run one at a time",
+                                    "request 0 by up to 3.04", "could not be judged"]),
+    rule_gil_contention: (S.gil_contention_run, "GIL_CONTENTION", "warn",
+                          ["Python stages are 98% of a request", "at most 1.03x one predictor's throughput",
+                           "1.01x at 2 on 2 cores", "measured 1.01x"]),
     rule_throughput_plateau: (S.h200_shared_model_run, "THROUGHPUT_PLATEAU", "info",
                               ["stops growing at 2 predictors (2552 req/s)", "32 add only latency",
                                "p50 0.8 -> 15.0 ms"]),
@@ -717,3 +727,115 @@ def test_a_steady_process_does_not_grow_in_its_steps():
     old = S.leaking_cpu_run()
     del old.steps[0].memory["late_growth_bytes"]
     assert rule_memory_growth_in_steps(old, T) == []
+
+
+# ---------------------------------------------------------------- GIL_CONTENTION
+
+def test_gil_contention_evidence_shows_the_shares_the_bound_the_scaling_and_the_cpu():
+    finding = only(rule_gil_contention(S.gil_contention_run(), T), "GIL_CONTENTION")
+    ev = finding.evidence
+    assert ev["stage_shares_at_1"]["preprocess"] == pytest.approx(3.2 / 3.352, rel=1e-3)
+    assert ev["python_share_at_1"] == pytest.approx(3.27 / 3.352, rel=1e-3)
+    assert ev["amdahl_limit"] == pytest.approx(3.352 / 3.27, rel=1e-3)
+    p = 3.27 / 3.352
+    assert ev["amdahl_bound_by_predictors"]["2"] == pytest.approx(1 / (p + (1 - p) / 2), rel=1e-6)
+    assert ev["measured_scaling_by_predictors"]["2"] == pytest.approx(301 / 298)
+    assert ev["cpu_cores_by_predictors"] == {"1": pytest.approx(0.495), "2": pytest.approx(0.5)}
+    # blocked 0.2 s of the 1.19 s the threads were not queued for a core; 0 of 0.98 s at 1
+    assert ev["gil_wait_share_by_predictors"]["2"] == pytest.approx(0.2 / 1.19, rel=1e-3)
+    assert finding.at_predictors == 2
+    assert "numpy" in finding.remedy and "gpuscope compare" in finding.remedy
+
+
+@pytest.mark.parametrize("blocked_s, fires", [(0.05, False), (0.118, False), (0.12, True), (0.4, True)])
+def test_gil_contention_blocked_share_threshold(blocked_s, fires):
+    # share = blocked / (on_cpu + blocked) = blocked / (4 - 2.81): 0.118 s -> 0.099, 0.12 s -> 0.101
+    record = S.gil_contention_run(blocked_at_2=blocked_s)
+    share = blocked_s / (4.0 - 2.81)
+    assert (share >= T.gil_wait_share) == fires
+    assert bool(rule_gil_contention(record, T)) == fires
+
+
+def test_gil_contention_quiet_when_the_threads_waited_for_cores_not_the_gil():
+    """numpy preprocessing on the busy machine: everything extra is run-queue time, nothing blocked."""
+    assert rule_gil_contention(S.gil_contention_run(blocked_at_2=0.0, runqueue_at_2=3.3), T) == []
+
+
+@pytest.mark.parametrize("python_ms, fires", [(0.02, False), (0.05, True)])
+def test_gil_contention_needs_python_stages_to_be_a_share_of_the_request(python_ms, fires):
+    # model 0.2 ms: Python 0.02 ms is 9% (< 20%), 0.05 ms is 20% (at the threshold: fires)
+    record = S.gil_contention_run()
+    base = record.steps[0]
+    base.stages_ms = S.stages({"preprocess": python_ms, "model": 0.2})
+    assert bool(rule_gil_contention(record, T)) == fires
+
+
+def test_gil_contention_signal_a_only_where_busy_threads_fit_the_cores():
+    # 2 predictors x 2 intra-op threads on 2 cores: blocked time may be the intra-op pool's joins
+    assert rule_gil_contention(S.gil_contention_run(blocked_at_2=0.4, intra_op_threads=2), T) == []
+
+
+@pytest.mark.parametrize("cpu, runqueue, rps, fires", [
+    (104.0, 0.2, 310.0, True),     # one core, cores free, flat throughput
+    (140.0, 0.2, 310.0, False),    # 1.40 cores > 1.35
+    (104.0, 1.2, 310.0, False),    # the threads waited 30% of their time for a core: cores were not free
+    (104.0, 0.2, 390.0, False),    # +30% is not a plateau
+    (104.0, 0.2, 388.0, True),     # +29% is
+])
+def test_gil_contention_one_core_signal_thresholds(cpu, runqueue, rps, fires):
+    record = S.gil_on_free_cores_run(cpu_at_2=cpu, runqueue_at_2=runqueue, rps_at_2=rps)
+    assert bool(rule_gil_contention(record, T)) == fires
+
+
+def test_gil_contention_quiet_without_stage_times_or_scheduler_times_or_in_open_loop():
+    assert rule_gil_contention(S.clean_cpu_run(), T) == []  # the built-in model: no stages
+    record = S.gil_contention_run(blocked_at_2=0.4)
+    for step in record.steps:
+        step.thread_times_s = Unavailable("not_supported", "no schedstat")
+    assert rule_gil_contention(record, T) == []
+    record = S.gil_contention_run(blocked_at_2=0.4)
+    record.config["rate_rps"] = 100.0
+    assert rule_gil_contention(record, T) == []
+
+
+def test_gil_thresholds_are_parameters():
+    record = S.gil_contention_run(blocked_at_2=0.05)  # 4% blocked
+    assert rule_gil_contention(record, T) == []
+    assert rule_gil_contention(record, Thresholds(gil_wait_share=0.04)) != []
+
+
+# ---------------------------------------------------------------- THREAD_UNSAFE and NONDETERMINISTIC_OUTPUT
+
+def test_thread_unsafe_from_a_translator_write_even_when_outputs_agree():
+    write = {"attribute": "StatefulTranslator.current", "path": "translator", "kind": "rebound",
+             "owner": "translator", "requests": 4}
+    finding = only(rule_thread_unsafe(S.thread_unsafe_run(writes=[write], sequential=()), T), "THREAD_UNSAFE")
+    assert "StatefulTranslator.current" in finding.title
+    assert finding.evidence["writes"] == [write]
+    assert "locals" in finding.remedy and "lock" in finding.remedy and "one translator per predictor" in finding.remedy
+    assert rule_nondeterministic_output(S.thread_unsafe_run(writes=[write], sequential=()), T) == []
+
+
+def test_thread_unsafe_from_outputs_that_differ_only_under_concurrency():
+    concurrent = [{"request": 2, "predictor": 1, "max_abs_diff": 0.375}, {"request": 0, "predictor": 3,
+                                                                          "max_abs_diff": 0.175}]
+    finding = only(rule_thread_unsafe(S.thread_unsafe_run(writes=(), sequential=(), concurrent=concurrent), T),
+                   "THREAD_UNSAFE")
+    assert "2 of 96 responses under 4 concurrent predictors differ" in finding.title
+    assert "request 2 (predictor 1) by up to 0.375" in finding.title
+
+
+def test_outputs_that_differ_one_at_a_time_are_nondeterministic_not_thread_unsafe():
+    record = S.nondeterministic_run()
+    assert rule_thread_unsafe(record, T) == []
+    # concurrent mismatches are not judged once sequential passes already disagree
+    record.thread_safety["concurrent_mismatches"] = [{"request": 0, "predictor": 0, "max_abs_diff": 1.0}]
+    assert rule_thread_unsafe(record, T) == []
+
+
+def test_thread_rules_quiet_on_a_clean_check_and_without_one():
+    for record in (S.thread_unsafe_run(writes=(), sequential=(), concurrent=()), S.clean_cpu_run()):
+        assert rule_thread_unsafe(record, T) == [] and rule_nondeterministic_output(record, T) == []
+    record = S.clean_cpu_run()
+    record.thread_safety = {"checked": False, "error": "RuntimeError: boom"}
+    assert rule_thread_unsafe(record, T) == [] and rule_nondeterministic_output(record, T) == []

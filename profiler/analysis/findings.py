@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
+from gpuscope.analysis.gil import estimate
 from gpuscope.probes.readings import Unavailable, is_available
 from gpuscope.probes.units import MiB, format_bytes
 from gpuscope.record.run import Finding, RunRecord, Step
@@ -42,6 +43,12 @@ class Thresholds:
     error_fail_rate: float = 0.5
     preallocation_unreadable_share: float = 0.5  # ENGINE_PREALLOCATION when the environment cannot be read
     pid_namespace_min_bytes: int = 64 * MiB
+    # GIL_CONTENTION (starting points, tuned on this 2-core machine's pure-Python and numpy translators)
+    gil_min_python_share: float = 0.2         # quiet when the Python stages are less of a request at 1 predictor
+    gil_wait_share: float = 0.1               # signal A: blocked share of active predictor time, grown from 1
+    gil_one_core_cpu: float = 1.35            # signal B: process CPU at most this many cores ...
+    gil_free_runqueue_share: float = 0.25     # ... while predictors waited this little for a core (cores were free)
+    gil_plateau_gain: float = 0.3             # ... and N predictors gained less than this over 1
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -654,11 +661,129 @@ def rule_measurement_gap(record: RunRecord, t: Thresholds) -> list[Finding]:
         "and rerun", None)]
 
 
+def rule_gil_contention(record: RunRecord, t: Thresholds) -> list[Finding]:
+    """Python stages serialise the predictors on the GIL (analysis/gil.py has the estimate).
+
+    Signal A: at a count whose busy threads fit the cores, the predictor threads spend a share of their time
+    blocked (neither on a CPU nor waiting for one) that grew by `gil_wait_share` over 1 predictor.
+    Signal B: the process used at most `gil_one_core_cpu` cores, its threads hardly waited for a core (so more
+    were free), and throughput gained less than `gil_plateau_gain` over 1 predictor.
+    Both need the Python stages to be `gil_min_python_share` of a request; open loop (--rate) is not judged
+    (waiting for arrivals is blocked time too)."""
+    if record.config.get("rate_rps"):
+        return []
+    found = estimate(record)
+    if found is None or found["python_share"] < t.gil_min_python_share:
+        return []
+    cores = found["cores"]
+    signals: list[str] = []
+    fired_at: list[int] = []
+    for key, row in found["by_predictors"].items():
+        n = int(key)
+        if n < 2:
+            continue
+        wait = row["gil_wait_share"]
+        if (wait is not None and wait >= t.gil_wait_share and (record.gpu or row["busy_threads"] <= cores)):
+            signals.append(f"at {n} predictors the threads were blocked (neither running nor waiting for a core) "
+                           f"{wait:.0%} more of their active time than at 1")
+            fired_at.append(n)
+        cpu, runq = row["cpu_cores"], row["runqueue_share"]
+        if (cores >= 2 and cpu is not None and cpu <= t.gil_one_core_cpu and runq is not None
+                and runq <= t.gil_free_runqueue_share and row["measured"] < 1 + t.gil_plateau_gain):
+            signals.append(f"at {n} predictors the process used {cpu:.2f} of {cores} cores while its threads "
+                           f"waited {runq:.0%} of their time for one, and throughput reached {row['measured']:.2f}x")
+            fired_at.append(n)
+    if not signals:
+        return []
+    at = min(fired_at)
+    row = found["by_predictors"][str(at)]
+    p = found["python_share"]
+    limit = found["amdahl_limit"]
+    shares = found["stage_shares"]
+    return [Finding(
+        "GIL_CONTENTION", "warn",
+        f"the Python stages are {p:.0%} of a request and hold the GIL: threads reach at most "
+        f"{limit:.2f}x one predictor's throughput (Amdahl; {row['bound']:.2f}x at {at} on {cores} "
+        f"core{'s' if cores != 1 else ''}), measured {row['measured']:.2f}x",
+        {"stage_shares_at_1": shares, "python_share_at_1": p, "amdahl_limit": limit,
+         "amdahl_bound_by_predictors": {k: r["bound"] for k, r in found["by_predictors"].items()},
+         "measured_scaling_by_predictors": {k: r["measured"] for k, r in found["by_predictors"].items()},
+         "cpu_cores_by_predictors": {k: r["cpu_cores"] for k, r in found["by_predictors"].items()},
+         "gil_wait_share_by_predictors": {k: r["gil_wait_share"] for k, r in found["by_predictors"].items()},
+         "runqueue_share_by_predictors": {k: r["runqueue_share"] for k, r in found["by_predictors"].items()},
+         "usable_cores": cores, "signals": signals},
+        "make the Python stages release the GIL: vectorise them (numpy, torch ops), use a tokenizer's fast (Rust) "
+        "path, build fewer Python objects per request; or serve from processes (gpuscope compare shows what they "
+        "cost in memory)", at)]
+
+
+def _thread_safety(record: RunRecord) -> dict[str, Any] | None:
+    check = record.thread_safety
+    return check if isinstance(check, dict) and check.get("checked") else None
+
+
+def _mismatch_text(mismatches: list[dict[str, Any]]) -> str:
+    parts = []
+    for m in mismatches[:3]:
+        gap = m.get("max_abs_diff")
+        how = (f"by up to {gap:.3g}" if is_available(gap) else m.get("error") or f"in {m.get('differs_in', 'value')}")
+        parts.append(f"request {m.get('request')}" + (f" (predictor {m['predictor']})" if "predictor" in m else "")
+                     + f" {how}")
+    return "; ".join(parts)
+
+
+def rule_thread_unsafe(record: RunRecord, t: Thresholds) -> list[Finding]:
+    """A request writes an attribute of a module or of the translator, or responses differ under concurrency
+    though they agree one at a time (measure/thread_safety.py)."""
+    check = _thread_safety(record)
+    if check is None:
+        return []
+    writes = check.get("writes") or []
+    concurrent = check.get("concurrent_mismatches") or []
+    differs = bool(concurrent) and not check.get("sequential_mismatches")
+    if not writes and not differs:
+        return []
+    parts = []
+    if writes:
+        named = ", ".join(f"{w['attribute']} ({w['kind'].replace('_', ' ')})" for w in writes[:4])
+        parts.append(f"a request writes {named}")
+    if differs:
+        count = check.get("concurrent_mismatch_count", len(concurrent))
+        parts.append(f"{count} of {check.get('concurrent_requests', '?')} responses under "
+                     f"{check.get('concurrent_predictors')} concurrent predictors differ from the same requests run "
+                     f"one at a time: {_mismatch_text(concurrent)}")
+    return [Finding(
+        "THREAD_UNSAFE", "fail", "the predictor is not safe to share between threads: " + "; ".join(parts),
+        {"writes": writes, "write_count": check.get("write_count", len(writes)),
+         "concurrent_mismatches": concurrent, "concurrent_mismatch_count": check.get("concurrent_mismatch_count", 0),
+         "concurrent_predictors": check.get("concurrent_predictors"), "requests": check.get("requests"),
+         "tolerance": check.get("tolerance")},
+        "keep per-request state in locals (never on self); use one translator per predictor; or put a lock around "
+        "the stateful part", None)]
+
+
+def rule_nondeterministic_output(record: RunRecord, t: Thresholds) -> list[Finding]:
+    """Responses differ between two sequential passes and no write was seen: thread safety cannot be judged."""
+    check = _thread_safety(record)
+    if check is None or check.get("writes") or not check.get("sequential_mismatches"):
+        return []
+    mismatches = check["sequential_mismatches"]
+    return [Finding(
+        "NONDETERMINISTIC_OUTPUT", "info",
+        f"{check.get('sequential_mismatch_count', len(mismatches))} of {check.get('requests')} responses differ "
+        f"between two passes run one at a time ({_mismatch_text(mismatches)}): thread safety could not be judged "
+        "from the outputs",
+        {"sequential_mismatches": mismatches, "requests": check.get("requests"), "tolerance": check.get("tolerance")},
+        "call model.eval() (dropout and batch-norm updates off); seed or disable sampling for the check; or pass "
+        "--output-tolerance if the differences are rounding", None)]
+
+
 RULES: tuple[Rule, ...] = (
     rule_oom, rule_predictor_errors, rule_overloaded, rule_duplicate_model, rule_foreign_process, rule_multiple_engines,
     rule_engine_preallocation, rule_low_headroom, rule_cache_bloat, rule_fragmentation, rule_per_predictor_growth,
     rule_default_stream_serialization, rule_cpu_oversubscription, rule_grad_enabled, rule_pid_namespace,
     rule_measurement_gap, rule_outside_allocator, rule_throughput_plateau, rule_memory_growth_in_steps,
+    rule_thread_unsafe, rule_nondeterministic_output, rule_gil_contention,
 )
 
 

@@ -547,6 +547,9 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
             results.append(LimitResult(status=UNMEASURED, message=f"not measured: {code} needs at least "
                                        f"{CODES[code].min_ticks} samples; the {mode} took "
                                        f"{_live_ticks(record) or 0}", **common))
+        elif CODES[code].needs_thread_check and not (record.thread_safety or {}).get("checked"):
+            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {code} needs the thread-safety "
+                                       "check, which this run did not record", **common))
         elif code in GPU_ONLY_CODES and no_gpu:
             results.append(LimitResult(status=UNMEASURED,
                                        message=f"not measured: {code} needs a GPU; {no_gpu}", **common))

@@ -39,6 +39,8 @@ IntraOp = Annotated[Optional[int], typer.Option("--intra-op-threads", help="torc
 Rate = Annotated[Optional[float], typer.Option("--rate", help="open-loop arrivals at this many requests/s instead of closed-loop")]
 MaxP99 = Annotated[Optional[float], typer.Option("--max-p99-ms", help="stop the sweep once p99 latency passes this (and recommend within it)")]
 Out = Annotated[str, typer.Option("--out", "-o", help="output folder")]
+Requests = Annotated[Optional[str], typer.Option("--requests", help="requests for a translator (or the model): a JSONL file, one JSON value per line, cycled through")]
+OutputTolerance = Annotated[Optional[float], typer.Option("--output-tolerance", help="thread-safety check: responses may differ by this much (absolute and relative) and still match (default: exactly)")]
 Trust = Annotated[bool, typer.Option("--trust-model-file", help="allow loading a pickled model file (it can run arbitrary code: only for files you trust)")]
 
 
@@ -60,6 +62,7 @@ def diagnose(model: Model = "builtin:mlp", model_size: ModelSize = None, input_s
              warmup: Warmup = "0.5s", window: Window = "1s", interval: Interval = "50ms", streams: Streams = False,
              copy_model: CopyModel = False, inference_mode: InferenceMode = True, intra_op_threads: IntraOp = None,
              rate: Rate = None, max_p99_ms: MaxP99 = None, out: Out = "gpuscope-report", trust_model_file: Trust = False,
+             requests: Requests = None, output_tolerance: OutputTolerance = None,
              json_output: Annotated[bool, typer.Option("--json", help="print the run summary as JSON instead of the table")] = False,
              quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
     """Run a multi-threaded inference sweep on a model and explain what it saw."""
@@ -69,7 +72,8 @@ def diagnose(model: Model = "builtin:mlp", model_size: ModelSize = None, input_s
                     predictors=predictors, duration=duration, warmup=warmup, window=window, interval=interval,
                     streams=streams, copy_model=copy_model, inference_mode=inference_mode,
                     intra_op_threads=intra_op_threads, rate=rate, max_p99_ms=max_p99_ms, out=out,
-                    trust_model_file=trust_model_file, json_output=json_output, quiet=quiet)
+                    trust_model_file=trust_model_file, json_output=json_output, quiet=quiet, requests=requests,
+                    output_tolerance=output_tolerance)
     result = _run_session(opts)
     if json_output:
         typer.echo(json.dumps(summary_json(result.record), indent=2, default=str))
@@ -98,7 +102,8 @@ def check(run: Annotated[Optional[str], typer.Option("--run", help="evaluate a s
           device: Device = "auto", predictors: Predictors = None, duration: Duration = "6s", warmup: Warmup = "0.5s",
           window: Window = "1s", interval: Interval = "50ms", streams: Streams = False, copy_model: CopyModel = False,
           inference_mode: InferenceMode = True, intra_op_threads: IntraOp = None, rate: Rate = None,
-          out: Out = "gpuscope-report", trust_model_file: Trust = False,
+          out: Out = "gpuscope-report", trust_model_file: Trust = False, requests: Requests = None,
+          output_tolerance: OutputTolerance = None,
           quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
     """Gate a deployment: exit 0 when every limit passes, 1 when one fails, 2 when one could not be measured."""
     from gpuscope.commands.check import limits_from_sources, run_check
@@ -118,7 +123,8 @@ def check(run: Annotated[Optional[str], typer.Option("--run", help="evaluate a s
                         predictors=predictors, duration=duration, warmup=warmup, window=window, interval=interval,
                         streams=streams, copy_model=copy_model, inference_mode=inference_mode,
                         intra_op_threads=intra_op_threads, rate=rate, max_p99_ms=p99_for_sweep, out=out,
-                        trust_model_file=trust_model_file, quiet=quiet, include_predictors=at)
+                        trust_model_file=trust_model_file, quiet=quiet, include_predictors=at, requests=requests,
+                        output_tolerance=output_tolerance)
         gate: dict[str, int] = {}
 
         def check_before_report(record: Any) -> None:  # so report.html shows the gate's outcome
@@ -155,7 +161,7 @@ def compare(model: Model = "builtin:mlp", model_size: ModelSize = None, input_sh
             warmup: Annotated[str, typer.Option("--warmup", help="warm-up per step before measuring")] = "1s",
             interval: Annotated[str, typer.Option("--interval", help="memory sampling interval (>= 5ms)")] = "200ms",
             streams: Streams = False, intra_op_threads: IntraOp = None, out: Out = "gpuscope-compare",
-            trust_model_file: Trust = False,
+            trust_model_file: Trust = False, requests: Requests = None,
             json_output: Annotated[bool, typer.Option("--json", help="print the comparison as JSON instead of the table")] = False,
             quiet: Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")] = False) -> None:
     """Threads versus processes: N predictor threads sharing one model against N spawned worker processes."""
@@ -165,7 +171,8 @@ def compare(model: Model = "builtin:mlp", model_size: ModelSize = None, input_sh
     result = run_compare(CompareOptions(model=model, model_size=model_size, input_shape=input_shape, dtype=dtype,
                                         device=device, predictors=predictors, duration=duration, warmup=warmup,
                                         interval=interval, streams=streams, intra_op_threads=intra_op_threads, out=out,
-                                        trust_model_file=trust_model_file, json_output=json_output, quiet=quiet))
+                                        trust_model_file=trust_model_file, json_output=json_output, quiet=quiet,
+                                        requests=requests))
     if result.record is not None:
         if json_output:
             typer.echo(json.dumps(result.record.extra.get("comparison"), indent=2, default=str))
@@ -269,7 +276,8 @@ def _user_error_types() -> tuple[type[BaseException], ...]:
     """Exception types that mean bad input, imported only if their modules are already loaded."""
     types: list[type[BaseException]] = [UsageError, OutputError]
     for module, name in (("gpuscope.record.run", "RunFileError"), ("gpuscope.analysis.limits", "CheckConfigError"),
-                         ("gpuscope.measure.models", "ModelLoadError"), ("gpuscope.probes.samplefile", "SamplesFileError")):
+                         ("gpuscope.measure.models", "ModelLoadError"),
+                         ("gpuscope.measure.translator", "RequestsError"), ("gpuscope.probes.samplefile", "SamplesFileError")):
         mod = sys.modules.get(module)
         if mod is not None and hasattr(mod, name):
             types.append(getattr(mod, name))

@@ -97,6 +97,13 @@ def run_compare(opts: CompareOptions, progress: Any = None,
         raise UsageError(f"--dtype: unknown dtype {opts.dtype!r} (choose from {', '.join(DTYPES)})")
     if opts.model_size is not None and opts.model_size not in SIZES:
         raise UsageError(f"--model-size: unknown size {opts.model_size!r} (choose from {', '.join(SIZES)})")
+    if opts.requests is not None:  # read here too, so a bad file is one line before any worker starts
+        from gpuscope.measure.translator import RequestsError, load_requests_file
+
+        try:
+            load_requests_file(opts.requests)
+        except RequestsError as exc:
+            raise UsageError(str(exc)) from None
     check_out_path(opts.out)
     device = resolve_device(opts.device)
     gpu = device.startswith("cuda")
@@ -110,7 +117,8 @@ def run_compare(opts: CompareOptions, progress: Any = None,
     nvml_index: int | None = None
     spec = WorkerSpec(model=opts.model, device=device, input_shape=shape, dtype=opts.dtype, size=size,
                       trust_model_file=opts.trust_model_file, intra_op_threads=opts.intra_op_threads,
-                      streams=bool(opts.streams and gpu))
+                      streams=bool(opts.streams and gpu),
+                      requests_path=os.path.abspath(opts.requests) if opts.requests is not None else None)
     stop = threading.Event()
     probe = ParticipantsProbe(nvml, None)
     peaks = WindowPeaks()

@@ -50,6 +50,8 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
 
     from gpuscope.analysis.findings import conclude
     from gpuscope.measure.models import ModelLoadError, load_model, parse_input_shape, validate_model
+    from gpuscope.measure.thread_safety import SafetyConfig, check_thread_safety
+    from gpuscope.measure.translator import RequestsError, check_tolerance
     from gpuscope.measure.sweep import SweepConfig, SweepHooks, default_predictor_counts, run_sweep
     from gpuscope.measure.workload import PredictorPool
 
@@ -70,6 +72,10 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         shape = parse_input_shape(opts.input_shape) if opts.input_shape else None
     except ValueError as exc:
         raise UsageError(f"--input-shape: {exc}") from None
+    try:
+        tolerance = check_tolerance(opts.output_tolerance)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     check_out_path(opts.out)
     from gpuscope.measure.devices import nvml_index_for, resolve_device
 
@@ -102,18 +108,25 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     record.baseline["rss_before_model_bytes"] = HostProbe(pid, per_core=False, uss_every_s=None).read_rss()
 
     try:
-        model = load_model(opts.model, device, shape, opts.dtype, size, opts.trust_model_file)
+        model = load_model(opts.model, device, shape, opts.dtype, size, opts.trust_model_file, opts.requests)
         validate_model(model)
-    except ModelLoadError as exc:
+    except (ModelLoadError, RequestsError) as exc:
         raise UsageError(str(exc)) from None
     out_dir = recording.claim_folder(opts.out)
+    # ---- thread safety, before the sweep (about a second): writes seen, responses compared
+    progress.update("checking thread safety")
+    safety_config = SafetyConfig(predictors=max(2, min(4, max(counts))), tolerance=tolerance)
+    try:
+        record.thread_safety = check_thread_safety(model, safety_config)
+    except Exception as exc:  # the check must never cost the sweep: say why it has no verdict
+        record.thread_safety = {"checked": False, "error": f"{type(exc).__name__}: {str(exc).strip()[:200]}"}
 
     recording.config({"device": device, "gpu_index": nvml_index, "model": opts.model, "model_size": size,
                       "predictors": list(counts), "max_step_s": max_step_s, "warmup_s": warmup_s,
                       "window_s": window_s, "interval_s": interval_s, "streams": bool(opts.streams and gpu),
                       "copy_model": opts.copy_model, "inference_mode": opts.inference_mode,
                       "intra_op_threads": opts.intra_op_threads, "rate_rps": opts.rate, "max_p99_ms": opts.max_p99_ms,
-                      "out": out_dir})
+                      "requests": opts.requests, "output_tolerance": tolerance, "out": out_dir})
     record.model = model.to_json()
     record.environment = environment_facts(device)
     if gpu_probe is not None:

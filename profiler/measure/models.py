@@ -18,6 +18,18 @@ import zipfile
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from gpuscope.measure.translator import (
+    StageError,
+    Stages,
+    Translator,
+    as_translator,
+    default_preprocess,
+    example_requests,
+    is_translator,
+    load_requests_file,
+    on_device,
+)
+
 BUILTIN_PREFIX = "builtin:"
 BUILTIN_NAMES = ("mlp", "cnn", "transformer")
 SIZES = ("small", "medium", "large")
@@ -42,15 +54,33 @@ class LoadedModel:
     buffer_bytes: int = 0
     unique_storages: int = 0
     reload: Callable[[], Any] | None = field(default=None, repr=False)  # fresh copy, for --copy-model
+    translator: Translator | None = field(default=None, repr=False)  # the object holding `module`, if any
+    requests: list[Any] | None = field(default=None, repr=False)  # cycled through; None: a random input each
+    requests_source: str = "input_shape"  # file:PATH | example_requests | input_shape
 
     @property
     def model_bytes(self) -> int:
         return self.param_bytes + self.buffer_bytes
 
+    def stages(self, module: Any | None = None) -> Stages:
+        """What a predictor calls per request (on `module`, a predictor's own copy, when given)."""
+        module = self.module if module is None else module
+        pre = self.translator.preprocess if self.translator is not None else None
+        post = self.translator.postprocess if self.translator is not None else None
+        if pre is None and self.requests is not None:
+            pre = default_preprocess(torch_dtype(self.dtype), self.device)
+        return Stages(on_device(pre, self.device) if pre is not None else None, module, post)
+
     def to_json(self) -> dict[str, Any]:
-        return {"source": self.source, "kind": self.kind, "input_shape": list(self.input_shape), "dtype": self.dtype,
-                "param_bytes": self.param_bytes, "buffer_bytes": self.buffer_bytes,
-                "model_bytes": self.model_bytes, "unique_storages": self.unique_storages}
+        out = {"source": self.source, "kind": self.kind, "input_shape": list(self.input_shape), "dtype": self.dtype,
+               "param_bytes": self.param_bytes, "buffer_bytes": self.buffer_bytes,
+               "model_bytes": self.model_bytes, "unique_storages": self.unique_storages,
+               "requests_source": self.requests_source}
+        if self.translator is not None:
+            out["translator"] = self.translator.to_json()
+        if self.requests is not None:
+            out["requests"] = len(self.requests)
+        return out
 
 
 def parse_input_shape(text: str) -> tuple[int, ...]:
@@ -355,12 +385,16 @@ def _load_factory(spec: str) -> Any:
         raise ModelLoadError(f"model factory {spec!r}: {module_name!r} has no attribute {attr!r}")
     try:
         # a function or a class (`mods:MLP` means an MLP()), not an instance that is already a module
-        wants_call = callable(factory) and (isinstance(factory, type) or not hasattr(factory, "forward"))
+        wants_call = callable(factory) and (isinstance(factory, type) or not hasattr(factory, "forward")) \
+            and not is_translator(factory)  # a translator instance is used as it is, even if it has __call__
         module = factory() if wants_call else factory
     except Exception as exc:
         raise ModelLoadError(f"model factory {spec!r} raised {_one_line(exc)}") from exc
+    if is_translator(module):
+        return module  # a translator: its .model is checked when it is split into stages
     if not callable(module):
-        raise ModelLoadError(f"model factory {spec!r} returned {type(module).__name__}, not an nn.Module")
+        raise ModelLoadError(f"model factory {spec!r} returned {type(module).__name__}, not an nn.Module "
+                             "(nor an object with a .model and preprocess/postprocess)")
     return module
 
 
@@ -451,36 +485,69 @@ def _eval(module: Any) -> Any:
     return module
 
 
+def _to_device(module: Any, device: str, spec: str) -> Any:
+    if not hasattr(module, "to"):
+        return module  # a plain callable the translator holds: it places itself
+    try:
+        moved = module.to(device)
+    except Exception as exc:
+        raise ModelLoadError(f"model factory {spec!r}: moving the model to {device} failed: {_one_line(exc)}") from exc
+    return module if moved is None else moved
+
+
 def load_model(spec: str, device: str, input_shape: tuple[int, ...] | None = None, dtype: str | None = None,
-               size: str = "small", trust_model_file: bool = False) -> LoadedModel:
-    """Load a model onto `device` once, in eval mode, with its sizes and how to feed it."""
+               size: str = "small", trust_model_file: bool = False, requests_path: str | None = None) -> LoadedModel:
+    """Load a model (or a translator and the model it holds) onto `device` once, in eval mode, with its sizes
+    and how to feed it: the requests of `requests_path`, the translator's example_requests(), or a random
+    input of `input_shape`. RequestsError (translator.py) for requests that cannot be read."""
     if size not in SIZES:
         raise ModelLoadError(f"unknown model size {size!r} (choose from {', '.join(SIZES)})")
     if dtype is not None and dtype not in DTYPES:
         raise ModelLoadError(f"unknown dtype {dtype!r} (choose from {', '.join(DTYPES)})")
 
+    translator: Translator | None = None
+
     def build() -> tuple[Any, str, tuple[int, ...] | None]:
+        nonlocal translator
         if spec.startswith(BUILTIN_PREFIX):
             module, default_shape = _builtin(spec[len(BUILTIN_PREFIX):], size)
             return module.to(device), "builtin", default_shape
         if ":" in spec and not os.path.exists(spec) and not spec.endswith((".pt", ".pt2", ".pth")):
             module = _load_factory(spec)
-            try:
-                return module.to(device), "factory", getattr(module, "example_input_shape", None)
-            except Exception as exc:
-                raise ModelLoadError(f"model factory {spec!r}: moving the model to {device} failed: {_one_line(exc)}") from exc
+            if is_translator(module):
+                try:
+                    translator = as_translator(module, spec)
+                except ValueError as exc:
+                    raise ModelLoadError(str(exc)) from None
+                # the translator's model is what predictors share: moved, and its sharing verified, in place
+                translator.model = _to_device(translator.model, device, spec)
+                try:
+                    setattr(translator.owner, "model", translator.model)
+                except Exception:
+                    pass
+                return translator.model, "factory", getattr(module, "example_input_shape", None)
+            return _to_device(module, device, spec), "factory", getattr(module, "example_input_shape", None)
         module, kind = _load_file(spec, device, trust_model_file)
         return module, kind, getattr(module, "example_input_shape", None)
 
     module, kind, default_shape = build()
     _eval(module)
+    requests: list[Any] | None = None
+    source = "input_shape"
+    if requests_path is not None:
+        requests, source = load_requests_file(requests_path), f"file:{requests_path}"
+    elif translator is not None:
+        found = example_requests(translator.owner)
+        if found is not None:
+            requests, source = found, "example_requests"
     needed = _inputs_needed(module)
-    if needed is not None and needed > 1:
+    if needed is not None and needed > 1 and (translator is None or translator.preprocess is None):
         raise ModelLoadError(f"model {spec!r} takes {needed} inputs; gpuscope feeds one tensor (wrap it in a module "
                              "whose forward builds the others from one input, or export it that way)")
     shape = input_shape or (tuple(default_shape) if default_shape else None)
-    if shape is None:
-        raise ModelLoadError(f"model {spec!r} has no default input shape: pass --input-shape, e.g. 8x3x224x224")
+    if shape is None and requests is None:
+        raise ModelLoadError(f"model {spec!r} has no default input shape: pass --input-shape, e.g. 8x3x224x224"
+                             + (", or --requests FILE.jsonl" if translator is not None else ""))
     example_dtype = getattr(module, "example_input_dtype", None)
     chosen_dtype = dtype or (example_dtype if example_dtype in DTYPES else "float32")
     params, buffers, storages = _sizes(module)
@@ -496,8 +563,9 @@ def load_model(spec: str, device: str, input_shape: tuple[int, ...] | None = Non
         fresh, _ = _load_file(spec, device, trust_model_file)
         return _eval(fresh)
 
-    return LoadedModel(module=module, source=spec, kind=kind, input_shape=tuple(shape), dtype=chosen_dtype,
-                       device=device, param_bytes=params, buffer_bytes=buffers, unique_storages=storages, reload=reload)
+    return LoadedModel(module=module, source=spec, kind=kind, input_shape=tuple(shape or ()), dtype=chosen_dtype,
+                       device=device, param_bytes=params, buffer_bytes=buffers, unique_storages=storages, reload=reload,
+                       translator=translator, requests=requests, requests_source=source)
 
 
 def make_input(model: LoadedModel, device: str | None = None) -> Any:
@@ -510,10 +578,24 @@ def make_input(model: LoadedModel, device: str | None = None) -> Any:
     return torch.randint(0, 100, model.input_shape, dtype=dtype, device=target)
 
 
+MAX_VALIDATED_REQUESTS = 8  # the distinct requests served once before the sweep (the thread-safety check's set)
+
+
+def first_requests(model: LoadedModel, count: int = MAX_VALIDATED_REQUESTS) -> list[Any]:
+    """The first `count` requests a predictor serves (random inputs of the input shape without requests)."""
+    if model.requests is not None:
+        return [model.requests[i % len(model.requests)] for i in range(min(count, len(model.requests)))]
+    return [make_input(model) for _ in range(count)]
+
+
 def validate_model(model: LoadedModel) -> None:
-    """Run one request before the sweep, so a wrong shape fails with the model's own error in one line."""
+    """Run one request before the sweep, so a wrong shape fails with the model's own error in one line; with
+    requests, each of the first few, so a request its preprocess rejects fails here, naming it."""
     import torch
 
+    if model.requests is not None or model.translator is not None:
+        _validate_requests(model)
+        return
     try:
         with torch.inference_mode():
             model.module(make_input(model))
@@ -522,3 +604,20 @@ def validate_model(model: LoadedModel) -> None:
     except Exception as exc:
         raise ModelLoadError(f"the model rejected an input of shape {'x'.join(map(str, model.input_shape))} "
                              f"({model.dtype}): {_one_line(exc)}") from exc
+
+
+def _validate_requests(model: LoadedModel) -> None:
+    import torch
+
+    stages = model.stages()
+    where = model.requests_source.removeprefix("file:")
+    for index, request in enumerate(first_requests(model)):
+        try:
+            with torch.inference_mode():
+                stages.run_naming_stage(request)
+            if model.device.startswith("cuda"):
+                torch.cuda.synchronize(model.device)
+        except StageError as exc:
+            which = (f"request {index + 1} of {where}" if model.requests is not None
+                     else f"an input of shape {'x'.join(map(str, model.input_shape))} ({model.dtype})")
+            raise ModelLoadError(f"{exc.stage} rejected {which}: {_one_line(exc.cause)}") from None

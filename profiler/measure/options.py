@@ -57,6 +57,7 @@ class WorkloadOptions:
     keeps its place and takes the new default)."""
 
     model: str = "builtin:mlp"
+    requests: str | None = None  # --requests FILE.jsonl: one JSON request per line, cycled through
     model_size: str | None = None
     input_shape: str | None = None
     dtype: str | None = None
@@ -84,3 +85,4 @@ class DiagnoseOptions(WorkloadOptions):
     rate: float | None = None
     max_p99_ms: float | None = None
     include_predictors: int | None = None  # a count the sweep must measure (check --at-predictors N)
+    output_tolerance: float | None = None  # the thread-safety check: None/0 exact, else abs and rel tolerance

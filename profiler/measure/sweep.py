@@ -92,6 +92,11 @@ def step_from_run(run: StepRun, memory: dict[str, Any], intra_op_threads: int, t
     if queue:
         step.queue_ms = percentiles_ms(queue)
         step.compute_ms = percentiles_ms(run.compute_ms())
+    stages = run.stages_ms()
+    if stages:
+        step.stages_ms = {stage: {k: v for k, v in percentiles_ms(values).items() if k in ("p50", "p99", "mean")}
+                          for stage, values in stages.items() if values}
+    step.thread_times_s = run.thread_times_s
     return step
 
 

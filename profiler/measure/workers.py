@@ -59,6 +59,7 @@ class WorkerSpec:
     # Environment variables set in the worker before it imports torch (`gpuscope tune`'s CUBLAS_WORKSPACE_CONFIG,
     # PYTORCH_CUDA_ALLOC_CONF): they take effect only before torch and CUDA initialise.
     env: tuple[tuple[str, str], ...] = ()
+    requests_path: str | None = None  # --requests: a translator's (or the model's) requests, JSONL
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -115,7 +116,7 @@ def _load(spec: dict[str, Any]) -> tuple[Any, dict[str, Any]]:
         torch.set_num_threads(int(spec["intra_op_threads"]))
     shape = tuple(spec["input_shape"]) if spec.get("input_shape") else None
     model = load_model(spec["model"], spec["device"], shape, spec.get("dtype"), spec.get("size") or "small",
-                       bool(spec.get("trust_model_file")))
+                       bool(spec.get("trust_model_file")), spec.get("requests_path"))
     validate_model(model)  # one request: the first call's one-off costs are paid before the parent measures
     info: dict[str, Any] = {"pid": os.getpid(), "model": model.to_json(), "torch_num_threads": torch.get_num_threads(),
                             "env": {str(k): os.environ.get(str(k)) for k, _ in spec.get("env") or []}}

@@ -7,6 +7,13 @@ main thread does nothing for workers), optionally runs on its own long-lived
 CUDA stream, and records each request's latency. The hot loop does nothing but
 call the model, time it, and append two integers, so the pool stays within a
 few percent of a bare loop (benchmarks/ measures this).
+
+A predictor with requests (a translator, or --requests) runs its own loop:
+each request cycles through preprocess, the model and postprocess, and each
+stage's wall time is kept beside the end-to-end latency. Around the measured
+window the pool reads every predictor thread's scheduler times (on a CPU, on a
+run queue), so the analysis can tell time blocked on the GIL from time waiting
+for a core another process holds.
 """
 from __future__ import annotations
 
@@ -18,6 +25,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from gpuscope.measure.models import LoadedModel, make_input, weight_pointers
+from gpuscope.measure.translator import STAGES
+from gpuscope.probes.readings import Unavailable
+from gpuscope.probes.schedstat import SchedReader, ThreadTimes, read_thread_times
 
 MAX_ERROR_MESSAGES = 5
 MAX_BACKLOG_PER_PREDICTOR = 64  # open-loop arrivals waiting beyond this are dropped (and counted), not queued
@@ -47,6 +57,8 @@ class PredictorResult:
     oom: bool = False
     died: str | None = None
     completed: int = 0  # live counter the main thread reads for windows
+    stage_ns: dict[str, list[int]] | None = None  # per stage, parallel to latencies_ns (requests with stages)
+    native_id: int | None = None  # the kernel's thread id, for its scheduler times
 
 
 @dataclass
@@ -63,6 +75,8 @@ class StepRun:
     dropped_arrivals: int = 0
     offered_rps: float | None = None
     cpu_s: float | None = None  # CPU time of the whole process (every thread) during the measured window
+    # the predictor threads' scheduler times over the window, summed: wall, on_cpu, runqueue, blocked (seconds)
+    thread_times_s: dict[str, float] | Unavailable | None = None
 
     @property
     def duration_s(self) -> float:
@@ -85,6 +99,17 @@ class StepRun:
         return [(lat - q) / 1e6 for r in self.results
                 for lat, q, end in zip(r.latencies_ns, r.queue_ns, r.end_times_ns) if end <= self.measure_end_ns]
 
+    def stages_ms(self) -> dict[str, list[float]]:
+        """Each stage's wall time (ms) of the requests completed inside the window; {} without stages."""
+        out: dict[str, list[float]] = {}
+        for r in self.results:
+            if r.stage_ns is None:
+                continue
+            for stage, values in r.stage_ns.items():
+                out.setdefault(stage, []).extend(
+                    v / 1e6 for v, end in zip(values, r.end_times_ns) if end <= self.measure_end_ns)
+        return out
+
     @property
     def requests(self) -> int:
         return sum(1 for r in self.results for end in r.end_times_ns if end <= self.measure_end_ns)
@@ -104,8 +129,9 @@ class PredictorPool:
     """Runs steps of N predictor threads over one model (or, naively, a copy each)."""
 
     def __init__(self, model: LoadedModel, streams: bool = False, copy_model: bool = False,
-                 inference_mode: bool = True) -> None:
+                 inference_mode: bool = True, sched_reader: SchedReader = read_thread_times) -> None:
         self.model = model
+        self.sched_reader = sched_reader
         self.streams = streams and model.device.startswith("cuda")
         self.copy_model = copy_model
         self.inference_mode = inference_mode
@@ -154,12 +180,18 @@ class PredictorPool:
             with grad_ctx, stream_ctx:
                 result.weights = weight_pointers(module)
                 result.grad_enabled = torch.is_grad_enabled()
-                x = make_input(self.model)
+                result.native_id = threading.get_native_id()
                 sync = (stream.synchronize if stream is not None else
                         torch.cuda.current_stream(device).synchronize) if cuda else None
+                with_stages = self.model.requests is not None or self.model.translator is not None
+                x = None if with_stages else make_input(self.model)
                 ready.wait()
                 started = True
-                self._loop(module, x, sync, result, measuring, stop, requests)
+                if with_stages:
+                    work = self.model.requests or [make_input(self.model)]
+                    self._stages_loop(self.model.stages(module), work, index, sync, result, measuring, stop, requests)
+                else:
+                    self._loop(module, x, sync, result, measuring, stop, requests)
         except threading.BrokenBarrierError:
             return
         except BaseException as exc:  # the thread itself died: report it, never hang the step
@@ -210,6 +242,71 @@ class PredictorPool:
                 end_append(ended)
                 result.completed += 1
 
+    @staticmethod
+    def _stages_loop(stages: Any, work: list[Any], index: int, sync: Callable[[], None] | None,
+                     result: PredictorResult, measuring: threading.Event, stop: threading.Event,
+                     requests: "queue.Queue[int] | None") -> None:
+        """Like _loop, for a predictor with stages: cycle through the requests (each predictor from its own
+        offset, so concurrent predictors serve different requests) and time preprocess, model, postprocess."""
+        perf = time.perf_counter_ns
+        pre, model, post = stages.preprocess, stages.model, stages.postprocess
+        result.stage_ns = {stage: [] for stage, fn in zip(STAGES, (pre, model, post)) if fn is not None}
+        pre_append = result.stage_ns["preprocess"].append if pre is not None else None
+        model_append = result.stage_ns["model"].append
+        post_append = result.stage_ns["postprocess"].append if post is not None else None
+        lat_append, end_append, q_append = result.latencies_ns.append, result.end_times_ns.append, result.queue_ns.append
+        checked_grad = False
+        position = index % len(work)
+        while not stop.is_set():
+            arrival = 0
+            if requests is not None:
+                try:
+                    arrival = requests.get(timeout=0.05)
+                except queue.Empty:
+                    continue
+            request = work[position]
+            position = position + 1 if position + 1 < len(work) else 0
+            started = perf()
+            try:
+                value = pre(request) if pre is not None else request
+                t_pre = perf()
+                out = model(value)
+                if sync is not None:
+                    sync()
+                t_model = perf()
+                if post is not None:
+                    post(out)
+            except Exception as exc:
+                result.error_end_ns.append(perf())
+                if len(result.error_messages) < MAX_ERROR_MESSAGES:
+                    result.error_messages.append(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+                if _is_oom(exc):
+                    result.oom = True
+                    stop.set()
+                continue
+            ended = perf()
+            if not checked_grad:
+                checked_grad = True
+                if getattr(out, "grad_fn", None) is not None:
+                    result.outputs_with_grad += 1
+            if measuring.is_set():
+                if pre_append is not None:
+                    pre_append(t_pre - started)
+                model_append(t_model - t_pre)
+                if post_append is not None:
+                    post_append(ended - t_model)
+                if requests is not None:
+                    lat_append(ended - arrival)
+                    q_append(started - arrival)
+                else:
+                    lat_append(ended - started)
+                end_append(ended)
+                result.completed += 1
+
+    def _thread_times(self, results: list[PredictorResult]) -> list[ThreadTimes | Unavailable]:
+        return [self.sched_reader(r.native_id) if r.native_id is not None
+                else Unavailable("not_supported", "a predictor thread did not start") for r in results]
+
     def run_step(self, predictors: int, max_duration_s: float, warmup_s: float = 0.5, window_s: float = 1.0,
                  is_stable: Callable[[list[float]], bool] | None = None, stop: threading.Event | None = None,
                  rate_rps: float | None = None, on_window: Callable[[float, list[float]], None] | None = None) -> StepRun:
@@ -238,6 +335,11 @@ class PredictorPool:
                 thread.join(timeout=30)
             raise ThreadStartError(f"could not start {predictors} predictor threads ({len(started)} started): {exc}") from None
         dispatcher = None
+        measure_start: int | None = None
+        cpu_start_s = 0.0
+        if warmup_s <= 0:  # no warm-up: the window opens before the predictors are released, never after
+            measure_start, cpu_start_s = time.perf_counter_ns(), _process_cpu_s()  # their first requests
+            measuring.set()
         try:
             try:
                 ready.wait(timeout=120)
@@ -248,9 +350,14 @@ class PredictorPool:
                                               name="gpuscope-dispatcher")
                 dispatcher.start()
             _wait(warmup_s, outside_stop, step_stop)
-            measure_start = time.perf_counter_ns()
-            cpu_start_s = _process_cpu_s()
-            measuring.set()
+            if measure_start is None:
+                measure_start = time.perf_counter_ns()
+                cpu_start_s = _process_cpu_s()
+                measuring.set()
+            # the threads' scheduler times bracket their own interval (every predictor has its id once the
+            # barrier let it go), read after the window opens so the reads never delay it
+            times_start = self._thread_times(results)
+            times_start_ns = time.perf_counter_ns()
             windows: list[float] = []
             stable = False
             last_count, last_t = 0, measure_start
@@ -272,6 +379,8 @@ class PredictorPool:
                         break
             measure_end = time.perf_counter_ns()
             cpu_s = _process_cpu_s() - cpu_start_s
+            times_end = self._thread_times(results)
+            thread_times = _sum_thread_times(times_start, times_end, (time.perf_counter_ns() - times_start_ns) / 1e9)
         finally:
             step_stop.set()
             try:
@@ -283,7 +392,7 @@ class PredictorPool:
             if dispatcher is not None:
                 dispatcher.join(timeout=5)
         return StepRun(predictors, results, measure_start, measure_end, windows, stable, outside_stop.is_set(),
-                       dropped_arrivals=dropped[0], offered_rps=rate_rps, cpu_s=cpu_s)
+                       dropped_arrivals=dropped[0], offered_rps=rate_rps, cpu_s=cpu_s, thread_times_s=thread_times)
 
     def release_copies(self) -> None:
         self._copies.clear()
@@ -295,6 +404,23 @@ class _null_context:
 
     def __exit__(self, *exc: Any) -> None:
         return None
+
+
+def _sum_thread_times(before: list[ThreadTimes | Unavailable], after: list[ThreadTimes | Unavailable],
+                      window_s: float) -> dict[str, float] | Unavailable:
+    """The predictor threads' wall, on-CPU, run-queue and blocked seconds over the window, summed.
+
+    Blocked is what is left: neither running nor waiting for a core (the GIL, a lock, I/O). The reads are
+    not exactly at the window's edges (a few microseconds apart), so small negatives are clamped to 0."""
+    on_cpu = runqueue = 0.0
+    for start, end in zip(before, after):
+        for value in (start, end):
+            if isinstance(value, Unavailable):
+                return value
+        on_cpu += (end.on_cpu_ns - start.on_cpu_ns) / 1e9  # type: ignore[union-attr]
+        runqueue += (end.runqueue_ns - start.runqueue_ns) / 1e9  # type: ignore[union-attr]
+    wall = window_s * len(before)
+    return {"wall": wall, "on_cpu": on_cpu, "runqueue": runqueue, "blocked": max(0.0, wall - on_cpu - runqueue)}
 
 
 def _process_cpu_s() -> float:

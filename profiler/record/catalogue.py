@@ -38,6 +38,7 @@ class Code:
     modes: tuple[str, ...]  # the modes whose rules look for it
     gpu_only: bool = False  # its rule reads NVML or the CUDA allocator: on the CPU its absence proves nothing
     min_ticks: int = 0  # a trend over fewer live samples than this is not looked for
+    needs_thread_check: bool = False  # its rule reads the thread-safety check run before the sweep
 
 
 CODES: dict[str, Code] = {c.name: c for c in (
@@ -61,6 +62,9 @@ CODES: dict[str, Code] = {c.name: c for c in (
     Code("OVERLOADED", SWEPT),
     Code("MEMORY_GROWTH", _ALL_LIVE, min_ticks=5),  # watch and profile, and growth inside diagnose's steps
     Code("PROCESSES_VS_THREADS", (MODE_COMPARE,)),
+    Code("THREAD_UNSAFE", SWEPT, needs_thread_check=True),  # writes seen, responses compared before the sweep
+    Code("NONDETERMINISTIC_OUTPUT", SWEPT, needs_thread_check=True),
+    Code("GIL_CONTENTION", SWEPT),  # stage times and the predictors' scheduler times across the sweep
 )}
 
 KNOWN_CODES = tuple(CODES)

@@ -88,7 +88,12 @@ class Step:
     partial: bool = False  # cut short by an interruption: shown, never recommended or gated on
     offered_rps: float | None = None  # --rate: the arrival rate offered
     dropped_arrivals: int = 0  # --rate: arrivals dropped because the backlog was full
-    stages_ms: dict[str, dict[str, float]] | None = None  # per stage {"p50", "p99", "mean"}: preprocess, model, ...
+    # each stage's wall time per request: {"preprocess"|"model"|"postprocess": {"p50", "p99", "mean"}}; a
+    # predictor without a stage has no key for it; None for a plain model (its latency is the model stage)
+    stages_ms: dict[str, dict[str, float]] | None = None
+    # the predictor threads' scheduler times over the window, summed (seconds): wall, on_cpu, runqueue
+    # (waiting for a core), blocked (neither: the GIL, a lock, I/O); Unavailable where the kernel has no schedstat
+    thread_times_s: Any = None
     # A live profile's traffic (profiler/analysis/live_traffic.py): a group of concurrency levels, not a swept count.
     observed: bool = False  # measured on the application's own requests; `predictors` = most in flight
     level: str | None = None  # the group of levels: "1", "2", "3-4", "5-8", ...
@@ -128,6 +133,8 @@ class RunRecord:
     baseline: dict[str, Any] = field(default_factory=dict)
     steps: list[Step] = field(default_factory=list)
     sharing: dict[str, Any] = field(default_factory=dict)
+    # the check before the sweep (measure/thread_safety.py): writes seen, outputs compared; None when not run
+    thread_safety: dict[str, Any] | None = None
     processes: list[dict[str, Any]] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     recommendation: dict[str, Any] = field(default_factory=dict)

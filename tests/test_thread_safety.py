@@ -1,0 +1,115 @@
+"""The thread-safety check before the sweep, on real predictors (tests/predictor_models.py).
+
+Each predictor is run for real: its writes are seen or not, its responses compared
+one at a time and under 4 concurrent predictors; the rules then read the record the
+check leaves, so a predictor's verdict here is the one `gpuscope diagnose` gives.
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from gpuscope.analysis.findings import DEFAULT_THRESHOLDS, rule_nondeterministic_output, rule_thread_unsafe
+from gpuscope.measure.models import load_model, validate_model
+from gpuscope.measure.thread_safety import SafetyConfig, check_thread_safety, difference, keep
+from tests import scenarios as S
+
+M = "tests.predictor_models:"
+
+
+def checked(spec: str, **config) -> dict:
+    model = load_model(spec, "cpu")
+    validate_model(model)
+    return check_thread_safety(model, SafetyConfig(**config))
+
+
+def codes(check: dict) -> list[str]:
+    record = S.clean_cpu_run()
+    record.thread_safety = check
+    found = rule_thread_unsafe(record, DEFAULT_THRESHOLDS) + rule_nondeterministic_output(record, DEFAULT_THRESHOLDS)
+    return [f.code for f in found]
+
+
+def test_a_stateful_module_writes_its_attribute_and_is_thread_unsafe():
+    check = checked(M + "stateful")
+    assert [(w["attribute"], w["kind"], w["owner"]) for w in check["writes"]] == [("Stateful.last", "rebound", "model")]
+    assert check["writes"][0]["requests"] == check["requests"]
+    assert codes(check) == ["THREAD_UNSAFE"]
+
+
+def test_a_buffer_updated_in_place_is_seen_by_its_version_counter():
+    check = checked(M + "running_mean")
+    assert [(w["attribute"], w["kind"]) for w in check["writes"]] == [("RunningMean.mean", "in_place")]
+    assert codes(check) == ["THREAD_UNSAFE"]
+
+
+def test_a_stateful_translator_writes_its_attribute_and_is_thread_unsafe():
+    check = checked(M + "stateful_translator")
+    assert [(w["attribute"], w["owner"]) for w in check["writes"]] == [("StatefulTranslator.current", "translator")]
+    assert codes(check) == ["THREAD_UNSAFE"]
+
+
+def test_state_outside_every_watched_object_shows_in_the_concurrent_outputs():
+    check = checked(M + "racy_global")
+    assert check["writes"] == [] and check["sequential_mismatches"] == []
+    assert check["concurrent_mismatch_count"] > 0
+    assert codes(check) == ["THREAD_UNSAFE"]
+
+
+def test_dropout_left_on_is_nondeterministic_not_thread_unsafe():
+    check = checked(M + "dropout")
+    assert check["writes"] == [] and check["sequential_mismatch_count"] == check["requests"]
+    assert check["concurrent_judged"] is False and check["rounds"] == 0
+    assert codes(check) == ["NONDETERMINISTIC_OUTPUT"]
+
+
+@pytest.mark.parametrize("spec", [M + "clean", M + "text", "builtin:mlp"])
+def test_predictors_that_only_read_are_quiet(spec):
+    check = checked(spec)
+    assert check["writes"] == [] and check["sequential_mismatches"] == [] and check["concurrent_mismatches"] == []
+    assert check["rounds"] >= 1 and check["concurrent_requests"] >= 4 * 2
+    assert codes(check) == []
+
+
+@pytest.mark.parametrize("kind", ["torchscript", "export"])
+def test_torchscript_and_export_models_are_quiet(tmp_path, kind):
+    from tests.predictor_models import Clean
+
+    module, example = Clean().eval(), torch.randn(2, 16)
+    path = tmp_path / ("clean.pt" if kind == "torchscript" else "clean.pt2")
+    if kind == "torchscript":
+        torch.jit.save(torch.jit.script(module), str(path))
+    else:
+        torch.export.save(torch.export.export(module, (example,)), str(path))
+    model = load_model(str(path), "cpu", (2, 16))
+    validate_model(model)
+    check = check_thread_safety(model, SafetyConfig())
+    assert codes(check) == [] and check["writes"] == []
+
+
+def test_the_check_is_bounded_by_its_budget_for_a_slow_predictor():
+    """A budget shorter than the first requests: fewer requests, at least two, and one concurrent round."""
+    check = checked("builtin:mlp", budget_s=0.05)
+    assert check["requests"] == 2 and check["rounds"] == 1
+
+
+def test_responses_compared_exactly_or_within_the_tolerance():
+    a = torch.tensor([1.0, 2.0, 3.0])
+    assert difference(a, a.clone(), 0.0) is None
+    assert difference(a + 1e-6, a, 0.0) == pytest.approx(1e-6, rel=0.1)
+    assert difference(a + 1e-6, a, 1e-5) is None  # within the tolerance
+    assert difference(a + 1e-4, a, 1e-5) == pytest.approx(1e-4, rel=0.1)  # beyond it
+    assert math.isinf(difference(a, a[:2], 1.0))  # shapes differ
+    assert difference({"label": "cat", "score": 0.5}, {"label": "cat", "score": 0.5}, 0.0) is None
+    assert math.isinf(difference({"label": "cat"}, {"label": "dog"}, 0.0))
+    assert difference([0.5, 0.25], [0.5, 0.2500001], 1e-6) is None
+    assert difference([0.5, 0.25], [0.5, 0.2501], 1e-6) == pytest.approx(1e-4, rel=0.01)
+
+
+def test_a_kept_response_does_not_change_when_the_predictor_reuses_its_buffer():
+    buffer = torch.zeros(3)
+    kept = keep({"out": buffer, "ids": [buffer]})
+    buffer.add_(1)
+    assert torch.equal(kept["out"], torch.zeros(3)) and torch.equal(kept["ids"][0], torch.zeros(3))

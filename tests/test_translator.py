@@ -1,0 +1,152 @@
+"""Translator workloads: loading one, its requests, and each stage timed per request by the predictor pool."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from gpuscope.measure.models import ModelLoadError, load_model, validate_model, weight_pointers
+from gpuscope.measure.sweep import step_from_run
+from gpuscope.measure.translator import RequestsError, load_requests_file
+from gpuscope.measure.workload import PredictorPool
+from gpuscope.probes.readings import Unavailable
+from gpuscope.probes.schedstat import ThreadTimes, parse_schedstat, read_thread_times
+
+M = "tests.predictor_models:"
+
+
+def test_a_factory_returning_a_translator_serves_its_model_and_its_example_requests():
+    model = load_model(M + "text", "cpu")
+    assert model.translator is not None and model.translator.name == "TextTranslator"
+    assert model.module is model.translator.owner.model  # sharing is verified on the model it holds
+    assert weight_pointers(model.module) and model.param_bytes == (16 * 16 + 16) * 4
+    assert model.requests_source == "example_requests" and len(model.requests) == 4
+    assert model.to_json()["translator"] == {"type": "TextTranslator", "preprocess": True, "postprocess": True,
+                                             "model_type": "Clean"}
+    response = model.stages().run(model.requests[0])
+    assert isinstance(response, list) and len(response) == 16
+
+
+def test_requests_file_wins_over_example_requests_and_is_cycled(tmp_path):
+    path = tmp_path / "requests.jsonl"
+    path.write_text('"alpha"\n\n"beta"\n')
+    model = load_model(M + "text", "cpu", requests_path=str(path))
+    assert model.requests == ["alpha", "beta"] and model.requests_source == f"file:{path}"
+
+
+def test_a_plain_model_with_requests_turns_json_numbers_into_tensors(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps([[0.5] * 16, [1.0] * 16]) + "\n")
+    model = load_model(M + "clean", "cpu", requests_path=str(path))
+    validate_model(model)
+    out = model.stages().run(model.requests[0])
+    assert tuple(out.shape) == (2, 16)
+
+
+@pytest.mark.parametrize("content, says", [
+    (None, "no such file"), ('"ok"\n[1, 2\n', "line 2 is not JSON"), ("\n", "holds no request"),
+    ('"a"\nNaN\n', "line 2 is not JSON"), (b"\xff\xfe", "not UTF-8"),
+])
+def test_bad_requests_files_say_why_in_one_line(tmp_path, content, says):
+    path = tmp_path / "r.jsonl"
+    if isinstance(content, bytes):
+        path.write_bytes(content)
+    elif content is not None:
+        path.write_text(content)
+    with pytest.raises(RequestsError, match=says) as info:
+        load_requests_file(str(path))
+    assert "\n" not in str(info.value)
+
+
+def test_a_preprocess_that_raises_names_the_stage_and_the_request(tmp_path):
+    path = tmp_path / "r.jsonl"
+    path.write_text('"first"\n')
+    model = load_model(M + "raising", "cpu", requests_path=str(path))
+    with pytest.raises(ModelLoadError, match=r"preprocess rejected request 1 of .*r.jsonl: ValueError: cannot decode"):
+        validate_model(model)
+
+
+def test_a_translator_without_requests_needs_an_input_shape():
+    class Bare:
+        model = torch.nn.Linear(4, 4)
+
+        def preprocess(self, request):
+            return request
+
+    import sys
+    import types
+
+    module = types.ModuleType("gpuscope_bare_translator")
+    module.make = Bare
+    sys.modules["gpuscope_bare_translator"] = module
+    try:
+        with pytest.raises(ModelLoadError, match="--input-shape.*--requests"):
+            load_model("gpuscope_bare_translator:make", "cpu")
+        model = load_model("gpuscope_bare_translator:make", "cpu", input_shape=(2, 4))
+        validate_model(model)  # the random input stands for the request
+        assert model.requests is None and model.requests_source == "input_shape"
+    finally:
+        del sys.modules["gpuscope_bare_translator"]
+
+
+def fixed_reader():
+    """A scheduler reader whose every thread gains 0.4 s on a CPU and 0.1 s queued from one read to the next."""
+    calls: dict[int, int] = {}
+
+    def read(tid: int) -> ThreadTimes:
+        calls[tid] = calls.get(tid, 0) + 1
+        return ThreadTimes(on_cpu_ns=calls[tid] * 400_000_000, runqueue_ns=calls[tid] * 100_000_000)
+
+    return read
+
+
+def test_the_pool_times_each_stage_and_the_step_keeps_p50_p99_mean():
+    model = load_model(M + "text", "cpu")
+    pool = PredictorPool(model, sched_reader=fixed_reader())
+    run = pool.run_step(2, max_duration_s=0.4, warmup_s=0.05, window_s=0.2)
+    assert run.requests > 0
+    stages = run.stages_ms()
+    assert set(stages) == {"preprocess", "model", "postprocess"}
+    assert all(len(v) == run.requests for v in stages.values())
+    latencies = run.latencies_ms()
+    total = [a + b + c for a, b, c in zip(*(r for r in (stages["preprocess"], stages["model"], stages["postprocess"])))]
+    assert all(t <= lat + 1e-6 for t, lat in zip(sorted(total), sorted(latencies)))  # stages fit in the latency
+    # the injected reader: +0.4 s on a CPU and +0.1 s queued per thread between the window's two reads
+    assert run.thread_times_s["on_cpu"] == pytest.approx(0.8) and run.thread_times_s["runqueue"] == pytest.approx(0.2)
+    step = step_from_run(run, {}, 1, run.measure_start_ns, run.measure_start_ns, run.measure_end_ns)
+    assert set(step.stages_ms) == {"preprocess", "model", "postprocess"}
+    assert set(step.stages_ms["model"]) == {"p50", "p99", "mean"}
+    assert step.thread_times_s["blocked"] == pytest.approx(max(0.0, step.thread_times_s["wall"] - 1.0))
+
+
+def test_a_plain_model_has_no_stages_and_unreadable_scheduler_times_stay_unavailable():
+    model = load_model("builtin:mlp", "cpu")
+    unreadable = Unavailable("not_supported", "no schedstat here")
+    pool = PredictorPool(model, sched_reader=lambda tid: unreadable)
+    run = pool.run_step(1, max_duration_s=0.3, warmup_s=0.0, window_s=0.1)
+    assert run.stages_ms() == {} and run.thread_times_s == unreadable
+    step = step_from_run(run, {}, 1, run.measure_start_ns, run.measure_start_ns, run.measure_end_ns)
+    assert step.stages_ms is None and step.thread_times_s == unreadable
+
+
+def test_schedstat_parses_and_reads_this_thread():
+    assert parse_schedstat("218705640 178251799 70\n") == ThreadTimes(218705640, 178251799)
+    with pytest.raises(ValueError):
+        parse_schedstat("12")
+    import threading
+
+    times = read_thread_times(threading.get_native_id())
+    assert isinstance(times, ThreadTimes) or isinstance(times, Unavailable)
+    assert isinstance(read_thread_times(2 ** 30), Unavailable)
+
+
+def test_compare_workers_load_translators_with_their_requests(tmp_path):
+    from gpuscope.measure.workers import WorkerSpec, _load
+
+    path = tmp_path / "r.jsonl"
+    path.write_text('"one"\n"two"\n')
+    spec = WorkerSpec(model=M + "text", device="cpu", requests_path=str(path))
+    model, info = _load(spec.to_json())
+    assert model.translator is not None and model.requests == ["one", "two"]
+    assert info["model"]["translator"]["type"] == "TextTranslator"
