@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from gpuscope.analysis.gil import thread_shares
 from gpuscope.commands.diagnose import run_diagnose
 from gpuscope.measure.options import DiagnoseOptions
 
@@ -48,7 +49,12 @@ def test_pure_python_preprocessing_fires_gil_contention_and_its_bound_matches_wh
     ev = finding.evidence
     assert ev["python_share_at_1"] > 0.8  # the pure-Python preprocess dominates a request
     bound, measured = ev["amdahl_bound_by_predictors"]["2"], ev["measured_scaling_by_predictors"]["2"]
-    noise = max(0.25, spread(record.steps[0].windows_rps) + spread(record.steps[1].windows_rps))
+    # The machine's noise, measured: how much each step's own windows disagree, plus how much more (or less) the
+    # predictor threads waited for a core in one step than in the other (another process taking the cores
+    # between the steps moves throughput by that much, whatever the GIL does).
+    queued = [(thread_shares(s) or {}).get("runqueue", 0.0) for s in record.steps[:2]]
+    noise = max(0.25, spread(record.steps[0].windows_rps) + spread(record.steps[1].windows_rps)
+                + abs(queued[0] - queued[1]))
     assert abs(measured - bound) / bound <= noise, (bound, measured, noise)
     for step in record.steps:
         assert set(step.stages_ms) == {"preprocess", "model", "postprocess"}
