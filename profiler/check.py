@@ -807,7 +807,8 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
             return used, "headroom", True
         if not is_available(total) or total <= 0:
             return total, "headroom", True
-        return 100.0 * (1.0 - used / total), "headroom", True
+        # (total - used) first: exact in integers, so a headroom exactly at the limit passes (1 - 0.9 is 0.0999...)
+        return 100.0 * (total - used) / total, "headroom", True
 
     def p99(s):
         value = (s.latency_ms or {}).get("p99")

@@ -389,7 +389,7 @@ def oom_run() -> RunRecord:
 def headroom_run(used_share: float, total: int = TOTAL) -> RunRecord:
     """The JAX sibling's 107,918 MiB plus our process, sized so the device is `used_share` full at the
     recommended count (2 predictors: within 5% of 4's throughput)."""
-    target_used = int(total * used_share)
+    target_used = round(total * used_share)  # not int(): truncation put "0.95" a byte below 95%
     steps = []
     for n, rps in ((1, 1000.0), (2, 1900.0), (4, 1950.0)):
         used = target_used if n == 2 else target_used + (n - 2) * 64 * MiB
