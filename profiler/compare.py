@@ -519,7 +519,9 @@ def format_comparison(record: RunRecord) -> str:
         if row.get("error"):
             return f"{'failed':>8} {'':>8} {'':>8} {'':>10} {'':>10}"
         lat = row.get("latency_ms") or {}
-        return (f"{row['throughput_rps']:>8.1f} {lat.get('p50', 0):>8.2f} {lat.get('p99', 0):>8.2f} "
+        latency = (f"{lat['p50']:>8.2f} {lat['p99']:>8.2f}" if "p50" in lat and "p99" in lat
+                   else f"{'none done':>17}")  # no completed request: no latency, not 0.00 ms
+        return (f"{row['throughput_rps']:>8.1f} {latency} "
                 f"{mem(row.get('host_uss_bytes')):>10} {mem(row.get('device_bytes')):>10}")
 
     width = len(cell(None))
@@ -803,7 +805,9 @@ def _row_line(row: dict[str, Any]) -> str:
     lat = row.get("latency_ms") or {}
     host = row.get("host_uss_bytes")
     device = row.get("device_bytes")
-    return (f"  {row['mode']:>9} x{row['predictors']:<3} {row['throughput_rps']:9.1f} req/s  p50 {lat.get('p50', 0):7.2f} ms"
-            f"  p99 {lat.get('p99', 0):7.2f} ms  host USS {format_bytes(host) if is_available(host) else 'n/a'}"
+    latency = (f"p50 {lat['p50']:7.2f} ms  p99 {lat['p99']:7.2f} ms" if "p50" in lat and "p99" in lat
+               else "no request completed")  # not "p50 0.00 ms"
+    return (f"  {row['mode']:>9} x{row['predictors']:<3} {row['throughput_rps']:9.1f} req/s  {latency}"
+            f"  host USS {format_bytes(host) if is_available(host) else 'n/a'}"
             f"  device {format_bytes(device) if is_available(device) else 'n/a'}"
             + (f"  errors {row['errors']}" if row.get("errors") else ""))
