@@ -180,7 +180,9 @@ def test_ctrl_c_while_the_model_loads_says_interrupted_and_leaves_nothing(tmp_pa
     (tmp_path / "slow_loading_model.py").write_text(
         "import os, signal, time\n\n"
         "def make():\n"
-        "    os.kill(os.getpid(), signal.SIGINT)  # the user presses Ctrl-C while the weights load\n"
+        "    # the user presses Ctrl-C while the weights load. raise_signal runs the handler before it returns;\n"
+        "    # os.kill could leave it pending (taken by another thread) until after make() had returned None\n"
+        "    signal.raise_signal(signal.SIGINT)\n"
         "    time.sleep(30)\n")
     out = tmp_path / "report"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
