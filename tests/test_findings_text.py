@@ -1,0 +1,160 @@
+"""The findings' words pinned: every rule's title, remedy and evidence on its scenario, the recommendation's
+reason and conclude()'s sharing, compared with tests/fixtures/findings/golden.json.
+
+The other tests check the numbers a reader needs; this one notices any change to what a user reads (a mutated
+word, a dropped clause, a key renamed in the evidence). After a deliberate change to a text, regenerate with
+`GPUSCOPE_REGEN_GOLDEN=1 python -m pytest tests/test_findings_text.py` and review the diff of golden.json.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import pytest
+
+from probes.readings import Unavailable, reading_to_json
+from profiler.findings import DEFAULT_THRESHOLDS, RULES, _ms_text, conclude, evaluate, recommend
+from tests import scenarios as S
+from tests.test_findings import FIRES
+
+GOLDEN = Path(__file__).parent / "fixtures" / "findings" / "golden.json"
+REGEN = os.environ.get("GPUSCOPE_REGEN_GOLDEN") == "1"
+
+
+def fresh(builder):
+    made = builder()
+    return made[0] if isinstance(made, tuple) else made
+
+
+def plain(value):
+    """JSON-comparable: Unavailable as its JSON form, floats rounded to 9 significant digits."""
+    value = reading_to_json(value)
+    if isinstance(value, float):
+        return float(f"{value:.9g}") if math.isfinite(value) else str(value)
+    if isinstance(value, dict):
+        return {str(k): plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain(v) for v in value]
+    return value
+
+
+def describe(found):
+    return [plain({"code": f.code, "severity": f.severity, "title": f.title, "remedy": f.remedy,
+                   "evidence": f.evidence, "at_predictors": f.at_predictors}) for f in found]
+
+
+def every_count_failing():
+    record = S.predictor_errors_run(1, 2)
+    record.steps[0].requests, record.steps[0].errors = 90, 10
+    return record
+
+
+def interrupted():
+    record = S.clean_cpu_run()
+    for step in record.steps:
+        step.partial = True
+    return record
+
+
+RECORDS = {
+    **{rule.__name__: FIRES[rule][0] for rule in RULES},
+    "clean_gpu_run": S.clean_gpu_run, "clean_cpu_run": S.clean_cpu_run,
+    "h200_streams_run": lambda: S.h200_shared_model_run(True),
+    "p99_limited_run": lambda: S.cpu_record([S.cpu_step(1, 30.0, 30.0, rss=700 * S.MiB, model_bytes=S.CPU_MODEL),
+                                             S.cpu_step(2, 50.0, 40.0, rss=701 * S.MiB, model_bytes=S.CPU_MODEL)],
+                                            model_bytes=S.CPU_MODEL, max_p99_ms=45.0),
+    "unmet_p99_run": lambda: S.cpu_record([S.cpu_step(1, 30.0, 60.0, rss=700 * S.MiB, model_bytes=S.CPU_MODEL)],
+                                          model_bytes=S.CPU_MODEL, max_p99_ms=5.0),
+    "every_count_failing_run": lambda: every_count_failing(),
+    "interrupted_run": lambda: interrupted(),
+    "too_few_steps_run": lambda: S.cpu_record([S.cpu_step(1, 30.0, 30.0, rss=700 * S.MiB, model_bytes=S.CPU_MODEL)],
+                                              model_bytes=S.CPU_MODEL),
+    "overloaded_run": S.overloaded_run,
+}
+
+
+def current() -> dict:
+    out = {}
+    for name, builder in RECORDS.items():
+        record = fresh(builder)
+        entry = {"recommendation": plain(recommend(record, DEFAULT_THRESHOLDS)),
+                 "findings": describe(evaluate(record, DEFAULT_THRESHOLDS))}
+        conclude(record)
+        entry["sharing"] = plain(record.sharing)
+        out[name] = entry
+    return out
+
+
+def test_findings_text_is_what_golden_json_says():
+    now = json.loads(json.dumps(current()))
+    if REGEN or not GOLDEN.exists():
+        GOLDEN.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
+        if not REGEN:
+            pytest.fail(f"{GOLDEN} did not exist: written; review and commit it")
+    golden = json.loads(GOLDEN.read_text())
+    assert sorted(now) == sorted(golden)
+    for name in golden:
+        assert now[name] == golden[name], name
+
+
+@pytest.mark.parametrize("value, text", [
+    (10.0, "10.0 ms"), (9.99, "9.99 ms"), (0.1, "0.10 ms"), (0.0999, "100 us"), (0.0123, "12 us"),
+    (123.456, "123.5 ms"), (Unavailable("error", "none"), "n/a")])
+def test_milliseconds_are_shown_with_the_digits_that_matter(value, text):
+    assert _ms_text(value) == text
+
+
+# ---------------------------------------------------------------- the gate's words
+
+GATE_GOLDEN = Path(__file__).parent / "fixtures" / "findings" / "gate-golden.json"
+
+
+def gate_cases():
+    from profiler.check import Limits
+
+    every = dict(max_device_memory=10 * 2**30, max_host_memory=4 * 2**30, min_headroom_pct=10.0, max_p99_ms=5.0,
+                 min_throughput=1000.0, max_memory_per_predictor=64 * 2**20,
+                 forbid=("DUPLICATE_MODEL", "FOREIGN_PROCESS", "PROCESSES_VS_THREADS", "MEMORY_GROWTH"))
+
+    def concluded(builder):
+        record = fresh(builder)
+        conclude(record)
+        return record
+
+    return {
+        "h200_every_limit": (lambda: concluded(S.h200_shared_model_run), Limits(**every)),
+        "h200_fail_on_warn_at_1": (lambda: concluded(S.h200_shared_model_run), Limits(fail_on="warn", at_predictors=1)),
+        "h200_not_measured_count": (lambda: concluded(S.h200_shared_model_run), Limits(max_p99_ms=1.0, at_predictors=3)),
+        "cpu_every_limit": (lambda: concluded(S.clean_cpu_run), Limits(**every)),
+        "oom_every_limit": (lambda: concluded(S.oom_run), Limits(**every, at_predictors=4)),
+        "unmet_p99": (lambda: concluded(RECORDS["unmet_p99_run"]), Limits(max_p99_ms=5.0, fail_on="warn")),
+        "every_count_failing": (lambda: concluded(every_count_failing), Limits(**every)),
+        "interrupted": (lambda: concluded(interrupted), Limits(**every)),
+        "copied_model_forbid": (lambda: concluded(S.copied_model_run), Limits(forbid=("DUPLICATE_MODEL",))),
+    }
+
+
+def gate_now() -> dict:
+    from profiler.check import evaluate as gate, format_lines
+
+    out = {}
+    for name, (build, limits) in gate_cases().items():
+        outcome = gate(build(), limits)
+        out[name] = {"exit_code": outcome.exit_code, "lines": format_lines(outcome),
+                     "results": [plain({"name": r.name, "status": r.status, "measured_raw": r.measured_raw,
+                                        "at_predictors": r.at_predictors}) for r in outcome.results]}
+    return json.loads(json.dumps(out))
+
+
+def test_the_gates_lines_are_what_gate_golden_json_says():
+    now = gate_now()
+    if REGEN or not GATE_GOLDEN.exists():
+        GATE_GOLDEN.write_text(json.dumps(now, indent=1, sort_keys=True) + "\n")
+        if not REGEN:
+            pytest.fail(f"{GATE_GOLDEN} did not exist: written; review and commit it")
+    golden = json.loads(GATE_GOLDEN.read_text())
+    assert sorted(now) == sorted(golden)
+    for name in golden:
+        assert now[name] == golden[name], name
