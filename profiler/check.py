@@ -784,7 +784,7 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
             if gpu_needed and no_gpu:
                 why = no_gpu
             elif not series:
-                why = f"the {mode} recorded no {what} of the process"
+                why = f"the {mode} recorded no {what}"  # `what` already names the process's figure
             else:
                 why = _why_unavailable(value, what)
             results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}", **common))

@@ -100,7 +100,7 @@ def test_findings_text_is_what_golden_json_says():
 
 
 @pytest.mark.parametrize("value, text", [
-    (10.0, "10.0 ms"), (9.99, "9.99 ms"), (0.1, "0.10 ms"), (0.0999, "100 us"), (0.0123, "12 us"),
+    (10.0, "10.0 ms"), (9.99, "9.99 ms"), (0.1, "0.10 ms"), (0.0999, "100 us"), (0.0123, "12 us"), (0.09945, "99 us"),
     (123.456, "123.5 ms"), (Unavailable("error", "none"), "n/a")])
 def test_milliseconds_are_shown_with_the_digits_that_matter(value, text):
     assert _ms_text(value) == text
@@ -133,7 +133,45 @@ def gate_cases():
         "every_count_failing": (lambda: concluded(every_count_failing), Limits(**every)),
         "interrupted": (lambda: concluded(interrupted), Limits(**every)),
         "copied_model_forbid": (lambda: concluded(S.copied_model_run), Limits(forbid=("DUPLICATE_MODEL",))),
+        "watch_every_limit": (lambda: live_record("watch", 120, 5.0), Limits(**every, at_predictors=2)),
+        "watch_unread_and_unfinished": (lambda: live_record("watch", 3, float("nan"), unread=True),
+                                        Limits(**every)),
+        "profile_no_samples": (lambda: live_record("profile", 0, 1.0), Limits(max_host_memory=2**30)),
+        "gpu_unread_figures": (lambda: unread_gpu(), Limits(**every)),
+        "no_request_at_the_count": (lambda: no_request(), Limits(max_p99_ms=5.0, at_predictors=2)),
+        "cpu_gpu_only_limits": (lambda: concluded(S.clean_cpu_run),
+                                Limits(max_device_memory=2**30, min_headroom_pct=5.0, forbid=("LOW_HEADROOM",))),
     }
+
+
+def live_record(mode: str, ticks: int, peak_t_s: float, unread: bool = False):
+    """A watch or profile record: no steps, the target's series in extra['live']."""
+    record = S.clean_gpu_run()
+    record.mode, record.steps = mode, []
+    record.status = "running" if unread else "complete"
+    rss = {"peak": Unavailable("process_gone", "pid 4242 exited")} if unread else {"peak": 900 * S.MiB,
+                                                                                    "peak_t_s": peak_t_s}
+    gpu = {} if unread else {"peak": 3 * 2**30, "peak_t_s": peak_t_s}
+    record.extra["live"] = {"ticks": ticks, "series": {"rss_bytes": rss, "process_gpu_bytes": gpu}}
+    record.findings = evaluate(record, DEFAULT_THRESHOLDS)
+    return record
+
+
+def unread_gpu():
+    record = S.h200_shared_model_run(False, counts=(1, 2))
+    for step in record.steps:
+        step.memory["process_gpu_bytes"] = Unavailable("not_supported", "NVML lists no process here")
+        step.memory["device_used_bytes"] = Unavailable("no_device", "GPU lost")
+    conclude(record)
+    return record
+
+
+def no_request():
+    record = S.clean_cpu_run()
+    conclude(record)
+    step = record.step_at(2)
+    step.requests, step.errors, step.latency_ms = 0, 40, {}
+    return record
 
 
 def gate_now() -> dict:
@@ -142,9 +180,12 @@ def gate_now() -> dict:
     out = {}
     for name, (build, limits) in gate_cases().items():
         outcome = gate(build(), limits)
-        out[name] = {"exit_code": outcome.exit_code, "lines": format_lines(outcome),
-                     "results": [plain({"name": r.name, "status": r.status, "measured_raw": r.measured_raw,
-                                        "at_predictors": r.at_predictors}) for r in outcome.results]}
+        out[name] = {"exit_code": outcome.exit_code, "lines": format_lines(outcome), "notes": list(outcome.notes),
+                     "at_predictors": outcome.at_predictors, "source": outcome.at_predictors_source,
+                     "results": [plain({k: getattr(r, k) for k in ("name", "kind", "status", "measured",
+                                                                   "measured_raw", "limit", "limit_raw", "unit",
+                                                                   "at_predictors", "message")})
+                                 for r in outcome.results]}
     return json.loads(json.dumps(out))
 
 
@@ -158,3 +199,21 @@ def test_the_gates_lines_are_what_gate_golden_json_says():
     assert sorted(now) == sorted(golden)
     for name in golden:
         assert now[name] == golden[name], name
+
+
+def test_a_memory_figure_that_is_not_a_finite_number_is_not_read():
+    from profiler.findings import _mem
+    from profiler.run import Step
+
+    step = Step(predictors=1, memory={"a": float("nan"), "b": float("inf"), "c": True, "d": Unavailable("error"),
+                                      "e": "12", "f": 12.7, "g": 3})
+    assert [_mem(step, k) for k in "abcdefg"] + [_mem(step, "missing")] == [None, None, None, None, None, 12, 3, None]
+
+
+def test_conclude_uses_the_thresholds_it_is_given():
+    from profiler.findings import Thresholds
+
+    record = fresh(S.h200_shared_model_run)
+    conclude(record, Thresholds(plateau_share=0.5, stream_latency_ratio=100.0))
+    assert record.recommendation["predictors"] == 1  # 1 predictor is within 50% of the best
+    assert "DEFAULT_STREAM_SERIALIZATION" not in {f.code for f in record.findings}
