@@ -232,7 +232,8 @@ def rule_cpu_oversubscription(record: RunRecord, t: Thresholds) -> list[Finding]
         remedy = (f"run at most {cores} predictors per process, or give each predictor its own CUDA stream and "
                   "batch requests so fewer threads wait")
     else:
-        title = (f"{first.predictors} predictors x {threads} intra-op threads = {busy_threads(first)} busy threads "
+        title = (f"{first.predictors} predictor{'s' if first.predictors != 1 else ''} x {threads} intra-op threads = "
+                 f"{busy_threads(first)} busy threads "
                  f"on {cores} usable core{'s' if cores != 1 else ''}")
         remedy = (f"torch.set_num_threads(max(1, {cores} // predictors)) in the server (or OMP_NUM_THREADS), "
                   "or run fewer predictors")

@@ -58,7 +58,63 @@ def interrupted():
     return record
 
 
+def variant(builder, change):
+    """A scenario with one thing changed: the other arm of a plural, a figure missing, one more entity."""
+    def build():
+        record = fresh(builder)
+        change(record)
+        return record
+    return build
+
+
+def _one_grad_thread(record):
+    for step in record.steps:
+        step.outputs_with_grad = 1
+
+
+def _two_foreign(record):
+    other = next(p for p in record.processes if not p.get("self"))
+    record.processes.append({**other, "pid": other["pid"] + 1, "name": None})
+    del record.processes[-1]["name"]
+
+
+def _six_missing_pids(record):
+    base = record.processes[0]
+    record.processes.extend({**base, "pid": 9000 + i, "exists": False, "self": False} for i in range(6))
+
+
+def _one_core(record):
+    record.host["usable_cores"] = 1
+
+
+def _no_last_p50(record):
+    record.steps[-1].latency_ms.pop("p50", None)
+
+
+def _self_two_engine_entries(record):
+    me = next(p for p in record.processes if p.get("self"))
+    record.processes.append({**me, "self": False, "name": None})
+    del record.processes[-1]["name"]
+
+
+VARIANTS = {
+    "grad_one_thread": variant(S.grad_enabled_run, _one_grad_thread),
+    "foreign_two_processes": variant(S.foreign_process_run, _two_foreign),
+    "pid_namespace_six_missing": variant(S.clean_gpu_run, _six_missing_pids),
+    "oversubscribed_one_core": variant(S.oversubscribed_cpu_run, _one_core),
+    "plateau_last_without_p50": variant(S.h200_shared_model_run, _no_last_p50),
+    "engines_listed_twice": variant(S.engines_in_one_process_run, _self_two_engine_entries),
+    "leak_at_one_predictor": variant(S.leaking_cpu_run, lambda r: r.steps.pop()),
+    "gpu_run_without_nvml_rows": variant(lambda: S.h200_shared_model_run(False, counts=(1, 2)),
+                                         lambda r: [s.memory.__setitem__("process_gpu_bytes", Unavailable("not_supported"))
+                                                    for s in r.steps]),
+    "cache_bloat_in_a_step": variant(S.clean_gpu_run, lambda r: (
+        r.steps[-1].memory["layers"].update(allocator_cache_bytes=600 * S.MiB), r.baseline.update(end={}))),
+}
+
+
 RECORDS = {
+    **VARIANTS,
     **{rule.__name__: FIRES[rule][0] for rule in RULES},
     "clean_gpu_run": S.clean_gpu_run, "clean_cpu_run": S.clean_cpu_run,
     "h200_streams_run": lambda: S.h200_shared_model_run(True),
