@@ -113,6 +113,53 @@ VARIANTS = {
 }
 
 
+def _no_outside_layer(record):
+    for step in record.steps:
+        step.memory["layers"].pop("outside_allocator_bytes", None)
+
+
+def _a_step_with_copies(record):
+    record.steps[-1].distinct_weight_sets = 2
+
+
+def _unnamed_two_engine_neighbour(record):
+    record.processes.append({**record.processes[0], "pid": 808, "self": False, "engines": ["torch", "jax"]})
+    del record.processes[-1]["name"]
+
+
+def _no_activations_layer(record):
+    record.steps[-1].memory["layers"].update(allocator_cache_bytes=600 * S.MiB)
+    record.steps[-1].memory["layers"].pop("activations_bytes", None)
+    record.baseline["end"] = {}
+
+
+def _foreign_one_byte(record):
+    next(p for p in record.processes if not p.get("self"))["peak_used_bytes"] = 1
+
+
+def _no_thread_count(record):
+    for step in record.steps:
+        step.intra_op_threads = None
+    record.step_at(4).predictors = 3
+
+
+def _tensorflow_too(record):
+    jax = next(p for p in record.processes if "jax" in (p.get("engines") or []))
+    jax["engines"] = ["jax", "tensorflow"]
+
+
+VARIANTS.update({
+    "context_only_without_layers": variant(S.context_only_run, _no_outside_layer),
+    "growth_beside_copies": variant(S.h200_shared_model_run, _a_step_with_copies),
+    "engines_in_an_unnamed_neighbour": variant(S.clean_gpu_run, _unnamed_two_engine_neighbour),
+    "cache_bloat_without_activations": variant(S.clean_gpu_run, _no_activations_layer),
+    "foreign_holding_one_byte": variant(S.foreign_process_run, _foreign_one_byte),
+    "oversubscribed_without_thread_count": variant(S.oversubscribed_cpu_run, _no_thread_count),
+    "two_preallocating_engines": variant(S.jax_sibling_run, _tensorflow_too),
+    "no_steps": variant(S.clean_cpu_run, lambda r: r.steps.clear()),
+})
+
+
 RECORDS = {
     **VARIANTS,
     **{rule.__name__: FIRES[rule][0] for rule in RULES},
