@@ -37,6 +37,10 @@ def _start(out: Path) -> subprocess.Popen:
     return subprocess.Popen(cmd, cwd=out.parent, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _lines(path: Path) -> list[dict]:
     out = []
     if not path.exists():
@@ -180,15 +184,17 @@ def test_ctrl_c_while_the_model_loads_says_interrupted_and_leaves_nothing(tmp_pa
     (tmp_path / "slow_loading_model.py").write_text(
         "import os, signal, time\n\n"
         "def make():\n"
-        "    # the user presses Ctrl-C while the weights load. raise_signal runs the handler before it returns;\n"
-        "    # os.kill could leave it pending (taken by another thread) until after make() had returned None\n"
+        "    # the user presses Ctrl-C while the weights load (raise_signal: the handler runs before it returns)\n"
         "    signal.raise_signal(signal.SIGINT)\n"
         "    time.sleep(30)\n")
     out = tmp_path / "report"
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(tmp_path)]))
+    # The child starts with SIGINT's default disposition, as under a terminal, whatever this process inherited: a
+    # test run started in the background of a non-interactive shell (a CI job, a load test) ignores SIGINT, and
+    # its child would inherit that, sleep through the Ctrl-C and fail for a reason that is not gpuscope's.
     proc = subprocess.run([sys.executable, "-m", "profiler", "diagnose", "--model", "slow_loading_model:make",
                            "--device", "cpu", "--out", str(out)], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=60)
+                          text=True, timeout=60, preexec_fn=_default_sigint)
     assert proc.returncode == 130, proc.stderr
     assert proc.stderr == "gpuscope: interrupted\n"
     assert not (out / "run.json").exists() and not (out / "samples.jsonl").exists()
