@@ -74,13 +74,15 @@ class GpuProbe:
     """Samples every device NVML can see, and every process on each."""
 
     def __init__(self, backend: NvmlBackend, describe: Callable[[int, str], ProcessInfo] | None = None,
-                 pid_exists: Callable[[int], bool] | None = None, describe_every_s: float = 5.0) -> None:
+                 pid_exists: Callable[[int], bool] | None = None, describe_every_s: float = 5.0,
+                 clock_s: Callable[[], float] | None = None) -> None:
         import psutil
 
         self._backend = backend
         self._describe = describe or (lambda pid, name: describe_process(pid, name))
         self._pid_exists = pid_exists or psutil.pid_exists
         self._describe_every_s = describe_every_s
+        self._clock_s = clock_s or time.monotonic  # SM holds and re-describes age on it (tests drive it)
         self._described_at: dict[int, float] = {}
         # Every process seen during the run (a foreign process that came and went still matters),
         # capped so a day-long watch on a box with churning processes stays bounded.
@@ -135,7 +137,7 @@ class GpuProbe:
 
     def read(self) -> list[ScopedValue]:
         out: list[ScopedValue] = []
-        now_s = time.monotonic()
+        now_s = self._clock_s()
         # bounded: samples older than SM_HOLD_S go, including those of processes that have exited
         self._last_sm = {k: v for k, v in self._last_sm.items() if now_s - v[1] <= self.SM_HOLD_S}
         for index in range(self.device_count):

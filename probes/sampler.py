@@ -136,16 +136,17 @@ class Sampler:
 
     def _run(self) -> None:
         interval_ns = int(self.interval_s * 1e9)
-        next_ns = time.monotonic_ns()
+        clock = self._clock_ns  # the injected clock schedules as well as stamps (tests drive it)
+        next_ns = clock()
         while not self._stop.is_set():
             self.tick()
             next_ns += interval_ns
-            now = time.monotonic_ns()
+            now = clock()
             if now > next_ns:  # fell behind: skip the missed ticks instead of bunching them up
                 missed = (now - next_ns) // interval_ns + 1
                 self.missed_ticks += int(missed)
                 next_ns += int(missed) * interval_ns
-            self._stop.wait((next_ns - time.monotonic_ns()) / 1e9)
+            self._stop.wait((next_ns - clock()) / 1e9)
 
     def start(self) -> "Sampler":
         if self._thread is None:

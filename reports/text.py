@@ -177,7 +177,9 @@ def format_comparison(record: RunRecord) -> str:
         if row.get("error"):
             return f"{'failed':>8} {'':>8} {'':>8} {'':>10} {'':>10}"
         lat = row.get("latency_ms") or {}
-        return (f"{row['throughput_rps']:>8.1f} {lat.get('p50', 0):>8.2f} {lat.get('p99', 0):>8.2f} "
+        latency = (f"{lat['p50']:>8.2f} {lat['p99']:>8.2f}" if "p50" in lat and "p99" in lat
+                   else f"{'none done':>17}")  # no completed request: no latency, not 0.00 ms
+        return (f"{row['throughput_rps']:>8.1f} {latency} "
                 f"{mem(row.get('host_uss_bytes')):>10} {mem(row.get('device_bytes')):>10}")
 
     width = len(cell(None))

@@ -219,6 +219,21 @@ def test_a_worker_that_dies_mid_run_is_reported_and_every_worker_is_reaped(tmp_p
     assert any(f.code == "PROCESSES_VS_THREADS" and "could not run" in f.title for f in record.findings)
 
 
+def _marks(samples: Path) -> list[dict]:
+    """The event lines samples.jsonl holds so far (a line being written is skipped)."""
+    if not samples.exists():
+        return []
+    out = []
+    for raw in samples.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            line = json.loads(raw)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(line, dict) and "event" in line:
+            out.append(line)
+    return out
+
+
 def test_sigint_stops_and_reaps_every_worker_then_exits_130(tmp_path: Path) -> None:
     out = tmp_path / "interrupted"
     env = dict(os.environ, PYTHONPATH=str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -226,18 +241,23 @@ def test_sigint_stops_and_reaps_every_worker_then_exits_130(tmp_path: Path) -> N
                              "--predictors", "2", "--duration", "4s", "--warmup", "0.3s", "--out", str(out)],
                             cwd=str(ROOT), env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     workers: set[int] = set()
+    step: dict | None = None
     try:
         parent = psutil.Process(proc.pid)
-        deadline = time.monotonic() + 60
-        # wait until the process-mode step runs: two spawned workers besides multiprocessing's resource tracker
+        deadline = time.monotonic() + 120
+        # wait for the event, not for time: the 2-process step's step_start mark in samples.jsonl, written once
+        # both of its workers are up and before it measures (which takes --duration 4 s: the signal lands in it)
         while time.monotonic() < deadline and proc.poll() is None:
-            spawned = [c for c in parent.children() if "spawn_main" in " ".join(_cmdline(c))]
-            workers |= {c.pid for c in spawned}
-            if len(workers) >= 3 and len(spawned) == 2 and (out / "samples.jsonl").exists():
+            workers |= {c.pid for c in parent.children() if "spawn_main" in " ".join(_cmdline(c))}
+            step = next((m for m in _marks(out / "samples.jsonl")
+                         if m.get("event") == "step_start" and m.get("mode") == PROCESSES), None)
+            if step is not None:
                 break
-            time.sleep(0.1)
-        assert proc.poll() is None and len(workers) >= 3, "the process-mode step never started"
-        time.sleep(1.0)  # inside the 2-process step
+            time.sleep(0.05)
+        assert proc.poll() is None and step is not None, "the process-mode step never started"
+        assert len(step["pids"]) == 2, step
+        workers |= set(step["pids"])
+        assert len(workers) >= 3, workers  # the thread-mode worker seen earlier, and the two process workers
         descendants = {c.pid for c in parent.children(recursive=True)}
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=30)

@@ -186,7 +186,7 @@ def test_the_real_command_without_a_driver_serves_zero_and_healthz():
     """`gpuscope export` as a user runs it, on this machine's real (absent) NVML."""
     if _nvml_opens_here():
         pytest.skip("NVML opens on this machine: the no-driver case cannot be run for real here")
-    proc = subprocess.Popen([sys.executable, "-m", "profiler", "export", "--port", "0"], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "gpuscope", "export", "--port", "0"], cwd=REPO,
                             stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
     lines: "queue.Queue[str]" = queue.Queue()
     threading.Thread(target=lambda: [lines.put(line) for line in proc.stderr], daemon=True).start()  # type: ignore[union-attr]
@@ -213,7 +213,7 @@ def test_the_real_command_without_a_driver_serves_zero_and_healthz():
 
 @pytest.mark.slow
 def test_bad_input_still_exits_2_with_one_line():
-    proc = subprocess.run([sys.executable, "-m", "profiler", "export", "--port", "70000"], cwd=REPO,
+    proc = subprocess.run([sys.executable, "-m", "gpuscope", "export", "--port", "70000"], cwd=REPO,
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [proc.stderr.strip()] and "--port 70000: not a TCP port" in proc.stderr

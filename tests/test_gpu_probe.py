@@ -46,6 +46,16 @@ class RecordingDescriber:
         return ProcessInfo(pid, True, nvml_name or "?", "alice", "python serve.py", ("torch",), {})
 
 
+class FakeClockS:
+    """A monotonic clock in seconds that moves only when the test moves it."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def probe_for(backend, **kwargs) -> GpuProbe:
     kwargs.setdefault("describe", RecordingDescriber())
     kwargs.setdefault("pid_exists", lambda pid: True)
@@ -415,15 +425,35 @@ def test_a_tick_without_a_new_utilisation_sample_keeps_nvmls_last_one_for_its_sa
     quiet = FakeProcess(OWN.pid, OWN.used_bytes, OWN.name, sm_util_pct=None)  # no sample since the last query
     nvml = ScriptedNvml(script=[DeviceState((busy,)), DeviceState((quiet,)), DeviceState((quiet,)),
                                 DeviceState((quiet,))])
-    probe = probe_for(nvml)
+    clock = FakeClockS()
+    probe = probe_for(nvml, clock_s=clock)
     scope = (f"pid:{OWN.pid}/gpu:0", "sm_util_pct")
     seen = []
-    for _ in range(3):
+    for dt in (0.0, 1.0, GpuProbe.SM_HOLD_S - 1.0):  # the sample, then ticks without one up to the hold's end
+        clock.now += dt
         seen.append(as_dict(probe.read())[scope])
         nvml.advance()
-    assert seen == [62, 62, 62]
-    probe.SM_HOLD_S = 0.0  # the sampling period has passed without a sample: idle
+    assert seen == [62, 62, 62]  # held for exactly SM_HOLD_S
+    clock.now += 0.001  # the sampling period has passed without a sample: idle
     assert as_dict(probe.read())[scope] == 0
+    assert probe._last_sm == {}  # and the expired sample is dropped, not held forever
+
+
+def test_a_new_utilisation_sample_restarts_the_hold():
+    busy = FakeProcess(OWN.pid, OWN.used_bytes, OWN.name, sm_util_pct=62)
+    busier = FakeProcess(OWN.pid, OWN.used_bytes, OWN.name, sm_util_pct=80)
+    quiet = FakeProcess(OWN.pid, OWN.used_bytes, OWN.name, sm_util_pct=None)
+    nvml = ScriptedNvml(script=[DeviceState((busy,)), DeviceState((busier,)), DeviceState((quiet,)),
+                                DeviceState((quiet,))])
+    clock = FakeClockS()
+    probe = probe_for(nvml, clock_s=clock)
+    scope = (f"pid:{OWN.pid}/gpu:0", "sm_util_pct")
+    seen = []
+    for dt in (0.0, 1.5, GpuProbe.SM_HOLD_S, 0.001):  # 80 at 1.5 s holds until 3.5 s; 3.501 s is past it
+        clock.now += dt
+        seen.append(as_dict(probe.read())[scope])
+        nvml.advance()
+    assert seen == [62, 80, 80, 0]
 
 
 def test_older_drivers_answer_the_process_list_through_the_v2_call():

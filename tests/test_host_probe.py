@@ -76,22 +76,30 @@ def test_process_cpu_is_a_mean_over_a_quarter_second_within_the_cores():
 
     spinner = threading.Thread(target=spin, daemon=True)
     spinner.start()
+    window = HostProbe.CPU_WINDOW_S
     try:
+        # Each read is bracketed by two clock readings: the probe's own `now` lies between them, so how long
+        # its window had run is known to lie in [before - first_after, after - first_before], however late a
+        # busy machine runs this thread. The test decides from those bounds, never from how long a sleep took.
+        first_before = time.monotonic()
         assert isinstance(as_dict(probe.read())[(scope, "cpu_util_pct")], Unavailable)
-        started = time.monotonic()  # the window counts from the first reading, taken just before this
+        first_after = time.monotonic()
         values = []
         for _ in range(15):
             time.sleep(0.05)
-            elapsed = time.monotonic() - started
-            values.append((elapsed, as_dict(probe.read())[(scope, "cpu_util_pct")]))
+            before = time.monotonic()
+            value = as_dict(probe.read())[(scope, "cpu_util_pct")]
+            after = time.monotonic()
+            values.append((before - first_after, after - first_before, value))
     finally:
         stop.set()
         spinner.join()
-    measured = [v for _t, v in values if not isinstance(v, Unavailable)]
-    assert all(isinstance(v, Unavailable) for t, v in values if t < 0.15), values  # no quarter second yet
-    assert all(not isinstance(v, Unavailable) for t, v in values if t >= 0.25), values
+    measured = [v for _lo, _hi, v in values if not isinstance(v, Unavailable)]
+    assert all(isinstance(v, Unavailable) for _lo, hi, v in values if hi < window), values  # no quarter second yet
+    assert all(not isinstance(v, Unavailable) for lo, _hi, v in values if lo >= window), values
+    assert measured, values  # 15 reads 50 ms apart span more than a quarter second
     assert all(0 <= v <= 100 * psutil.cpu_count() * 1.05 for v in measured), measured
-    assert max(measured) >= 10, measured  # the spinner is seen (a loaded machine gives it less than a core)
+    assert max(measured) > 0, measured  # the spinner is seen (a loaded machine may give it little of a core)
 
 
 def test_per_core_readings_can_be_turned_off():

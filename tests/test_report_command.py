@@ -129,10 +129,10 @@ def test_unwritable_out_dir_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
 def test_24_hours_of_1s_samples_render_quickly(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """86,400 ticks: the real figure is measured by the benchmark script; this is a generous sanity bound."""
     _record, run, _samples = rf.long_watch_run(str(tmp_path))
-    started = time.perf_counter()
+    started = time.process_time()  # CPU seconds: other processes on the cores cannot make it look slow
     assert report_command(run, None) == 0
-    elapsed = time.perf_counter() - started
-    assert elapsed < 20.0, f"rendering 24 h of samples took {elapsed:.1f} s"
+    elapsed = time.process_time() - started
+    assert elapsed < 20.0, f"rendering 24 h of samples took {elapsed:.1f} s of CPU"
     assert _files(tmp_path) == WATCH_FILES  # a watch swept nothing: no throughput plot
     html = (tmp_path / "report.html").read_text()
     assert "86,400 ticks" not in html  # the note lives in the PNG, the HTML stays small

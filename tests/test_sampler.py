@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import errno
+import threading
 import time
 
 import pytest
@@ -22,11 +23,19 @@ class CountingProbe:
         self.scope, self.metric = scope, metric
         self.reads: list[float] = []
         self._sleep_s = sleep_s or {}
+        self._read = threading.Condition()
 
     def read(self):
         self.reads.append(time.monotonic())
         time.sleep(self._sleep_s.get(len(self.reads), 0.0))
+        with self._read:
+            self._read.notify_all()
         return [(self.scope, self.metric, len(self.reads))]
+
+    def wait_for_reads(self, n: int, timeout_s: float = 60.0) -> bool:
+        """Until `n` reads were taken (an event, not a sleep): True, or False after `timeout_s`."""
+        with self._read:
+            return self._read.wait_for(lambda: len(self.reads) >= n, timeout_s)
 
 
 class RaisingProbe:
@@ -63,8 +72,8 @@ def test_an_interval_under_5_ms_is_refused():
 class FakeLoopTime:
     """A fake monotonic clock plus a fake stop event for `Sampler._run`: `wait()` moves the clock, nothing sleeps.
 
-    `_run` schedules with `time.monotonic_ns()` and waits with `self._stop.wait()`, so the test swaps the
-    sampler module's `time` for this object and the sampler's `_stop` for `self.stop_event`. The loop ends
+    `_run` schedules with the sampler's injected `clock_ns` and waits with `self._stop.wait()`, so the test
+    hands the sampler `monotonic_ns` as its clock and swaps its `_stop` for `self.stop_event`. The loop ends
     once the clock has passed `run_for_ns`.
     """
 
@@ -72,8 +81,6 @@ class FakeLoopTime:
         self.now = 7_000_000_000
         self.end = self.now + run_for_ns
         self.waits: list[float] = []
-        self.perf_counter_ns = time.perf_counter_ns  # tick cost bookkeeping: real, harmless
-        self.thread_time_ns = time.thread_time_ns
         fake = self
 
         class StopEvent:
@@ -111,12 +118,12 @@ class TimedProbe:
         return [("host", "n", len(self.reads))]
 
 
-def test_ticks_keep_to_the_interval_without_drift_or_bunching(monkeypatch):
-    # Deterministic: the loop runs on a fake clock. Every tick costs 3 ms (a sampler that waited a fixed
-    # interval after each tick would drift 3 ms per tick) and the 5th stalls 120 ms (2.4 intervals).
+def test_ticks_keep_to_the_interval_without_drift_or_bunching():
+    # Deterministic: the loop runs on a fake clock, injected as the sampler's clock_ns. Every tick costs
+    # 3 ms (a sampler that waited a fixed interval after each tick would drift 3 ms per tick) and the 5th
+    # stalls 120 ms (2.4 intervals).
     fake = FakeLoopTime(run_for_ns=1_000_000_000)
     probe = TimedProbe(fake, cost_s=0.003, stall_s={5: 0.12})
-    monkeypatch.setattr("gpuscope.probes.sampler.time", fake)
     sampler = Sampler({"p": probe}, interval_s=0.05, clock_ns=fake.monotonic_ns)
     sampler._stop = fake.stop_event
     sampler._run()
@@ -142,9 +149,7 @@ def test_the_sampler_thread_ticks_in_real_time():
     probe = CountingProbe()
     sampler = Sampler({"p": probe}, interval_s=0.05)
     sampler.start()
-    deadline = time.monotonic() + 30
-    while len(probe.reads) < 4 and time.monotonic() < deadline:
-        time.sleep(0.01)
+    probe.wait_for_reads(4, timeout_s=30)
     sampler.stop()
     assert len(probe.reads) >= 5, f"only {len(probe.reads)} ticks (4 from the thread, 1 from stop) in 30 s at 50 ms"
     assert sampler._thread is None  # stop() joined the thread
@@ -176,9 +181,9 @@ def test_a_raising_probe_does_not_stop_sampling():
     assert ("bad", "probe_error", Unavailable(ERROR, "RuntimeError: psutil exploded")) in values
     assert sampler.probe_errors == {"bad": "RuntimeError: psutil exploded"}
     sampler.start()
-    time.sleep(0.1)
+    assert good.wait_for_reads(3), "the sampler thread stopped ticking after the raising probe"
     sampler.stop()
-    assert bad.calls >= 3 and len(good.reads) == bad.calls
+    assert bad.calls >= 4 and len(good.reads) == bad.calls  # 1 by hand, >= 2 from the thread, 1 from stop
 
 
 def test_peak_tracker_keeps_max_last_first_and_resets():
@@ -236,9 +241,10 @@ def test_events_are_drained_into_the_samples_file(samples_path):
 def test_stop_takes_a_final_tick(samples_path):
     probe = CountingProbe()
     writer = SampleWriter(str(samples_path), {"t0_ns": 0})
-    sampler = Sampler({"p": probe}, interval_s=0.5, writer=writer)
+    sampler = Sampler({"p": probe}, interval_s=600.0, writer=writer)
     with sampler:
-        time.sleep(0.05)  # one tick at start; the next would be 0.5 s later
+        # the thread's first tick has been taken; the next is 600 s away, so stop() alone adds one
+        assert probe.wait_for_reads(1), "the sampler thread never ticked"
     writer.close()
     column = load_timeline(str(samples_path)).column("host", "n")
     assert column == [1, 2]  # the start tick and the final one
@@ -253,11 +259,12 @@ def test_stop_without_start_still_records_the_end_state():
 
 def test_a_writer_error_is_recorded_not_raised():
     writer = SampleWriter("/dev/full", {"t0_ns": 0})  # every write: ENOSPC, as on a full disk
-    sampler = Sampler({"p": CountingProbe()}, interval_s=0.01, writer=writer)
+    probe = CountingProbe()
+    sampler = Sampler({"p": probe}, interval_s=0.01, writer=writer)
     sampler.tick()
     sampler.start()
-    time.sleep(0.05)
+    assert probe.wait_for_reads(3), "the sampler thread stopped ticking after the write error"
     sampler.stop()
     assert writer.error is not None and writer.error.errno == errno.ENOSPC
-    assert sampler.ticks >= 3  # the sampler went on
+    assert sampler.ticks >= 4  # the sampler went on: 1 by hand, >= 2 from the thread, 1 from stop
     writer.close()

@@ -207,7 +207,8 @@ def test_a_steps_cpu_is_the_mean_over_its_window_within_the_cores():
     assert 0 <= idle.cpu_util_pct < 25, idle.cpu_util_pct
     busy = run_sweep(PredictorPool(loaded(Busy())), SweepConfig((2,), **FAST), StepMonitor(os.getpid(), None, 288),
                      hooks_for(Marks()), threading.Event())[0]
-    assert 40 < busy.cpu_util_pct <= 100 * usable_cores() * 1.05, busy.cpu_util_pct
+    # the busy model is seen as busier than the sleeping one, however much of the cores other processes take
+    assert idle.cpu_util_pct < busy.cpu_util_pct <= 100 * usable_cores() * 1.05, (idle.cpu_util_pct, busy.cpu_util_pct)
 
 
 class Busy(nn.Module):

@@ -49,6 +49,7 @@ class Thresholds:
     gil_one_core_cpu: float = 1.35            # signal B: process CPU at most this many cores ...
     gil_free_runqueue_share: float = 0.25     # ... while predictors waited this little for a core (cores were free)
     gil_plateau_gain: float = 0.3             # ... and N predictors gained less than this over 1
+    recommend_max_error_rate: float = 0.01   # the recommendation skips counts with this share of failed requests
 
 
 DEFAULT_THRESHOLDS = Thresholds()
@@ -126,9 +127,10 @@ def recommend(record: RunRecord, thresholds: Thresholds = DEFAULT_THRESHOLDS) ->
     """The smallest predictor count within 5% of the best throughput that meets the p99 limit."""
     limit = record.config.get("max_p99_ms")
     measured = _ok_steps(record)
-    candidates = [s for s in measured if s.error_rate < 0.01]
+    candidates = [s for s in measured if s.error_rate < thresholds.recommend_max_error_rate]
     if measured and not candidates:
-        return {"predictors": None, "reason": "every predictor count had 1% or more failed requests"}
+        return {"predictors": None, "reason": f"every predictor count had {thresholds.recommend_max_error_rate:.0%} "
+                                              "or more failed requests"}
     keeping_up = [s for s in candidates if not overloaded(s, thresholds)]
     if candidates and not keeping_up:
         rate = candidates[0].offered_rps
@@ -240,7 +242,8 @@ def rule_cpu_oversubscription(record: RunRecord, t: Thresholds) -> list[Finding]
         remedy = (f"run at most {cores} predictors per process, or give each predictor its own CUDA stream and "
                   "batch requests so fewer threads wait")
     else:
-        title = (f"{first.predictors} predictors x {threads} intra-op threads = {busy_threads(first)} busy threads "
+        title = (f"{first.predictors} predictor{'s' if first.predictors != 1 else ''} x {threads} intra-op threads = "
+                 f"{busy_threads(first)} busy threads "
                  f"on {cores} usable core{'s' if cores != 1 else ''}")
         remedy = (f"torch.set_num_threads(max(1, {cores} // predictors)) in the server (or OMP_NUM_THREADS), "
                   "or run fewer predictors")
@@ -564,8 +567,15 @@ def rule_engine_preallocation(record: RunRecord, t: Thresholds) -> list[Finding]
     return out
 
 
+# Where the remedy's figure comes from: the H200 sweeps in shared/gpu-facts (threads_shared_model with and
+# without per-thread streams, torch 2.11): best 2,551.6 req/s on the default stream, 3,304.7 with streams.
+STREAMS_REFERENCE = "an H200 with torch 2.11 served +30% with per-thread streams (gpuscope's reference sweeps)"
+
+
 def rule_default_stream_serialization(record: RunRecord, t: Thresholds) -> list[Finding]:
-    if not record.gpu or record.config.get("streams"):
+    # Open loop (--rate): throughput is the offered rate at every count, so a flat throughput says nothing
+    # about serialization (as for THROUGHPUT_PLATEAU).
+    if not record.gpu or record.config.get("streams") or record.config.get("rate_rps"):
         return []
     # a sweep's own steps only: observed traffic does not say which stream its requests ran on
     steps = sorted((s for s in _ok_steps(record) if not s.observed), key=lambda s: s.predictors)
@@ -583,8 +593,10 @@ def rule_default_stream_serialization(record: RunRecord, t: Thresholds) -> list[
                 f"grows {ratio:.1f}x: every predictor queues on the default CUDA stream",
                 {"from_predictors": s.predictors, "to_predictors": double.predictors, "throughput_gain": gain,
                  "p50_ratio": ratio, "streams": False},
-                "give each predictor its own long-lived CUDA stream (gpuscope diagnose --streams shows the effect; "
-                "measured on an H200: +30%), or batch requests", double.predictors)]
+                f"give each predictor its own long-lived CUDA stream, or batch requests. Here {s.predictors} -> "
+                f"{double.predictors} predictors gained {gain:+.0%} throughput at {ratio:.1f}x p50; rerun with "
+                f"gpuscope diagnose --streams to measure what streams gain on this model (for reference, "
+                f"{STREAMS_REFERENCE})", double.predictors)]
     return []
 
 

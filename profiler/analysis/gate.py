@@ -449,7 +449,7 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
             if gpu_needed and no_gpu:
                 why = no_gpu
             elif not series:
-                why = f"the {mode} recorded no {what} of the process"
+                why = f"the {mode} recorded no {what}"  # `what` already names the process's figure
             else:
                 why = _why_unavailable(value, what)
             results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}", **common))
@@ -472,7 +472,8 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
             return used, "headroom", True
         if not is_available(total) or total <= 0:
             return total, "headroom", True
-        return 100.0 * (1.0 - used / total), "headroom", True
+        # (total - used) first: exact in integers, so a headroom exactly at the limit passes (1 - 0.9 is 0.0999...)
+        return 100.0 * (total - used) / total, "headroom", True
 
     def p99(s):
         value = (s.latency_ms or {}).get("p99")

@@ -35,6 +35,7 @@ GROWTH_CODE = "MEMORY_GROWTH"
 # loading (shared/gpu-facts: 612 MiB; 1,252 MiB with CUDA_MODULE_LOADING=EAGER). Used only when the
 # watch could not see the context itself, and always labelled as a reference figure.
 REFERENCE_CONTEXT_BYTES = 612 * MiB
+EAGER_CONTEXT_BYTES = 1252 * MiB  # the same H200 with CUDA_MODULE_LOADING=EAGER (FINDINGS.md)
 
 
 @dataclass(frozen=True)
@@ -191,13 +192,16 @@ def rule_live_outside_allocator(record: RunRecord, t: LiveThresholds = DEFAULT_L
         how = f"its CUDA context and kernels took {format_bytes(context_bytes)} when it first appeared on the device"
     else:
         how = (f"a CUDA context and its kernels typically take about {format_bytes(context_bytes)} "
-               "(measured on an H200 with CUDA 13 and lazy loading; the watch began after this process started)")
+               f"(a reference measured on an H200 with CUDA 13 and lazy loading, {format_bytes(EAGER_CONTEXT_BYTES)} "
+               "with CUDA_MODULE_LOADING=EAGER; the watch began after this process started)")
+    # a reference figure is not this process's measurement: its evidence says which it is
+    context_key = "reference_context_bytes" if source == "reference" else "context_bytes"
     pid = live.get("target_pid", record.pid)
     return [Finding(
         "OUTSIDE_ALLOCATOR", "info",
         f"pid {pid} holds {format_bytes(peak)} on gpu:{live.get('gpu_index')}; no allocator statistic shows all of "
         f"it: {how}",
-        {"process_peak_bytes": peak, "context_bytes": context_bytes, "context_source": source,
+        {"process_peak_bytes": peak, context_key: context_bytes, "context_source": source,
          "context_detail": context.get("detail"), "allocator_visible": False},
         "from outside only NVML's total per process is visible: wrap the server's loop in profiler.profile() to "
         "split it into weights, activations, allocator cache and the rest; keep CUDA_MODULE_LOADING=LAZY", None)]

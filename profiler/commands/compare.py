@@ -290,7 +290,9 @@ def _row_line(row: dict[str, Any]) -> str:
     lat = row.get("latency_ms") or {}
     host = row.get("host_uss_bytes")
     device = row.get("device_bytes")
-    return (f"  {row['mode']:>9} x{row['predictors']:<3} {row['throughput_rps']:9.1f} req/s  p50 {lat.get('p50', 0):7.2f} ms"
-            f"  p99 {lat.get('p99', 0):7.2f} ms  host USS {format_bytes(host) if is_available(host) else 'n/a'}"
+    latency = (f"p50 {lat['p50']:7.2f} ms  p99 {lat['p99']:7.2f} ms" if "p50" in lat and "p99" in lat
+               else "no request completed")  # not "p50 0.00 ms"
+    return (f"  {row['mode']:>9} x{row['predictors']:<3} {row['throughput_rps']:9.1f} req/s  {latency}"
+            f"  host USS {format_bytes(host) if is_available(host) else 'n/a'}"
             f"  device {format_bytes(device) if is_available(device) else 'n/a'}"
             + (f"  errors {row['errors']}" if row.get("errors") else ""))

@@ -99,7 +99,8 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     gpu_probe = recording.open_devices(cpu_detail=None if gpu else f"profiling on the CPU (--device {opts.device})")
     nvml_index: int | None = None
     if gpu_probe is not None:
-        nvml_index = nvml_index_for(int(device.split(":")[1]), [d.uuid for d in gpu_probe.devices])
+        nvml_index = nvml_index_for(int(device.split(":")[1]), [d.uuid for d in gpu_probe.devices],
+                                    on_fallback=progress.line)
     if gpu:
         torch.zeros(1, device=device)  # initialise CUDA: what NVML shows now is the context alone
         torch.cuda.synchronize(device)
@@ -276,6 +277,9 @@ def _step_line(step: Any) -> str:
     memory = step.memory.get(memory_key)
     memory_text = format_bytes(memory) if is_available(memory) else "n/a"
     lat = step.latency_ms
+    # no completed request has no latency: say so rather than print "p50 0.00 ms"
+    latency = (f"p50 {lat['p50']:7.2f} ms  p99 {lat['p99']:7.2f} ms" if "p50" in lat and "p99" in lat
+               else "no request completed")
     return (f"  {step.predictors:>3} predictor{'s' if step.predictors != 1 else ' '}  {step.throughput_rps:9.1f} req/s  "
-            f"p50 {lat.get('p50', 0):7.2f} ms  p99 {lat.get('p99', 0):7.2f} ms  {memory_key.split('_')[0]} {memory_text}"
+            f"{latency}  {memory_key.split('_')[0]} {memory_text}"
             + ("  (stable)" if step.stable else "") + (f"  errors {step.errors}" if step.errors else ""))

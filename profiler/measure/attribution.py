@@ -155,11 +155,12 @@ class StepMonitor:
 
 class GapTracker:
     """Notices readings that were available and then stopped (NVML failing mid-run, the GPU lost),
-    and the signs of a foreign pid namespace (memory used while NVML lists nobody)."""
+    and the signs of a foreign pid namespace (memory used while NVML lists nobody). It records every unlisted
+    byte; whether that is enough to speak is PID_NAMESPACE's threshold (Thresholds.pid_namespace_min_bytes)."""
 
     WATCHED = ("used_bytes", "process_count", "util_pct")
 
-    def __init__(self, pid: int, gpu_index: int | None, unlisted_min_bytes: int = 64 * 1024**2) -> None:
+    def __init__(self, pid: int, gpu_index: int | None) -> None:
         self.pid = pid
         self.gpu_index = gpu_index
         self._seen_ok: set[tuple[str, str]] = set()

@@ -6,7 +6,7 @@ NVML rows must be read from the right one, so indices are matched by UUID.
 from __future__ import annotations
 
 import re
-from typing import Any
+from typing import Any, Callable
 
 from gpuscope.record.errors import UsageError
 
@@ -36,17 +36,31 @@ def resolve_device(text: str) -> str:
     return f"cuda:{index}"
 
 
-def nvml_index_for(torch_index: int, nvml_uuids: list[Any]) -> int:
-    """NVML index of torch's device `torch_index`, matched by UUID; the same index when UUIDs are unknown."""
-    try:
-        import torch
+def nvml_index_for(torch_index: int, nvml_uuids: list[Any],
+                   properties: Callable[[int], Any] | None = None,
+                   on_fallback: Callable[[str], None] | None = None) -> int:
+    """NVML index of torch's device `torch_index`, matched by UUID; the same index when no UUID matches.
 
-        uuid = str(torch.cuda.get_device_properties(torch_index).uuid)
+    `properties(index)` reads torch's device properties (torch.cuda.get_device_properties unless given). When the
+    UUID cannot be read or matches no NVML device, the same index is assumed, which is wrong under
+    CUDA_VISIBLE_DEVICES: `on_fallback` is told why, in one line, so the caller can say so.
+    """
+    try:
+        if properties is None:
+            import torch
+
+            properties = torch.cuda.get_device_properties
+        uuid = str(properties(torch_index).uuid)
+    except Exception as exc:
+        why = f"torch could not read the UUID of cuda:{torch_index} ({type(exc).__name__}: {exc})"
+    else:
         for index, nvml_uuid in enumerate(nvml_uuids):
-            if isinstance(nvml_uuid, str) and nvml_uuid.replace("GPU-", "").lower() == uuid.lower():
+            if isinstance(nvml_uuid, str) and nvml_uuid.replace("GPU-", "").lower() == uuid.replace("GPU-", "").lower():
                 return index
-    except Exception:
-        pass
+        why = f"no NVML device has the UUID of torch's cuda:{torch_index} ({uuid})"
+    if on_fallback is not None:
+        on_fallback(f"{why}: assuming NVML device {torch_index}, which is wrong if CUDA_VISIBLE_DEVICES reorders "
+                    "devices")
     return torch_index
 
 

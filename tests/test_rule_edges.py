@@ -1,0 +1,516 @@
+"""Every threshold of the rules (profiler/findings.py's Thresholds) and of the gate (profiler/check.py evaluate),
+on both sides of its edge.
+
+Each test takes its edge from the Thresholds object (or the limit it sets), never from a literal, and puts one
+record exactly at it and one a byte (or one float step) past it. FINDINGS.md decides which side the edge itself
+is on: "warn above 85%" means 85% exactly is quiet. A mutant that moves a threshold or turns `>` into `>=`
+fails here (docs/testing.md: the mutation run).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from gpuscope.probes.units import GiB, MiB
+from gpuscope.analysis.limits import Limits
+from gpuscope.analysis.gate import evaluate as gate
+from gpuscope.analysis.findings import DEFAULT_THRESHOLDS, Thresholds, bytes_per_extra_predictor, conclude, overloaded, recommend, rule_cache_bloat, rule_cpu_oversubscription, rule_default_stream_serialization, rule_duplicate_model, rule_engine_preallocation, rule_foreign_process, rule_fragmentation, rule_low_headroom, rule_memory_growth_in_steps, rule_outside_allocator, rule_overloaded, rule_per_predictor_growth, rule_pid_namespace, rule_predictor_errors, rule_throughput_plateau
+from tests import scenarios as S
+
+T = DEFAULT_THRESHOLDS
+
+
+def codes(found) -> list[tuple[str, str]]:
+    return [(f.code, f.severity) for f in found]
+
+
+def below(x: float) -> float:
+    """The largest float under x: a figure one step inside an edge."""
+    return math.nextafter(x, -math.inf)
+
+
+def above(x: float) -> float:
+    return math.nextafter(x, math.inf)
+
+
+def test_the_defaults_are_findings_md_starting_points():
+    """The edges below are taken from T; this pins T itself to the catalogue."""
+    assert (T.cache_share, T.cache_min_bytes) == (0.25, 256 * MiB)
+    assert (T.headroom_warn, T.headroom_fail) == (0.85, 0.95)
+    assert T.fragmentation_split_share == 0.20
+    assert T.foreign_fail_share == 0.10
+    assert T.growth_warn_device_share == 0.10
+    assert T.duplicate_growth_share == 0.5
+    assert (T.stream_gain, T.plateau_share) == (0.05, 0.05)
+    assert T.pid_namespace_min_bytes == 64 * MiB
+    assert T.recommend_max_error_rate == 0.01
+
+
+# ---------------------------------------------------------------- CACHE_BLOAT: cached > 25% of reserved and > 256 MiB
+
+def cache_run(cached: int, reserved: int):
+    """A clean GPU run whose end state holds `cached` of `reserved` in the allocator's cache."""
+    record = S.clean_gpu_run()
+    record.baseline["end"] = {"torch_reserved_bytes": reserved, "torch_allocated_bytes": reserved - cached}
+    return record
+
+
+@pytest.mark.parametrize("cached, reserved, fires", [
+    (T.cache_min_bytes + 1, 4 * (T.cache_min_bytes + 1), False),      # share exactly 25%: not above it
+    (T.cache_min_bytes + 1, 4 * (T.cache_min_bytes + 1) - 1, True),   # share just above 25%
+    (T.cache_min_bytes, 2 * T.cache_min_bytes, False),                # 50% of reserved, exactly the floor
+    (T.cache_min_bytes + 1, 2 * T.cache_min_bytes, True),             # one byte over the floor
+], ids=["share-at-edge", "share-past-edge", "floor-at-edge", "floor-past-edge"])
+def test_cache_bloat_edges(cached, reserved, fires):
+    assert rule_cache_bloat(S.clean_gpu_run(), T) == []  # the steps themselves are clean
+    found = rule_cache_bloat(cache_run(cached, reserved), T)
+    assert codes(found) == ([("CACHE_BLOAT", "warn")] if fires else [])
+    if fires:
+        assert found[0].evidence["cached_bytes"] == cached and found[0].evidence["when"] == "end of run"
+
+
+def test_cache_bloat_reads_the_share_and_floor_from_thresholds():
+    record = cache_run(T.cache_min_bytes + 1, 4 * (T.cache_min_bytes + 1) - 1)
+    assert rule_cache_bloat(record, Thresholds(cache_share=0.26)) == []
+    assert rule_cache_bloat(record, Thresholds(cache_min_bytes=T.cache_min_bytes + 1)) == []
+
+
+# ---------------------------------------------------------------- FRAGMENTATION: retries > 0 or split > 20% of reserved
+
+def fragmentation_run(retries: int, split: int, reserved: int):
+    record = S.fragmentation_run(retries=0)
+    step = record.steps[-1]
+    step.memory.update(torch_alloc_retries=retries, torch_inactive_split_bytes=split, torch_reserved_bytes=reserved)
+    return record
+
+
+def test_fragmentation_one_retry_is_enough_and_none_is_quiet():
+    reserved = 1000 * MiB
+    assert rule_fragmentation(fragmentation_run(0, 0, reserved), T) == []
+    [finding] = rule_fragmentation(fragmentation_run(1, 0, reserved), T)
+    assert (finding.code, finding.severity) == ("FRAGMENTATION", "warn")
+    assert "1 alloc retries" in finding.title and finding.evidence["alloc_retries"] == 1
+
+
+def test_fragmentation_inactive_split_edge():
+    reserved = 5 * GiB  # 20% of it is a whole number of bytes
+    edge = T.fragmentation_split_share * reserved
+    assert edge == int(edge)
+    assert rule_fragmentation(fragmentation_run(0, int(edge), reserved), T) == []  # exactly 20%: not above
+    [finding] = rule_fragmentation(fragmentation_run(0, int(edge) + 1, reserved), T)
+    assert finding.evidence["inactive_split_bytes"] == int(edge) + 1
+    assert "(20% of reserved)" in finding.title
+
+
+def test_fragmentation_in_a_step_that_ran_out_of_memory_counts():
+    record = S.oom_run()
+    record.steps[-1].memory["torch_alloc_retries"] = 1
+    assert codes(rule_fragmentation(record, T)) == [("FRAGMENTATION", "warn")]
+
+
+# ---------------------------------------------------------------- LOW_HEADROOM: warn above 85%, fail above 95%
+
+def headroom_run(used: int, total: int):
+    record = S.headroom_run(0.90, total=total)
+    step = record.step_at(2)
+    step.memory["device_used_bytes"] = used
+    return record
+
+
+HEADROOM_TOTAL = 100 * GiB  # 85% and 95% of it are whole bytes: the edge itself is a device state
+
+
+@pytest.mark.parametrize("share_attr, at_edge, past_edge", [
+    ("headroom_warn", [], [("LOW_HEADROOM", "warn")]),
+    ("headroom_fail", [("LOW_HEADROOM", "warn")], [("LOW_HEADROOM", "fail")]),
+])
+def test_low_headroom_edges(share_attr, at_edge, past_edge):
+    edge = getattr(T, share_attr) * HEADROOM_TOTAL
+    used = round(edge)
+    assert used / HEADROOM_TOTAL == getattr(T, share_attr)  # the record is exactly at the edge
+    assert codes(rule_low_headroom(headroom_run(used, HEADROOM_TOTAL), T)) == at_edge
+    assert codes(rule_low_headroom(headroom_run(used + 1, HEADROOM_TOTAL), T)) == past_edge
+
+
+def test_low_headroom_at_exactly_95_percent_of_the_h200():
+    """The H200's total is not a multiple of 20: 95% of it is not a whole byte. The first byte above 95% fails,
+    the byte below it warns (int() truncation used to put the '0.95' scenario below the edge)."""
+    total = S.TOTAL
+    edge = T.headroom_fail * total
+    first_above = math.floor(edge) + 1
+    assert codes(rule_low_headroom(headroom_run(math.floor(edge), total), T)) == [("LOW_HEADROOM", "warn")]
+    assert codes(rule_low_headroom(headroom_run(first_above, total), T)) == [("LOW_HEADROOM", "fail")]
+    assert codes(rule_low_headroom(S.headroom_run(0.96), T)) == [("LOW_HEADROOM", "fail")]
+
+
+def test_low_headroom_reads_the_recommended_step():
+    record = headroom_run(round(0.90 * HEADROOM_TOTAL), HEADROOM_TOTAL)
+    record.recommendation = {"predictors": 1}  # 1 predictor's step is far emptier
+    record.step_at(1).memory["device_used_bytes"] = HEADROOM_TOTAL // 2
+    assert rule_low_headroom(record, T) == []
+
+
+# ---------------------------------------------------------------- PID_NAMESPACE: 64 MiB used while NVML lists no process
+
+def test_pid_namespace_floor_edge():
+    record = S.clean_gpu_run()
+    assert rule_pid_namespace(record, T) == []
+    record.extra["pid_namespace"]["unlisted_used_bytes"] = T.pid_namespace_min_bytes - 1
+    assert rule_pid_namespace(record, T) == []
+    record.extra["pid_namespace"]["unlisted_used_bytes"] = T.pid_namespace_min_bytes
+    [finding] = rule_pid_namespace(record, T)
+    assert "64.0 MiB is used on the device while NVML lists no process" in finding.title
+
+
+def test_pid_namespace_either_other_signal_alone_fires():
+    record = S.clean_gpu_run()
+    record.extra["pid_namespace"]["self_not_listed"] = True
+    assert "NVML does not list its pid" in rule_pid_namespace(record, T)[0].title
+    record = S.clean_gpu_run()
+    record.processes[0]["exists"] = False
+    assert "that this pid namespace does not have" in rule_pid_namespace(record, T)[0].title
+
+
+# ---------------------------------------------------------------- DEFAULT_STREAM_SERIALIZATION: gain < 5% while p50 >= 1.7x
+
+def stream_run(gain: float, ratio: float, *, streams: bool = False, rate: float | None = None):
+    """2 and 4 predictors on the default stream: 4's throughput is 2's x (1 + gain), its p50 2's x ratio."""
+    record = S.h200_shared_model_run(False, counts=(2, 4))
+    two, four = record.step_at(2), record.step_at(4)
+    two.throughput_rps, two.latency_ms = 1000.0, S.latency(1.0)
+    four.throughput_rps, four.latency_ms = 1000.0 * (1 + gain), S.latency(ratio)
+    record.config["streams"] = streams
+    record.config["rate_rps"] = rate
+    return record
+
+
+def test_stream_serialization_fires_inside_both_edges():
+    record = stream_run(0.0, T.stream_latency_ratio)
+    record.step_at(4).throughput_rps = below(smallest_rate_with_gain(1000.0, T.stream_gain))
+    [finding] = rule_default_stream_serialization(record, T)
+    assert finding.evidence["throughput_gain"] < T.stream_gain
+    assert finding.evidence["from_predictors"] == 2 and finding.evidence["to_predictors"] == 4
+    assert finding.evidence["p50_ratio"] == T.stream_latency_ratio
+
+
+def smallest_rate_with_gain(base: float, gain: float) -> float:
+    """The smallest throughput x with x / base - 1 >= gain, computed as the rule computes it."""
+    x = base * (1 + gain)
+    while x / base - 1 >= gain:
+        x = below(x)
+    while x / base - 1 < gain:
+        x = above(x)
+    return x
+
+
+def test_stream_serialization_gain_edge():
+    """A gain of 5% or more is throughput: quiet, whatever the latency; one float step less fires."""
+    edge = smallest_rate_with_gain(1000.0, T.stream_gain)
+    record = stream_run(0.0, 2.0)
+    record.step_at(4).throughput_rps = edge
+    assert rule_default_stream_serialization(record, T) == []
+    record.step_at(4).throughput_rps = below(edge)
+    assert codes(rule_default_stream_serialization(record, T)) == [("DEFAULT_STREAM_SERIALIZATION", "warn")]
+
+
+def test_stream_serialization_latency_clause_without_streams():
+    """streams=False, so the rule reads the numbers: flat throughput with p50 just under 1.7x is not
+    serialization (the latency clause keeps it quiet); at 1.7x it is."""
+    flat = 0.0
+    assert rule_default_stream_serialization(stream_run(flat, below(T.stream_latency_ratio)), T) == []
+    assert codes(rule_default_stream_serialization(stream_run(flat, T.stream_latency_ratio), T)) == \
+        [("DEFAULT_STREAM_SERIALIZATION", "warn")]
+    assert rule_default_stream_serialization(stream_run(flat, 1.0), T) == []
+
+
+def test_stream_serialization_is_quiet_with_streams_and_under_an_offered_rate():
+    assert rule_default_stream_serialization(stream_run(0.0, 2.0, streams=True), T) == []
+    # --rate: throughput is the offered rate at every count, so flat throughput says nothing; the same
+    # numbers in a closed loop fire
+    assert rule_default_stream_serialization(stream_run(0.0, 2.0, rate=1000.0), T) == []
+    assert codes(rule_default_stream_serialization(stream_run(0.0, 2.0), T)) == [("DEFAULT_STREAM_SERIALIZATION", "warn")]
+
+
+def test_stream_serialization_remedy_quotes_this_runs_measurement():
+    [finding] = rule_default_stream_serialization(stream_run(-0.02, 2.5), T)
+    assert "2 -> 4 predictors gained -2% throughput at 2.5x p50" in finding.remedy
+    assert "--streams" in finding.remedy and "reference" in finding.remedy
+
+
+# ---------------------------------------------------------------- THROUGHPUT_PLATEAU and the recommendation: within 5%
+
+def plateau_run(second: float):
+    """1 predictor at 500 req/s, 2 at `second`, 4 at 1,000 (the best)."""
+    record = S.cpu_record([S.cpu_step(n, rps, 10.0 * n, rss=700 * MiB, model_bytes=S.CPU_MODEL)
+                           for n, rps in ((1, 500.0), (2, second), (4, 1000.0))], model_bytes=S.CPU_MODEL, cores=8)
+    return record
+
+
+def test_plateau_and_recommendation_within_5_percent_edge():
+    edge = 1000.0 * (1 - T.plateau_share)
+    at = plateau_run(edge)
+    assert only_evidence(rule_throughput_plateau(at, T))["knee_predictors"] == 2  # at the edge: within
+    assert recommend(at, T)["predictors"] == 2
+    past = plateau_run(below(edge))
+    assert rule_throughput_plateau(past, T) == []  # the knee is 4, the largest count: nothing beyond it
+    assert recommend(past, T)["predictors"] == 4
+
+
+def only_evidence(found):
+    assert len(found) == 1, codes(found)
+    return found[0].evidence
+
+
+def test_the_recommendation_skips_counts_with_1_percent_failed_requests():
+    record = plateau_run(990.0)
+    step = record.step_at(2)
+    # error_rate = errors / (requests + errors): exactly 1% is out, just under it is in
+    step.requests, step.errors = 990, 10
+    assert step.error_rate == T.recommend_max_error_rate
+    assert recommend(record, T)["predictors"] == 4
+    step.requests, step.errors = 991, 10
+    assert step.error_rate < T.recommend_max_error_rate
+    assert recommend(record, T)["predictors"] == 2
+
+
+# ---------------------------------------------------------------- OVERLOADED: served more than 5% below the offered rate
+
+def test_overloaded_edge():
+    record = S.rate_kept_up_run()
+    step = record.steps[0]
+    edge = step.offered_rps * (1 - T.overload_short_share)
+    step.throughput_rps = edge
+    assert not overloaded(step, T) and rule_overloaded(record, T) == []
+    step.throughput_rps = below(edge)
+    assert overloaded(step, T)
+    assert codes(rule_overloaded(record, T)) == [("OVERLOADED", "warn")]
+    step.throughput_rps, step.dropped_arrivals = step.offered_rps, 1  # one dropped arrival is enough
+    assert overloaded(step, T)
+
+
+# ---------------------------------------------------------------- CPU_OVERSUBSCRIPTION: busy share and the throughput drop
+
+def test_cpu_oversubscription_busy_edge():
+    """Quiet when the step used less than half the cores (the threads were not busy), whatever their count."""
+    record = S.oversubscribed_cpu_run()
+    cores = record.host["usable_cores"]
+    busy_edge = T.oversubscription_busy_share * 100.0 * cores
+    record.step_at(4).cpu_util_pct = busy_edge
+    assert codes(rule_cpu_oversubscription(record, T)) == [("CPU_OVERSUBSCRIPTION", "warn")]
+    record.step_at(4).cpu_util_pct = below(busy_edge)
+    assert rule_cpu_oversubscription(record, T) == []
+    record.step_at(4).cpu_util_pct = None  # not measured: the thread count alone speaks
+    assert codes(rule_cpu_oversubscription(record, T)) == [("CPU_OVERSUBSCRIPTION", "warn")]
+
+
+def test_cpu_oversubscription_threads_edge():
+    """More busy threads than cores: exactly as many is not oversubscribed."""
+    record = S.oversubscribed_cpu_run()
+    cores = record.host["usable_cores"]
+    record.step_at(4).intra_op_threads = 1
+    record.step_at(4).predictors = cores  # cores x 1 thread: fits
+    assert rule_cpu_oversubscription(record, T) == []
+    record.step_at(cores).predictors = cores + 1
+    assert codes(rule_cpu_oversubscription(record, T))[0][0] == "CPU_OVERSUBSCRIPTION"
+
+
+def test_cpu_oversubscription_warns_only_when_throughput_falls_5_percent():
+    record = S.oversubscribed_cpu_run()
+    best_fitting = record.step_at(1).throughput_rps
+    edge = best_fitting * (1 - T.oversubscription_drop)
+    record.step_at(4).throughput_rps = edge
+    assert codes(rule_cpu_oversubscription(record, T)) == [("CPU_OVERSUBSCRIPTION", "info")]
+    record.step_at(4).throughput_rps = below(edge)
+    assert codes(rule_cpu_oversubscription(record, T)) == [("CPU_OVERSUBSCRIPTION", "warn")]
+
+
+# ---------------------------------------------------------------- PREDICTOR_ERRORS: fail at 50% failed requests
+
+@pytest.mark.parametrize("failing, of, severity", [(1, 2, "fail"), (499, 1000, "warn")])
+def test_predictor_errors_fail_rate_edge(failing, of, severity):
+    record = S.predictor_errors_run(failing, of)
+    assert (record.steps[1].error_rate >= T.error_fail_rate) == (severity == "fail")
+    assert codes(rule_predictor_errors(record, T)) == [("PREDICTOR_ERRORS", severity)]
+
+
+# ---------------------------------------------------------------- MEMORY_GROWTH: 32 MiB late growth in every step
+
+def test_memory_growth_in_steps_floor_edge():
+    record = S.leaking_cpu_run(late_growth=T.step_growth_min_bytes)  # 1 x and 2 x the floor
+    assert codes(rule_memory_growth_in_steps(record, T)) == [("MEMORY_GROWTH", "warn")]
+    record.step_at(1).memory["late_growth_bytes"] = T.step_growth_min_bytes - 1  # one step stays flat enough
+    assert rule_memory_growth_in_steps(record, T) == []
+
+
+# ---------------------------------------------------------------- PER_PREDICTOR_GROWTH: 4 MiB floor, 10% of the device
+
+def growth_run(slope: int, total: int, recommended: int):
+    """1 and 2 predictors, NVML growing by `slope` between them, on a device of `total` bytes."""
+    record = S.h200_shared_model_run(False, counts=(1, 2), total=total)
+    one, two = record.step_at(1), record.step_at(2)
+    two.memory["process_gpu_bytes"] = one.memory["process_gpu_bytes"] + slope
+    record.recommendation = {"predictors": recommended}
+    return record
+
+
+def test_per_predictor_growth_floor_edge():
+    assert rule_per_predictor_growth(growth_run(T.growth_min_bytes - 1, S.TOTAL, 2), T) == []
+    record = growth_run(T.growth_min_bytes, S.TOTAL, 2)
+    assert bytes_per_extra_predictor(record, "process_gpu_bytes") == T.growth_min_bytes
+    assert codes(rule_per_predictor_growth(record, T)) == [("PER_PREDICTOR_GROWTH", "info")]
+
+
+def test_per_predictor_growth_device_share_edge():
+    total = 16 * GiB
+    recommended = 4
+    edge = T.growth_warn_device_share * total / recommended  # slope x recommended == 10% of the card
+    at = math.floor(edge)
+    assert codes(rule_per_predictor_growth(growth_run(at, total, recommended), T)) == [("PER_PREDICTOR_GROWTH", "info")]
+    assert codes(rule_per_predictor_growth(growth_run(at + 1, total, recommended), T)) == \
+        [("PER_PREDICTOR_GROWTH", "warn")]
+
+
+# ---------------------------------------------------------------- DUPLICATE_MODEL by growth: half a model, 8 MiB models
+
+def growth_copy_run(model_bytes: int, slope: int):
+    """Pointers unreadable (distinct 0): only the growth can say 'a copy per predictor'."""
+    steps = [S.cpu_step(n, 30.0 * n, 30.0, rss=700 * MiB + (n - 1) * slope, model_bytes=model_bytes, distinct=0)
+             for n in (1, 2)]
+    return S.cpu_record(steps, model_bytes=model_bytes)
+
+
+def test_duplicate_model_growth_share_edge():
+    model = 64 * MiB
+    half = int(T.duplicate_growth_share * model)
+    assert codes(rule_duplicate_model(growth_copy_run(model, half), T)) == [("DUPLICATE_MODEL", "fail")]
+    assert rule_duplicate_model(growth_copy_run(model, half - 1), T) == []
+
+
+def test_duplicate_model_small_model_edge():
+    small = T.duplicate_min_model_bytes
+    assert codes(rule_duplicate_model(growth_copy_run(small, small), T)) == [("DUPLICATE_MODEL", "fail")]
+    assert rule_duplicate_model(growth_copy_run(small - 1, small), T) == []  # drowned in allocator noise
+
+
+def test_duplicate_model_two_weight_sets_fail_and_one_is_quiet():
+    record = growth_copy_run(64 * MiB, 0)
+    for step in record.steps:
+        step.distinct_weight_sets = 1
+    assert rule_duplicate_model(record, T) == []
+    record.step_at(2).distinct_weight_sets = 2
+    assert codes(rule_duplicate_model(record, T)) == [("DUPLICATE_MODEL", "fail")]
+
+
+# ---------------------------------------------------------------- FOREIGN_PROCESS: 10% of the card, 5% SM
+
+def foreign_run(held: int, sm: float):
+    record = S.foreign_process_run()
+    other = next(p for p in record.processes if not p.get("self"))
+    other["peak_used_bytes"], other["peak_sm_util_pct"] = held, sm
+    return record
+
+
+def test_foreign_process_share_edge():
+    total = S.TOTAL
+    edge = math.floor(T.foreign_fail_share * total)
+    idle_sm = below(T.foreign_busy_sm_pct)
+    assert codes(rule_foreign_process(foreign_run(edge, idle_sm), T)) == [("FOREIGN_PROCESS", "warn")]
+    assert codes(rule_foreign_process(foreign_run(edge + 1, idle_sm), T)) == [("FOREIGN_PROCESS", "fail")]
+
+
+def test_foreign_process_busy_sm_edge():
+    assert codes(rule_foreign_process(foreign_run(GiB, T.foreign_busy_sm_pct), T)) == [("FOREIGN_PROCESS", "fail")]
+    assert codes(rule_foreign_process(foreign_run(GiB, below(T.foreign_busy_sm_pct)), T)) == \
+        [("FOREIGN_PROCESS", "warn")]
+    assert rule_foreign_process(foreign_run(0, 50.0), T) == []  # holds nothing: not on the card
+
+
+# ---------------------------------------------------------------- ENGINE_PREALLOCATION with an unreadable environment
+
+def test_engine_preallocation_unreadable_environment_edge():
+    record = S.jax_sibling_run()
+    jax = next(p for p in record.processes if "jax" in (p.get("engines") or []))
+    jax["memory_env"] = {"unavailable": "no_permission"}
+    total = S.TOTAL
+    edge = T.preallocation_unreadable_share * total
+    jax["peak_used_bytes"] = math.ceil(edge)
+    assert [f.code for f in rule_engine_preallocation(record, T)] == ["ENGINE_PREALLOCATION"]
+    jax["peak_used_bytes"] = math.ceil(edge) - 1
+    assert rule_engine_preallocation(record, T) == []
+
+
+# ---------------------------------------------------------------- OUTSIDE_ALLOCATOR: growth the count does not explain
+
+def outside_run(jump: int):
+    """Five counts with the layer outside the allocator flat but for the last: the robust slope is 0, so all of
+    `jump` is unexplained by the predictor count."""
+    record = S.h200_shared_model_run(False, counts=(1, 2, 4, 8, 16))
+    for step in record.steps:
+        step.memory["layers"]["outside_allocator_bytes"] = 700 * MiB
+    record.steps[-1].memory["layers"]["outside_allocator_bytes"] = 700 * MiB + jump
+    return record
+
+
+def test_outside_allocator_growth_edge():
+    at = rule_outside_allocator(outside_run(T.outside_growth_bytes), T)
+    assert codes(at) == [("OUTSIDE_ALLOCATOR", "info")]
+    assert at[0].evidence["unexplained_growth_bytes"] == T.outside_growth_bytes
+    assert codes(rule_outside_allocator(outside_run(T.outside_growth_bytes + 1), T)) == [("OUTSIDE_ALLOCATOR", "warn")]
+
+
+# ---------------------------------------------------------------- the gate: each limit exactly at its measured value
+
+@pytest.fixture
+def concluded():
+    record = S.h200_shared_model_run(False)
+    conclude(record)
+    assert isinstance(record.recommendation.get("predictors"), int)
+    return record
+
+
+def status(outcome, name: str) -> str:
+    [result] = [r for r in outcome.results if r.name == name]
+    return result.status
+
+
+def test_gate_upper_limits_pass_at_the_measured_value_and_fail_one_below(concluded):
+    step = concluded.step_at(concluded.recommendation["predictors"])
+    for name, value in (("max_device_memory", step.memory["process_gpu_bytes"]),
+                        ("max_host_memory", step.memory["rss_bytes"]),
+                        ("max_p99_ms", step.latency_ms["p99"]),
+                        ("max_memory_per_predictor", concluded.sharing["bytes_per_extra_predictor"])):
+        assert status(gate(concluded, Limits(**{name: value})), name) == "pass", name
+        smaller = value - 1 if isinstance(value, int) else below(value)
+        assert status(gate(concluded, Limits(**{name: smaller})), name) == "fail", name
+
+
+def test_gate_lower_limits_pass_at_the_measured_value_and_fail_one_above(concluded):
+    step = concluded.step_at(concluded.recommendation["predictors"])
+    assert status(gate(concluded, Limits(min_throughput=step.throughput_rps)), "min_throughput") == "pass"
+    assert status(gate(concluded, Limits(min_throughput=above(step.throughput_rps))), "min_throughput") == "fail"
+
+
+@pytest.mark.parametrize("headroom_pct", [10, 5, 15])
+def test_gate_headroom_exactly_at_the_limit_passes(concluded, headroom_pct):
+    """A device exactly `headroom_pct` free passes --min-headroom-pct of that value; a byte less fails.
+    (1 - 0.9 is 0.0999... in floats: headroom computed that way failed at exactly 10%.)"""
+    step = concluded.step_at(concluded.recommendation["predictors"])
+    total = 100 * GiB
+    step.memory["device_total_bytes"] = total
+    concluded.devices[0]["total_bytes"] = total
+    step.memory["device_used_bytes"] = total * (100 - headroom_pct) // 100
+    assert status(gate(concluded, Limits(min_headroom_pct=headroom_pct)), "min_headroom_pct") == "pass"
+    step.memory["device_used_bytes"] += 1
+    assert status(gate(concluded, Limits(min_headroom_pct=headroom_pct)), "min_headroom_pct") == "fail"
+
+
+def test_gate_fail_on_takes_warn_findings_only_when_asked(concluded):
+    warns = [f for f in concluded.findings if f.severity == "warn"]
+    assert warns and not [f for f in concluded.findings if f.severity == "fail"]
+    assert gate(concluded, Limits(fail_on="fail")).exit_code == 0
+    outcome = gate(concluded, Limits(fail_on="warn"))
+    assert outcome.exit_code == 1
+    # exactly the warn findings are gated: none of the info ones
+    assert {r.name.split(".")[1] for r in outcome.results if r.kind == "findings"} == {f.code for f in warns}
+    assert [f for f in concluded.findings if f.severity == "info"]
