@@ -382,6 +382,10 @@ class _Chunk:
         self.gid_parts: list[Any] = []  # int64 arrays: the changes' global key ids (-1: unknown, skipped)
         self.val_parts: list[Any] = []  # float64 arrays: their values (NaN: the reading stopped)
         self.resets: list[int] = []  # rows before whose changes nothing is current (keyframe, lost line)
+        # readings that stopped ("x") in runs of plain rows: (rows, global key ids), applied before any change
+        # of the same row (at flush they go first, and the last change of a (row, key) wins)
+        self.stop_rows: list[Any] = []
+        self.stop_gids: list[Any] = []
         self.rows = 0
         self._gids: list[int] = []  # changes of rows read one at a time, not yet in the parts
         self._vals: list[float] = []
@@ -451,6 +455,10 @@ class SampleColumns:
         self._table: dict[Any, int] = {}  # the file's key table now: row index -> global key id
         self._lut: Any = None  # the table as an int64 array, while it holds only small non-negative ints
         self._reset_pending = False
+
+    def close(self) -> None:
+        """Let the file go without reading it (a report that draws no timeline); chunks() closes it itself."""
+        self._fh.close()
 
     def _global(self, key: Key) -> int:
         gid = self._key_id.get(key)
@@ -525,14 +533,19 @@ class SampleColumns:
                     vals.append(_finite_or_nan(value))
         chunk.row(t_ns, gids, vals)
 
-    def _plain_run(self, t_ns: list[Any], rows: list[Any], chunk: _Chunk, np: Any) -> bool:
-        """Consecutive plain rows ({"t_ns": int, "v": [index, value, ...]}) at C speed; False (nothing
-        applied) when they need reading one at a time (an odd row, an index or value of another kind)."""
+    def _plain_run(self, t_ns: list[Any], rows: list[Any], stops: list[Any], chunk: _Chunk, np: Any) -> bool:
+        """Consecutive plain rows ({"t_ns": int, "v": [index, value, ...]}, maybe "x": [index, ...]) at C
+        speed; False (nothing applied) when they need reading one at a time (an odd row, an index or value
+        of another kind)."""
         counts = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         if (counts % 2).any():
             return False
         flat = list(itertools.chain.from_iterable(rows))
         if not set(map(type, flat)) <= {int, float}:  # an Unavailable, a bool, ...: one at a time
+            return False
+        stopping = [n for n, stop in enumerate(stops) if stop is not None]
+        stopped = list(itertools.chain.from_iterable(stops[n] for n in stopping))
+        if not set(map(type, stopped)) <= {int}:
             return False
         try:
             numbers = np.asarray(flat, dtype=float)  # one conversion: indices are small ints, exact in a float
@@ -546,12 +559,18 @@ class SampleColumns:
             if table:
                 self._lut[list(table)] = list(table.values())
         chunk.seal(np)
+        nowhere = len(self._lut) - 1
         locs, values = numbers[0::2], numbers[1::2]
         # an index that is no whole number in the table's range finds no key, as dict.get finds none
-        known = (locs >= 0) & (locs < len(self._lut) - 1) & (locs == np.trunc(locs))
-        chunk.gid_parts.append(self._lut[np.where(known, locs, len(self._lut) - 1).astype(np.int64)])
+        known = (locs >= 0) & (locs < nowhere) & (locs == np.trunc(locs))
+        chunk.gid_parts.append(self._lut[np.where(known, locs, nowhere).astype(np.int64)])
         values[~np.isfinite(values)] = np.nan
         chunk.val_parts.append(values)
+        if stopped:
+            per_row = np.fromiter((len(stops[n]) for n in stopping), dtype=np.int64, count=len(stopping))
+            chunk.stop_rows.append(np.repeat(np.asarray(stopping, dtype=np.int64) + chunk.rows, per_row))
+            index = np.asarray(stopped, dtype=np.int64)
+            chunk.stop_gids.append(self._lut[np.where((index >= 0) & (index < nowhere), index, nowhere)])
         if self._reset_pending:
             chunk.resets.append(chunk.rows)
             self._reset_pending = False
@@ -587,21 +606,25 @@ class SampleColumns:
         for objs in self._lines():
             chunk = _Chunk()
             if set(map(type, objs)) == {dict}:
+                n = len(objs)
                 t_ns = list(map(get, objs, itertools.repeat("t_ns")))
                 rows = list(map(get, objs, itertools.repeat("v")))
-                # plain: exactly {"t_ns": int, "v": list}
-                plain = np.fromiter(map(len, objs), dtype=np.int64, count=len(objs)) == 2
-                plain &= np.fromiter(map(operator.is_, map(type, rows), itertools.repeat(list)), dtype=bool,
-                                     count=len(objs))
-                plain &= np.fromiter(map(operator.is_, map(type, t_ns), itertools.repeat(int)), dtype=bool,
-                                     count=len(objs))
+                stops = list(map(get, objs, itertools.repeat("x")))
+                # plain: exactly {"t_ns": int, "v": list} or {"t_ns": int, "v": list, "x": list}
+                sizes = np.fromiter(map(len, objs), dtype=np.int64, count=n)
+                stop_list = np.fromiter(map(operator.is_, map(type, stops), itertools.repeat(list)), dtype=bool,
+                                        count=n)
+                plain = (sizes == 2) | ((sizes == 3) & stop_list)
+                plain &= np.fromiter(map(operator.is_, map(type, rows), itertools.repeat(list)), dtype=bool, count=n)
+                plain &= np.fromiter(map(operator.is_, map(type, t_ns), itertools.repeat(int)), dtype=bool, count=n)
             else:
                 plain = np.zeros(len(objs), dtype=bool)
-                t_ns = rows = []
+                t_ns = rows = stops = []
             start = 0
             edges = np.flatnonzero(np.diff(plain.astype(np.int8))) + 1
             for end in [*edges.tolist(), len(objs)] if objs else []:
-                if not (plain[start] and self._plain_run(t_ns[start:end], rows[start:end], chunk, np)):
+                if not (plain[start] and self._plain_run(t_ns[start:end], rows[start:end], stops[start:end],
+                                                         chunk, np)):
                     for obj in objs[start:end]:
                         self._one(obj, chunk)
                 start = end
@@ -632,6 +655,11 @@ class SampleColumns:
         row_of = np.repeat(np.arange(rows), counts)
         gid_of = np.concatenate(chunk.gid_parts) if chunk.gid_parts else np.zeros(0, dtype=np.int64)
         vals = np.concatenate(chunk.val_parts) if chunk.val_parts else np.zeros(0)
+        if chunk.stop_rows:  # stopped readings first: a change in the same row comes after, and wins
+            stop_rows = np.concatenate(chunk.stop_rows)
+            row_of = np.concatenate([stop_rows, row_of])
+            gid_of = np.concatenate([np.concatenate(chunk.stop_gids), gid_of])
+            vals = np.concatenate([np.full(len(stop_rows), np.nan), vals])
         lut = np.full(len(self._keys) + 1, -1, dtype=np.int64)  # gid -1 (unknown) -> the last slot: dropped
         for gid, n in columns_of.items():
             lut[gid] = n
