@@ -422,70 +422,107 @@ def bench_time_to_answer(quick: bool, echo: Echo) -> dict[str, Any]:
 
 # ---------------------------------------------------------------- 5. scale
 
+SPIKE_BYTES = 20 * 1024**3  # one tick's allocation spike in the synthetic run, which the plot must still show
+
+
 def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
-    """A watch-like run: `seconds / interval_s` ticks of realistic GPU readings, written as a real sampler would;
-    also the bytes the old format (gpuscope.samples/1) would have taken for its ticks."""
-    from gpuscope.probes.samplefile import SampleWriter
+    """A watch-like run: `seconds / interval_s` ticks of the process and two devices (NVML, the allocator on
+    each, the host, RSS every tick and USS on the host probe's 10 s cadence, declared as the sampler declares
+    it), written by the real SampleWriter; one tick of the run carries a 20 GiB spike. Also the bytes the old
+    format (gpuscope.samples/1) would have taken for its ticks."""
+    from gpuscope.probes.samplefile import SampleWriter, Tick
     from gpuscope.record.run import RunRecord, Step
 
     pid = 4242
     ticks = int(seconds / interval_s)
     writer = SampleWriter(os.path.join(out_dir, "samples.jsonl"), {"t0_ns": 0, "interval_s": interval_s, "pid": pid})
+    writer.cadence_s[(f"pid:{pid}", "uss_bytes")] = 10.0
+    uss_every_ticks = max(1, int(round(10.0 / interval_s)))
+    spike_tick = ticks * 2 // 3
     mib = 1024**2
     v1_bytes = 0
     for i in range(ticks):
         t_ns = int(i * interval_s * 1e9)
         wave = (i % 600) / 600
-        v = {
-            "host": {"cpu_util_pct": 40.0 + 20 * wave, "mem_used_bytes": 8_000 * mib},
-            f"pid:{pid}": {"rss_bytes": int((900 + 50 * wave) * mib), "cpu_util_pct": 95.0, "num_threads": 24},
-            "gpu:0": {"total_bytes": 143_771 * mib, "used_bytes": int((4_000 + 600 * wave) * mib),
-                      "free_bytes": int((139_771 - 600 * wave) * mib), "driver_reserved_bytes": 615 * mib, "util_pct": 70},
-            f"pid:{pid}/gpu:0": {"used_bytes": int((3_385 + 600 * wave) * mib), "sm_util_pct": 68,
-                                  "torch_allocated_bytes": int((1_200 + 500 * wave) * mib),
-                                  "torch_reserved_bytes": int((2_600 + 600 * wave) * mib)},
-        }
-        writer.write({"t_ns": t_ns, "v": v})
-        v1_bytes += _v1_line_bytes(t_ns, [(scope, m, x) for scope, ms in v.items() for m, x in ms.items()])
+        spike = SPIKE_BYTES if i == spike_tick else 0
+        values = [("host", "cpu_util_pct", 40.0 + 20 * wave), ("host", "mem_used_bytes", 8_000 * mib),
+                  (f"pid:{pid}", "rss_bytes", int((900 + 50 * wave) * mib)), (f"pid:{pid}", "cpu_util_pct", 95.0),
+                  (f"pid:{pid}", "num_threads", 24)]
+        if i % uss_every_ticks == 0:
+            values.append((f"pid:{pid}", "uss_bytes", int((700 + 50 * wave) * mib)))
+        for gpu, share in ((0, 1.0), (1, 0.5)):
+            used = int((3_385 + 600 * wave) * share * mib) + (spike if gpu == 0 else 0)
+            values += [(f"gpu:{gpu}", "total_bytes", 143_771 * mib), (f"gpu:{gpu}", "used_bytes", used + 615 * mib),
+                       (f"gpu:{gpu}", "free_bytes", 143_771 * mib - used - 615 * mib),
+                       (f"gpu:{gpu}", "driver_reserved_bytes", 615 * mib), (f"gpu:{gpu}", "util_pct", 70),
+                       (f"gpu:{gpu}", "process_count", 1),
+                       (f"pid:{pid}/gpu:{gpu}", "used_bytes", used), (f"pid:{pid}/gpu:{gpu}", "sm_util_pct", 68),
+                       (f"pid:{pid}/gpu:{gpu}", "torch_allocated_bytes",
+                        int((1_200 + 500 * wave) * share * mib) + (spike if gpu == 0 else 0)),
+                       (f"pid:{pid}/gpu:{gpu}", "torch_reserved_bytes",
+                        int((2_600 + 600 * wave) * share * mib) + (spike if gpu == 0 else 0))]
+        writer.write(Tick(t_ns, values))
+        v1_bytes += _v1_line_bytes(t_ns, values)
     writer.close()
     record = RunRecord(tool_version="bench", started_at="2026-11-26T00:00:00+00:00", status="complete", pid=pid,
                        mode="watch", config={"device": "cuda:0", "gpu_index": 0, "interval_s": interval_s},
                        model={"source": "synthetic", "model_bytes": 512 * mib},
-                       devices=[{"index": 0, "name": "NVIDIA H200", "total_bytes": 143_771 * mib}])
+                       devices=[{"index": 0, "name": "NVIDIA H200", "total_bytes": 143_771 * mib},
+                                {"index": 1, "name": "NVIDIA H200", "total_bytes": 143_771 * mib}])
     record.steps = [Step(predictors=1, requests=1, duration_s=float(seconds), throughput_rps=1.0,
                          latency_ms={"p50": 1.0, "p99": 2.0}, memory={}, started_s=0.0, ended_s=float(seconds))]
     return record, ticks, v1_bytes
 
 
+def _json_floor_s(path: str) -> float:
+    """Seconds to decode the samples file's JSON alone, in the reader's chunks: the floor under any reader of
+    this format, measured beside each render so a loaded machine's figure can be read against it."""
+    import itertools
+    import json
+
+    started = time.perf_counter()
+    with open(path, encoding="utf-8") as fh:
+        next(fh)
+        while lines := list(itertools.islice(fh, 8192)):
+            json.loads("[" + ",".join(lines) + "]")
+    return time.perf_counter() - started
+
+
 def bench_scale(quick: bool, echo: Echo) -> dict[str, Any]:
+    """Report rendering of long runs (the process and two devices): all plots and the HTML, from run.json and
+    samples.jsonl, in this process (matplotlib already imported by the first case)."""
+    import resource
+
     from gpuscope.record.run import save_run
 
-    cases = [("1 h at 1 s", 3600, 1.0), ("10 min at 5 ms", 600, 0.005), ("24 h at 1 s", 86400, 1.0)]
+    cases = [("1 h at 1 s", 3600, 1.0, None), ("24 h at 1 s", 86400, 1.0, 1.5), ("1 h at 5 ms", 3600, 0.005, 5.0)]
     if quick:
         cases = cases[:2]
     rows = []
-    for label, seconds, interval in cases:
+    for label, seconds, interval, target in cases:
         out = tempfile.mkdtemp(prefix="gpuscope-bench-scale-")
         record, ticks, v1_bytes = _synthetic_run(out, seconds, interval)
         save_run(record, os.path.join(out, "run.json"))
-        started = time.perf_counter()
-        try:
-            from gpuscope.reports.render import render_report
+        samples = os.path.join(out, "samples.jsonl")
+        from gpuscope.reports.render import render_report
 
-            render_report(record, out, os.path.join(out, "samples.jsonl"))
-            render_s: float | None = time.perf_counter() - started
-        except ImportError:
-            render_s = None
-        samples_bytes = os.path.getsize(os.path.join(out, "samples.jsonl"))
+        floor_s = _json_floor_s(samples)
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        started = time.perf_counter()
+        render_report(record, out, samples)
+        render_s = time.perf_counter() - started
+        rss_growth_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before
+        samples_bytes = os.path.getsize(samples)
         row = {"case": label, "ticks": ticks, "samples_bytes": samples_bytes,
                "samples_bytes_per_tick": samples_bytes / ticks, "v1_samples_bytes_per_tick": v1_bytes / ticks,
                "run_json_bytes": os.path.getsize(os.path.join(out, "run.json")), "render_s": render_s,
-               "target_render_s": 5.0 if "24 h" in label else None}
+               "json_decode_s": floor_s, "peak_rss_growth_bytes": rss_growth_kb * 1024,
+               "target_render_s": target}
         rows.append(row)
         echo(f"  {label}: {ticks} ticks, samples.jsonl {row['samples_bytes'] / 1e6:.1f} MB "
-             f"({samples_bytes / ticks:.0f} bytes a tick, {v1_bytes / ticks:.0f} in the old format), run.json "
-             f"{row['run_json_bytes'] / 1e3:.1f} kB, report rendered in "
-             + (f"{render_s:.2f} s" if render_s is not None else "n/a"))
+             f"({samples_bytes / ticks:.0f} bytes a tick, {v1_bytes / ticks:.0f} in the old format); report rendered "
+             f"in {render_s:.2f} s (target {target if target else '-'} s; decoding the file's JSON alone "
+             f"{floor_s:.2f} s), peak RSS grew {rss_growth_kb / 1024:.0f} MiB")
     return {"rows": rows, "sampler_memory": _sampler_memory(quick, echo)}
 
 
@@ -611,10 +648,78 @@ def bench_request_cost(quick: bool, echo: Echo) -> dict[str, Any]:
             "calls_per_round": calls, "load_average": os.getloadavg()[0]}
 
 
+# ---------------------------------------------------------------- 7. exporter scrape
+
+def bench_exporter_scrape(quick: bool, echo: Echo) -> dict[str, Any]:
+    """A scrape of `gpuscope export` with 64 GPU processes listed (32 on each of two devices): the page
+    rendered from the cached view (a scrape within min_interval_s), one that reads NVML first (the fake
+    H200 backend: our code around NVML, not NVML), and a whole HTTP scrape over loopback; interleaved."""
+    import urllib.request
+
+    from prometheus_client import generate_latest
+
+    from gpuscope.measure.exporter import NodeSource, start_exporter
+    from gpuscope.probes.processes import ProcessInfo
+    from tests.fakes.nvml import DeviceState, FakeDevice, FakeProcess, ScriptedNvml
+
+    mib = 1024**2
+    processes = [FakeProcess(100_000 + i, (500 + i) * mib, f"python3 worker_{i}.py", sm_util_pct=i % 100)
+                 for i in range(64)]
+    states = [DeviceState(tuple(processes[:32])), DeviceState(tuple(processes[32:]))]
+    nvml = ScriptedNvml(devices=[FakeDevice(), FakeDevice(uuid="GPU-bench-1")],
+                        script=lambda tick: states)  # one state per device
+
+    def describe(pid: int, name: str) -> Any:
+        return ProcessInfo(pid, True, name, "svc", f"{name} --serve", ("torch",),
+                           {"pod_uid": "0f1e2d3c-aaaa-bbbb-cccc-000000000000", "container_id": f"{pid:064x}"})
+
+    clock = [0.0]
+    source = NodeSource(nvml, describe=describe, pid_exists=lambda p: True, min_interval_s=1.0,
+                        clock=lambda: clock[0])
+    exporter = start_exporter(source, 0)
+    try:
+        page = generate_latest(exporter.registry)
+        listed = page.count(b"gpuscope_process_gpu_memory_bytes{")
+
+        def cached() -> None:
+            generate_latest(exporter.registry)
+
+        def fresh() -> None:
+            clock[0] += 2.0  # past min_interval_s: this scrape reads NVML
+            generate_latest(exporter.registry)
+
+        def http() -> None:
+            with urllib.request.urlopen(exporter.url, timeout=10) as response:
+                response.read()
+
+        rounds = 60 if quick else 300
+        times: dict[str, list[float]] = {"cached_ms": [], "reads_nvml_ms": [], "http_ms": []}
+        for _ in range(5):
+            cached(), fresh(), http()  # warm-up
+        for _ in range(rounds):
+            for name, call in (("cached_ms", cached), ("reads_nvml_ms", fresh), ("http_ms", http)):
+                started = time.perf_counter()
+                call()
+                times[name].append((time.perf_counter() - started) * 1e3)
+    finally:
+        exporter.close()
+    result: dict[str, Any] = {"processes_listed": listed, "page_bytes": len(page), "rounds": rounds,
+                              "target_ms": 5.0}
+    for name, values in times.items():
+        values.sort()
+        result[name] = {"median": _median(values), "p90": values[int(0.9 * (len(values) - 1))], "max": values[-1]}
+    echo(f"  {listed} processes listed, page {len(page) / 1e3:.1f} kB; scrape median (p90): cached view "
+         f"{result['cached_ms']['median']:.2f} ({result['cached_ms']['p90']:.2f}) ms, reading NVML "
+         f"{result['reads_nvml_ms']['median']:.2f} ({result['reads_nvml_ms']['p90']:.2f}) ms, over HTTP "
+         f"{result['http_ms']['median']:.2f} ({result['http_ms']['p90']:.2f}) ms")
+    return result
+
+
 BENCHMARKS: dict[str, Callable[[bool, Echo], dict[str, Any]]] = {
     "request_cost": bench_request_cost,
     "tick_cost": bench_tick_cost,
     "scale": bench_scale,
+    "exporter_scrape": bench_exporter_scrape,
     "harness": bench_harness,
     "sampler_overhead": bench_sampler_overhead,
     "time_to_answer": bench_time_to_answer,

@@ -20,15 +20,23 @@ damaged line and the writer's table stays bounded; one comes every KEYFRAME_EVER
 gpuscope.samples/1 files ({"t_ns": 123, "v": {"gpu:0": {"used_bytes": 1}, ...}}: every reading
 of the tick, grouped by scope) load through the same `load_timeline`, into the same Timeline;
 such rows are read in either schema. A torn last line (killed mid-write) is skipped when reading.
+
+Two readers give the same readings: `load_timeline` (every reading as a Python object, Unavailable
+with its reason: for tests, the analysis and short runs) and `SampleColumns` (a stream of numpy
+column chunks, NaN where a tick has no usable number, never every row in memory at once: what the
+report reads, as a day at 5 ms is 17 million rows). Both go through `Timeline.chunks`/`SampleColumns
+.chunks`, so the report's code sees one shape.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
+import operator
 import os
 import threading
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from gpuscope.probes.readings import Unavailable, reading_from_json, reading_to_json
 
@@ -195,6 +203,25 @@ class Timeline:
     def scopes(self) -> set[str]:
         return {scope for scope, _ in self.series}
 
+    @property
+    def ticks(self) -> int:
+        return len(self.t_s)
+
+    @property
+    def last_t_s(self) -> float | None:
+        return self.t_s[-1] if self.t_s else None
+
+    def chunks(self, keep: KeyFilter | None = None) -> Iterator["ColumnChunk"]:
+        """The timeline as one column chunk, in `SampleColumns.chunks`' form (NaN where a tick holds no
+        finite number), so a report reads an in-memory timeline and a streamed file alike."""
+        import numpy as np
+
+        if not self.t_s:
+            return
+        columns = {key: np.fromiter((_finite_or_nan(v) for v in values), dtype=float, count=len(values))
+                   for key, values in self.series.items() if keep is None or keep(*key)}
+        yield ColumnChunk(np.asarray(self.t_s, dtype=float), columns)
+
     def samples(self) -> Iterator[Sample]:
         t0_ns = int(self.header.get("t0_ns", 0))
         for (scope, metric), values in self.series.items():
@@ -315,3 +342,352 @@ def load_timeline(path: str) -> Timeline:
             continue
         rows.append_tick((t_ns - t0_ns) / 1e9)
     return timeline
+
+
+# ---------------------------------------------------------------- the same file, streamed into numpy columns
+
+KeyFilter = Callable[[str, str], bool]  # (scope, metric) -> whether a reader keeps that column
+CHUNK_TICKS = 8192  # rows decoded, then turned into columns, at a time: bounds the Python objects held
+
+
+def _finite_or_nan(value: Any) -> float:
+    """A reading as a column holds it: the number, or NaN for absent, Unavailable, bool or non-finite
+    (what plotdata.clean() makes unavailable, and `is_available` refuses)."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return math.nan
+    try:
+        number = float(value)
+    except OverflowError:  # an int too large for a float
+        return math.nan
+    return number if math.isfinite(number) else math.nan
+
+
+@dataclass
+class ColumnChunk:
+    """Consecutive ticks of a samples file: `t_s` (seconds since t0) and one float64 column per kept
+    (scope, metric), NaN where that tick holds no usable number. A column missing from a chunk is NaN
+    all along it (a reading that appears later in the run)."""
+
+    t_s: Any
+    columns: dict[Key, Any]
+
+
+class _Chunk:
+    """One chunk's rows while they are read: each row's changes as (global key id, value), in order, to
+    become columns at `SampleColumns._flush`."""
+
+    def __init__(self) -> None:
+        self.t_ns: list[Any] = []  # per row (lists of ints, or int64 arrays for runs of plain rows)
+        self.counts: list[Any] = []  # per row: how many changes it made
+        self.gid_parts: list[Any] = []  # int64 arrays: the changes' global key ids (-1: unknown, skipped)
+        self.val_parts: list[Any] = []  # float64 arrays: their values (NaN: the reading stopped)
+        self.resets: list[int] = []  # rows before whose changes nothing is current (keyframe, lost line)
+        # readings that stopped ("x") in runs of plain rows: (rows, global key ids), applied before any change
+        # of the same row (at flush they go first, and the last change of a (row, key) wins)
+        self.stop_rows: list[Any] = []
+        self.stop_gids: list[Any] = []
+        self.rows = 0
+        self._gids: list[int] = []  # changes of rows read one at a time, not yet in the parts
+        self._vals: list[float] = []
+
+    def row(self, t_ns: int, gids: list[int], vals: list[float]) -> None:
+        self.t_ns.append([t_ns])
+        self.counts.append([len(gids)])
+        self._gids += gids
+        self._vals += vals
+        self.rows += 1
+
+    def seal(self, np: Any) -> None:
+        """Rows read one at a time become one part, so parts stay in row order."""
+        if self._gids:
+            self.gid_parts.append(np.asarray(self._gids, dtype=np.int64))
+            self.val_parts.append(np.asarray(self._vals, dtype=float))
+            self._gids, self._vals = [], []
+
+
+class SampleColumns:
+    """A samples file (either schema) read as a stream of `ColumnChunk`s: the same readings
+    `load_timeline` gives, without holding every row as Python objects.
+
+    Why: a report of a day at 5 ms would otherwise build 17 million rows of dicts before drawing 1,200
+    points. Rows are decoded CHUNK_TICKS at a time (one json.loads a chunk; one a line only where the
+    chunk holds a damaged line). Runs of plain rows ({"t_ns", "v"}: 255 of every 256 the writer makes)
+    are taken apart with C-level maps and numpy, never a Python step per row; keyframes, declarations,
+    stopped readings, events, old-format and damaged rows are read one at a time, as `load_timeline`
+    reads them. Each chunk's changes become columns by a forward fill in numpy, carrying the last
+    values into the next chunk. Decoding the JSON is most of the time that remains.
+
+    Opening reads the header and raises SamplesFileError as `load_timeline` does. `chunks()` reads the
+    rest, once; after it, `events`, `torn_lines`, `cadence_s`, `ticks` and `last_t_s` hold what the
+    whole file said.
+    """
+
+    def __init__(self, path: str, chunk_ticks: int = CHUNK_TICKS) -> None:
+        if not os.path.exists(path):
+            raise SamplesFileError(f"{path}: no such samples file")
+        self.path = path
+        self.chunk_ticks = chunk_ticks
+        self.events: list[dict[str, Any]] = []
+        self.torn_lines = 0
+        self.cadence_s: dict[Key, float] = {}
+        self.ticks = 0
+        self.last_t_s: float | None = None
+        self._fh = open(path, encoding="utf-8", errors="replace")
+        header: Any = None
+        for raw in self._fh:
+            if raw.strip():
+                try:
+                    header = json.loads(raw)
+                except json.JSONDecodeError:
+                    header = None
+                break
+        if not isinstance(header, dict) or "schema" not in header:
+            self._fh.close()
+            raise SamplesFileError(f"{path}: not a gpuscope samples file (no header line)")
+        if header["schema"] not in SUPPORTED_SAMPLE_SCHEMAS:
+            self._fh.close()
+            raise SamplesFileError(f"{path}: schema {header['schema']!r} is not supported by this gpuscope "
+                                   f"(reads {', '.join(SUPPORTED_SAMPLE_SCHEMAS)}); upgrade gpuscope")
+        self.header: dict[str, Any] = header
+        self._t0_ns = int(header.get("t0_ns", 0))
+        self._keys: list[Key] = []  # global key id -> (scope, metric)
+        self._key_id: dict[Key, int] = {}
+        self._table: dict[Any, int] = {}  # the file's key table now: row index -> global key id
+        self._lut: Any = None  # the table as an int64 array, while it holds only small non-negative ints
+        self._reset_pending = False
+
+    def close(self) -> None:
+        """Let the file go without reading it (a report that draws no timeline); chunks() closes it itself."""
+        self._fh.close()
+
+    def _global(self, key: Key) -> int:
+        gid = self._key_id.get(key)
+        if gid is None:
+            gid = self._key_id[key] = len(self._keys)
+            self._keys.append(key)
+        return gid
+
+    def _lines(self) -> Iterator[list[Any]]:
+        """The file's remaining lines decoded, a chunk at a time; a line that is not JSON is None."""
+        loads = json.loads
+        while True:
+            lines = list(itertools.islice(self._fh, self.chunk_ticks))
+            if not lines:
+                return
+            try:
+                objs = loads("[" + ",".join(lines) + "]")  # one call for the chunk: most of the reading time
+            except (json.JSONDecodeError, RecursionError):
+                objs = []
+                for raw in lines:
+                    if not raw.strip():
+                        continue
+                    try:
+                        objs.append(loads(raw))
+                    except (json.JSONDecodeError, RecursionError):
+                        objs.append(None)
+            yield objs
+
+    def _lookup(self, loc: Any) -> int:
+        try:
+            return self._table.get(loc, -1)
+        except TypeError:  # an unhashable index in a damaged row
+            return -1
+
+    def _row(self, t_ns: int, obj: dict[str, Any], values: list[Any], chunk: _Chunk) -> bool:
+        """A gpuscope.samples/2 row read on its own; False when malformed (nothing applied), as
+        `_RowReader.keyed` decides it."""
+        declared, gone = obj.get("k", []), obj.get("x", [])
+        if (len(values) % 2 or not isinstance(declared, list) or not isinstance(gone, list)
+                or not all(isinstance(entry, list) and len(entry) >= 3 for entry in declared)):
+            return False
+        if obj.get("f"):
+            self._table, self._lut = {}, None
+            self._reset_pending = True
+        if declared:
+            self._lut = None
+            for entry in declared:
+                key = (str(entry[1]), str(entry[2]))
+                try:
+                    self._table[entry[0]] = self._global(key)
+                except TypeError:  # an unhashable index: _RowReader would fail on it; nothing can refer to it
+                    continue
+                if len(entry) > 3:
+                    self.cadence_s[key] = entry[3]
+        if self._reset_pending:
+            chunk.resets.append(chunk.rows)
+            self._reset_pending = False
+        gids = [self._lookup(i) for i in gone] + [self._lookup(i) for i in values[0::2]]
+        vals = [math.nan] * len(gone) + [_finite_or_nan(v) for v in values[1::2]]
+        chunk.row(t_ns, gids, vals)
+        return True
+
+    def _grouped(self, t_ns: int, values: dict[str, Any], chunk: _Chunk) -> None:
+        """A gpuscope.samples/1 row: every reading of the tick, nothing carried from the row before."""
+        chunk.resets.append(chunk.rows)
+        self._reset_pending = False
+        gids, vals = [], []
+        for scope, metrics in values.items():
+            if isinstance(metrics, dict):
+                for metric, value in metrics.items():
+                    gids.append(self._global((scope, metric)))
+                    vals.append(_finite_or_nan(value))
+        chunk.row(t_ns, gids, vals)
+
+    def _plain_run(self, t_ns: list[Any], rows: list[Any], stops: list[Any], chunk: _Chunk, np: Any) -> bool:
+        """Consecutive plain rows ({"t_ns": int, "v": [index, value, ...]}, maybe "x": [index, ...]) at C
+        speed; False (nothing applied) when they need reading one at a time (an odd row, an index or value
+        of another kind)."""
+        counts = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+        if (counts % 2).any():
+            return False
+        flat = list(itertools.chain.from_iterable(rows))
+        if not set(map(type, flat)) <= {int, float}:  # an Unavailable, a bool, ...: one at a time
+            return False
+        stopping = [n for n, stop in enumerate(stops) if stop is not None]
+        stopped = list(itertools.chain.from_iterable(stops[n] for n in stopping))
+        if not set(map(type, stopped)) <= {int}:
+            return False
+        try:
+            numbers = np.asarray(flat, dtype=float)  # one conversion: indices are small ints, exact in a float
+        except OverflowError:
+            return False
+        if self._lut is None:
+            table = self._table
+            if not all(type(i) is int and 0 <= i < 1 << 16 for i in table):
+                return False
+            self._lut = np.full(max(table, default=-1) + 2, -1, dtype=np.int64)  # the last slot: no such index
+            if table:
+                self._lut[list(table)] = list(table.values())
+        chunk.seal(np)
+        nowhere = len(self._lut) - 1
+        locs, values = numbers[0::2], numbers[1::2]
+        # an index that is no whole number in the table's range finds no key, as dict.get finds none
+        known = (locs >= 0) & (locs < nowhere) & (locs == np.trunc(locs))
+        chunk.gid_parts.append(self._lut[np.where(known, locs, nowhere).astype(np.int64)])
+        values[~np.isfinite(values)] = np.nan
+        chunk.val_parts.append(values)
+        if stopped:
+            per_row = np.fromiter((len(stops[n]) for n in stopping), dtype=np.int64, count=len(stopping))
+            chunk.stop_rows.append(np.repeat(np.asarray(stopping, dtype=np.int64) + chunk.rows, per_row))
+            index = np.asarray(stopped, dtype=np.int64)
+            chunk.stop_gids.append(self._lut[np.where((index >= 0) & (index < nowhere), index, nowhere)])
+        if self._reset_pending:
+            chunk.resets.append(chunk.rows)
+            self._reset_pending = False
+        chunk.t_ns.append(t_ns)
+        chunk.counts.append(counts // 2)
+        chunk.rows += len(rows)
+        return True
+
+    def _one(self, obj: Any, chunk: _Chunk) -> None:
+        """Any line, read on its own (as load_timeline reads it)."""
+        t_ns = obj.get("t_ns") if isinstance(obj, dict) else None
+        if not isinstance(t_ns, int):
+            self.torn_lines += 1
+            self._reset_pending = True
+            return
+        if "event" in obj:
+            self.events.append({**obj, "t_s": (t_ns - self._t0_ns) / 1e9})
+            return
+        values = obj.get("v")
+        if isinstance(values, dict):
+            self._grouped(t_ns, values, chunk)
+        elif not (isinstance(values, list) and self._row(t_ns, obj, values, chunk)):
+            self.torn_lines += 1
+            self._reset_pending = True
+
+    def chunks(self, keep: KeyFilter | None = None) -> Iterator[ColumnChunk]:
+        """The ticks in chunks, with the columns `keep(scope, metric)` accepts (all when None)."""
+        import numpy as np
+
+        carry: dict[int, float] = {}  # global key id -> its value at the last tick of the previous chunk
+        kept: dict[int, bool] = {}
+        get = dict.get
+        for objs in self._lines():
+            chunk = _Chunk()
+            if set(map(type, objs)) == {dict}:
+                n = len(objs)
+                t_ns = list(map(get, objs, itertools.repeat("t_ns")))
+                rows = list(map(get, objs, itertools.repeat("v")))
+                stops = list(map(get, objs, itertools.repeat("x")))
+                # plain: exactly {"t_ns": int, "v": list} or {"t_ns": int, "v": list, "x": list}
+                sizes = np.fromiter(map(len, objs), dtype=np.int64, count=n)
+                stop_list = np.fromiter(map(operator.is_, map(type, stops), itertools.repeat(list)), dtype=bool,
+                                        count=n)
+                plain = (sizes == 2) | ((sizes == 3) & stop_list)
+                plain &= np.fromiter(map(operator.is_, map(type, rows), itertools.repeat(list)), dtype=bool, count=n)
+                plain &= np.fromiter(map(operator.is_, map(type, t_ns), itertools.repeat(int)), dtype=bool, count=n)
+            else:
+                plain = np.zeros(len(objs), dtype=bool)
+                t_ns = rows = stops = []
+            start = 0
+            edges = np.flatnonzero(np.diff(plain.astype(np.int8))) + 1
+            for end in [*edges.tolist(), len(objs)] if objs else []:
+                if not (plain[start] and self._plain_run(t_ns[start:end], rows[start:end], stops[start:end],
+                                                         chunk, np)):
+                    for obj in objs[start:end]:
+                        self._one(obj, chunk)
+                start = end
+            chunk.seal(np)
+            if not chunk.rows:
+                continue
+            for gid, key in enumerate(self._keys):
+                if gid not in kept:
+                    kept[gid] = keep is None or bool(keep(*key))
+            yield self._flush(chunk, carry, kept, np)
+        self._fh.close()
+
+    def _flush(self, chunk: _Chunk, carry: dict[int, float], kept: dict[int, bool], np: Any) -> ColumnChunk:
+        """The chunk's changes as columns: the last change at or before each tick, unless a reset came
+        after it (then NaN), else the value carried from the chunk before."""
+        rows = chunk.rows
+        t_list = list(itertools.chain.from_iterable(chunk.t_ns))
+        try:
+            t_ns = np.asarray(t_list, dtype=np.int64)
+        except OverflowError:
+            t_ns = np.asarray(t_list, dtype=float)
+        t_s = (t_ns - self._t0_ns) / 1e9
+        self.ticks += rows
+        self.last_t_s = float(t_s[-1])
+        columns_of = {gid: n for n, gid in enumerate(g for g, k in kept.items() if k)}
+        width = len(columns_of)
+        counts = np.concatenate([np.asarray(c, dtype=np.int64) for c in chunk.counts])
+        row_of = np.repeat(np.arange(rows), counts)
+        gid_of = np.concatenate(chunk.gid_parts) if chunk.gid_parts else np.zeros(0, dtype=np.int64)
+        vals = np.concatenate(chunk.val_parts) if chunk.val_parts else np.zeros(0)
+        if chunk.stop_rows:  # stopped readings first: a change in the same row comes after, and wins
+            stop_rows = np.concatenate(chunk.stop_rows)
+            row_of = np.concatenate([stop_rows, row_of])
+            gid_of = np.concatenate([np.concatenate(chunk.stop_gids), gid_of])
+            vals = np.concatenate([np.full(len(stop_rows), np.nan), vals])
+        lut = np.full(len(self._keys) + 1, -1, dtype=np.int64)  # gid -1 (unknown) -> the last slot: dropped
+        for gid, n in columns_of.items():
+            lut[gid] = n
+        col_of = lut[gid_of]
+        mine = col_of >= 0
+        row_of, col_of, vals = row_of[mine], col_of[mine], vals[mine]
+        # the last change of each (row, column) wins, as applying them in order would leave it
+        flat = row_of * max(width, 1) + col_of
+        if len(flat) < 2 or bool((flat[1:] > flat[:-1]).all()):  # the usual case: no (row, column) twice
+            last = np.arange(len(flat))
+        else:
+            _unique, last_from_end = np.unique(flat[::-1], return_index=True)
+            last = len(flat) - 1 - last_from_end
+        block = np.full((rows, width), np.nan)
+        changed_at = np.full((rows, width), -1, dtype=np.int64)
+        block[row_of[last], col_of[last]] = vals[last]
+        changed_at[row_of[last], col_of[last]] = row_of[last]
+        np.maximum.accumulate(changed_at, axis=0, out=changed_at)
+        reset_at = np.full(rows, -1, dtype=np.int64)
+        resets = np.asarray(chunk.resets, dtype=np.int64)
+        reset_at[resets] = resets
+        np.maximum.accumulate(reset_at, out=reset_at)
+        columns: dict[Key, Any] = {}
+        for gid, n in columns_of.items():
+            source = changed_at[:, n]
+            before = np.where(reset_at >= 0, np.nan, carry.get(gid, np.nan))
+            column = np.where(source >= reset_at, block[np.maximum(source, 0), n], before)
+            column = np.where(source >= 0, column, before)
+            carry[gid] = float(column[-1])
+            columns[self._keys[gid]] = column
+        return ColumnChunk(t_s, columns)

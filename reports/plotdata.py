@@ -15,13 +15,15 @@ from gpuscope.record.layers import (
     GPU_LAYERS,
     PROCESS_METRICS,
     DeviceTick,
+    column_cpu_layers,
+    column_layers,
     cpu_layers,
-    device_tick,
+    device_columns,
     tick_layers,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gpuscope.probes.samplefile import Timeline
+    from gpuscope.probes.samplefile import SampleColumns, Timeline
     from gpuscope.record.run import RunRecord, Step
 
 MAX_BUCKETS = 1200  # buckets for the timeline: each keeps its min/max total and every layer's max
@@ -30,19 +32,39 @@ MAX_BUCKETS = 1200  # buckets for the timeline: each keeps its min/max total and
 
 @dataclass
 class TimelineLayers:
-    """Layers per tick for the memory-over-time plot (numpy arrays), already downsampled."""
+    """Layers per tick for the memory-over-time plot (numpy arrays), already downsampled.
+
+    `envelope` is (t_s, min_total, max_total) per bucket when the ticks were downsampled: the plot draws
+    it so a single tick's spike stays visible whatever the width of a pixel. `uss`/`uss_t_s` are USS at
+    the ticks it was read only (a slower cadence: never drawn as if read in between).
+    """
 
     t_s: Any
     layers: dict[str, Any]
     keys: list[str]
     capacity_bytes: float | None = None
     uss: Any = None
+    uss_t_s: Any = None
     ticks: int = 0
     peak_total: float = 0.0
     peak_t_s: float = 0.0
     note: str = ""
     unit_t: tuple[str, float] = ("s", 1.0)
     extras: dict[str, Any] = field(default_factory=dict)
+    envelope: tuple[Any, Any, Any] | None = None
+    bucket_ticks: int = 1
+
+    @property
+    def downsampled(self) -> bool:
+        return self.ticks > len(self.t_s)
+
+    def downsample_note(self) -> str:
+        """What the report says when the timeline was downsampled ('' when every tick is drawn)."""
+        if not self.downsampled:
+            return ""
+        return (f"The memory timeline draws {self.ticks:,} ticks as {len(self.t_s):,} points: buckets of "
+                f"{self.bucket_ticks:,} ticks, each shown by its lowest and highest total (the shaded envelope) "
+                "and the ticks of every layer's peak, so single-tick spikes stay visible.")
 
 
 def finite(value: Any) -> bool:
@@ -130,8 +152,11 @@ def missing_reason(memory: dict[str, Any], keys: tuple[str, ...]) -> str:
     return "not measured"
 
 
-def capacity_bytes(record: "RunRecord", timeline: "Timeline | None" = None) -> float | None:
-    """The device's total memory (GPU runs) or the host's (CPU runs), None when unknown."""
+def capacity_bytes(record: "RunRecord", timeline: "Timeline | None" = None,
+                   samples_total_bytes: float | None = None) -> float | None:
+    """The device's total memory (GPU runs) or the host's (CPU runs), None when unknown. Without a figure
+    in the record, the samples' largest `total_bytes` of the device (`samples_total_bytes`, or read from
+    `timeline`)."""
     if record.gpu:
         index = gpu_index(record)
         for device in record.devices or []:
@@ -140,6 +165,8 @@ def capacity_bytes(record: "RunRecord", timeline: "Timeline | None" = None) -> f
         for step in record.steps:
             if finite((step.memory or {}).get("device_total_bytes")):
                 return float(step.memory["device_total_bytes"])
+        if samples_total_bytes is not None:
+            return float(samples_total_bytes)
         if timeline is not None:
             values = [v for v in timeline.column(scopes.device(index), "total_bytes") if finite(v)]
             if values:
@@ -149,7 +176,7 @@ def capacity_bytes(record: "RunRecord", timeline: "Timeline | None" = None) -> f
     return float(total) if finite(total) else None
 
 
-def profiled_pid(record: "RunRecord", timeline: "Timeline | None") -> int | None:
+def profiled_pid(record: "RunRecord", timeline: "Timeline | SampleColumns | None") -> int | None:
     if record.pid:
         return int(record.pid)
     if timeline is not None and isinstance(timeline.header.get("pid"), int):
@@ -213,77 +240,131 @@ def column(timeline: "Timeline", scope: str, metric: str) -> list[Any]:
     return [clean(v) for v in timeline.column(scope, metric)]
 
 
-def timeline_layers(record: "RunRecord", timeline: "Timeline | None",
-                    max_buckets: int = MAX_BUCKETS) -> TimelineLayers | None:
-    """The decomposition at every tick of the samples file (the same layers as the steps), downsampled."""
+def _keep_for(record: "RunRecord", pid: int | None) -> Any:
+    """The columns the timeline needs: the attribution's readings of the profiled device (and its total),
+    or the process's RSS and USS on the CPU; the rest of a samples file is never put in columns."""
+    if record.gpu:
+        index = gpu_index(record)
+
+        def keep_gpu(scope: str, metric: str) -> bool:
+            parsed = scopes.parse(scope)
+            if parsed.gpu != index:
+                return False
+            if parsed.is_device:
+                return metric in DEVICE_METRICS or metric == "total_bytes"
+            return metric == "used_bytes" or (parsed.pid == pid and metric in PROCESS_METRICS)
+
+        return keep_gpu
+    target = scopes.process(pid) if pid is not None else None
+    return lambda scope, metric: scope == target and metric in ("rss_bytes", "uss_bytes")
+
+
+def _chunk_layers(record: "RunRecord", chunk: Any, pid: int | None, model: Any) -> dict[str, tuple[Any, Any]]:
+    """A chunk's layers by the one attribution (record/layers.py, in its columnar form)."""
     import numpy as np
 
-    if timeline is None or not timeline.t_s:
+    ticks = len(chunk.t_s)
+    if record.gpu:
+        return column_layers(device_columns(chunk.columns, pid, gpu_index(record), ticks), model)
+    rss = chunk.columns.get((scopes.process(pid), "rss_bytes")) if pid is not None else None
+    return column_cpu_layers(rss if rss is not None else np.full(ticks, np.nan), model)
+
+
+def timeline_layers(record: "RunRecord", timeline: "Timeline | SampleColumns | None",
+                    max_buckets: int = MAX_BUCKETS) -> TimelineLayers | None:
+    """The decomposition at every tick of the samples (the same layers as the steps), downsampled.
+
+    `timeline` is a loaded Timeline or a SampleColumns stream (read here, once, chunk by chunk: a day at
+    5 ms never sits in memory as rows). Each chunk is attributed by record/layers.py's columnar form of
+    the one attribution; only the ticks with layers, one int64 array per layer, are kept.
+    """
+    import numpy as np
+
+    if timeline is None:
         return None
     pid = profiled_pid(record, timeline)
     model = model_bytes(record)
     keys = layer_order(record)
-    rows_t: list[float] = []
-    rows: dict[str, list[float]] = {k: [] for k in keys}
-    uss_values: list[float] = []
-    if record.gpu:
-        index = gpu_index(record)
-        # The tick's readings rebuilt from the columns the attribution reads, then attributed by the one
-        # function the run itself used (record/layers.py), so the timeline and the steps cannot disagree.
-        columns = [(scope, metric, column(timeline, scope, metric)) for scope, metric in timeline.series
-                   if scopes.parse(scope).gpu == index
-                   and (metric in DEVICE_METRICS if scopes.parse(scope).is_device else metric in PROCESS_METRICS)]
-        for i, t in enumerate(timeline.t_s):
-            tick = device_tick([(scope, metric, col[i]) for scope, metric, col in columns if col[i] is not None],
-                               pid, index)
-            layers = tick_layers(tick, model)
-            if not layers:
-                continue
-            rows_t.append(t)
+    t_parts: list[Any] = []
+    layer_parts: dict[str, list[Any]] = {k: [] for k in keys}
+    uss_parts: list[tuple[Any, Any]] = []
+    samples_total = -math.inf
+    after_last: float | None = None  # the first tick after the last one with layers (the readings stopped)
+    uss_key = (scopes.process(pid), "uss_bytes") if pid is not None else None
+    for chunk in timeline.chunks(_keep_for(record, pid)):
+        if record.gpu:
+            total_col = chunk.columns.get((scopes.device(gpu_index(record)), "total_bytes"))
+            if total_col is not None and np.isfinite(total_col).any():
+                samples_total = max(samples_total, float(np.nanmax(total_col)))
+        layers = _chunk_layers(record, chunk, pid, model)
+        has = np.zeros(len(chunk.t_s), dtype=bool)
+        for _values, present in layers.values():
+            has |= present
+        if has.any():
+            last = int(np.flatnonzero(has)[-1])
+            after_last = float(chunk.t_s[last + 1]) if last + 1 < len(chunk.t_s) else None
+            t_parts.append(chunk.t_s[has])
             for k in keys:
-                rows[k].append(layers.get(k, 0))
-    else:
-        rss = column(timeline, scopes.process(pid), "rss_bytes")
-        uss = column(timeline, scopes.process(pid), "uss_bytes")
-        for i, t in enumerate(timeline.t_s):
-            layers = cpu_layers(rss[i], model)
-            if not layers:
-                continue
-            rows_t.append(t)
-            for k in keys:
-                rows[k].append(layers.get(k, 0))
-            uss_values.append(float(uss[i]) if is_available(uss[i]) else float("nan"))
-    if not rows_t:
+                layer_parts[k].append(layers[k][0][has] if k in layers else np.zeros(int(has.sum()), dtype=np.int64))
+            uss = chunk.columns.get(uss_key) if not record.gpu else None
+            if uss is not None:
+                read = has & np.isfinite(uss)
+                uss_parts.append((chunk.t_s[read], uss[read]))
+        elif after_last is None and t_parts:
+            after_last = float(chunk.t_s[0])
+    if not t_parts:
+        if not timeline.ticks:
+            return None
         return TimelineLayers(t_s=np.array([]), layers={}, keys=[], ticks=0,
                               note="the samples file holds no memory readings for this process")
-    t_arr = np.asarray(rows_t, dtype=float)
-    arrays = {k: np.asarray(v, dtype=float) for k, v in rows.items() if any(v)}
+    t_arr = np.concatenate(t_parts)
+    arrays = {k: np.concatenate(parts).astype(float) for k, parts in layer_parts.items()}
+    arrays = {k: v for k, v in arrays.items() if v.any()}
     present = [k for k in keys if k in arrays]
     total = np.zeros(len(t_arr))
     for k in present:
         total += arrays[k]
     peak_i = int(total.argmax())
     keep = downsample_minmax(t_arr, total, arrays, max_buckets)
+    capacity = capacity_bytes(record, samples_total_bytes=samples_total if math.isfinite(samples_total) else None)
     result = TimelineLayers(
         t_s=t_arr[keep], layers={k: arrays[k][keep] for k in present}, keys=present,
-        capacity_bytes=capacity_bytes(record, timeline), ticks=len(t_arr),
+        capacity_bytes=capacity, ticks=len(t_arr),
         peak_total=float(total[peak_i]), peak_t_s=float(t_arr[peak_i]),
         unit_t=time_unit(float(t_arr[-1] - min(0.0, t_arr[0]))))
-    if uss_values:
-        uss_arr = np.asarray(uss_values, dtype=float)
-        if not np.all(np.isnan(uss_arr)):
-            result.uss = uss_arr[keep]
+    if len(keep) < len(t_arr):
+        result.envelope, result.bucket_ticks = minmax_envelope(t_arr, total, max_buckets)
+    if uss_parts:
+        uss_t = np.concatenate([t for t, _v in uss_parts])
+        uss_v = np.concatenate([v for _t, v in uss_parts])
+        if len(uss_v):
+            uss_keep = downsample_minmax(uss_t, uss_v, None, max_buckets)
+            result.uss_t_s, result.uss = uss_t[uss_keep], uss_v[uss_keep]
     result.extras["peak_layers"] = {k: float(arrays[k][peak_i]) for k in present}
     # Readings that stop before the samples do (the GPU lost, NVML failing): the plot shows where, rather
     # than ending its axis at the last reading as if the run ended there.
-    later = [t for t in timeline.t_s if t > rows_t[-1]]
-    if later:
-        result.extras["readings_stop_t_s"] = float(later[0])
-        result.extras["samples_end_t_s"] = float(later[-1])
+    if after_last is not None and timeline.last_t_s is not None:
+        result.extras["readings_stop_t_s"] = after_last
+        result.extras["samples_end_t_s"] = float(timeline.last_t_s)
     return result
 
 
-def step_spans(record: "RunRecord", timeline: "Timeline | None") -> list[tuple[float, float, int]]:
+def minmax_envelope(t_s: Any, total: Any, max_buckets: int = MAX_BUCKETS) -> tuple[tuple[Any, Any, Any], int]:
+    """((bucket start t_s, lowest total, highest total), ticks a bucket) with the buckets of
+    `downsample_minmax`, for the plot's envelope: what a line through the kept ticks cannot promise to
+    show at a pixel's width, the band does."""
+    import numpy as np
+
+    n = len(total)
+    size = int(math.ceil(n / max_buckets))
+    starts = np.arange(0, n, size)
+    lows = np.minimum.reduceat(total, starts)
+    highs = np.maximum.reduceat(total, starts)
+    # one more point at the last tick, so the band reaches the end of the axis (step drawing)
+    return (np.append(t_s[starts], t_s[-1]), np.append(lows, lows[-1]), np.append(highs, highs[-1])), size
+
+
+def step_spans(record: "RunRecord", timeline: "Timeline | SampleColumns | None") -> list[tuple[float, float, int]]:
     """(start_s, end_s, predictors) per step, from the steps or else from the samples' events."""
     spans = [(float(s.started_s), float(s.ended_s), s.predictors) for s in record.steps
              if finite(s.started_s) and finite(s.ended_s) and s.ended_s > s.started_s]
@@ -298,9 +379,9 @@ def step_spans(record: "RunRecord", timeline: "Timeline | None") -> list[tuple[f
             open_steps[n] = event["t_s"]
         elif kind == "step_end" and n in open_steps:
             spans.append((open_steps.pop(n), event["t_s"], n))
-    if open_steps and timeline.t_s:  # a step still running when the run was interrupted
+    if open_steps and timeline.last_t_s is not None:  # a step still running when the run was interrupted
         for n, start in open_steps.items():
-            spans.append((start, timeline.t_s[-1], n))
+            spans.append((start, timeline.last_t_s, n))
     return sorted(spans)
 
 

@@ -15,9 +15,10 @@ from __future__ import annotations
 import io
 import textwrap
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+from gpuscope.probes import scopes
 from gpuscope.probes.units import MiB, format_bytes
 from gpuscope.record.layers import LAYER_LABELS
 from gpuscope.reports.plotdata import (
@@ -34,13 +35,14 @@ from gpuscope.reports.plotdata import (
     missing_reason,
     predictors,
     predictors_axis_label,
+    profiled_pid,
     step_layers,
     step_spans,
     timeline_layers,
 )
 
 if TYPE_CHECKING:  # pragma: no cover
-    from gpuscope.probes.samplefile import Timeline
+    from gpuscope.probes.samplefile import SampleColumns, Timeline
     from gpuscope.record.run import RunRecord, Step
 
 
@@ -98,11 +100,13 @@ _RC = {
 
 @dataclass
 class Plot:
-    """A rendered plot: its file name, PNG bytes and its title (the conclusion, reused as alt text)."""
+    """A rendered plot: its file name, PNG bytes and its title (the conclusion, reused as alt text);
+    `notes`: what the report should say about how it was drawn (that the timeline was downsampled)."""
 
     name: str
     png: bytes
     title: str
+    notes: list[str] = field(default_factory=list)
 
 
 def _wrap(text: str, width: int = 86) -> str:
@@ -286,7 +290,8 @@ def _breakdown_title(record: "RunRecord", bars: list[Any], totals: list[int], ca
     return text
 
 
-def memory_timeline_png(record: "RunRecord", tl: TimelineLayers | None, timeline: "Timeline | None" = None,
+def memory_timeline_png(record: "RunRecord", tl: TimelineLayers | None,
+                        timeline: "Timeline | SampleColumns | None" = None,
                         note: str = "") -> Plot:
     """The layers as a stacked area over the run, steps shaded and findings' moments annotated."""
     import matplotlib
@@ -299,10 +304,12 @@ def memory_timeline_png(record: "RunRecord", tl: TimelineLayers | None, timeline
             _placeholder(fig, title, reason[0].upper() + reason[1:] + ".")
             return Plot("memory_timeline.png", _png(fig), title)
         title = _draw_timeline(fig, record, tl, timeline)
-        return Plot("memory_timeline.png", _png(fig), title)
+        note = tl.downsample_note()
+        return Plot("memory_timeline.png", _png(fig), title, [note] if note else [])
 
 
-def _draw_timeline(fig: Any, record: "RunRecord", tl: TimelineLayers, timeline: "Timeline | None") -> str:
+def _draw_timeline(fig: Any, record: "RunRecord", tl: TimelineLayers,
+                   timeline: "Timeline | SampleColumns | None") -> str:
     import numpy as np
 
     unit_t, tscale = tl.unit_t
@@ -313,11 +320,22 @@ def _draw_timeline(fig: Any, record: "RunRecord", tl: TimelineLayers, timeline: 
     ax.stackplot(t, *stack, colors=[LAYER_COLORS.get(k, "#999999") for k in tl.keys],
                  labels=[LAYER_LABELS.get(k, k) for k in tl.keys], linewidth=0, step=None, alpha=0.95)
     total = np.sum(np.vstack(stack), axis=0)
-    ax.plot(t, total, color="#1b1b1b", linewidth=0.6, label="total (outline: single-tick spikes stay visible)")
+    if tl.envelope is not None:
+        # every bucket's lowest and highest total: a one-tick spike is a bucket's highest, drawn at any width
+        env_t, low, high = tl.envelope
+        ax.fill_between(env_t / tscale, low / scale, high / scale, step="post", color="#1b1b1b", alpha=0.22,
+                        linewidth=0, label=f"total, min-max of each {tl.bucket_ticks:,} ticks (spikes kept)")
+        ax.step(env_t / tscale, high / scale, where="post", color="#1b1b1b", linewidth=0.6)
+    else:
+        ax.plot(t, total, color="#1b1b1b", linewidth=0.6, label="total (every tick)")
     ytop = tl.peak_total / scale * 1.45
     if tl.uss is not None:
-        ax.plot(t, tl.uss / scale, color=SERIES_COLORS["uss"], linewidth=1.0,
-                label="USS (memory private to the process)")
+        # USS is read on a slower cadence: a dot where it was read, nothing in between
+        pid = profiled_pid(record, timeline)
+        every = timeline.cadence_s.get((scopes.process(pid), "uss_bytes")) if timeline is not None and pid else None
+        ax.plot(tl.uss_t_s / tscale, tl.uss / scale, color=SERIES_COLORS["uss"], marker=".", markersize=3,
+                linestyle="none", label="USS (memory private to the process)"
+                + (f", read every {every:g} s" if every else ", where read"))
     if tl.capacity_bytes and tl.capacity_bytes <= 3 * tl.peak_total:
         ax.axhline(tl.capacity_bytes / scale, color=SERIES_COLORS["capacity"], linestyle="--", linewidth=1.3,
                    label=f"{'device' if record.gpu else 'host'} capacity ({format_bytes(tl.capacity_bytes)})")
@@ -385,8 +403,9 @@ def _draw_timeline(fig: Any, record: "RunRecord", tl: TimelineLayers, timeline: 
         title += f"; largest layer then: {LAYER_LABELS.get(biggest, biggest).split(' (')[0]} " \
                  f"({format_bytes(peak_layers[biggest])})"
     ax.set_title(_wrap(title), loc="left")
-    if tl.ticks > len(tl.t_s):
-        ax.text(1.0, -0.11, f"{tl.ticks:,} ticks shown as {len(tl.t_s):,} points (min/max per bucket: peaks kept)",
+    if tl.downsampled:
+        ax.text(1.0, -0.11, f"downsampled: {tl.ticks:,} ticks in buckets of {tl.bucket_ticks:,} "
+                "(min/max envelope and every layer's peak kept)",
                 transform=ax.transAxes, ha="right", va="top", fontsize=8, color="#555555")
     _legend_below(fig, ax, ncol=3, extra=extra)
     return title
@@ -505,7 +524,7 @@ def comparison_plot(record: "RunRecord") -> Plot | None:
         return None
 
 
-def render_plots(record: "RunRecord", timeline: "Timeline | None", note: str = "") -> list[Plot]:
+def render_plots(record: "RunRecord", timeline: "Timeline | SampleColumns | None", note: str = "") -> list[Plot]:
     """The plots of a run, in the report's order; which ones depends on record.mode:
 
     - diagnose (a predictor sweep): memory breakdown per predictor count, memory over time,
@@ -513,6 +532,8 @@ def render_plots(record: "RunRecord", timeline: "Timeline | None", note: str = "
     - watch / profile (no sweep): memory over time, then the breakdown at its peak and at the
       end (when the samples hold memory readings); no throughput plot, as nothing was swept;
     - compare: compare.png (threads versus processes), nothing when no row was measured.
+
+    A SampleColumns `timeline` is read here, once (by timeline_layers, before anything else asks it).
     """
     if record.mode == "compare":
         plot = comparison_plot(record)

@@ -14,7 +14,7 @@ import os
 import sys
 from typing import TYPE_CHECKING
 
-from gpuscope.probes.samplefile import SamplesFileError, load_timeline
+from gpuscope.probes.samplefile import SampleColumns, SamplesFileError
 from gpuscope.record.files import REPORT_FILES, write_bytes_atomic
 from gpuscope.record.run import RunFileError, load_run
 
@@ -34,10 +34,12 @@ def _is_blank(path: str) -> bool:
         return False
 
 
-def read_samples(samples_path: str | None) -> tuple["Timeline | None", list[str]]:
-    """The run's timeline and notes for the report. Missing or empty files are notes, not errors.
+def read_samples(samples_path: str | None) -> tuple["SampleColumns | None", list[str]]:
+    """The run's samples, opened to be streamed (the header read and checked, the rows not yet), and
+    notes for the report. Missing or empty files are notes, not errors.
 
-    Raises SamplesFileError for a file that exists but is foreign or from a newer schema.
+    Raises SamplesFileError for a file that exists but is foreign or from a newer schema. Streamed, not
+    loaded: a day at 5 ms is 17 million rows, which the report never needs as Python objects.
     """
     if not samples_path:
         return None, ["No samples file was recorded for this run: the memory timeline is empty."]
@@ -46,13 +48,16 @@ def read_samples(samples_path: str | None) -> tuple["Timeline | None", list[str]
     if _is_blank(samples_path):
         return None, [f"Samples file {os.path.basename(samples_path)} is empty (the run stopped before its "
                       "first tick): the memory timeline is empty."]
-    timeline = load_timeline(samples_path)
-    notes = []
-    if timeline.torn_lines:
-        many = timeline.torn_lines != 1
-        notes.append(f"{timeline.torn_lines} unreadable line{'s' if many else ''} in the samples file "
-                     f"{'were' if many else 'was'} skipped (a run killed mid-write leaves a torn last line).")
-    return timeline, notes
+    return SampleColumns(samples_path), []
+
+
+def _torn_note(timeline: "Timeline | SampleColumns") -> list[str]:
+    """What the report says about unreadable lines, once the samples have been read."""
+    if not timeline.torn_lines:
+        return []
+    many = timeline.torn_lines != 1
+    return [f"{timeline.torn_lines} unreadable line{'s' if many else ''} in the samples file "
+            f"{'were' if many else 'was'} skipped (a run killed mid-write leaves a torn last line)."]
 
 
 def render_run(record: "RunRecord", out_dir: str) -> dict[str, str]:
@@ -76,16 +81,25 @@ def render_report(record: "RunRecord", out_dir: str, samples_path: str | None = 
     return render_timeline_report(record, out_dir, timeline, notes)
 
 
-def render_timeline_report(record: "RunRecord", out_dir: str, timeline: "Timeline | None",
+def render_timeline_report(record: "RunRecord", out_dir: str, timeline: "Timeline | SampleColumns | None",
                            notes: list[str] | None = None) -> dict[str, str]:
-    """render_report for a caller that already holds the timeline (and the notes about it)."""
+    """render_report for a caller that already holds the timeline (loaded, or opened by read_samples)
+    and the notes about it. The plots read a stream first; the notes on torn lines and downsampling
+    follow from that reading."""
     from gpuscope.reports.html import render_html
     from gpuscope.reports.plots import render_plots
 
     os.makedirs(out_dir, exist_ok=True)
     notes = list(notes or [])
     timeline_note = next((n for n in notes if timeline is None and "samples file" in n.lower()), "")
-    plots = render_plots(record, timeline, note=timeline_note.rstrip("."))
+    try:
+        plots = render_plots(record, timeline, note=timeline_note.rstrip("."))
+    finally:
+        if isinstance(timeline, SampleColumns):
+            timeline.close()
+    if timeline is not None:
+        notes += _torn_note(timeline)
+    notes += [note for plot in plots for note in plot.notes]
     if record.tuning:  # a tune run: tuning.png (drawn in its own module, from the tuning block alone)
         from gpuscope.reports.tuning_plot import tuning_png
 
