@@ -11,7 +11,6 @@ import io
 import textwrap
 from typing import Any
 
-
 MODE_STYLE = {"threads": ("#0072B2", "o", "N threads, 1 process"),
               "processes": ("#D55E00", "s", "N processes, 1 predictor each")}
 MiB = 1024**2

@@ -14,24 +14,32 @@
 """
 from __future__ import annotations
 
-import base64
-import hashlib
-import html
-import json
 import re
-import struct
 from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterable
 
 from gpuscope.probes.readings import is_available
-from gpuscope.probes.redact import REDACTED, is_secret_name, redact_cmdline, redact_env, redact_text
+from gpuscope.probes.redact import REDACTED, is_secret_name, redact_text
 from gpuscope.probes.units import format_bytes
 from gpuscope.record.catalogue import LIVE_MODES, SEVERITY_ORDER
 from gpuscope.record.layers import CPU_LAYERS, GPU_LAYERS, LAYER_LABELS
 from gpuscope.record.run import sorted_findings
-from gpuscope.reports.tuning_section import tuning_section
+from gpuscope.reports.html_format import (
+    _count,
+    _figure,
+    _has_steps_section,
+    _inline_code,
+    _millis,
+    _na,
+    _rate,
+    csp,
+    e,
+    esc,
+    fmt,
+)
+from gpuscope.reports.html_machine import _configuration, _environment, _processes
+from gpuscope.reports.html_predictor import _has_predictor_section, _predictor
 from gpuscope.reports.plotdata import (  # imported lazily
-    as_unavailable,
     capacity_bytes,
     finite,
     is_live,
@@ -39,6 +47,7 @@ from gpuscope.reports.plotdata import (  # imported lazily
     step_layers,
 )
 from gpuscope.reports.plots import LAYER_COLORS
+from gpuscope.reports.tuning_section import tuning_section
 
 if TYPE_CHECKING:  # pragma: no cover
     from gpuscope.record.run import RunRecord, Step
@@ -124,95 +133,6 @@ footer { margin-top: 36px; font-size: 13px; color: var(--muted); border-top: 1px
 }
 """ + "".join(f".sw-{key} {{ background: {color}; }}\n" for key, color in LAYER_COLORS.items())
 
-
-def esc(value: Any) -> str:
-    """Escape text for HTML content and attribute values (quotes included)."""
-    return html.escape(str(value), quote=True)
-
-
-def _unavailable_text(value: Any) -> str | None:
-    missing = as_unavailable(value)
-    if missing is not None:
-        return str(missing)
-    if is_available(value) and not finite(value):
-        return "n/a"  # Infinity or NaN: never shown as a number
-    return None
-
-
-def fmt(value: Any, key: str = "") -> str:
-    """Plain text for one value (escape the result!). Units from the key's suffix."""
-    missing = _unavailable_text(value)
-    if missing is not None:
-        return missing
-    if value is None:
-        return "\u2014"
-    if isinstance(value, bool):
-        return "yes" if value else "no"
-    if isinstance(value, (int, float)):
-        words = key.split("_")
-        if "bytes" in words:
-            return format_bytes(value)
-        if key.endswith("_pct"):
-            return f"{value:.1f} %"
-        if "share" in words:  # a fraction (cached_share 0.92), shown as the titles show it
-            return f"{value:.1%}"
-        if "ms" in words or key in ("p50", "p90", "p99", "max", "mean"):
-            return f"{value:.2f} ms" if value < 100 else f"{value:,.0f} ms"
-        if "rps" in words:
-            return f"{value:,.1f} requests/s"
-        if key.endswith("_s"):
-            return _seconds(value)
-        if isinstance(value, float):
-            return f"{value:,.4g}"
-        return f"{value:,}" if abs(value) >= 10000 else str(value)
-    if isinstance(value, (list, tuple)):
-        return ", ".join(fmt(v, key) for v in value) if value else "none"
-    if isinstance(value, dict):
-        # {predictors: figure} maps take their unit from the map's own key (process_gpu_bytes_by_predictors)
-        return "; ".join(f"{k}: {fmt(v, key if str(k).isdigit() else str(k))}" for k, v in value.items()) \
-            if value else "none"
-    return redact_text(str(value))
-
-
-def _seconds(value: float) -> str:
-    """3.2 s, 95.0 s, 9,973 s (2.8 h): never scientific notation."""
-    if abs(value) < 10:
-        return f"{value:.2f} s"
-    if abs(value) < 600:
-        return f"{value:.1f} s"
-    longer = f"{value / 3600:.1f} h" if abs(value) >= 3600 else f"{value / 60:.1f} min"
-    return f"{value:,.0f} s ({longer})"
-
-
-def e(value: Any, key: str = "") -> str:
-    return esc(fmt(value, key))
-
-
-def _na(value: Any, key: str = "") -> str:
-    """A table cell's content: missing values styled as such."""
-    text = e(value, key)
-    return f'<span class="na">{text}</span>' if _unavailable_text(value) is not None else text
-
-
-def _png_size(png: bytes) -> tuple[int, int] | None:
-    if len(png) >= 24 and png[:8] == b"\x89PNG\r\n\x1a\n":
-        width, height = struct.unpack(">II", png[16:24])
-        return width, height
-    return None
-
-
-def _inline_code(text: str) -> str:
-    """Escape, then show `backticked` spans as code (safe: runs after escaping)."""
-    return re.sub(r"`([^`]+)`", r"<code>\1</code>", esc(text))
-
-
-def csp(css: str) -> str:
-    digest = base64.b64encode(hashlib.sha256(css.encode("utf-8")).digest()).decode("ascii")
-    return ("default-src 'none'; img-src data:; style-src 'sha256-" + digest + "'; "
-            "base-uri 'none'; form-action 'none'")
-
-
-# ---------------------------------------------------------------- sections
 
 def _no_recommendation(record: "RunRecord") -> bool:
     """A sweep that measured steps but could recommend no count (none met its p99 limit, every count
@@ -441,14 +361,6 @@ def _findings(record: "RunRecord") -> str:
     return "\n".join(parts)
 
 
-def _figure(plot: "Plot", caption: str, anchor: str) -> str:
-    data = base64.b64encode(plot.png).decode("ascii")
-    size = _png_size(plot.png)
-    dims = f' width="{size[0]}" height="{size[1]}"' if size else ""
-    return (f'<figure id="{esc(anchor)}"><img src="data:image/png;base64,{data}" alt="{esc(plot.title)}"{dims}>'
-            f"<figcaption>{esc(caption)} (also saved as <code>{esc(plot.name)}</code>)</figcaption></figure>")
-
-
 def _layers_table(record: "RunRecord") -> str:
     if not record.steps:
         return ""
@@ -604,28 +516,6 @@ def _plots(record: "RunRecord", plots: list["Plot"]) -> str:
     return "\n".join(parts)
 
 
-def _count(value: Any) -> str:
-    return f"{value:,}" if isinstance(value, int) and not isinstance(value, bool) else _na(value)
-
-
-def _rate(value: Any) -> str:
-    if not finite(value):
-        return _na(value)
-    return f"{value:,.0f}" if value >= 1000 else f"{value:,.1f}"
-
-
-def _millis(value: Any) -> str:
-    if value is None:
-        return "&mdash;"
-    if not finite(value):
-        return _na(value)
-    return f"{value:,.0f}" if value >= 1000 else (f"{value:.1f}" if value >= 100 else f"{value:.2f}")
-
-
-def _has_steps_section(record: "RunRecord") -> bool:
-    return record.mode != "compare" and not is_live(record)  # no predictor sweep: no steps table
-
-
 def _steps(record: "RunRecord") -> str:
     if not _has_steps_section(record):
         return ""
@@ -680,257 +570,6 @@ def _steps(record: "RunRecord") -> str:
     legend = '<p class="muted">\u2605 recommended predictor count.</p>' if isinstance(rec, int) else ""
     return ('<section id="steps"><h2>Steps</h2><div class="scroll"><table class="steps"><thead>' + head + "</thead><tbody>"
             + "".join(rows) + "</tbody></table></div>" + legend + "</section>")
-
-
-# ---------------------------------------------------------------- the predictor: stages, GIL, thread safety
-
-def _has_predictor_section(record: "RunRecord") -> bool:
-    return _has_steps_section(record) and (any(s.stages_ms for s in record.steps)
-                                           or isinstance(record.thread_safety, dict))
-
-
-def _predictor(record: "RunRecord") -> str:
-    """Where each request's time goes per predictor count, the GIL's Amdahl bound against what was measured,
-    and what the thread-safety check saw. Kept in one section so the steps table stays as it is."""
-    if not _has_predictor_section(record):
-        return ""
-    from gpuscope.analysis.gil import estimate, stage_shares
-    from gpuscope.measure.translator import STAGES
-
-    parts = ['<section id="predictor"><h2>The predictor</h2>']
-    translator = (record.model or {}).get("translator")
-    if isinstance(translator, dict):
-        parts.append(f"<p>Translator <code>{e(translator.get('type'))}</code>: preprocess "
-                     f"{'yes' if translator.get('preprocess') else 'no'}, postprocess "
-                     f"{'yes' if translator.get('postprocess') else 'no'}; requests from "
-                     f"{e((record.model or {}).get('requests_source'))}.</p>")
-    staged = [s for s in record.steps if s.stages_ms]
-    if staged:
-        present = [stage for stage in STAGES if any(stage in (s.stages_ms or {}) for s in staged)]
-        found = estimate(record) or {}
-        by_n = found.get("by_predictors", {})
-        head = ("<tr><th class=\"num\">predictors</th>"
-                + "".join(f'<th class="num">{esc(stage)} p50 / p99 / mean (ms)</th><th class="num">share</th>'
-                          for stage in present)
-                + '<th class="num">Amdahl bound</th><th class="num">measured scaling</th>'
-                  '<th class="num">blocked (GIL) share</th><th class="num">CPU (cores)</th></tr>')
-        rows = []
-        for s in staged:
-            shares = stage_shares(s)
-            row = by_n.get(str(s.predictors), {})
-            cells = ""
-            for stage in present:
-                fig = (s.stages_ms or {}).get(stage) or {}
-                cells += (f'<td class="num">{_millis(fig.get("p50"))} / {_millis(fig.get("p99"))} / '
-                          f'{_millis(fig.get("mean"))}</td>'
-                          f'<td class="num">{_share(shares.get(stage))}</td>')
-            rows.append(f'<tr><td class="num">{e(s.predictors)}</td>{cells}'
-                        f'<td class="num">{_times(row.get("bound"))}</td>'
-                        f'<td class="num">{_times(row.get("measured"))}</td>'
-                        f'<td class="num">{_share(row.get("gil_wait_share"))}</td>'
-                        f'<td class="num">{_cores(row.get("cpu_cores"))}</td></tr>')
-        parts.append('<div class="scroll"><table class="steps"><thead>' + head + "</thead><tbody>"
-                     + "".join(rows) + "</tbody></table></div>")
-        if found:
-            limit = found.get("amdahl_limit")
-            parts.append(f'<p class="muted">At 1 predictor the Python stages are {_share(found["python_share"])} '
-                         "of a request; if they hold the GIL throughout, threads reach at most "
-                         + (f"{limit:.2f}x" if finite(limit) else "any multiple")
-                         + " of one predictor's throughput (Amdahl). Blocked share: the part of the predictor "
-                         "threads' time, not counting waits for a core, that was spent blocked beyond what it "
-                         "was at 1 predictor.</p>")
-    parts.append(_thread_safety_text(record))
-    parts.append("</section>")
-    return "".join(parts)
-
-
-def _share(value: Any) -> str:
-    return f"{value:.0%}" if finite(value) else "&mdash;"
-
-
-def _times(value: Any) -> str:
-    return f"{value:.2f}x" if finite(value) else "&mdash;"
-
-
-def _cores(value: Any) -> str:
-    return f"{value:.2f}" if finite(value) else "&mdash;"
-
-
-def _thread_safety_text(record: "RunRecord") -> str:
-    check = record.thread_safety
-    if not isinstance(check, dict):
-        return ""
-    if not check.get("checked"):
-        return f"<p>Thread safety was not checked: {e(check.get('error'))}.</p>"
-    writes = check.get("writes") or []
-    said = (f"{check.get('requests')} requests one at a time, twice, then from {check.get('concurrent_predictors')} "
-            f"concurrent predictors ({check.get('rounds')} rounds) in {_seconds(check.get('duration_s') or 0.0)}")
-    if writes:
-        said += "; a request writes " + ", ".join(f"<code>{e(w.get('attribute'))}</code> ({e(w.get('kind'))})"
-                                                  for w in writes[:5])
-    if check.get("sequential_mismatch_count"):
-        said += f"; {e(check.get('sequential_mismatch_count'))} responses differ between the sequential passes"
-    if check.get("concurrent_mismatch_count"):
-        said += f"; {e(check.get('concurrent_mismatch_count'))} concurrent responses differ from the sequential ones"
-    if not writes and not check.get("sequential_mismatch_count") and not check.get("concurrent_mismatch_count"):
-        said += "; no write seen, every response matched"
-    tolerance = check.get("tolerance")
-    said += f" ({'exact comparison' if not tolerance else 'tolerance ' + e(tolerance)})."
-    return f"<p>Thread safety: {said}</p>"
-
-
-def _engines_cell(value: Any) -> str:
-    missing = _unavailable_text(value)
-    if missing is not None:
-        return f'<span class="na">{esc(missing)}</span>'
-    if isinstance(value, (list, tuple)):
-        return esc(", ".join(str(v) for v in value)) if value else '<span class="muted">none</span>'
-    return e(value)
-
-
-def _cmdline_cell(value: Any) -> str:
-    missing = _unavailable_text(value)
-    if missing is not None:
-        return f'<span class="na">{esc(missing)}</span>'
-    if isinstance(value, (list, tuple)):
-        value = " ".join(str(v) for v in value)
-    return esc(redact_text(redact_cmdline(str(value))))
-
-
-def _env_cell(value: Any) -> str:
-    missing = _unavailable_text(value)
-    if missing is not None:
-        return f'<span class="na">{esc(missing)}</span>'
-    if isinstance(value, dict):
-        if not value:
-            return '<span class="muted">none set</span>'
-        safe = redact_env({str(k): str(v) for k, v in value.items()})
-        return "<br>".join(f"<code>{esc(k)}={esc(v)}</code>" for k, v in safe.items())
-    return e(value)
-
-
-def _process_env(p: dict[str, Any]) -> str:
-    env = p.get("memory_env")
-    if env is None or (isinstance(env, dict) and not env):
-        return ""
-    return f'<span class="envs">{_env_cell(env)}</span>'
-
-
-def _pod_line(p: dict[str, Any]) -> str:
-    """The Kubernetes pod uid and short container id from /proc/PID/cgroup, where the cgroup named them."""
-    named = [(label, p.get(key)[:width]) for label, key, width in (("pod", "pod_uid", 36), ("container", "container_id", 12))
-             if isinstance(p.get(key), str)]
-    return ('<br><span class="muted">' + esc(", ".join(f"{label} {text}" for label, text in named)) + "</span>"
-            if named else "")
-
-
-def _processes(record: "RunRecord") -> str:
-    processes = [p for p in record.processes or [] if isinstance(p, dict)]
-    parts = ['<section id="processes"><h2>Processes and engines on each device</h2>']
-    groups: dict[Any, list[dict[str, Any]]] = {}
-    for p in processes:
-        groups.setdefault(p.get("gpu"), []).append(p)
-    if not record.gpu and record.device_unavailable:
-        du = record.device_unavailable
-        parts.append(f"<p>No GPU was used: {e(du.get('reason'))}"
-                     + (f" ({e(du.get('detail'))})" if du.get("detail") else "") + ".</p>")
-    if not processes:
-        parts.append("<p>No process was recorded.</p>")
-    devices = {d.get("index"): d for d in record.devices or [] if isinstance(d, dict)}
-    for gpu in sorted(groups, key=lambda g: (g is None, g if isinstance(g, int) else 0)):
-        if gpu is None:
-            parts.append("<h3>Host</h3>")
-        else:
-            d = devices.get(gpu, {})
-            desc = ", ".join(x for x in (fmt(d.get("name")) if d.get("name") is not None else "",
-                                         fmt(d.get("total_bytes"), "total_bytes") if d.get("total_bytes") is not None
-                                         else "") if x)
-            parts.append(f"<h3>GPU {e(gpu)} (NVML index)" + (f" <span class=\"muted\">{esc(desc)}</span>" if desc else "")
-                         + "</h3>")
-        rows = []
-        for p in sorted(groups[gpu], key=lambda p: (not p.get("self"), str(p.get("pid")))):
-            flags = []
-            if p.get("self"):
-                flags.append("this run")
-            if p.get("exists") is False:
-                flags.append("not in this pid namespace")
-            rows.append(
-                f'<tr><td class="num">{e(p.get("pid"))}</td><td>{e(p.get("name"))}'
-                + (f' <span class="muted">({esc(", ".join(flags))})</span>' if flags else "")
-                + _pod_line(p) + "</td>"
-                f'<td>{_na(p.get("user"))}</td><td class="num">{_na(p.get("peak_used_bytes"), "_bytes")}</td>'
-                f'<td>{_engines_cell(p.get("engines"))}{_process_env(p)}</td>'
-                f'<td class="cmd">{_cmdline_cell(p.get("cmdline"))}</td></tr>')
-        parts.append('<div class="scroll"><table><thead><tr><th class="num">pid</th><th>name</th><th>user</th>'
-                     '<th class="num">peak GPU memory</th><th>engines and their memory variables</th>'
-                     "<th>command line (secrets redacted)</th></tr></thead><tbody>" + "".join(rows)
-                     + "</tbody></table></div>")
-    parts.append("</section>")
-    return "\n".join(parts)
-
-
-def _kv_table(pairs: list[tuple[str, str]]) -> str:
-    return ('<div class="scroll"><table><tbody>' + "".join(f"<tr><th>{esc(k)}</th><td>{v}</td></tr>"
-                                                           for k, v in pairs) + "</tbody></table></div>")
-
-
-def _environment(record: "RunRecord") -> str:
-    env = record.environment or {}
-    pairs = [(name, _na(env.get(key)) if key in env else '<span class="muted">not recorded</span>')
-             for key, name in (("gpuscope", "gpuscope"), ("torch", "torch"), ("cuda", "CUDA"),
-                               ("driver", "driver"), ("python", "Python"))]
-    for d in record.devices or []:
-        if isinstance(d, dict):
-            pairs.append((f"GPU {fmt(d.get('index'))} (NVML index)",
-                          esc(f"{fmt(d.get('name'))}, {fmt(d.get('total_bytes'), 'total_bytes')}, "
-                              f"driver {fmt(d.get('driver'))}, {fmt(d.get('uuid'))}")))
-    if not record.gpu:
-        du = record.device_unavailable or {}
-        pairs.append(("device", esc("CPU" + (f" (no GPU: {fmt(du.get('reason'))}"
-                                             + (f", {fmt(du.get('detail'))}" if du.get("detail") else "") + ")"
-                                             if du else ""))))
-    host = record.host or {}
-    for key in ("hostname", "platform", "logical_cores", "usable_cores", "cgroup_cpu_quota", "memory_total_bytes"):
-        if key in host:
-            pairs.append((f"host {key.replace('_bytes', '').replace('_', ' ')}", _na(host[key], key)))
-    for key, value in env.items():
-        if key not in ("gpuscope", "torch", "cuda", "driver", "python", "memory_env"):
-            pairs.append((str(key), esc("***" if is_secret_name(str(key)) else fmt(value, str(key)))))
-    pairs.append(("engines' memory variables", _env_cell(env.get("memory_env", {}))))
-    return f'<section id="environment"><h2>Environment</h2>{_kv_table(pairs)}</section>'
-
-
-def _config_value(key: str, value: Any) -> str:
-    if is_secret_name(key) and not isinstance(value, (int, float, bool)) and value is not None:
-        return esc(REDACTED)
-    if isinstance(value, (dict, list)) and _unavailable_text(value) is None:
-        try:
-            text = json.dumps(value, default=str, ensure_ascii=False)
-        except (TypeError, ValueError):
-            text = str(value)
-        return f"<code>{esc(redact_text(text))}</code>"
-    return _na(value, key)
-
-
-def _configuration(record: "RunRecord") -> str:
-    run = [("status", e(record.status)), ("mode", e(record.mode)), ("started at", e(record.started_at)),
-           ("ended at", e(record.ended_at)), ("profiled pid", e(record.pid)),
-           ("gpuscope (run)", e(record.tool_version)), ("samples file", f"<code>{e(record.samples)}</code>")]
-    config = [(str(k), _config_value(str(k), v)) for k, v in (record.config or {}).items()]
-    model = [(str(k), _config_value(str(k), v)) for k, v in (record.model or {}).items()]
-    parts = ['<section id="configuration"><h2>Configuration</h2>', "<h3>Run</h3>", _kv_table(run)]
-    if config:
-        parts += ["<h3>Options</h3>", _kv_table(config)]
-    if model:
-        parts += ["<h3>Model</h3>", _kv_table(model)]
-    if record.sharing:
-        parts += ["<h3>Sharing</h3>", _kv_table([(str(k), _config_value(str(k), v))
-                                                  for k, v in record.sharing.items()])]
-    if record.sampler:
-        parts += ["<h3>Sampler</h3>", _kv_table([(str(k), _config_value(str(k), v))
-                                                  for k, v in record.sampler.items()])]
-    parts.append("</section>")
-    return "\n".join(parts)
 
 
 def render_html(record: "RunRecord", plots: list["Plot"], notes: Iterable[str] = (),

@@ -173,7 +173,7 @@ def test_per_process_metrics_carry_pod_and_container_labels():
 def test_the_report_process_table_names_the_pod():
     from types import SimpleNamespace
 
-    from gpuscope.reports.html import _processes
+    from gpuscope.reports.html_machine import _processes
 
     record = SimpleNamespace(gpu=None, device_unavailable=None, devices=[{"index": 0, "name": "NVIDIA H200"}],
                              processes=[{"pid": IN_POD.pid, "gpu": 0, "name": "python3", "pod_uid": POD_A,

@@ -11,7 +11,8 @@ import pytest
 
 from gpuscope.probes.readings import NO_PERMISSION, Unavailable
 from gpuscope.record.run import Finding, load_run
-from gpuscope.reports.html import _CSS, csp, fmt, render_html
+from gpuscope.reports.html import _CSS, render_html
+from gpuscope.reports.html_format import csp, fmt
 from gpuscope.reports.plots import Plot
 from gpuscope.reports.render import render_report
 from tests import report_fixtures as rf
