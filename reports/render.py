@@ -4,7 +4,7 @@ Which plots depends on the run's mode (gpuscope.reports.plots.render_plots): a d
 writes memory_breakdown.png, memory_timeline.png and throughput_latency.png; a watch or
 in-process profile memory_timeline.png and memory_breakdown.png; a compare compare.png.
 
-Entry points for profiler/commands/app.py and profiler.profile():
+Entry points for profiler/commands/app.py and gpuscope.profile():
   render_report(record, out_dir, samples_path=None) -> {"html": ..., "memory_breakdown": ..., ...}
   report_command(run_json_path, out_dir) -> exit code (0 ok, 2 unreadable run or samples file)
 """

@@ -329,6 +329,267 @@ def tuned_step(record: Any) -> tuple[Any, str]:
     return None, ""
 
 
+class _Evaluation:
+    """One evaluation of the gate: which step is gated and why, then one method per kind of limit, each
+    appending its LimitResults. The state they share (the record, the gated step, why no step could be
+    gated, why there is no GPU) is set once in __init__."""
+
+    def __init__(self, record: Any, limits: Limits, at_predictors: int | None) -> None:
+        mode = _mode(record)
+        swept = mode in SWEPT
+        # a profile that marked requests has observed steps (levels of concurrency in its own traffic): its step
+        # limits are gated at the recommended level like a sweep's
+        stepped = swept or (mode in LIVE_MODES and any(getattr(s, "observed", False) for s in record.steps))
+        notes: list[str] = []
+        given = at_predictors if at_predictors is not None else limits.at_predictors
+        source = "given" if given is not None else ""
+        rec = record.recommendation or {}
+        if not stepped:
+            step_names = [LIMIT_FLAGS[n][2:] for n in STEP_LIMITS if getattr(limits, n) is not None
+                          and not (mode in LIVE_MODES and n in LIVE_LIMITS)]
+            if limits.max_memory_per_predictor is not None:
+                step_names.append(LIMIT_FLAGS["max_memory_per_predictor"][2:])
+            if step_names:
+                notes.append(f"{', '.join(step_names)}: a {mode} run has no predictor steps; these limits need a "
+                             "diagnose run (gpuscope check without --run, or gpuscope diagnose)")
+            if given is not None:
+                notes.append(f"--at-predictors {given} is ignored: a {mode} run has no predictor steps")
+            given, source = None, ""
+        elif given is None and isinstance(rec.get("predictors"), int) and not isinstance(rec.get("predictors"), bool):
+            given = rec["predictors"]
+            source = "recommended"
+        elif given is None and _missed_p99_limit(rec) and (fallback := _smallest_measured_step(record)) is not None:
+            # Measured steps but no count met the run's p99 limit: a measured verdict on the deployment, not a
+            # missing measurement. Gate the least loaded configuration, where latency is at its best. (Other
+            # reasons for no recommendation, such as every count failing requests, stay unmeasured.)
+            given, source = fallback.predictors, "smallest measured"
+            notes.append(f"no predictor count was recommended ({rec.get('reason') or 'no reason recorded'}); "
+                         f"the limits are checked at the smallest count measured, {given}")
+        step = record.step_at(given) if given is not None else None
+        if mode == MODE_TUNE and source != "given":
+            # A tune run is gated on its best configuration (or, when none met its constraints, the closest one):
+            # its own step, which need not be in the default sweep's steps.
+            tuned, which = tuned_step(record)
+            if tuned is not None:
+                step, given, source = tuned, tuned.predictors, which
+                notes.append(f"a tune run: the limits are checked on its {which} configuration "
+                             f"({(record.tuning or {}).get(which, {}).get('label') or given})")
+        measured_counts = ", ".join(str(s.predictors) for s in record.steps) or "none"
+        if not stepped:
+            no_step = f"a {mode} run has no predictor steps (needs a diagnose run)"
+        elif given is None:
+            no_step = "the run has no recommended predictor count; pass --at-predictors N"
+        elif step is None:
+            no_step = f"the run did not measure {given} predictors (measured: {measured_counts})"
+        elif step.partial:
+            no_step = f"the step at {given} predictors was cut short by an interruption (not a full measurement)"
+            step = None
+        elif step.too_few_requests:
+            no_step = (f"the level of {step.level or given} requests in flight had too few requests ({step.requests}) "
+                       "to measure")
+            step = None
+        else:
+            no_step = ""
+        no_gpu = _no_gpu_reason(record)
+        results: list[LimitResult] = []
+
+        self.record, self.limits, self.mode, self.swept, self.stepped = record, limits, mode, swept, stepped
+        self.notes, self.given, self.source, self.step, self.no_step = notes, given, source, step, no_step
+        self.no_gpu, self.results = no_gpu, results
+
+    def _step_limit(self, name: str, compute) -> None:
+        """compute(step) -> (measured_raw or Unavailable/None, what, unit) ; comparison by name."""
+        limit_raw = getattr(self.limits, name)
+        if limit_raw is None:
+            return
+        upper = name.startswith("max_")
+        fmt = {"max_device_memory": format_bytes, "max_host_memory": format_bytes,
+               "min_headroom_pct": _pct, "max_p99_ms": _ms, "min_throughput": _rps}[name]
+        unit = {"max_device_memory": "bytes", "max_host_memory": "bytes", "min_headroom_pct": "pct",
+                "max_p99_ms": "ms", "min_throughput": "rps"}[name]
+        limit_text = format_bytes(limit_raw) if unit == "bytes" else _plain(limit_raw, unit)
+        common = dict(name=name, limit=limit_text, limit_raw=limit_raw, unit=unit, at_predictors=self.given)
+        if self.mode in LIVE_MODES and name in LIVE_LIMITS:  # a live run's memory is its peak over the run
+            self._live_limit(name, limit_raw, limit_text, common)
+            return
+        if self.step is None:
+            self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: {self.no_step}", **common))
+            return
+        value, what, gpu_needed = compute(self.step)
+        if self.step.oom:
+            shown = f"{what} {fmt(value)}, " if is_available(value) else ""
+            self.results.append(LimitResult(
+                status=FAIL, measured=fmt(value) if is_available(value) else None,
+                measured_raw=value if is_available(value) else None,
+                message=f"{shown}ran out of memory at {self.given} predictors; limit {limit_text}", **common))
+            return
+        if not is_available(value):
+            why = self.no_gpu if (gpu_needed and self.no_gpu) else _why_unavailable(value, what)
+            self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}{_at(self.given)}",
+                                       **common))
+            return
+        ok = value <= limit_raw if upper else value >= limit_raw
+        op = ("<=" if ok else ">") if upper else (">=" if ok else "<")
+        self.results.append(LimitResult(status=PASS if ok else FAIL, measured=fmt(value), measured_raw=value,
+                                   message=f"{what} {fmt(value)} {op} {limit_text}{_at(self.given)}", **common))
+
+    def _live_limit(self, name: str, limit_raw: Any, limit_text: str, common: dict[str, Any]) -> None:
+        """max_host_memory / max_device_memory of a watch or profile: the target's peak over the whole run."""
+        key, what, gpu_needed = LIVE_LIMITS[name]
+        series = _live_series(self.record, key)
+        value = series.get("peak")
+        peak_t = series.get("peak_t_s")
+        over = f" over the {self.mode}" + (f" (peak at {peak_t:.1f} s)" if isinstance(peak_t, (int, float))
+                                      and not isinstance(peak_t, bool) and math.isfinite(peak_t) else "")
+        if not is_available(value) or isinstance(value, bool) or not isinstance(value, (int, float)):
+            if gpu_needed and self.no_gpu:
+                why = self.no_gpu
+            elif not series:
+                why = f"the {self.mode} recorded no {what}"  # `what` already names the process's figure
+            else:
+                why = _why_unavailable(value, what)
+            self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}", **common))
+            return
+        ok = value <= limit_raw
+        self.results.append(LimitResult(status=PASS if ok else FAIL, measured=format_bytes(value), measured_raw=value,
+                                   message=f"{what} {format_bytes(value)} {'<=' if ok else '>'} {limit_text}{over}",
+                                   **common))
+
+    def _device_memory(self, s):
+        return (s.memory or {}).get("process_gpu_bytes"), "peak GPU memory of the process", True
+
+    def _host_memory(self, s):
+        return (s.memory or {}).get("rss_bytes"), "peak RSS", False
+
+    def _headroom(self, s):
+        used = (s.memory or {}).get("device_used_bytes")
+        total = _device_total(self.record, s)
+        if not is_available(used):
+            return used, "headroom", True
+        if not is_available(total) or total <= 0:
+            return total, "headroom", True
+        # (total - used) first: exact in integers, so a headroom exactly at the limit passes (1 - 0.9 is 0.0999...)
+        return 100.0 * (total - used) / total, "headroom", True
+
+    def _p99(self, s):
+        value = (s.latency_ms or {}).get("p99")
+        if s.requests == 0 and not s.oom:
+            value = Unavailable("error", "no request completed at this step")
+        return value, "p99", False
+
+    def _throughput(self, s):
+        return s.throughput_rps, "throughput", False
+
+    def step_limits(self) -> None:
+        self._step_limit("max_device_memory", self._device_memory)
+        self._step_limit("max_host_memory", self._host_memory)
+        self._step_limit("min_headroom_pct", self._headroom)
+        self._step_limit("max_p99_ms", self._p99)
+        self._step_limit("min_throughput", self._throughput)
+
+    def memory_per_predictor(self) -> None:
+        if self.limits.max_memory_per_predictor is not None:
+            limit_raw = self.limits.max_memory_per_predictor
+            common = dict(name="max_memory_per_predictor", limit=format_bytes(limit_raw), limit_raw=limit_raw,
+                          unit="bytes")
+            value = (self.record.sharing or {}).get("bytes_per_extra_predictor")
+            if not self.swept:
+                why = self.no_step or (f"a {self.mode} run observes requests in flight, not predictor counts "
+                                       "with their memory (needs a diagnose run)")
+                self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}", **common))
+            elif not is_available(value):
+                if len(self.record.steps) < 2 and value is None:
+                    why = "the sweep measured fewer than two predictor counts"
+                else:
+                    why = _why_unavailable(value, "memory per extra predictor")
+                self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}", **common))
+            else:
+                ok = value <= limit_raw
+                self.results.append(LimitResult(
+                    status=PASS if ok else FAIL, measured=format_bytes(value), measured_raw=value,
+                    message=f"each extra predictor costs {format_bytes(value)} {'<=' if ok else '>'} "
+                            f"{format_bytes(limit_raw)}", **common))
+
+
+    def forbidden_codes(self) -> None:
+        # Absence of a finding proves something only on a run that finished and measured something.
+        incomplete_why = _not_finished(self.record) or _nothing_measured(self.record)
+        incomplete = bool(incomplete_why)
+        checked_codes = None if self.swept else codes_for_mode(self.mode)
+        extra = getattr(self.record, "extra", None)
+        not_looked_for = extra.get("unmeasured_codes") if isinstance(extra, dict) else None
+        not_looked_for = not_looked_for if isinstance(not_looked_for, dict) else {}
+        by_code: dict[str, list[Any]] = {}
+        for finding in self.record.findings:
+            by_code.setdefault(normalise_code(finding.code), []).append(finding)
+
+        for code in self.limits.forbid:
+            common = dict(name=f"forbid.{code}", kind="forbid", limit="absent", limit_raw=code)
+            found = by_code.get(code, [])
+            if found:
+                worst = sorted(found, key=lambda f: SEVERITY_ORDER.get(f.severity, 9))[0]
+                more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
+                self.results.append(LimitResult(
+                    status=FAIL, measured=f"{len(found)} finding{'s' if len(found) != 1 else ''}",
+                    measured_raw=len(found), at_predictors=worst.at_predictors,
+                    message=f"{code} found ({worst.severity}): {worst.title}{more}", **common))
+            elif checked_codes is not None and code not in checked_codes:
+                needs = "" if MODE_WATCH in CODES[code].modes else " (its rule reads a predictor sweep: a diagnose run)"
+                self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: a {self.mode} run does not look for "
+                                           f"{code}{needs}", **common))
+            elif code in not_looked_for:
+                self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: the {self.mode} could not look for "
+                                           f"{code}: {not_looked_for[code]}", **common))
+            elif self.swept and MODE_DIAGNOSE not in CODES[code].modes:
+                where = "gpuscope compare" if code == "PROCESSES_VS_THREADS" else "gpuscope watch or gpuscope.profile()"
+                self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: a diagnose run does not look for "
+                                           f"{code} (its rule reads a {where} record)", **common))
+            elif self.mode in LIVE_MODES and (_live_ticks(self.record) or 0) < CODES[code].min_ticks:
+                self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: {code} needs at least "
+                                           f"{CODES[code].min_ticks} samples; the {self.mode} took "
+                                           f"{_live_ticks(self.record) or 0}", **common))
+            elif CODES[code].needs_thread_check and not (self.record.thread_safety or {}).get("checked"):
+                self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: {code} needs the thread-safety "
+                                           "check, which this run did not record", **common))
+            elif code in GPU_ONLY_CODES and self.no_gpu:
+                self.results.append(LimitResult(status=UNMEASURED,
+                                           message=f"not measured: {code} needs a GPU; {self.no_gpu}", **common))
+            elif incomplete:
+                self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: {incomplete_why}", **common))
+            else:
+                self.results.append(LimitResult(status=PASS, measured="0 findings", measured_raw=0,
+                                           message=f"{code} not found", **common))
+
+
+    def findings(self) -> None:
+        incomplete_why = _not_finished(self.record) or _nothing_measured(self.record)
+        incomplete = bool(incomplete_why)
+        threshold = SEVERITY_ORDER[self.limits.fail_on]
+        at_or_above = [f for f in self.record.findings if SEVERITY_ORDER.get(f.severity, 9) <= threshold]
+        gated = [f for f in at_or_above if normalise_code(f.code) not in self.limits.forbid]
+        besides = " besides the forbidden codes above" if len(gated) < len(at_or_above) else ""
+        gated.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), f.code))
+        seen: dict[str, int] = {}
+        for finding in gated:
+            code = normalise_code(finding.code)
+            seen[code] = seen.get(code, 0) + 1
+            name = f"finding.{code}" + (f".{seen[code]}" if seen[code] > 1 else "")
+            self.results.append(LimitResult(
+                name=name, kind="findings", status=FAIL, measured=finding.severity, measured_raw=finding.severity,
+                limit=f"no {self.limits.fail_on} findings", limit_raw=self.limits.fail_on, at_predictors=finding.at_predictors,
+                message=f"{code} ({finding.severity}): {finding.title}"))
+        if not gated:
+            worse = "fail" if self.limits.fail_on == "fail" else "warn or fail"
+            common = dict(name="findings", kind="findings", limit=f"no {self.limits.fail_on} findings",
+                          limit_raw=self.limits.fail_on)
+            if incomplete:
+                self.results.append(LimitResult(status=UNMEASURED, message=f"not measured: {incomplete_why}", **common))
+            else:
+                self.results.append(LimitResult(status=PASS, measured="0 findings", measured_raw=0,
+                                           message=f"no {worse} findings{besides}", **common))
+
+
+
 def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> CheckOutcome:
     """Evaluate every set limit, forbidden code and finding gate against a run record.
 
@@ -343,247 +604,12 @@ def evaluate(record: Any, limits: Limits, at_predictors: int | None = None) -> C
     the target's peak RSS and peak NVML memory over the whole run; forbidden codes
     and the findings gate are evaluated on the record's own findings.
     """
-    mode = _mode(record)
-    swept = mode in SWEPT
-    # a profile that marked requests has observed steps (levels of concurrency in its own traffic): its step
-    # limits are gated at the recommended level like a sweep's
-    stepped = swept or (mode in LIVE_MODES and any(getattr(s, "observed", False) for s in record.steps))
-    notes: list[str] = []
-    given = at_predictors if at_predictors is not None else limits.at_predictors
-    source = "given" if given is not None else ""
-    rec = record.recommendation or {}
-    if not stepped:
-        step_names = [LIMIT_FLAGS[n][2:] for n in STEP_LIMITS if getattr(limits, n) is not None
-                      and not (mode in LIVE_MODES and n in LIVE_LIMITS)]
-        if limits.max_memory_per_predictor is not None:
-            step_names.append(LIMIT_FLAGS["max_memory_per_predictor"][2:])
-        if step_names:
-            notes.append(f"{', '.join(step_names)}: a {mode} run has no predictor steps; these limits need a "
-                         "diagnose run (gpuscope check without --run, or gpuscope diagnose)")
-        if given is not None:
-            notes.append(f"--at-predictors {given} is ignored: a {mode} run has no predictor steps")
-        given, source = None, ""
-    elif given is None and isinstance(rec.get("predictors"), int) and not isinstance(rec.get("predictors"), bool):
-        given = rec["predictors"]
-        source = "recommended"
-    elif given is None and _missed_p99_limit(rec) and (fallback := _smallest_measured_step(record)) is not None:
-        # Measured steps but no count met the run's p99 limit: a measured verdict on the deployment, not a
-        # missing measurement. Gate the least loaded configuration, where latency is at its best. (Other
-        # reasons for no recommendation, such as every count failing requests, stay unmeasured.)
-        given, source = fallback.predictors, "smallest measured"
-        notes.append(f"no predictor count was recommended ({rec.get('reason') or 'no reason recorded'}); "
-                     f"the limits are checked at the smallest count measured, {given}")
-    step = record.step_at(given) if given is not None else None
-    if mode == MODE_TUNE and source != "given":
-        # A tune run is gated on its best configuration (or, when none met its constraints, the closest one):
-        # its own step, which need not be in the default sweep's steps.
-        tuned, which = tuned_step(record)
-        if tuned is not None:
-            step, given, source = tuned, tuned.predictors, which
-            notes.append(f"a tune run: the limits are checked on its {which} configuration "
-                         f"({(record.tuning or {}).get(which, {}).get('label') or given})")
-    measured_counts = ", ".join(str(s.predictors) for s in record.steps) or "none"
-    if not stepped:
-        no_step = f"a {mode} run has no predictor steps (needs a diagnose run)"
-    elif given is None:
-        no_step = "the run has no recommended predictor count; pass --at-predictors N"
-    elif step is None:
-        no_step = f"the run did not measure {given} predictors (measured: {measured_counts})"
-    elif step.partial:
-        no_step = f"the step at {given} predictors was cut short by an interruption (not a full measurement)"
-        step = None
-    elif step.too_few_requests:
-        no_step = (f"the level of {step.level or given} requests in flight had too few requests ({step.requests}) "
-                   "to measure")
-        step = None
-    else:
-        no_step = ""
-    no_gpu = _no_gpu_reason(record)
-    results: list[LimitResult] = []
-
-    def step_limit(name: str, compute) -> None:
-        """compute(step) -> (measured_raw or Unavailable/None, what, unit) ; comparison by name."""
-        limit_raw = getattr(limits, name)
-        if limit_raw is None:
-            return
-        upper = name.startswith("max_")
-        fmt = {"max_device_memory": format_bytes, "max_host_memory": format_bytes,
-               "min_headroom_pct": _pct, "max_p99_ms": _ms, "min_throughput": _rps}[name]
-        unit = {"max_device_memory": "bytes", "max_host_memory": "bytes", "min_headroom_pct": "pct",
-                "max_p99_ms": "ms", "min_throughput": "rps"}[name]
-        limit_text = format_bytes(limit_raw) if unit == "bytes" else _plain(limit_raw, unit)
-        common = dict(name=name, limit=limit_text, limit_raw=limit_raw, unit=unit, at_predictors=given)
-        if mode in LIVE_MODES and name in LIVE_LIMITS:  # a live run's memory is its peak over the run
-            live_limit(name, limit_raw, limit_text, common)
-            return
-        if step is None:
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {no_step}", **common))
-            return
-        value, what, gpu_needed = compute(step)
-        if step.oom:
-            shown = f"{what} {fmt(value)}, " if is_available(value) else ""
-            results.append(LimitResult(
-                status=FAIL, measured=fmt(value) if is_available(value) else None,
-                measured_raw=value if is_available(value) else None,
-                message=f"{shown}ran out of memory at {given} predictors; limit {limit_text}", **common))
-            return
-        if not is_available(value):
-            why = no_gpu if (gpu_needed and no_gpu) else _why_unavailable(value, what)
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}{_at(given)}",
-                                       **common))
-            return
-        ok = value <= limit_raw if upper else value >= limit_raw
-        op = ("<=" if ok else ">") if upper else (">=" if ok else "<")
-        results.append(LimitResult(status=PASS if ok else FAIL, measured=fmt(value), measured_raw=value,
-                                   message=f"{what} {fmt(value)} {op} {limit_text}{_at(given)}", **common))
-
-    def live_limit(name: str, limit_raw: Any, limit_text: str, common: dict[str, Any]) -> None:
-        """max_host_memory / max_device_memory of a watch or profile: the target's peak over the whole run."""
-        key, what, gpu_needed = LIVE_LIMITS[name]
-        series = _live_series(record, key)
-        value = series.get("peak")
-        peak_t = series.get("peak_t_s")
-        over = f" over the {mode}" + (f" (peak at {peak_t:.1f} s)" if isinstance(peak_t, (int, float))
-                                      and not isinstance(peak_t, bool) and math.isfinite(peak_t) else "")
-        if not is_available(value) or isinstance(value, bool) or not isinstance(value, (int, float)):
-            if gpu_needed and no_gpu:
-                why = no_gpu
-            elif not series:
-                why = f"the {mode} recorded no {what}"  # `what` already names the process's figure
-            else:
-                why = _why_unavailable(value, what)
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}", **common))
-            return
-        ok = value <= limit_raw
-        results.append(LimitResult(status=PASS if ok else FAIL, measured=format_bytes(value), measured_raw=value,
-                                   message=f"{what} {format_bytes(value)} {'<=' if ok else '>'} {limit_text}{over}",
-                                   **common))
-
-    def device_memory(s):
-        return (s.memory or {}).get("process_gpu_bytes"), "peak GPU memory of the process", True
-
-    def host_memory(s):
-        return (s.memory or {}).get("rss_bytes"), "peak RSS", False
-
-    def headroom(s):
-        used = (s.memory or {}).get("device_used_bytes")
-        total = _device_total(record, s)
-        if not is_available(used):
-            return used, "headroom", True
-        if not is_available(total) or total <= 0:
-            return total, "headroom", True
-        # (total - used) first: exact in integers, so a headroom exactly at the limit passes (1 - 0.9 is 0.0999...)
-        return 100.0 * (total - used) / total, "headroom", True
-
-    def p99(s):
-        value = (s.latency_ms or {}).get("p99")
-        if s.requests == 0 and not s.oom:
-            value = Unavailable("error", "no request completed at this step")
-        return value, "p99", False
-
-    def throughput(s):
-        return s.throughput_rps, "throughput", False
-
-    step_limit("max_device_memory", device_memory)
-    step_limit("max_host_memory", host_memory)
-    step_limit("min_headroom_pct", headroom)
-    step_limit("max_p99_ms", p99)
-    step_limit("min_throughput", throughput)
-
-    if limits.max_memory_per_predictor is not None:
-        limit_raw = limits.max_memory_per_predictor
-        common = dict(name="max_memory_per_predictor", limit=format_bytes(limit_raw), limit_raw=limit_raw,
-                      unit="bytes")
-        value = (record.sharing or {}).get("bytes_per_extra_predictor")
-        if not swept:
-            why = no_step or (f"a {mode} run observes requests in flight, not predictor counts with their "
-                              "memory (needs a diagnose run)")
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}", **common))
-        elif not is_available(value):
-            if len(record.steps) < 2 and value is None:
-                why = "the sweep measured fewer than two predictor counts"
-            else:
-                why = _why_unavailable(value, "memory per extra predictor")
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {why}", **common))
-        else:
-            ok = value <= limit_raw
-            results.append(LimitResult(
-                status=PASS if ok else FAIL, measured=format_bytes(value), measured_raw=value,
-                message=f"each extra predictor costs {format_bytes(value)} {'<=' if ok else '>'} "
-                        f"{format_bytes(limit_raw)}", **common))
-
-    # Absence of a finding proves something only on a run that finished and measured something.
-    incomplete_why = _not_finished(record) or _nothing_measured(record)
-    incomplete = bool(incomplete_why)
-    checked_codes = None if swept else codes_for_mode(mode)
-    extra = getattr(record, "extra", None)
-    not_looked_for = extra.get("unmeasured_codes") if isinstance(extra, dict) else None
-    not_looked_for = not_looked_for if isinstance(not_looked_for, dict) else {}
-    by_code: dict[str, list[Any]] = {}
-    for finding in record.findings:
-        by_code.setdefault(normalise_code(finding.code), []).append(finding)
-
-    for code in limits.forbid:
-        common = dict(name=f"forbid.{code}", kind="forbid", limit="absent", limit_raw=code)
-        found = by_code.get(code, [])
-        if found:
-            worst = sorted(found, key=lambda f: SEVERITY_ORDER.get(f.severity, 9))[0]
-            more = f" (+{len(found) - 1} more)" if len(found) > 1 else ""
-            results.append(LimitResult(
-                status=FAIL, measured=f"{len(found)} finding{'s' if len(found) != 1 else ''}",
-                measured_raw=len(found), at_predictors=worst.at_predictors,
-                message=f"{code} found ({worst.severity}): {worst.title}{more}", **common))
-        elif checked_codes is not None and code not in checked_codes:
-            needs = "" if MODE_WATCH in CODES[code].modes else " (its rule reads a predictor sweep: a diagnose run)"
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: a {mode} run does not look for "
-                                       f"{code}{needs}", **common))
-        elif code in not_looked_for:
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: the {mode} could not look for "
-                                       f"{code}: {not_looked_for[code]}", **common))
-        elif swept and MODE_DIAGNOSE not in CODES[code].modes:
-            where = "gpuscope compare" if code == "PROCESSES_VS_THREADS" else "gpuscope watch or profiler.profile()"
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: a diagnose run does not look for "
-                                       f"{code} (its rule reads a {where} record)", **common))
-        elif mode in LIVE_MODES and (_live_ticks(record) or 0) < CODES[code].min_ticks:
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {code} needs at least "
-                                       f"{CODES[code].min_ticks} samples; the {mode} took "
-                                       f"{_live_ticks(record) or 0}", **common))
-        elif CODES[code].needs_thread_check and not (record.thread_safety or {}).get("checked"):
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {code} needs the thread-safety "
-                                       "check, which this run did not record", **common))
-        elif code in GPU_ONLY_CODES and no_gpu:
-            results.append(LimitResult(status=UNMEASURED,
-                                       message=f"not measured: {code} needs a GPU; {no_gpu}", **common))
-        elif incomplete:
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {incomplete_why}", **common))
-        else:
-            results.append(LimitResult(status=PASS, measured="0 findings", measured_raw=0,
-                                       message=f"{code} not found", **common))
-
-    threshold = SEVERITY_ORDER[limits.fail_on]
-    at_or_above = [f for f in record.findings if SEVERITY_ORDER.get(f.severity, 9) <= threshold]
-    gated = [f for f in at_or_above if normalise_code(f.code) not in limits.forbid]
-    besides = " besides the forbidden codes above" if len(gated) < len(at_or_above) else ""
-    gated.sort(key=lambda f: (SEVERITY_ORDER.get(f.severity, 9), f.code))
-    seen: dict[str, int] = {}
-    for finding in gated:
-        code = normalise_code(finding.code)
-        seen[code] = seen.get(code, 0) + 1
-        name = f"finding.{code}" + (f".{seen[code]}" if seen[code] > 1 else "")
-        results.append(LimitResult(
-            name=name, kind="findings", status=FAIL, measured=finding.severity, measured_raw=finding.severity,
-            limit=f"no {limits.fail_on} findings", limit_raw=limits.fail_on, at_predictors=finding.at_predictors,
-            message=f"{code} ({finding.severity}): {finding.title}"))
-    if not gated:
-        worse = "fail" if limits.fail_on == "fail" else "warn or fail"
-        common = dict(name="findings", kind="findings", limit=f"no {limits.fail_on} findings",
-                      limit_raw=limits.fail_on)
-        if incomplete:
-            results.append(LimitResult(status=UNMEASURED, message=f"not measured: {incomplete_why}", **common))
-        else:
-            results.append(LimitResult(status=PASS, measured="0 findings", measured_raw=0,
-                                       message=f"no {worse} findings{besides}", **common))
-
+    gate = _Evaluation(record, limits, at_predictors)
+    gate.step_limits()
+    gate.memory_per_predictor()
+    gate.forbidden_codes()
+    gate.findings()
+    record, mode, given, source, notes, results = gate.record, gate.mode, gate.given, gate.source, gate.notes, gate.results
     run_info = {"started_at": record.started_at, "tool_version": record.tool_version, "status": record.status,
                 "mode": mode,
                 "device": (record.config or {}).get("device", "cpu"),

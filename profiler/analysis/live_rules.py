@@ -1,4 +1,4 @@
-"""Findings that apply to a live process seen over time (`watch`, `profiler.profile()`, `export`).
+"""Findings that apply to a live process seen over time (`watch`, `gpuscope.profile()`, `export`).
 
 A watch has no predictor sweep, so the step-based rules of profiler/analysis/findings.py
 stay quiet; these rules read `record.extra["live"]` instead, which the live
@@ -115,7 +115,7 @@ def rule_memory_growth(record: RunRecord, t: LiveThresholds = DEFAULT_LIVE_THRES
                  f"{_rate_text(slope)})")
         title += "; it was still growing at the end" if still else "; then it levelled off"
         remedy = ("a steady climb is a leak or an unbounded cache: compare the allocator's view "
-                  "(profiler.profile() inside the server shows torch allocated vs reserved), look for tensors "
+                  "(gpuscope.profile() inside the server shows torch allocated vs reserved), look for tensors "
                   "kept per request (lists, caches keyed by input, autograd graphs), and cap caches; "
                   "growth that levels off after warm-up is the allocator filling its pool")
         if key == "rss_bytes":
@@ -203,7 +203,7 @@ def rule_live_outside_allocator(record: RunRecord, t: LiveThresholds = DEFAULT_L
         f"it: {how}",
         {"process_peak_bytes": peak, context_key: context_bytes, "context_source": source,
          "context_detail": context.get("detail"), "allocator_visible": False},
-        "from outside only NVML's total per process is visible: wrap the server's loop in profiler.profile() to "
+        "from outside only NVML's total per process is visible: wrap the server's loop in gpuscope.profile() to "
         "split it into weights, activations, allocator cache and the rest; keep CUDA_MODULE_LOADING=LAZY", None)]
 
 

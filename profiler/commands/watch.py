@@ -4,7 +4,7 @@ What a watch can see from outside: NVML's per-process memory and SM utilisation
 on every device, the device totals, the process's RSS/CPU/threads (psutil), the
 engines in its /proc/PID/maps and their memory variables, and every other
 process on the same devices. It cannot see inside the process's allocator;
-`profiler.profile()` (profiler/inprocess.py) can, and shares the machinery
+`gpuscope.profile()` (profiler/inprocess.py) can, and shares the machinery
 here: `LiveTracker` (bounded per-tick summaries), `live_processes()` and
 `format_live_summary()`.
 
