@@ -13,7 +13,7 @@ import signal
 import threading
 from typing import Any, Callable
 
-from gpuscope.measure.attribution import GapTracker, StepMonitor, end_figures
+from gpuscope.measure.attribution import GapTracker, end_figures
 from gpuscope.measure.options import MAX_PREDICTORS, DiagnoseOptions, parse_predictors, parse_seconds
 from gpuscope.measure.recording import (
     Interrupts,
@@ -50,9 +50,9 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
 
     from gpuscope.analysis.findings import conclude
     from gpuscope.measure.models import ModelLoadError, load_model, parse_input_shape, validate_model
+    from gpuscope.measure.sweep import SweepConfig, SweepHooks, default_predictor_counts, run_sweep
     from gpuscope.measure.thread_safety import SafetyConfig, check_thread_safety
     from gpuscope.measure.translator import RequestsError, check_tolerance
-    from gpuscope.measure.sweep import SweepConfig, SweepHooks, default_predictor_counts, run_sweep
     from gpuscope.measure.workload import PredictorPool
 
     progress = progress or Progress(opts.quiet)
@@ -134,24 +134,9 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         record.environment["driver"] = gpu_probe.devices[0].driver if gpu_probe and gpu_probe.devices else None
 
     # ---- probes and sampler
-    host_probe = HostProbe(pid)
-    probes: dict[str, Any] = {"host": host_probe}
-    # The allocator before NVML in each tick: memory allocated between the two reads then shows as NVML
-    # growth for a tick (outside the allocator), not as torch holding more than NVML says the process has.
-    if gpu:
-        from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
-
-        scope_index = nvml_index if nvml_index is not None else int(device.split(":")[1])
-        probes["allocator"] = AllocatorProbe(RealTorchCuda(),
-                                             {int(device.split(":")[1]): scopes.process_on_device(pid, scope_index)})
-    if gpu_probe is not None:
-        probes["gpu"] = gpu_probe
-    # Without NVML the picture falls back to the CPU one (RSS), plus the allocator's own figures.
-    monitor = StepMonitor(pid, nvml_index if gpu_probe is not None else None, model.model_bytes)
-    run_peaks = PeakTracker()
-    gaps = GapTracker(pid, nvml_index)
-    sampler = recording.start_samples(probes, interval_s, [monitor, run_peaks, gaps],
-                                      {"device": device, "gpu_index": nvml_index})
+    sampling = recording.sample_workload(device, nvml_index, model.model_bytes, interval_s)
+    host_probe, monitor, run_peaks, gaps, sampler = (sampling.host_probe, sampling.monitor, sampling.run_peaks,
+                                                     sampling.gaps, sampling.sampler)
     t0_ns = recording.t0_ns
 
     stop = threading.Event()

@@ -138,7 +138,6 @@ def run_tune(opts: TuneOptions, progress: Progress | None = None,
     from gpuscope.analysis.findings import conclude
     from gpuscope.analysis.remedies import verify_remedies
     from gpuscope.commands.diagnose import MAX_RATE_RPS, _finish_record, _process_gpu_bytes
-    from gpuscope.measure.attribution import GapTracker, StepMonitor
     from gpuscope.measure.devices import nvml_index_for, resolve_device
     from gpuscope.measure.models import ModelLoadError, load_model, parse_input_shape, validate_model
     from gpuscope.measure.sweep import SweepHooks, default_predictor_counts
@@ -146,7 +145,6 @@ def run_tune(opts: TuneOptions, progress: Progress | None = None,
     from gpuscope.measure.workers import WorkerSpec
     from gpuscope.measure.workload import PredictorPool
     from gpuscope.probes.host import HostProbe, usable_cores
-    from gpuscope.probes.sampler import PeakTracker
     from gpuscope.record.files import check_out_path
     from gpuscope.reports.render import render_run
 
@@ -219,22 +217,9 @@ def run_tune(opts: TuneOptions, progress: Progress | None = None,
     if gpu_probe is not None and gpu_probe.devices:
         record.environment["driver"] = gpu_probe.devices[0].driver
 
-    host_probe = HostProbe(pid)
-    probes: dict[str, Any] = {"host": host_probe}
-    if gpu:
-        from gpuscope.probes import scopes
-        from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
-
-        scope_index = nvml_index if nvml_index is not None else int(device.split(":")[1])
-        probes["allocator"] = AllocatorProbe(RealTorchCuda(),
-                                             {int(device.split(":")[1]): scopes.process_on_device(pid, scope_index)})
-    if gpu_probe is not None:
-        probes["gpu"] = gpu_probe
-    monitor = StepMonitor(pid, nvml_index if gpu_probe is not None else None, model.model_bytes)
-    run_peaks = PeakTracker()
-    gaps = GapTracker(pid, nvml_index)
-    sampler = recording.start_samples(probes, interval_s, [monitor, run_peaks, gaps],
-                                      {"device": device, "gpu_index": nvml_index})
+    sampling = recording.sample_workload(device, nvml_index, model.model_bytes, interval_s)
+    host_probe, monitor, run_peaks, gaps, sampler = (sampling.host_probe, sampling.monitor, sampling.run_peaks,
+                                                     sampling.gaps, sampling.sampler)
 
     def step_end_tick() -> Any:
         host_probe.request_uss()

@@ -146,6 +146,18 @@ def sampler_stats(sampler: Any) -> dict[str, Any]:
             "probe_errors": dict(sampler.probe_errors)}
 
 
+@dataclass
+class WorkloadSampling:
+    """What Recording.sample_workload set up: the host probe (for USS on demand), the step monitor, the run's
+    peaks, the gap tracker and the sampler."""
+
+    host_probe: Any
+    monitor: Any
+    run_peaks: Any
+    gaps: Any
+    sampler: Any
+
+
 Renderer = Callable[[RunRecord, str], "dict[str, str] | None"]
 
 
@@ -252,6 +264,37 @@ class Recording:
             kwargs["clock_ns"] = clock_ns
         self.sampler = Sampler(probes, interval_s, self.writer, listeners, **kwargs)
         return self.sampler
+
+    def sample_workload(self, device: str, nvml_index: int | None, model_bytes: int,
+                        interval_s: float) -> "WorkloadSampling":
+        """The probes and listeners of a workload run in this process (diagnose and tune alike): the host, torch's
+        allocator on a GPU, NVML when open; a StepMonitor for each step's peaks and layers, the run's peaks and
+        the readings that went missing. The sampler is created here, not started."""
+        from gpuscope.measure.attribution import GapTracker, StepMonitor
+        from gpuscope.probes import scopes
+        from gpuscope.probes.host import HostProbe
+        from gpuscope.probes.sampler import PeakTracker
+
+        host_probe = HostProbe(self.pid)
+        probes: dict[str, Any] = {"host": host_probe}
+        # The allocator before NVML in each tick: memory allocated between the two reads then shows as NVML
+        # growth for a tick (outside the allocator), not as torch holding more than NVML says the process has.
+        if device.startswith("cuda"):
+            from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
+
+            torch_index = int(device.split(":")[1])
+            scope_index = nvml_index if nvml_index is not None else torch_index
+            probes["allocator"] = AllocatorProbe(RealTorchCuda(),
+                                                 {torch_index: scopes.process_on_device(self.pid, scope_index)})
+        if self.gpu_probe is not None:
+            probes["gpu"] = self.gpu_probe
+        # Without NVML the picture falls back to the CPU one (RSS), plus the allocator's own figures.
+        monitor = StepMonitor(self.pid, nvml_index if self.gpu_probe is not None else None, model_bytes)
+        run_peaks = PeakTracker()
+        gaps = GapTracker(self.pid, nvml_index)
+        sampler = self.start_samples(probes, interval_s, [monitor, run_peaks, gaps],
+                                     {"device": device, "gpu_index": nvml_index})
+        return WorkloadSampling(host_probe, monitor, run_peaks, gaps, sampler)
 
     def stop_samples(self, threaded: bool = True) -> None:
         """Stop the sampler's thread (it takes one last reading) and close samples.jsonl."""
