@@ -37,6 +37,17 @@ class ThreadStartError(RuntimeError):
     """The OS refused another predictor thread (too many threads for this machine or its limits)."""
 
 
+def _note_failure(result: "PredictorResult", exc: BaseException, ended_ns: int, stop: threading.Event) -> None:
+    """A request that raised: stamped (errors count in the measured window like requests), its message kept (a
+    bounded few), and an out-of-memory error ends the step for every predictor."""
+    result.error_end_ns.append(ended_ns)
+    if len(result.error_messages) < MAX_ERROR_MESSAGES:
+        result.error_messages.append(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
+    if _is_oom(exc):
+        result.oom = True
+        stop.set()
+
+
 def _is_oom(exc: BaseException) -> bool:
     name = type(exc).__name__
     return name == "OutOfMemoryError" or "out of memory" in str(exc).lower()
@@ -221,12 +232,7 @@ class PredictorPool:
                 if sync is not None:
                     sync()
             except Exception as exc:
-                result.error_end_ns.append(perf())
-                if len(result.error_messages) < MAX_ERROR_MESSAGES:
-                    result.error_messages.append(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
-                if _is_oom(exc):
-                    result.oom = True
-                    stop.set()
+                _note_failure(result, exc, perf(), stop)
                 continue
             ended = perf()
             if not checked_grad:
@@ -277,12 +283,7 @@ class PredictorPool:
                 if post is not None:
                     post(out)
             except Exception as exc:
-                result.error_end_ns.append(perf())
-                if len(result.error_messages) < MAX_ERROR_MESSAGES:
-                    result.error_messages.append(f"{type(exc).__name__}: {str(exc).strip()[:200]}")
-                if _is_oom(exc):
-                    result.oom = True
-                    stop.set()
+                _note_failure(result, exc, perf(), stop)
                 continue
             ended = perf()
             if not checked_grad:
