@@ -275,7 +275,7 @@ class Profile:
     def _start_locked(self) -> None:
         """The body of start(), under self._lock and with the folder claimed."""
         from gpuscope.measure.attribution import GapTracker
-        from gpuscope.measure.live import LiveTracker, children_of
+        from gpuscope.measure.live import ForgetDepartedPeaks, LiveTracker, children_of
         from gpuscope.measure.recording import Recording
         from gpuscope.probes.host import HostProbe
         from gpuscope.probes.sampler import PeakTracker
@@ -316,7 +316,9 @@ class Profile:
         count = self._gpu_probe.device_count if self._gpu_probe is not None else 0
         self._gaps = [GapTracker(self.pid, index) for index in range(count)]
         self._sampler = recording.start_samples(probes, self.interval_s,
-                                                [self._peaks, self._tracker, *self._gaps, *listeners])
+                                                [self._peaks, self._tracker,
+                                                 ForgetDepartedPeaks(self._peaks, self._tracker), *self._gaps,
+                                                 *listeners])
         # the app's own command line, redacted: its secrets stay out of the report
         recording.config({"device": "cpu", "gpu_index": None, "interval_s": self.interval_s, "out": self.out_dir,
                           "label": self.label, "reset_peaks": self.reset_peaks, "device_index_space": "nvml"},
@@ -397,7 +399,8 @@ class Profile:
     # -- the record
     def _build_record(self, ended_by: str) -> RunRecord:
         from gpuscope.measure.attribution import end_figures
-        from gpuscope.measure.live import children_of, complete_live_record, live_processes
+        from gpuscope.measure.live import (children_of, complete_live_record, list_departed_within_bound,
+                                           live_processes)
         from gpuscope.probes.engines import memory_variables
         from gpuscope.probes.processes import describe_process
         from gpuscope.record.run import now_iso
@@ -426,8 +429,10 @@ class Profile:
         record.environment = environment
         described = dict(self._gpu_probe.processes) if self._gpu_probe is not None else {}
         children = self._children_at_start | children_of(self.pid)
-        record.processes = live_processes(self.pid, me, described, self._peaks.peaks(), self._tracker.pid_spans(),
-                                          children, live.get("duration_s", 0.0), self.interval_s)
+        listed = live_processes(self.pid, me, described, self._peaks.peaks(), self._tracker.pid_spans(),
+                                children, live.get("duration_s", 0.0), self.interval_s)
+        record.processes, record.extra["departed_processes"] = list_departed_within_bound(
+            listed, self._tracker.forgotten())
         if gpu_index is not None:
             record.baseline["end"] = end_figures(self._peaks.last(), self.pid, gpu_index)
         rss = (live.get("series") or {}).get("rss_bytes") or {}

@@ -89,6 +89,8 @@ def _processes(record: "RunRecord") -> str:
                 flags.append("this run")
             if p.get("exists") is False:
                 flags.append("not in this pid namespace")
+            if p.get("gone") and isinstance(p.get("last_seen_s"), (int, float)):
+                flags.append(f"left after {p['last_seen_s']:.0f} s")
             rows.append(
                 f'<tr><td class="num">{e(p.get("pid"))}</td><td>{e(p.get("name"))}'
                 + (f' <span class="muted">({esc(", ".join(flags))})</span>' if flags else "")
@@ -100,8 +102,20 @@ def _processes(record: "RunRecord") -> str:
                      '<th class="num">peak GPU memory</th><th>engines and their memory variables</th>'
                      "<th>command line (secrets redacted)</th></tr></thead><tbody>" + "".join(rows)
                      + "</tbody></table></div>")
+    parts.append(_departed_not_listed((record.extra or {}).get("departed_processes")))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _departed_not_listed(departed: Any) -> str:
+    """The neighbours a long watch saw come and go beyond those listed (record.extra["departed_processes"])."""
+    if not isinstance(departed, dict) or not departed.get("not_listed"):
+        return ""
+    largest = departed.get("largest_not_listed_peak_used_bytes")
+    return (f'<p class="muted">{e(departed["not_listed"])} more processes used a GPU and left during the run; '
+            f'the {e(departed.get("listed", 0))} departed ones that held the most are listed'
+            + (f"; none of the others held more than {fmt(largest, 'used_bytes')}" if largest is not None else "")
+            + ".</p>")
 
 
 def _environment(record: "RunRecord") -> str:
