@@ -605,8 +605,11 @@ def validate_model(model: LoadedModel) -> None:
         if model.device.startswith("cuda"):
             torch.cuda.synchronize(model.device)
     except Exception as exc:
+        hint = ""
+        if model.dtype.startswith(("float", "bfloat")) and "indices" in str(exc):  # an embedding takes token ids
+            hint = " (token ids: pass --dtype int64, or a translator whose preprocess tokenizes)"
         raise ModelLoadError(f"the model rejected an input of shape {'x'.join(map(str, model.input_shape))} "
-                             f"({model.dtype}): {_one_line(exc)}") from exc
+                             f"({model.dtype}): {_one_line(exc)}{hint}") from exc
 
 
 def _validate_requests(model: LoadedModel) -> None:
