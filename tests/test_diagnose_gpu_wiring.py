@@ -143,7 +143,7 @@ def test_allocator_figures_scoped_by_torchs_ordinal_would_not_meet_nvmls_row(reo
      "no NVML device has the UUID of torch's cuda:0 (MIG-7d3e0b3a-0000-5000-8000-000000000001)"),
     ("uuid_unreadable", dict(uuid_error=RuntimeError("CUDA driver too old")),
      "torch could not read the UUID of cuda:0 (RuntimeError: CUDA driver too old)"),
-])
+], ids=["mig_uuid", "uuid_unreadable"])
 def test_a_silent_fallback_to_torchs_index_would_hide_that_the_figures_may_be_another_gpus(tmp_path, why, fake, said):
     gpu = machine("2,0", **fake)
     result, stderr = diagnose(gpu, tmp_path / "run")

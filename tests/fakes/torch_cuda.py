@@ -266,15 +266,20 @@ class FakeCudaDevices:
     def device_name(self, device: str) -> str:
         return self.name
 
+    def _context(self, ordinal: int) -> None:
+        """The first CUDA call on a device creates its context; later ones find it there."""
+        if ordinal not in self.initialised:
+            self.initialised.add(ordinal)
+            self.torch.initialize().set(ordinal, allocated=0, reserved=SEGMENT_BYTES)
+
     def initialise(self, device: str) -> None:
-        ordinal = self.ordinal(device)
         self.events.append(f"initialise {device}")
-        self.initialised.add(ordinal)
-        self.torch.initialize().set(ordinal, allocated=0, reserved=SEGMENT_BYTES)
+        self._context(self.ordinal(device))
 
     def tensor_device(self, device: str) -> str:
         ordinal = self.ordinal(device)
         self.events.append(f"model placed on {device}")
+        self._context(ordinal)  # moving a model to a device creates the context too
         segments = -(-self.model_bytes // SEGMENT_BYTES)
         self.torch.set(ordinal, allocated=self.model_bytes, reserved=(1 + segments) * SEGMENT_BYTES)
         return "cpu"
