@@ -156,10 +156,24 @@ def _config_value(key: str, value: Any) -> str:
     return _na(value, key)
 
 
+def _device_match(match: Any) -> str:
+    """torch's device as NVML's index, and how it was found: by UUID, or assumed (then the figures may be
+    another GPU's: CUDA_VISIBLE_DEVICES reorders devices)."""
+    if not isinstance(match, dict) or "nvml_index" not in match:
+        return ""
+    text = f"torch cuda:{e(match.get('torch_index'))} = NVML device {e(match.get('nvml_index'))}"
+    if match.get("matched_by") == "uuid":
+        return text + " (matched by UUID)"
+    return (f'<strong>{text}, assumed</strong>: {e(match.get("detail") or "the UUIDs did not match")}')
+
+
 def _configuration(record: "RunRecord") -> str:
     run = [("status", e(record.status)), ("mode", e(record.mode)), ("started at", e(record.started_at)),
            ("ended at", e(record.ended_at)), ("profiled pid", e(record.pid)),
            ("gpuscope (run)", e(record.tool_version)), ("samples file", f"<code>{e(record.samples)}</code>")]
+    match = _device_match((record.extra or {}).get("gpu_index"))
+    if match:
+        run.append(("device match", match))
     config = [(str(k), _config_value(str(k), v)) for k, v in (record.config or {}).items()]
     model = [(str(k), _config_value(str(k), v)) for k, v in (record.model or {}).items()]
     parts = ['<section id="configuration"><h2>Configuration</h2>', "<h3>Run</h3>", _kv_table(run)]

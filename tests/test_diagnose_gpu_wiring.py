@@ -9,6 +9,7 @@ segments once the model is placed; a run wired to the wrong index or the wrong m
 """
 from __future__ import annotations
 
+import html
 import io
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from gpuscope.probes.readings import Unavailable, is_available
 from gpuscope.probes.samplefile import load_timeline
 from gpuscope.probes.units import format_bytes
 from gpuscope.record.run import load_run
+from gpuscope.reports.html_machine import _configuration
 from tests.fakes.gpu_machine import CONTEXT_BYTES, OUTSIDE_ALLOCATOR_BYTES, FakeGpuMachine, gpu_uuid
 from tests.fakes.nvml import H200_DRIVER_RESERVED_BYTES, FakeProcess, MiB
 from tests.fakes.torch_cuda import SEGMENT_BYTES
@@ -154,6 +156,8 @@ def test_a_silent_fallback_to_torchs_index_would_hide_that_the_figures_may_be_an
     assert record.config["gpu_index"] == 0
     lines = [line for line in stderr.splitlines() if "assuming NVML device 0" in line]
     assert len(lines) == 1 and said in lines[0]
+    page = _configuration(record)  # the report's configuration says it too, where the figures are read
+    assert "torch cuda:0 = NVML device 0, assumed</strong>: " + html.escape(said, quote=True) in page
     # and what it then read is what the note warns of: device 0's figures, where this process has no row
     assert isinstance(record.baseline["context_bytes"], Unavailable)
     assert not any(is_available(s.memory.get("process_gpu_bytes")) for s in record.steps)
@@ -165,5 +169,6 @@ def test_without_cuda_visible_devices_the_uuid_still_decides(tmp_path):
     result, stderr = diagnose(gpu, tmp_path / "run", device="cuda:1")
     record = load_run(str(tmp_path / "run" / "run.json"))
     assert record.extra["gpu_index"] == {"torch_index": 1, "nvml_index": 1, "matched_by": "uuid"}
+    assert "torch cuda:1 = NVML device 1 (matched by UUID)" in _configuration(record)
     assert record.baseline["context_bytes"] == CONTEXT_BYTES
     assert gpu.cuda.events == ["initialise cuda:1", "model placed on cuda:1"]

@@ -123,12 +123,25 @@ def nvml_index_for(torch_index: int, nvml_uuids: list[Any],
     return torch_index
 
 
-def nvml_index_for_uuid(uuid: Any, nvml_uuids: list[Any], torch_index: int) -> int:
+def nvml_index_for_uuid(uuid: Any, nvml_uuids: list[Any], torch_index: int,
+                        on_fallback: Callable[[str], None] | None = None) -> int:
     """NVML's index of the worker's device, matched by the UUID the worker read from torch (the parent never
-    touches CUDA); torch's index when the UUID is unknown."""
+    touches CUDA); torch's index when the UUID is unknown, and `on_fallback` is told why in one line."""
     if isinstance(uuid, str) and uuid:
         wanted = uuid.replace("GPU-", "").lower()
         for index, nvml_uuid in enumerate(nvml_uuids):
             if isinstance(nvml_uuid, str) and nvml_uuid.replace("GPU-", "").lower() == wanted:
                 return index
+        why = f"no NVML device has the UUID of the worker's cuda:{torch_index} ({uuid})"
+    else:
+        why = f"the worker could not read the UUID of cuda:{torch_index}"
+    if on_fallback is not None:
+        on_fallback(f"{why}: assuming NVML device {torch_index}, which is wrong if CUDA_VISIBLE_DEVICES reorders "
+                    "devices")
     return torch_index
+
+
+def index_match(torch_index: int, nvml_index: int, fallback: list[str]) -> dict[str, Any]:
+    """record.extra["gpu_index"]: how torch's device was matched to NVML's, and why it was assumed if it was."""
+    return {"torch_index": torch_index, "nvml_index": nvml_index, "matched_by": "assumed" if fallback else "uuid",
+            **({"detail": fallback[0]} if fallback else {})}

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gpuscope import __version__
-from gpuscope.measure.devices import CudaDevices, TorchDevices, nvml_index_for
+from gpuscope.measure.devices import CudaDevices, TorchDevices, index_match, nvml_index_for
 from gpuscope.probes import scopes
 from gpuscope.probes.readings import Unavailable
 from gpuscope.probes.samplefile import SampleWriter
@@ -286,9 +286,7 @@ class Recording:
             fallback: list[str] = []
             nvml_index = nvml_index_for(torch_index, [d.uuid for d in gpu_probe.devices],
                                         properties=self.cuda.device_properties, on_fallback=fallback.append)
-            self.record.extra["gpu_index"] = {"torch_index": torch_index, "nvml_index": nvml_index,
-                                              "matched_by": "assumed" if fallback else "uuid",
-                                              **({"detail": fallback[0]} if fallback else {})}
+            self.record.extra["gpu_index"] = index_match(torch_index, nvml_index, fallback)
             for line in fallback:
                 self.progress.line(f"gpuscope: {line}")
         if gpu:
