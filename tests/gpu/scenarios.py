@@ -11,9 +11,12 @@ Four roles, all without importing torch at module level (this file is also impor
    `cache_bloat_model` (frees a large tensor without emptying the cache) and `cupy_torch_model` (a second
    engine, CuPy, allocating in the same process). With GPUSCOPE_GPU_TORCH_STATS=path they write torch's own
    allocator figures (and CuPy's pool) at interpreter exit: the ground truth a finding is compared with.
+   The plants of issue 20 (outside the allocator, fragmentation, headroom, OOM) are in plants.py.
 3. `diagnose()`: one fresh `python -m gpuscope diagnose` process per scenario (a fresh CUDA context, so
-   baselines are not shared between scenarios), and its run.json.
-4. Checks on a run.json that every GPU run must pass (`check_gpu_run`), and small readers for findings.
+   baselines are not shared between scenarios), its run.json, and nvidia-smi polled from this process
+   while it runs (references.SmiWatcher), matched to the run's steps by their samples.jsonl events.
+4. Checks on a run.json that every GPU run must pass (`check_gpu_run`: each step's NVML figure against
+   nvidia-smi's, torch's last tick against torch's own figures at exit), and small readers for findings.
 
 Also a tiny command line for tests/gpu/run.sh: `record-defaults` (merge the timed defaults run into the
 results JSON) and `summary` (print each scenario's verdict).
@@ -820,7 +823,7 @@ KEY_FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
                       ("gpuscope - torch bytes", "error_vs_torch_bytes")),
     "low-headroom": (("fill", "fill_bytes"), ("used share", "used_share"), ("nvidia-smi share", "nvidia_smi_share"),
                      ("severity", "finding.0.severity")),
-    "oom": (("errors", "step_errors"), ("raised", "raised"), ("torch num_ooms", "torch_num_ooms"),
+    "oom": (("counted in the step", "step_errors"), ("raised", "raised"), ("torch num_ooms", "torch_num_ooms"),
             ("torch retries", "torch_num_alloc_retries"), ("finding", "finding.0.title")),
 }
 

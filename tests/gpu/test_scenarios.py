@@ -1,7 +1,8 @@
 """Planted scenarios on a real GPU (issue 10): each plants one cause beside or inside a fresh
 `python -m gpuscope diagnose` process, then asserts that the right finding fires with the right
-magnitude, measured independently (torch's own figures, nvidia-smi, the model's bytes, the steps),
-and that nothing else planted fires. The clean run fires none of the planted findings.
+magnitude, measured independently (torch's own figures, nvidia-smi read by this process during each
+step, the model's known bytes, a second run with --streams), and that nothing else planted fires.
+The clean run fires none of the planted findings.
 
 Every figure goes to gpu-results.json before the assertions, so a failing scenario still says what
 it measured; each run's report folder is kept under the reports root (see conftest.py).
