@@ -347,3 +347,29 @@ def test_the_planted_models_import_without_a_gpu():
 
     assert plants.FRAGMENT_HOLES_BYTES == 144 * MiB
     assert plants.OUTSIDE_STREAMS * ref.cublas_workspace_bytes(plants.OUTSIDE_WORKSPACE_CONFIG) == GiB
+
+
+def test_the_harness_runs_a_planted_model_and_reads_back_its_steps_polls_and_torchs_figures(tmp_path):
+    """scenarios.diagnose end to end on the CPU: the planted model loads in diagnose's process as the
+    top-level `plants` module, the step windows come from the run's own samples.jsonl, every poll of the
+    (scripted) nvidia-smi lies within the run, and the model's at-exit figures come back (its plant needs
+    CUDA, so it counted nothing here)."""
+    import time
+
+    polls: list[int] = []
+
+    def smi(argv):
+        polls.append(time.monotonic_ns())
+        return ""
+
+    before = time.monotonic_ns()
+    result = sc.diagnose(tmp_path / "run", "--model", "plants:oom_model", "--device", "cpu", "--predictors", "1,2",
+                         "--duration", "0.3s", "--warmup", "0s", watcher=ref.SmiWatcher(run=smi, interval_s=0.05))
+    after = time.monotonic_ns()
+    assert result.rc == 0, result.explain()
+    assert [w.predictors for w in result.windows] == [1, 2]
+    assert before < result.windows[0].start_ns < result.windows[0].end_ns <= result.windows[1].start_ns < after
+    assert result.smi and all(before <= r.started_ns <= r.ended_ns <= after and r.error is None for r in result.smi)
+    assert result.torch_at_exit == {"plant": {"count": 0, "requests": []}}
+    assert (tmp_path / "run" / "nvidia-smi-readings.json").exists()
+    assert sc.smi_steps(result)[1].process_mib is None  # the scripted nvidia-smi lists nobody

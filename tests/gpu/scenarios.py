@@ -521,18 +521,18 @@ class DiagnoseRun:
 
 
 def diagnose(out_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 180.0,
-             smi_interval_s: float = 0.1) -> DiagnoseRun:
+             watcher: ref.SmiWatcher | None = None) -> DiagnoseRun:
     """`python -m gpuscope diagnose --out OUT_DIR --quiet ARGS` from the repository root; its run.json.
 
-    While it runs, an `SmiWatcher` polls nvidia-smi from this process (every `smi_interval_s` plus the
-    polls' own time); the readings are saved beside the run as nvidia-smi-readings.json. A planted model
+    While it runs, `watcher` (an SmiWatcher on the real nvidia-smi unless given) polls nvidia-smi from this
+    process; the readings are saved beside the run as nvidia-smi-readings.json. A planted model
     writes torch's figures at exit to OUT_DIR/torch-at-exit.json (GPUSCOPE_GPU_TORCH_STATS, unless `env`
     names another path)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "gpuscope", "diagnose", "--out", str(out_dir), "--quiet", *args]
     extra = {TORCH_STATS_ENV: str(out_dir / "torch-at-exit.json"), **(env or {})}
-    watcher = ref.SmiWatcher(interval_s=smi_interval_s).start()
+    watcher = (watcher or ref.SmiWatcher()).start()
     started = time.monotonic()
     proc = subprocess.Popen(argv, cwd=str(ROOT), env=child_env(extra), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
