@@ -62,6 +62,14 @@ class PeakTracker:
         with self._lock:
             return dict(self._max)
 
+    def retain(self, keep: Callable[[tuple[str, str]], bool]) -> None:
+        """Forget every (scope, metric) that `keep` rejects: a day-long watch prunes the departed pids'
+        scopes here (off the tick path), or its peaks would grow with every process that came and went."""
+        with self._lock:
+            for table in (self._max, self._last, self._first):
+                for key in [k for k in table if not keep(k)]:
+                    del table[key]
+
     def last(self) -> dict[tuple[str, str], Any]:
         with self._lock:
             return dict(self._last)

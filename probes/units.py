@@ -1,4 +1,4 @@
-"""Byte sizes for humans, and parsing sizes that humans write (`20GiB`, `512MiB`)."""
+"""Byte sizes and latencies for humans, and parsing the sizes and durations humans write (`20GiB`, `50ms`)."""
 from __future__ import annotations
 
 import re
@@ -41,6 +41,19 @@ def format_bytes(num_bytes: float) -> str:
     if value >= KiB:
         return f"{sign}{value / KiB:.1f} KiB"
     return f"{sign}{value:.0f} B"
+
+
+def format_ms(value_ms: float) -> str:
+    """`123 ms`, `18.0 ms`, `0.45 ms`, `85 us`: the digits that matter for a latency. Sub-millisecond models
+    are common on a GPU and on small CPU models; a fixed `.1f` printed their p50 as "0.0 ms"."""
+    value = float(value_ms)
+    if value >= 100:
+        return f"{value:.0f} ms"
+    if value >= 10:
+        return f"{value:.1f} ms"
+    if value >= 0.1:
+        return f"{value:.2f} ms"
+    return f"{value * 1000:.0f} us"
 
 
 _DURATION_RE = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|)\s*$")

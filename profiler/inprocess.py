@@ -74,6 +74,7 @@ class LazyAllocatorProbe:
         self._reset_peaks = reset_peaks
         self._probe: Any = None
         self._given_up = False
+        self.index_matches: dict[int, dict[str, Any]] = {}  # torch index -> how NVML's was found (extra.gpu_index)
 
     def _build(self) -> Any:
         from gpuscope.probes import scopes as scopes_
@@ -96,9 +97,13 @@ class LazyAllocatorProbe:
         if scopes is None:
             import torch
 
-            from gpuscope.measure.devices import nvml_index_for
+            from gpuscope.measure.devices import index_match, nvml_index_for
 
-            scopes = {i: nvml_index_for(i, self._nvml_uuids) for i in range(torch.cuda.device_count())}
+            scopes = {}
+            for i in range(torch.cuda.device_count()):
+                fallback: list[str] = []
+                scopes[i] = nvml_index_for(i, self._nvml_uuids, on_fallback=fallback.append)
+                self.index_matches[i] = index_match(i, scopes[i], fallback)
         return AllocatorProbe(backend, {t: scopes_.process_on_device(self.pid, n) for t, n in scopes.items()},
                               reset_peaks=self._reset_peaks)
 
@@ -161,6 +166,7 @@ class Profile:
         self._nvml_opener = nvml_opener
         self._torch_cuda = torch_cuda
         self._torch_scopes = torch_scopes
+        self._allocator: LazyAllocatorProbe | None = None
         self._describe = describe
         self._pid_exists = pid_exists
         self._extra_listeners = list(listeners or [])
@@ -275,7 +281,7 @@ class Profile:
     def _start_locked(self) -> None:
         """The body of start(), under self._lock and with the folder claimed."""
         from gpuscope.measure.attribution import GapTracker
-        from gpuscope.measure.live import LiveTracker, children_of
+        from gpuscope.measure.live import ForgetDepartedPeaks, LiveTracker, children_of
         from gpuscope.measure.recording import Recording
         from gpuscope.probes.host import HostProbe
         from gpuscope.probes.sampler import PeakTracker
@@ -308,6 +314,7 @@ class Profile:
         # the allocator before NVML, as in diagnose (commands/diagnose.py says why)
         probes["allocator"] = LazyAllocatorProbe(self.pid, self._torch_cuda, self._torch_scopes, uuids,
                                                  self.reset_peaks)
+        self._allocator = probes["allocator"]
         if self._gpu_probe is not None:
             probes["gpu"] = self._gpu_probe
         self._peaks = PeakTracker()
@@ -316,7 +323,9 @@ class Profile:
         count = self._gpu_probe.device_count if self._gpu_probe is not None else 0
         self._gaps = [GapTracker(self.pid, index) for index in range(count)]
         self._sampler = recording.start_samples(probes, self.interval_s,
-                                                [self._peaks, self._tracker, *self._gaps, *listeners])
+                                                [self._peaks, self._tracker,
+                                                 ForgetDepartedPeaks(self._peaks, self._tracker), *self._gaps,
+                                                 *listeners])
         # the app's own command line, redacted: its secrets stay out of the report
         recording.config({"device": "cpu", "gpu_index": None, "interval_s": self.interval_s, "out": self.out_dir,
                           "label": self.label, "reset_peaks": self.reset_peaks, "device_index_space": "nvml"},
@@ -397,7 +406,8 @@ class Profile:
     # -- the record
     def _build_record(self, ended_by: str) -> RunRecord:
         from gpuscope.measure.attribution import end_figures
-        from gpuscope.measure.live import children_of, complete_live_record, live_processes
+        from gpuscope.measure.live import (children_of, complete_live_record, list_departed_within_bound,
+                                           live_processes)
         from gpuscope.probes.engines import memory_variables
         from gpuscope.probes.processes import describe_process
         from gpuscope.record.run import now_iso
@@ -426,10 +436,16 @@ class Profile:
         record.environment = environment
         described = dict(self._gpu_probe.processes) if self._gpu_probe is not None else {}
         children = self._children_at_start | children_of(self.pid)
-        record.processes = live_processes(self.pid, me, described, self._peaks.peaks(), self._tracker.pid_spans(),
-                                          children, live.get("duration_s", 0.0), self.interval_s)
+        listed = live_processes(self.pid, me, described, self._peaks.peaks(), self._tracker.pid_spans(),
+                                children, live.get("duration_s", 0.0), self.interval_s)
+        record.processes, record.extra["departed_processes"] = list_departed_within_bound(
+            listed, self._tracker.forgotten())
         if gpu_index is not None:
             record.baseline["end"] = end_figures(self._peaks.last(), self.pid, gpu_index)
+            matches = self._allocator.index_matches.values() if self._allocator is not None else ()
+            matched = [m for m in matches if m["nvml_index"] == gpu_index]
+            if matched:  # which torch device is this NVML index, and was it matched by UUID or assumed
+                record.extra["gpu_index"] = matched[0]
         rss = (live.get("series") or {}).get("rss_bytes") or {}
         record.baseline["rss_at_start_bytes"] = rss.get("first_value")
         self._traffic_into(record, gpu_index)

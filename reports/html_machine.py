@@ -89,6 +89,8 @@ def _processes(record: "RunRecord") -> str:
                 flags.append("this run")
             if p.get("exists") is False:
                 flags.append("not in this pid namespace")
+            if p.get("gone") and isinstance(p.get("last_seen_s"), (int, float)):
+                flags.append(f"left after {p['last_seen_s']:.0f} s")
             rows.append(
                 f'<tr><td class="num">{e(p.get("pid"))}</td><td>{e(p.get("name"))}'
                 + (f' <span class="muted">({esc(", ".join(flags))})</span>' if flags else "")
@@ -100,8 +102,20 @@ def _processes(record: "RunRecord") -> str:
                      '<th class="num">peak GPU memory</th><th>engines and their memory variables</th>'
                      "<th>command line (secrets redacted)</th></tr></thead><tbody>" + "".join(rows)
                      + "</tbody></table></div>")
+    parts.append(_departed_not_listed((record.extra or {}).get("departed_processes")))
     parts.append("</section>")
     return "\n".join(parts)
+
+
+def _departed_not_listed(departed: Any) -> str:
+    """The neighbours a long watch saw come and go beyond those listed (record.extra["departed_processes"])."""
+    if not isinstance(departed, dict) or not departed.get("not_listed"):
+        return ""
+    largest = departed.get("largest_not_listed_peak_used_bytes")
+    return (f'<p class="muted">{e(departed["not_listed"])} more processes used a GPU and left during the run; '
+            f'the {e(departed.get("listed", 0))} departed ones that held the most are listed'
+            + (f"; none of the others held more than {fmt(largest, 'used_bytes')}" if largest is not None else "")
+            + ".</p>")
 
 
 def _environment(record: "RunRecord") -> str:
@@ -142,10 +156,24 @@ def _config_value(key: str, value: Any) -> str:
     return _na(value, key)
 
 
+def _device_match(match: Any) -> str:
+    """torch's device as NVML's index, and how it was found: by UUID, or assumed (then the figures may be
+    another GPU's: CUDA_VISIBLE_DEVICES reorders devices)."""
+    if not isinstance(match, dict) or "nvml_index" not in match:
+        return ""
+    text = f"torch cuda:{e(match.get('torch_index'))} = NVML device {e(match.get('nvml_index'))}"
+    if match.get("matched_by") == "uuid":
+        return text + " (matched by UUID)"
+    return (f'<strong>{text}, assumed</strong>: {e(match.get("detail") or "the UUIDs did not match")}')
+
+
 def _configuration(record: "RunRecord") -> str:
     run = [("status", e(record.status)), ("mode", e(record.mode)), ("started at", e(record.started_at)),
            ("ended at", e(record.ended_at)), ("profiled pid", e(record.pid)),
            ("gpuscope (run)", e(record.tool_version)), ("samples file", f"<code>{e(record.samples)}</code>")]
+    match = _device_match((record.extra or {}).get("gpu_index"))
+    if match:
+        run.append(("device match", match))
     config = [(str(k), _config_value(str(k), v)) for k, v in (record.config or {}).items()]
     model = [(str(k), _config_value(str(k), v)) for k, v in (record.model or {}).items()]
     parts = ['<section id="configuration"><h2>Configuration</h2>', "<h3>Run</h3>", _kv_table(run)]

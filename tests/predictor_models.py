@@ -152,6 +152,46 @@ class RaisingTranslator(TextTranslator):
         raise ValueError(f"cannot decode request {request!r}")
 
 
+class KeywordModel(nn.Module):
+    """Shaped like a Hugging Face model: keyword inputs from a tokenizer, a mapping out (like ModelOutput)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(64, 8)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        hidden = self.embed(input_ids)
+        if attention_mask is not None:
+            hidden = hidden * attention_mask.unsqueeze(-1)
+        return {"logits": self.head(hidden.mean(dim=1))}
+
+
+class TokenizerTranslator:
+    """preprocess returns what a tokenizer returns (a mapping of CPU tensors); the model takes it as keywords."""
+
+    def __init__(self) -> None:
+        self.model = KeywordModel().eval()
+
+    def preprocess(self, request: str) -> dict[str, torch.Tensor]:
+        ids = [sum(map(ord, word)) % 64 for word in request.split()]
+        return {"input_ids": torch.tensor([ids]), "attention_mask": torch.ones(1, len(ids), dtype=torch.long)}
+
+    def postprocess(self, output: dict[str, torch.Tensor]) -> list[int]:
+        return output["logits"].argmax(-1).tolist()
+
+    def example_requests(self) -> list[str]:
+        return ["hello world", "the quick brown fox", "a b c"]
+
+
+class PositionalTranslator(TokenizerTranslator):
+    """preprocess returns a tuple: the model takes it as positional arguments (model(ids, mask))."""
+
+    def preprocess(self, request: str) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        inputs = super().preprocess(request)
+        return inputs["input_ids"], inputs["attention_mask"]
+
+
 def clean() -> Clean:
     return Clean()
 
@@ -190,3 +230,11 @@ def racy_global() -> RacyGlobalTranslator:
 
 def raising() -> RaisingTranslator:
     return RaisingTranslator()
+
+
+def tokenizer() -> TokenizerTranslator:
+    return TokenizerTranslator()
+
+
+def positional() -> PositionalTranslator:
+    return PositionalTranslator()

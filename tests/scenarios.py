@@ -21,7 +21,11 @@ tests/fixtures/gpu-facts (a copy of shared/gpu-facts):
 Some scenarios are not hand-written figures but come out of the real
 listeners: `DrivenSession` ticks GpuProbe + AllocatorProbe over a ScriptedNvml
 or the replayed H200 timeline through a Sampler, into StepMonitor, PeakTracker
-and GapTracker, exactly as `gpuscope.commands.diagnose.run_diagnose` wires them.
+and GapTracker, built by the functions a diagnose run builds them with
+(`device_probes`, `workload_listeners`), and reads the baseline, the processes
+and the end figures with diagnose's own functions. How run_diagnose wires them
+to a device (NVML's index, the scopes, when the baseline is read) is tested on
+the real session in test_diagnose_gpu_wiring.py.
 """
 from __future__ import annotations
 
@@ -29,14 +33,15 @@ import json
 from dataclasses import replace
 from typing import Any, Iterable, Sequence
 
-from gpuscope.measure.attribution import GapTracker, StepMonitor
+from gpuscope.commands.diagnose import process_entries
+from gpuscope.measure.attribution import end_figures
+from gpuscope.measure.recording import device_probes, process_gpu_bytes, workload_listeners
 from gpuscope.measure.sweep import step_from_run
 from gpuscope.measure.workload import PredictorResult, StepRun
-from gpuscope.probes.allocator import AllocatorProbe
 from gpuscope.probes.gpu import GpuProbe
 from gpuscope.probes.processes import ProcessInfo
 from gpuscope.probes.readings import NO_DEVICE, Unavailable, reading_to_json
-from gpuscope.probes.sampler import PeakTracker, Sampler
+from gpuscope.probes.sampler import Sampler
 from gpuscope.probes.units import GiB, MiB
 from gpuscope.record.layers import cpu_layers, gpu_layers
 from gpuscope.record.run import STATUS_COMPLETE, RunRecord, Step
@@ -514,8 +519,8 @@ def describer(engines: dict[int, tuple[str, ...]] | None = None, env: dict[int, 
 
 
 class DrivenSession:
-    """GpuProbe + AllocatorProbe over a fake NVML and a fake torch.cuda, ticked through a Sampler into
-    StepMonitor, PeakTracker and GapTracker: the listeners and wiring of run_diagnose, one tick per call."""
+    """GpuProbe + AllocatorProbe over a fake NVML and a fake torch.cuda (one device: NVML's and torch's 0), ticked
+    through a Sampler into StepMonitor, PeakTracker and GapTracker, one tick per call, on a clock the ticks set."""
 
     def __init__(self, backend: ScriptedNvml, torch_cuda: FakeTorchCuda, pid: int, model_bytes: int,
                  describe: Any = None, missing_pids: Iterable[int] = (), writer: Any = None) -> None:
@@ -525,13 +530,12 @@ class DrivenSession:
         missing = set(missing_pids)
         self.gpu_probe = GpuProbe(backend, describe=describe or describer(missing=missing),
                                   pid_exists=lambda p: p not in missing)
-        self.allocator = AllocatorProbe(torch_cuda, {0: f"pid:{pid}/gpu:0"})
-        self.monitor = StepMonitor(pid, 0, model_bytes)
-        self.peaks = PeakTracker()
-        self.gaps = GapTracker(pid, 0)
+        probes = device_probes(pid, "cuda:0", 0, self.gpu_probe, lambda: torch_cuda)
+        self.allocator = probes["allocator"]
+        self.monitor, self.peaks, self.gaps = workload_listeners(pid, 0, model_bytes, nvml_open=True)
         self.t_ns = 0
-        self.sampler = Sampler({"gpu": self.gpu_probe, "allocator": self.allocator}, 0.05, writer,
-                               [self.monitor, self.peaks, self.gaps], clock_ns=lambda: self.t_ns)
+        self.sampler = Sampler(probes, 0.05, writer, [self.monitor, self.peaks, self.gaps],
+                               clock_ns=lambda: self.t_ns)
         self.ticks_seen: list[list[tuple[str, str, Any]]] = []
         self.values_at: dict[int, list[tuple[str, str, Any]]] = {}
 
@@ -545,10 +549,7 @@ class DrivenSession:
     def context_bytes(self, tick: int = 0) -> Any:
         """What NVML shows for this process before the model loads (session: baseline context_bytes)."""
         self.backend.goto(tick)
-        for scope, metric, value in self.gpu_probe.read():
-            if scope == f"pid:{self.pid}/gpu:0" and metric == "used_bytes":
-                return value
-        return Unavailable("process_gone", "NVML does not list this process")
+        return process_gpu_bytes(self.gpu_probe, self.pid, 0)
 
     def measure_step(self, predictors: int, ticks: Iterable[int], rps: float, p50_ms: float,
                      distinct: int = 1, intra_op_threads: int = 16) -> Step:
@@ -563,26 +564,12 @@ class DrivenSession:
         return step_from_run(run, self.monitor.snapshot(), intra_op_threads, 0, started_ns, ended_ns)
 
     def processes(self) -> list[dict[str, Any]]:
-        """record.processes as _finish_record builds it from GpuProbe's descriptions and the run's peaks."""
-        peaks = self.peaks.peaks()
-        out = []
-        for pid, info in self.gpu_probe.processes.items():
-            entry = info.to_json()
-            entry["self"] = pid == self.pid
-            entry["child"] = False
-            entry["gpu"] = 0
-            entry["peak_used_bytes"] = peaks.get((f"pid:{pid}/gpu:0", "used_bytes"))
-            entry["peak_sm_util_pct"] = peaks.get((f"pid:{pid}/gpu:0", "sm_util_pct"))
-            out.append(reading_to_json(entry))
-        return sorted(out, key=lambda p: not p["self"])
+        """record.processes as _finish_record lists them, from GpuProbe's descriptions and the run's peaks
+        (the describer stands in for reading /proc; no children)."""
+        return process_entries(dict(self.gpu_probe.processes), self.pid, set(), 0, self.peaks.peaks())
 
     def end_figures(self) -> dict[str, Any]:
-        last = self.peaks.last()
-        mine = f"pid:{self.pid}/gpu:0"
-        return {"process_gpu_bytes": last.get((mine, "used_bytes")),
-                "torch_allocated_bytes": last.get((mine, "torch_allocated_bytes")),
-                "torch_reserved_bytes": last.get((mine, "torch_reserved_bytes")),
-                "device_used_bytes": last.get(("gpu:0", "used_bytes"))}
+        return end_figures(self.peaks.last(), self.pid, 0)
 
     def extra(self) -> dict[str, Any]:
         return {"measurement_gaps": self.gaps.gaps, "pid_namespace": self.gaps.evidence()}

@@ -320,6 +320,19 @@ def test_wrong_input_shape_gives_the_models_own_message_in_one_line():
     assert "mat1 and mat2 shapes cannot be multiplied (2x7 and 2048x2048)" in message
 
 
+def test_token_ids_given_as_floats_say_which_dtype_an_embedding_takes(tmp_path, monkeypatch):
+    write_module(tmp_path, monkeypatch, "gpuscope_factory_embedding", """
+        from torch import nn
+
+        def make():
+            return nn.Sequential(nn.Embedding(100, 8), nn.Flatten(), nn.Linear(32, 2))
+    """)
+    with pytest.raises(ModelLoadError) as info:
+        validate_model(load_model("gpuscope_factory_embedding:make", "cpu", input_shape=(2, 4)))
+    assert str(info.value).endswith("(token ids: pass --dtype int64, or a translator whose preprocess tokenizes)")
+    validate_model(load_model("gpuscope_factory_embedding:make", "cpu", input_shape=(2, 4), dtype="int64"))
+
+
 def test_a_multi_line_model_error_keeps_its_first_line(tmp_path, monkeypatch):
     write_module(tmp_path, monkeypatch, "gpuscope_factory_picky", """
         from torch import nn

@@ -31,7 +31,7 @@ def test_cpu_oversubscription_quotes_what_one_thread_measured():
     rows = [row(2, 2, 10.2, 238), row(2, 1, 12.0, 200), row(1, 2, 8.0, 120)]
     [finding] = verify_remedies(record(rows), usable_cores=2)
     measured = finding.evidence["remedy_measured"]
-    assert measured["text"] == "with 1 intra-op thread: 12.0 req/s vs 10.2 (+18%), p99 200 vs 238 ms"
+    assert measured["text"] == "with 1 intra-op thread: 12.0 req/s vs 10.2 (+18%), p99 200 ms vs 238 ms"
     assert measured["helped"] is True
     assert finding.remedy.startswith("torch.set_num_threads") and "Measured by this tune: with 1" in finding.remedy
 

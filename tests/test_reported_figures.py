@@ -90,6 +90,18 @@ def test_nvml_index_falls_back_and_says_why_when_torch_cannot_read_the_uuid():
     assert nvml_index_for(0, ["GPU-a"], properties=broken) == 0  # without a listener: the same answer, quietly
 
 
+def test_compares_worker_uuid_match_says_why_when_it_falls_back():
+    from gpuscope.measure.devices import nvml_index_for_uuid
+
+    said: list[str] = []
+    assert nvml_index_for_uuid("GPU-0000-b", ["GPU-0000-a", "GPU-0000-B"], 0, on_fallback=said.append) == 1
+    assert said == []
+    assert nvml_index_for_uuid("GPU-ffff", ["GPU-0000-a"], 0, on_fallback=said.append) == 0
+    assert nvml_index_for_uuid(None, ["GPU-0000-a"], 2, on_fallback=said.append) == 2
+    assert "no NVML device has the UUID of the worker's cuda:0 (GPU-ffff)" in said[0]
+    assert "could not read the UUID of cuda:2" in said[1] and "assuming NVML device 2" in said[1]
+
+
 # ---------------------------------------------------------------- GapTracker records; PID_NAMESPACE's threshold judges
 
 def unlisted_tick(used: int, driver: int) -> list:

@@ -75,7 +75,7 @@ def test_p99_over_its_limit_stops_the_climb_with_exceeded_never_passed():
     search = Search(Space(COUNTS, (T2, T1)), Constraints(max_p99_ms=300), budget_s=100, step_estimate_s=1)
     drive(search, MACHINE)
     over = status(search, 4, 2)
-    assert over.status == OVER_LIMIT and over.reason == "p99 500.0 ms at 4 predictors exceeded --max-p99-ms 300"
+    assert over.status == OVER_LIMIT and over.reason == "p99 500 ms at 4 predictors exceeded --max-p99-ms 300"
     assert "passed" not in over.reason
     skipped = status(search, 8, 2)
     assert skipped.status == SKIPPED and "exceeded --max-p99-ms 300" in skipped.reason

@@ -28,6 +28,31 @@ def test_a_factory_returning_a_translator_serves_its_model_and_its_example_reque
     assert isinstance(response, list) and len(response) == 16
 
 
+@pytest.mark.parametrize("factory", ["tokenizer", "positional"])
+def test_a_preprocess_returning_a_tokenizers_mapping_or_a_tuple_calls_the_model_with_keywords_or_positions(factory):
+    """A Hugging Face predictor: preprocess returns input_ids and attention_mask (a mapping: `model(**inputs)`),
+    or a tuple (`model(ids, mask)`). Calling the model with the mapping as one input failed every request."""
+    model = load_model(M + factory, "cpu")
+    stages = model.stages()
+    for request in model.requests:
+        expected = model.module(**model.translator.owner.preprocess(request)) if factory == "tokenizer" \
+            else model.module(*model.translator.owner.preprocess(request))
+        assert stages.run(request) == expected["logits"].argmax(-1).tolist()
+    run = PredictorPool(model).run_step(2, max_duration_s=0.3, warmup_s=0.0, window_s=0.3)
+    assert run.errors == 0 and run.requests > 0
+
+
+def test_tensors_inside_a_mapping_list_or_tuple_move_to_the_models_device():
+    from gpuscope.measure.translator import to_device
+
+    ids, mask = torch.ones(1, 3, dtype=torch.long), torch.ones(1, 3)
+    moved = to_device({"input_ids": ids, "extra": [mask, (mask, "text")], "n": 3}, "meta")
+    assert moved["input_ids"].device.type == "meta" and moved["input_ids"].dtype == torch.long
+    assert moved["extra"][0].device.type == "meta" and moved["extra"][1][0].device.type == "meta"
+    assert moved["extra"][1][1] == "text" and moved["n"] == 3 and isinstance(moved["extra"][1], tuple)
+    assert ids.device.type == "cpu"  # the request's own tensors are not changed in place
+
+
 def test_requests_file_wins_over_example_requests_and_is_cycled(tmp_path):
     path = tmp_path / "requests.jsonl"
     path.write_text('"alpha"\n\n"beta"\n')

@@ -23,11 +23,13 @@ from gpuscope.analysis.live_rules import (
     rule_live_low_headroom,
     rule_memory_growth,
 )
-from gpuscope.measure.live import BoundedSeries
+from gpuscope.measure.live import MAX_DEPARTED_LISTED, BoundedSeries, ForgetDepartedPeaks, LiveTracker
 from gpuscope.measure.recording import Progress
 from gpuscope.commands.watch import WatchOptions, run_watch
+from gpuscope.probes import scopes
 from gpuscope.probes.processes import ProcessInfo, describe_process
 from gpuscope.probes.samplefile import load_timeline
+from gpuscope.probes.sampler import PeakTracker
 from gpuscope.record.errors import UsageError
 from gpuscope.record.run import Finding, RunRecord, load_run
 from gpuscope.reports.text import format_live_summary
@@ -461,16 +463,81 @@ def test_a_day_of_ticks_stays_bounded():
 
 
 
-@pytest.mark.xfail(strict=True, reason="issue 17, left open: a watch keeps every process it ever saw "
-                   "(LiveTracker.seen, the GPU probe's descriptions, the record's process list rebuilt each "
-                   "tick: ~2.8 kB of heap a departed process); export's NodeSource already forgets them")
 def test_a_days_watch_does_not_keep_every_process_that_came_and_went(sleeper, tmp_path):
     """24 h on the fake clock (a tick every 5 min), a new foreign process on the GPU every tick, as on a node
     whose jobs come and go: what the watch keeps about its neighbours must not grow with the day. (Its series
     are bounded per tick: test_a_day_of_ticks_stays_bounded; a watch at 1 s of a steady set of processes held
-    417 kB of heap after 1 h and 413 kB after 86,400 ticks, docs/performance.md.)"""
-    nvml = ScriptedNvml(script=lambda tick: DeviceState((FakeProcess(sleeper.pid, 3 * GiB, "python3"),
-                                                         FakeProcess(5_000_000 + tick, 512 * MiB, "python3"))))
-    result = watch(sleeper.pid, tmp_path / "w", nvml, FakeTime(nvml), interval="5m", duration="24h")
-    assert result.record.config["ended_by"] == "duration"
-    assert len(result.record.processes) <= 64, len(result.record.processes)
+    417 kB of heap after 1 h and 413 kB after 86,400 ticks, docs/performance.md.) The run lists the departed
+    neighbours that held the most, and counts the rest."""
+    listed_pids: dict[int, float] = {}
+
+    def held_bytes(tick: int) -> float:
+        return float(((tick * 37) % 101 + 8) * MiB)  # sizes scrambled over the day, so "the largest" is a choice
+
+    def state(tick: int) -> DeviceState:
+        listed_pids[4_100_000 + tick] = held_bytes(tick)  # below pid_max (4,194,304): valid pids
+        return DeviceState((FakeProcess(sleeper.pid, 3 * GiB, "python3"),
+                            FakeProcess(4_100_000 + tick, held_bytes(tick), "python3")))
+
+    nvml = ScriptedNvml(script=state)
+    result = watch(sleeper.pid, tmp_path / "w", nvml, FakeTime(nvml), interval="5m", duration="24h", report=True)
+    record = result.record
+    assert record.config["ended_by"] == "duration"
+    assert len(listed_pids) > LiveTracker.MAX_PIDS + MAX_DEPARTED_LISTED  # the tracker itself had to forget
+    present = 4_100_000 + nvml.tick
+    departed = {pid: used for pid, used in listed_pids.items() if pid != present}
+    expected = sorted(departed, key=lambda pid: (-departed[pid], pid))[:MAX_DEPARTED_LISTED]
+
+    neighbours = [p for p in record.processes if not p["self"]]
+    assert {p["pid"] for p in neighbours if not p["gone"]} == {present}
+    assert sorted(p["pid"] for p in neighbours if p["gone"]) == sorted(expected)
+    assert len(record.processes) == MAX_DEPARTED_LISTED + 2  # the target, the one present now, the largest gone
+    summary = record.extra["departed_processes"]
+    assert summary["listed"] == MAX_DEPARTED_LISTED
+    assert summary["not_listed"] == len(departed) - MAX_DEPARTED_LISTED
+    assert summary["largest_not_listed_peak_used_bytes"] == max(
+        used for pid, used in departed.items() if pid not in expected)
+    saved = json.loads((tmp_path / "w" / "run.json").read_text())
+    assert saved["extra"]["departed_processes"] == summary and len(saved["processes"]) == len(record.processes)
+    page = (tmp_path / "w" / "report.html").read_text()
+    assert (f"{summary['not_listed']} more processes used a GPU and left during the run; the {MAX_DEPARTED_LISTED} "
+            "departed ones that held the most are listed; none of the others held more than") in page
+
+
+def test_a_full_tracker_forgets_the_departed_neighbour_that_held_least_never_a_present_one():
+    tracker = LiveTracker(pid=1, t0_ns=0)
+    tracker.MAX_PIDS = 4
+    tick_s = 1_000_000_000
+
+    def tick(k: int, rows: dict[int, float]) -> None:
+        tracker(k * tick_s, [(scopes.process_on_device(pid, 0), "used_bytes", used) for pid, used in rows.items()])
+
+    tick(0, {1: 9 * GiB, 10: 5 * MiB, 11: 7 * MiB, 12: 1 * MiB})
+    tick(1, {1: 9 * GiB, 11: 7 * MiB})  # 10 and 12 left; 12 held least
+    tick(2, {1: 9 * GiB, 11: 7 * MiB, 13: 2 * MiB})
+    assert set(tracker.pid_spans()) == {(1, 0), (10, 0), (11, 0), (13, 0)}
+    assert tracker.forgotten() == {"count": 1, "largest_peak_used_bytes": 1 * MiB}
+    tick(3, {1: 9 * GiB, 11: 7 * MiB, 13: 2 * MiB, 14: 3 * MiB})  # full of present pids but 10: it goes
+    assert set(tracker.pid_spans()) == {(1, 0), (11, 0), (13, 0), (14, 0)}
+    assert tracker.forgotten() == {"count": 2, "largest_peak_used_bytes": 5 * MiB}
+    tick(4, {1: 9 * GiB, 11: 7 * MiB, 13: 2 * MiB, 14: 3 * MiB, 15: 4 * MiB})  # all present: the stalest other
+    assert (1, 0) in tracker.pid_spans() and len(tracker.pid_spans()) == 4
+    assert tracker.forgotten()["count"] == 3
+
+
+def test_the_peaks_forget_the_scopes_of_pids_the_tracker_forgot():
+    tracker = LiveTracker(pid=1, t0_ns=0)
+    tracker.MAX_PIDS = 2
+    peaks = PeakTracker()
+    forget = ForgetDepartedPeaks(peaks, tracker, every_ticks=2)
+    for k, pid in enumerate((20, 21, 22, 23)):
+        values = [(scopes.process_on_device(1, 0), "used_bytes", 1 * GiB),
+                  (scopes.process_on_device(pid, 0), "used_bytes", (k + 1) * MiB),
+                  (scopes.device(0), "used_bytes", 2 * GiB)]
+        for listener in (peaks, tracker, forget):
+            listener(k * 1_000_000_000, values)
+    kept_pids = {pid for pid, _gpu in tracker.pid_spans()}
+    assert kept_pids == {1, 23}
+    process_scopes = {scopes.parse(scope).pid for scope, _ in peaks.peaks() if scopes.parse(scope).is_process_on_device}
+    assert process_scopes == kept_pids  # pruned on the 4th tick, after 23 arrived
+    assert peaks.peaks()[(scopes.device(0), "used_bytes")] == 2 * GiB  # device scopes are never pruned

@@ -13,7 +13,7 @@ from typing import Any, Callable
 
 from gpuscope.analysis.gil import estimate
 from gpuscope.probes.readings import Unavailable, is_available
-from gpuscope.probes.units import MiB, format_bytes
+from gpuscope.probes.units import MiB, format_bytes, format_ms
 from gpuscope.record.run import Finding, RunRecord, Step
 
 
@@ -97,7 +97,7 @@ def _ms_text(value: Any) -> str:
     """Milliseconds with the digits that matter (sub-millisecond models included)."""
     if not is_available(value):
         return "n/a"
-    return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms" if value >= 0.1 else f"{value * 1000:.0f} us"
+    return format_ms(value)
 
 
 def _reading(process: dict[str, Any], key: str) -> float:
@@ -198,8 +198,8 @@ def rule_throughput_plateau(record: RunRecord, t: Thresholds) -> list[Finding]:
     return [Finding(
         "THROUGHPUT_PLATEAU", "info",
         f"throughput stops growing at {_count_text(record, knee.predictors)} "
-        f"({knee.throughput_rps:.0f} req/s); {last.predictors} add only latency (p50 {knee.latency_ms.get('p50', 0):.1f}"
-        f" -> {last.latency_ms.get('p50', 0):.1f} ms)",
+        f"({knee.throughput_rps:.0f} req/s); {last.predictors} add only latency (p50 {_ms_text(knee.latency_ms.get('p50'))}"
+        f" -> {_ms_text(last.latency_ms.get('p50'))})",
         {"knee_predictors": knee.predictors, "knee_throughput_rps": knee.throughput_rps,
          "best_predictors": best.predictors, "best_throughput_rps": best.throughput_rps,
          "p50_ms_by_predictors": {str(s.predictors): s.latency_ms.get("p50") for s in steps},

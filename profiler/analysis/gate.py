@@ -80,7 +80,7 @@ from gpuscope.analysis.limits import (
     Limits,
 )
 from gpuscope.probes.readings import Unavailable, is_available
-from gpuscope.probes.units import format_bytes
+from gpuscope.probes.units import format_bytes, format_ms
 from gpuscope.record.catalogue import (
     CODES,
     GPU_ONLY_CODES,
@@ -191,11 +191,7 @@ class CheckOutcome:
 
 
 def _ms(value: float) -> str:
-    if value >= 100:
-        return f"{value:.0f} ms"
-    if value >= 10:
-        return f"{value:.1f} ms"
-    return f"{value:.2f} ms"
+    return format_ms(value)
 
 
 def _rps(value: float) -> str:

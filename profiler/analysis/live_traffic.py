@@ -32,7 +32,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from gpuscope.analysis.findings import DEFAULT_THRESHOLDS, Thresholds, recommend
-from gpuscope.probes.units import format_bytes
+from gpuscope.probes.readings import is_available
+from gpuscope.probes.units import format_bytes, format_ms
 from gpuscope.record.run import Finding, RunRecord, Step
 
 STAGES = ("preprocess", "model", "postprocess")  # diagnose's stages_ms keys
@@ -138,7 +139,8 @@ def traffic_recommendation(record: RunRecord, thresholds: Thresholds = DEFAULT_T
     best = max(s.throughput_rps for s in usable)
     highest = max(usable, key=lambda s: s.predictors)
     reason = (f"a pool of {n}: at {chosen.level} in flight the server served {chosen.throughput_rps:.0f} req/s"
-              f" at p99 {chosen.latency_ms.get('p99', float('nan')):.1f} ms")
+              + (f" at p99 {format_ms(chosen.latency_ms['p99'])}"
+                 if is_available(chosen.latency_ms.get("p99")) else ", p99 not measured"))
     reason += ", the best measured" if chosen.throughput_rps >= best else \
         f", within {thresholds.plateau_share:.0%} of the best ({best:.0f} req/s)"
     limit = record.config.get("max_p99_ms")

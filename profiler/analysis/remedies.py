@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any, Callable
 
+from gpuscope.probes.units import format_ms
 from gpuscope.record.run import Finding, RunRecord
 
 HELPED_SHARE = 0.02  # a change smaller than this is noise on a shared machine: "did not help"
@@ -39,7 +40,7 @@ def _throughput_text(label: str, mine: dict[str, Any], base: dict[str, Any]) -> 
     gain = new / old - 1 if old > 0 else 0.0
     text = f"with {label}: {new:.1f} req/s vs {old:.1f} ({gain:+.0%})"
     if isinstance(_p99(mine), (int, float)) and isinstance(_p99(base), (int, float)):
-        text += f", p99 {_p99(mine):.0f} vs {_p99(base):.0f} ms"
+        text += f", p99 {format_ms(_p99(mine))} vs {format_ms(_p99(base))}"
     helped = gain > HELPED_SHARE
     return text + ("" if helped else ": it did not help"), helped
 

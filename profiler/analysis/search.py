@@ -30,6 +30,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from gpuscope.probes.units import format_ms
+
 MEASURED = "measured"
 SKIPPED = "skipped"
 FAILED = "failed"
@@ -122,7 +124,7 @@ class Constraints:
         out = []
         where = f"at {_plural(m.settings.predictors, 'predictor')}"
         if self.max_p99_ms is not None and m.p99_ms is not None and m.p99_ms > self.max_p99_ms:
-            out.append(f"p99 {m.p99_ms:.1f} ms {where} exceeded --max-p99-ms {self.max_p99_ms:g}")
+            out.append(f"p99 {format_ms(m.p99_ms)} {where} exceeded --max-p99-ms {self.max_p99_ms:g}")
         if self.max_device_bytes is not None and m.device_bytes is not None and m.device_bytes > self.max_device_bytes:
             out.append(f"device memory {format_bytes(m.device_bytes)} {where} exceeded --max-device-memory "
                        f"{format_bytes(self.max_device_bytes)}")

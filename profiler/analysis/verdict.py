@@ -5,7 +5,7 @@ from typing import Any
 
 from gpuscope.analysis.findings import least_squares_slope
 from gpuscope.probes.readings import NOT_SUPPORTED, Unavailable, is_available, reading_to_json
-from gpuscope.probes.units import format_bytes
+from gpuscope.probes.units import format_bytes, format_ms
 from gpuscope.record.run import Finding
 
 THREADS = "threads"
@@ -130,16 +130,18 @@ def verdict(rows: list[dict[str, Any]], gpu: bool, model_bytes: int) -> tuple[st
                    if is_available(p["device_bytes"]) and is_available(t["device_bytes"]) else None)
     diffs = [(d, w) for d, w in ((device_diff, "device"), (host_diff, "host")) if d is not None]
     at = f"at {_plural(n, 'predictor')}"
-    p99 = "p99 {a:.1f} vs {b:.1f} ms"
+    def p99(first: dict[str, Any], second: dict[str, Any]) -> str:
+        return f"p99 {format_ms(first['latency_ms'].get('p99', 0))} vs {format_ms(second['latency_ms'].get('p99', 0))}"
+
     if ratio > 1 + tie:
         winner = PROCESSES
         text = (f"processes win {at}: {ratio:.2f}x the throughput of threads ({p['throughput_rps']:.1f} vs "
-                f"{t['throughput_rps']:.1f} req/s, " + p99.format(a=p["latency_ms"].get("p99", 0), b=t["latency_ms"].get("p99", 0))
+                f"{t['throughput_rps']:.1f} req/s, " + p99(p, t)
                 + f") for {_memory_text(diffs, PROCESSES)}")
     elif ratio < 1 / (1 + tie):
         winner = THREADS
         text = (f"threads win {at}: {1 / ratio:.2f}x the throughput of processes ({t['throughput_rps']:.1f} vs "
-                f"{p['throughput_rps']:.1f} req/s, " + p99.format(a=t["latency_ms"].get("p99", 0), b=p["latency_ms"].get("p99", 0))
+                f"{p['throughput_rps']:.1f} req/s, " + p99(t, p)
                 + f") with {_memory_text(diffs, THREADS)}")
     else:
         winner = THREADS if not diffs or diffs[0][0] >= 0 else PROCESSES

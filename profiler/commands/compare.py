@@ -35,7 +35,7 @@ from gpuscope.analysis.verdict import (
     build_comparison,
     comparison_findings,
 )
-from gpuscope.measure.devices import nvml_index_for_uuid
+from gpuscope.measure.devices import index_match, nvml_index_for_uuid
 from gpuscope.measure.options import WorkloadOptions
 from gpuscope.measure.participants import ParticipantsProbe, WindowPeaks, build_row
 from gpuscope.measure.recording import Recording, sampler_stats
@@ -174,8 +174,12 @@ def run_compare(opts: CompareOptions, progress: Any = None,
             info = thread_worker.info or {}
             record.model = info.get("model", {})
             if nvml is not None:
+                torch_index, fallback = int(device.split(":")[1]), []
                 nvml_index = nvml_index_for_uuid(info.get("device_uuid"), [d.get("uuid") for d in record.devices],
-                                                 int(device.split(":")[1]))
+                                                 torch_index, on_fallback=fallback.append)
+                record.extra["gpu_index"] = index_match(torch_index, nvml_index, fallback)
+                for line in fallback:
+                    progress.line(f"gpuscope: {line}")
                 probe.nvml_index = nvml_index
             out_dir = recording.claim_folder(opts.out)
             recording.config({"device": device, "gpu_index": nvml_index, "model": opts.model, "model_size": size,

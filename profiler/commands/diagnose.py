@@ -14,6 +14,7 @@ import threading
 from typing import Any, Callable
 
 from gpuscope.measure.attribution import GapTracker, end_figures
+from gpuscope.measure.devices import CudaDevices
 from gpuscope.measure.options import MAX_PREDICTORS, DiagnoseOptions, parse_predictors, parse_seconds
 from gpuscope.measure.recording import (
     Interrupts,
@@ -25,7 +26,7 @@ from gpuscope.measure.recording import (
     sampler_stats,
 )
 from gpuscope.probes import scopes
-from gpuscope.probes.host import HostProbe, usable_cores
+from gpuscope.probes.host import usable_cores
 from gpuscope.probes.readings import is_available, reading_to_json
 from gpuscope.probes.sampler import PeakTracker
 from gpuscope.record.catalogue import MODE_DIAGNOSE
@@ -39,12 +40,14 @@ MAX_RATE_RPS = 1e6
 
 def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
                  nvml_opener: Callable[[], tuple[Any, dict[str, str] | None]] = open_nvml,
-                 before_report: Callable[[RunRecord], None] | None = None) -> SessionResult:
+                 before_report: Callable[[RunRecord], None] | None = None,
+                 cuda: CudaDevices | None = None) -> SessionResult:
     """Run the whole diagnose session. Raises UsageError/OutputError for bad input (before writing anything).
 
     `before_report(record)` runs once a complete run is saved and before the report renders, so what it
     adds to the record (`gpuscope check` stores its outcome) is in the report; it is skipped for a run
-    that was interrupted or crashed.
+    that was interrupted or crashed. `nvml_opener` and `cuda` (torch.cuda unless given) are the device's
+    backends: tests hand in fakes to run a GPU session's wiring on a machine without one.
     """
     import torch
 
@@ -77,9 +80,10 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     except ValueError as exc:
         raise UsageError(str(exc)) from None
     check_out_path(opts.out)
-    from gpuscope.measure.devices import nvml_index_for, resolve_device
+    from gpuscope.measure.devices import TorchDevices, resolve_device
 
-    device = resolve_device(opts.device)
+    cuda = cuda or TorchDevices()
+    device = resolve_device(opts.device, cuda)
     gpu = device.startswith("cuda")
     cores = usable_cores()
     counts = counts or default_predictor_counts(cores, gpu)
@@ -93,23 +97,15 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
 
     # ---- the device, and the CUDA context baseline before the model loads
     pid = os.getpid()
-    recording = Recording(MODE_DIAGNOSE, pid, progress, nvml_opener)
+    recording = Recording(MODE_DIAGNOSE, pid, progress, nvml_opener, cuda)
     record = recording.record
     # A CPU run measures no GPU; the record says why: none here (NVML's own reason), or the user chose the CPU.
-    gpu_probe = recording.open_devices(cpu_detail=None if gpu else f"profiling on the CPU (--device {opts.device})")
-    nvml_index: int | None = None
-    if gpu_probe is not None:
-        nvml_index = nvml_index_for(int(device.split(":")[1]), [d.uuid for d in gpu_probe.devices],
-                                    on_fallback=progress.line)
-    if gpu:
-        torch.zeros(1, device=device)  # initialise CUDA: what NVML shows now is the context alone
-        torch.cuda.synchronize(device)
-        if gpu_probe is not None:
-            record.baseline["context_bytes"] = _process_gpu_bytes(gpu_probe, pid, nvml_index)
-    record.baseline["rss_before_model_bytes"] = HostProbe(pid, per_core=False, uss_every_s=None).read_rss()
+    nvml_index = recording.prepare_device(device, None if gpu else f"profiling on the CPU (--device {opts.device})")
+    gpu_probe = recording.gpu_probe
 
     try:
-        model = load_model(opts.model, device, shape, opts.dtype, size, opts.trust_model_file, opts.requests)
+        model = load_model(opts.model, cuda.tensor_device(device), shape, opts.dtype, size, opts.trust_model_file,
+                           opts.requests)
         validate_model(model)
     except (ModelLoadError, RequestsError) as exc:
         raise UsageError(str(exc)) from None
@@ -129,7 +125,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
                       "intra_op_threads": opts.intra_op_threads, "rate_rps": opts.rate, "max_p99_ms": opts.max_p99_ms,
                       "requests": opts.requests, "output_tolerance": tolerance, "out": out_dir})
     record.model = model.to_json()
-    record.environment = environment_facts(device)
+    record.environment = environment_facts(device, cuda)
     if gpu_probe is not None:
         record.environment["driver"] = gpu_probe.devices[0].driver if gpu_probe and gpu_probe.devices else None
 
@@ -203,16 +199,6 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
     return result
 
 
-def _process_gpu_bytes(gpu_probe: Any, pid: int, index: int | None) -> Any:
-    from gpuscope.probes.readings import Unavailable
-
-    for scope, metric, value in gpu_probe.read():
-        if index is not None and scope == scopes.process_on_device(pid, index) and metric == "used_bytes":
-            return value
-    gpu_probe.drain_events()
-    return Unavailable("process_gone", "NVML does not list this process")
-
-
 def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, gpu_probe: Any, pid: int,
                    nvml_index: int | None, gpu: bool, sampler: Any) -> None:
     """Processes seen, end-of-run figures, gaps and sampler costs: everything rules need from the run."""
@@ -227,12 +213,24 @@ def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, 
         children = {c.pid for c in psutil.Process(pid).children(recursive=True)}
     except psutil.Error:
         pass
-    processes: dict[int, dict[str, Any]] = {}
     known = dict(gpu_probe.processes) if gpu_probe is not None else {}
     if pid not in known:
         known[pid] = describe_process(pid, "", EnginesProbe())
     else:
         known[pid] = describe_process(pid, known[pid].name, EnginesProbe())  # engines loaded since first sight
+    record.processes = process_entries(known, pid, children, nvml_index, peaks)
+    if gpu and nvml_index is not None:
+        record.baseline["end"] = end_figures(last, pid, nvml_index)
+    record.extra["measurement_gaps"] = gaps.gaps
+    record.extra["pid_namespace"] = gaps.evidence()
+    record.sampler = sampler_stats(sampler)
+
+
+def process_entries(known: dict[int, Any], pid: int, children: set[int], nvml_index: int | None,
+                    peaks: dict[tuple[str, str], Any]) -> list[dict[str, Any]]:
+    """record.processes: this process (and its children) and every process seen on its device (NVML's index),
+    each with its peak memory and SM use there; ours first, then the largest. `known` maps pid -> ProcessInfo."""
+    processes: dict[int, dict[str, Any]] = {}
     for other_pid, info in known.items():
         on_device = nvml_index is not None and (scopes.process_on_device(other_pid, nvml_index), "used_bytes") in peaks
         if other_pid != pid and not on_device:
@@ -246,13 +244,8 @@ def _finish_record(record: RunRecord, run_peaks: PeakTracker, gaps: GapTracker, 
             entry["peak_used_bytes"] = peaks.get((scope, "used_bytes"))
             entry["peak_sm_util_pct"] = peaks.get((scope, "sm_util_pct"))
         processes[other_pid] = reading_to_json(entry)
-    record.processes = sorted(processes.values(), key=lambda p: (not p.get("self"), -(p.get("peak_used_bytes") or 0)
-                                                                 if isinstance(p.get("peak_used_bytes"), int) else 0))
-    if gpu and nvml_index is not None:
-        record.baseline["end"] = end_figures(last, pid, nvml_index)
-    record.extra["measurement_gaps"] = gaps.gaps
-    record.extra["pid_namespace"] = gaps.evidence()
-    record.sampler = sampler_stats(sampler)
+    return sorted(processes.values(), key=lambda p: (not p.get("self"), -(p.get("peak_used_bytes") or 0)
+                                                     if isinstance(p.get("peak_used_bytes"), int) else 0))
 
 
 def _step_line(step: Any) -> str:

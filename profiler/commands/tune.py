@@ -137,14 +137,14 @@ def run_tune(opts: TuneOptions, progress: Progress | None = None,
 
     from gpuscope.analysis.findings import conclude
     from gpuscope.analysis.remedies import verify_remedies
-    from gpuscope.commands.diagnose import MAX_RATE_RPS, _finish_record, _process_gpu_bytes
-    from gpuscope.measure.devices import nvml_index_for, resolve_device
+    from gpuscope.commands.diagnose import MAX_RATE_RPS, _finish_record
+    from gpuscope.measure.devices import resolve_device
     from gpuscope.measure.models import ModelLoadError, load_model, parse_input_shape, validate_model
     from gpuscope.measure.sweep import SweepHooks, default_predictor_counts
     from gpuscope.measure.tuning import ChildMeasurer, InProcessMeasurer, StepPlan
     from gpuscope.measure.workers import WorkerSpec
     from gpuscope.measure.workload import PredictorPool
-    from gpuscope.probes.host import HostProbe, usable_cores
+    from gpuscope.probes.host import usable_cores
     from gpuscope.record.files import check_out_path
     from gpuscope.reports.render import render_run
 
@@ -188,16 +188,8 @@ def run_tune(opts: TuneOptions, progress: Progress | None = None,
     pid = os.getpid()
     recording = Recording(MODE_TUNE, pid, progress, nvml_opener)
     record = recording.record
-    gpu_probe = recording.open_devices(cpu_detail=None if gpu else f"tuning on the CPU (--device {opts.device})")
-    nvml_index: int | None = None
-    if gpu_probe is not None:
-        nvml_index = nvml_index_for(int(device.split(":")[1]), [d.uuid for d in gpu_probe.devices])
-    if gpu:
-        torch.zeros(1, device=device)
-        torch.cuda.synchronize(device)
-        if gpu_probe is not None:
-            record.baseline["context_bytes"] = _process_gpu_bytes(gpu_probe, pid, nvml_index)
-    record.baseline["rss_before_model_bytes"] = HostProbe(pid, per_core=False, uss_every_s=None).read_rss()
+    nvml_index = recording.prepare_device(device, None if gpu else f"tuning on the CPU (--device {opts.device})")
+    gpu_probe = recording.gpu_probe
     try:
         model = load_model(opts.model, device, shape, opts.dtype, size, opts.trust_model_file)
         validate_model(model)

@@ -26,10 +26,12 @@ from typing import Any, Callable
 from gpuscope.measure.attribution import GapTracker
 from gpuscope.measure.exporter import validate_port
 from gpuscope.measure.live import (
+    ForgetDepartedPeaks,
     LiveTracker,
     ScopedValue,
     children_of,
     complete_live_record,
+    list_departed_within_bound,
     live_processes,
     process_alive,
 )
@@ -164,7 +166,8 @@ class WatchSession:
         self.tracker = LiveTracker(self.pid, self.t0_ns)
         count = self.gpu_probe.device_count if self.gpu_probe is not None else 0
         self.gaps = [GapTracker(self.pid, index) for index in range(count)]
-        self.sampler = self.recording.start_samples(probes, self.interval_s, [self.peaks, self.tracker, *self.gaps],
+        listeners = [self.peaks, self.tracker, ForgetDepartedPeaks(self.peaks, self.tracker), *self.gaps]
+        self.sampler = self.recording.start_samples(probes, self.interval_s, listeners,
                                                     {"target": self.target_info.to_json()},
                                                     clock_ns=lambda: int(self._clock() * 1e9))
         self.writer = self.recording.writer
@@ -288,9 +291,10 @@ class WatchSession:
         if self.gpu_probe is not None and self.gpu_probe.devices:
             record.environment["driver"] = self.gpu_probe.devices[0].driver
         described = dict(self.gpu_probe.processes) if self.gpu_probe is not None else {}
-        record.processes = live_processes(self.pid, self.target_info, described, self.peaks.peaks(),
-                                          self.tracker.pid_spans(), self.children, live.get("duration_s", 0.0),
-                                          self.interval_s)
+        listed = live_processes(self.pid, self.target_info, described, self.peaks.peaks(),
+                                self.tracker.pid_spans(), self.children, live.get("duration_s", 0.0), self.interval_s)
+        record.processes, record.extra["departed_processes"] = list_departed_within_bound(
+            listed, self.tracker.forgotten())
         first_rss = (live.get("series", {}).get("rss_bytes") or {}).get("first_value")
         record.baseline = {"rss_at_start_bytes": first_rss,
                            "process_gpu_bytes_at_start": (live.get("series", {}).get("process_gpu_bytes") or {}).get("first_value")}

@@ -79,9 +79,13 @@ class BoundedSeries:
 
 class LiveTracker:
     """A sampler listener that follows one pid (its NVML memory per device, RSS, memory outside the allocator),
-    every device's used memory, and when every other pid was first and last seen. Thread-safe."""
+    every device's used memory, and when every other pid was first and last seen. Thread-safe.
 
-    MAX_PIDS = 2048
+    On a node whose jobs come and go, a day brings thousands of pids: the tracker keeps at most `MAX_PIDS`
+    (pid, device) spans, and when full forgets the departed one that held the least (the neighbours that
+    matter are the big ones), counting what it forgot so the record can say so."""
+
+    MAX_PIDS = 256
 
     def __init__(self, pid: int, t0_ns: int, max_points: int = 2048) -> None:
         self.pid = pid
@@ -94,7 +98,9 @@ class LiveTracker:
         self.gpu: dict[int, BoundedSeries] = {}
         self.outside: dict[int, BoundedSeries] = {}
         self.devices: dict[int, dict[str, Any]] = {}
-        self.seen: dict[tuple[int, int], list[float]] = {}  # (pid, gpu) -> [first_t_s, last_t_s]
+        self.seen: dict[tuple[int, int], list[Any]] = {}  # (pid, gpu) -> [first_t_s, last_t_s, peak_used_bytes]
+        self.forgotten_count = 0
+        self.forgotten_peak_used_bytes: float | None = None  # the most any forgotten pid held
         self.listed_at_start: dict[int, bool] = {}          # gpu -> was the target listed at the first read
         self.context: dict[int, dict[str, Any]] = {}        # gpu -> observed context baseline
         self.last_values: list[ScopedValue] = []
@@ -132,10 +138,12 @@ class LiveTracker:
                     if metric == "used_bytes":
                         span = self.seen.get((pid, index))
                         if span is None:
-                            if len(self.seen) >= self.MAX_PIDS:  # churning pids over a day: forget the stalest
-                                del self.seen[min(self.seen, key=lambda k: self.seen[k][1])]
-                            span = self.seen[(pid, index)] = [t_s, t_s]
+                            if len(self.seen) >= self.MAX_PIDS:
+                                self._forget_one(t_s)
+                            span = self.seen[(pid, index)] = [t_s, t_s, None]
                         span[1] = t_s
+                        if is_available(value) and (span[2] is None or value > span[2]):
+                            span[2] = value
                         if pid == self.pid and is_available(value):
                             used_now[index] = value
                     elif metric == "torch_reserved_bytes" and pid == self.pid and is_available(value):
@@ -152,6 +160,27 @@ class LiveTracker:
                     self.outside.setdefault(index, BoundedSeries(self._max_points)).append(
                         t_s, max(0.0, used - reserved_now[index]))
 
+    def _forget_one(self, now_s: float) -> None:
+        """Drop the departed span that held the least (the stalest when every pid is still listed)."""
+        def held(key: tuple[int, int]) -> tuple[float, float]:
+            peak = self.seen[key][2]
+            return (peak if peak is not None else -1.0, self.seen[key][1])
+
+        departed = [k for k, span in self.seen.items() if span[1] < now_s and k[0] != self.pid]
+        victim = (min(departed, key=held) if departed
+                  else min((k for k in self.seen if k[0] != self.pid), key=lambda k: self.seen[k][1], default=None))
+        if victim is None:
+            return
+        peak = self.seen.pop(victim)[2]
+        self.forgotten_count += 1
+        if peak is not None and (self.forgotten_peak_used_bytes is None or peak > self.forgotten_peak_used_bytes):
+            self.forgotten_peak_used_bytes = peak
+
+    def forgotten(self) -> dict[str, Any]:
+        """How many (pid, device) spans the bound made the tracker forget, and the most one of them held."""
+        with self._lock:
+            return {"count": self.forgotten_count, "largest_peak_used_bytes": self.forgotten_peak_used_bytes}
+
     def main_gpu(self) -> int | None:
         """The device where the target held the most memory (None: it never appeared on a GPU)."""
         with self._lock:
@@ -163,8 +192,9 @@ class LiveTracker:
             return {i: s.last[1] for i, s in self.gpu.items() if s.last is not None and s.last[0] == self.last_t_s}
 
     def pid_spans(self) -> dict[tuple[int, int], list[float]]:
+        """(pid, device) -> [first_t_s, last_t_s] of every span still kept."""
         with self._lock:
-            return {k: list(v) for k, v in self.seen.items()}
+            return {k: v[:2] for k, v in self.seen.items()}
 
     def summary(self, mode: str = "watch") -> dict[str, Any]:
         """What the live rules read (`record.extra["live"]`, see profiler/analysis/live_rules.py)."""
@@ -194,6 +224,33 @@ class LiveTracker:
             devices = [dict(d) for _, d in sorted(self.devices.items())]
             return {"target_pid": self.pid, "gpu_index": gpu_index, "mode": mode, "ticks": self.ticks,
                     "duration_s": round(self.last_t_s, 3), "series": series, "devices": devices, "context": context}
+
+
+class ForgetDepartedPeaks:
+    """A tick listener (after the LiveTracker) that, every `every_ticks` ticks, drops from the run's
+    PeakTracker the per-process scopes of the pids the tracker no longer keeps, so the peaks stay within
+    the tracker's bound however many processes come and go. Amortised: one pass over the peaks' keys
+    every 256 ticks, not a lookup per reading on every tick."""
+
+    def __init__(self, peaks: Any, tracker: LiveTracker, every_ticks: int = 256) -> None:
+        self._peaks = peaks
+        self._tracker = tracker
+        self._every_ticks = max(1, every_ticks)
+        self._ticks = 0
+
+    def __call__(self, t_ns: int, values: list[ScopedValue]) -> None:
+        self._ticks += 1
+        if self._ticks % self._every_ticks == 0:
+            self.prune()
+
+    def prune(self) -> None:
+        kept = set(self._tracker.pid_spans())
+
+        def keep(key: tuple[str, str]) -> bool:
+            parsed = scopes.parse(key[0])
+            return not parsed.is_process_on_device or (parsed.pid, parsed.gpu) in kept
+
+        self._peaks.retain(keep)
 
 
 def process_alive(proc: Any) -> bool:
@@ -249,6 +306,33 @@ def live_processes(target_pid: int, target_info: Any, described: dict[int, Any],
                 -(used if isinstance(used, (int, float)) else 0), p.get("pid", 0))
 
     return sorted(entries, key=order)
+
+
+MAX_DEPARTED_LISTED = 32
+
+
+def list_departed_within_bound(entries: list[dict[str, Any]], forgotten: dict[str, Any],
+                               keep: int = MAX_DEPARTED_LISTED) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """record.processes with at most `keep` departed neighbours (the ones that held the most), and what was
+    left out: a day-long watch on a busy node sees thousands of short jobs, and a run.json rewritten every
+    minute must not list them all. Present processes and the target's own are always listed.
+
+    Returns the entries kept (in their order) and {"listed", "not_listed", "largest_not_listed_peak_used_bytes"},
+    counting the spans the tracker itself forgot (`LiveTracker.forgotten()`)."""
+    def held(p: dict[str, Any]) -> float:
+        used = p.get("peak_used_bytes")
+        return used if isinstance(used, (int, float)) and not isinstance(used, bool) else -1.0
+
+    departed = [p for p in entries if p.get("gone") and not p.get("self")]
+    kept_departed = {id(p) for p in sorted(departed, key=lambda p: (-held(p), p.get("pid", 0)))[:keep]}
+    dropped = [p for p in departed if id(p) not in kept_departed]
+    largest = max([held(p) for p in dropped if held(p) >= 0]
+                  + ([forgotten["largest_peak_used_bytes"]] if forgotten.get("largest_peak_used_bytes") is not None
+                     else []), default=None)
+    summary = {"listed": len(kept_departed), "not_listed": len(dropped) + int(forgotten.get("count") or 0),
+               "largest_not_listed_peak_used_bytes": largest}
+    kept = [p for p in entries if not (p.get("gone") and not p.get("self")) or id(p) in kept_departed]
+    return kept, summary
 
 
 def merge_gaps(trackers: list[Any]) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -26,6 +26,7 @@ from gpuscope.measure.translator import (
     default_preprocess,
     example_requests,
     is_translator,
+    keyword_or_positional,
     load_requests_file,
     on_device,
 )
@@ -69,7 +70,9 @@ class LoadedModel:
         post = self.translator.postprocess if self.translator is not None else None
         if pre is None and self.requests is not None:
             pre = default_preprocess(torch_dtype(self.dtype), self.device)
-        return Stages(on_device(pre, self.device) if pre is not None else None, module, post)
+        if pre is None:  # the model's own input tensor, called as it always was
+            return Stages(None, module, post)
+        return Stages(on_device(pre, self.device), keyword_or_positional(module), post)
 
     def to_json(self) -> dict[str, Any]:
         out = {"source": self.source, "kind": self.kind, "input_shape": list(self.input_shape), "dtype": self.dtype,
@@ -602,8 +605,11 @@ def validate_model(model: LoadedModel) -> None:
         if model.device.startswith("cuda"):
             torch.cuda.synchronize(model.device)
     except Exception as exc:
+        hint = ""
+        if model.dtype.startswith(("float", "bfloat")) and "indices" in str(exc):  # an embedding takes token ids
+            hint = " (token ids: pass --dtype int64, or a translator whose preprocess tokenizes)"
         raise ModelLoadError(f"the model rejected an input of shape {'x'.join(map(str, model.input_shape))} "
-                             f"({model.dtype}): {_one_line(exc)}") from exc
+                             f"({model.dtype}): {_one_line(exc)}{hint}") from exc
 
 
 def _validate_requests(model: LoadedModel) -> None:

@@ -10,13 +10,17 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 from gpuscope import __version__
+from gpuscope.measure.devices import CudaDevices, TorchDevices, index_match, nvml_index_for
+from gpuscope.probes import scopes
+from gpuscope.probes.readings import Unavailable
 from gpuscope.probes.samplefile import SampleWriter
 from gpuscope.record.errors import EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, OutputError
 from gpuscope.record.files import RUN_FILE, SAMPLES_FILE, prepare_out_dir
 from gpuscope.record.run import RunRecord, now_iso, save_run
 
 
-def environment_facts(device: str) -> dict[str, Any]:
+def environment_facts(device: str, cuda: CudaDevices | None = None) -> dict[str, Any]:
+    """The software a run measured with; on a GPU, the device's name as torch (`cuda`) gives it."""
     import platform
 
     import torch
@@ -28,7 +32,7 @@ def environment_facts(device: str) -> dict[str, Any]:
                              "torch_num_threads": torch.get_num_threads()}
     if device.startswith("cuda"):
         facts["cudnn"] = torch.backends.cudnn.version()
-        facts["device_name"] = torch.cuda.get_device_name(device)
+        facts["device_name"] = (cuda or TorchDevices()).device_name(device)
     return facts
 
 
@@ -124,6 +128,16 @@ class Progress:
         self._pending = False
 
 
+def process_gpu_bytes(gpu_probe: Any, pid: int, index: int | None) -> Any:
+    """What NVML shows process `pid` holding on NVML device `index` right now; Unavailable when it lists no such
+    row (no context yet, a container's own pid namespace, or no index)."""
+    for scope, metric, value in gpu_probe.read():
+        if index is not None and scope == scopes.process_on_device(pid, index) and metric == "used_bytes":
+            return value
+    gpu_probe.drain_events()
+    return Unavailable("process_gone", "NVML does not list this process")
+
+
 def open_nvml() -> tuple[Any, dict[str, str] | None]:
     from gpuscope.probes.nvml import DeviceUnavailable, open_backend
 
@@ -158,6 +172,36 @@ class WorkloadSampling:
     sampler: Any
 
 
+def device_probes(pid: int, device: str, nvml_index: int | None, gpu_probe: Any,
+                  allocator: Callable[[], Any] | None) -> dict[str, Any]:
+    """A workload's device probes, in the order a tick reads them: torch's allocator (`allocator()` gives its
+    backend; None on the CPU), then NVML. The allocator is read for torch's device index and its figures are
+    scoped by NVML's index (torch's only when NVML is absent), so they land beside NVML's row for this process.
+    The allocator goes first: memory allocated between the two reads then shows as NVML growth for a tick
+    (outside the allocator), not as torch holding more than NVML says the process has."""
+    probes: dict[str, Any] = {}
+    if allocator is not None and device.startswith("cuda"):
+        from gpuscope.probes.allocator import AllocatorProbe
+
+        torch_index = int(device.split(":")[1])
+        scope_index = nvml_index if nvml_index is not None else torch_index
+        probes["allocator"] = AllocatorProbe(allocator(), {torch_index: scopes.process_on_device(pid, scope_index)})
+    if gpu_probe is not None:
+        probes["gpu"] = gpu_probe
+    return probes
+
+
+def workload_listeners(pid: int, nvml_index: int | None, model_bytes: int, nvml_open: bool) -> tuple[Any, Any, Any]:
+    """The tick listeners of a workload run: each step's peaks and layers (StepMonitor), the run's peaks and last
+    tick (PeakTracker), the readings that went missing (GapTracker). Without NVML the step's picture falls back
+    to the CPU one (RSS), plus the allocator's own figures."""
+    from gpuscope.measure.attribution import GapTracker, StepMonitor
+    from gpuscope.probes.sampler import PeakTracker
+
+    return (StepMonitor(pid, nvml_index if nvml_open else None, model_bytes), PeakTracker(),
+            GapTracker(pid, nvml_index))
+
+
 Renderer = Callable[[RunRecord, str], "dict[str, str] | None"]
 
 
@@ -177,13 +221,15 @@ class Recording:
     """
 
     def __init__(self, mode: str, pid: int, progress: Any = None,
-                 nvml_opener: Callable[[], tuple[Any, dict[str, str] | None]] | None = None) -> None:
+                 nvml_opener: Callable[[], tuple[Any, dict[str, str] | None]] | None = None,
+                 cuda: CudaDevices | None = None) -> None:
         from gpuscope.probes.host import host_info
 
         self.mode = mode
         self.pid = pid
         self.progress = progress or Progress(quiet=True)
         self._nvml_opener = nvml_opener or open_nvml
+        self.cuda: CudaDevices = cuda or TorchDevices()  # torch.cuda (a fake in tests): the context, the allocator
         self.record = RunRecord(tool_version=__version__, started_at=now_iso(), host=host_info(), pid=pid, mode=mode)
         self.nvml: Any = None
         self.gpu_probe: Any = None
@@ -219,6 +265,37 @@ class Recording:
             self.gpu_probe = GpuProbe(nvml, describe=describe, pid_exists=pid_exists)
             self.record.devices = [d.to_json() for d in self.gpu_probe.devices]
         return self.gpu_probe
+
+    def prepare_device(self, device: str, cpu_detail: str | None = None) -> int | None:
+        """Everything a workload run in this process does before its model loads: open NVML (or say why not),
+        find NVML's index of torch's `device`, create the CUDA context and read what this process holds then
+        (`baseline.context_bytes`: the context alone, which the model's weights must not inflate), and the RSS
+        before the model (`baseline.rss_before_model_bytes`). Returns NVML's index, None without NVML.
+
+        The index is matched by UUID (under CUDA_VISIBLE_DEVICES torch's cuda:0 may be NVML's 2); when that
+        fails torch's index is assumed, which may read another GPU's figures, so stderr and the record
+        (`extra.gpu_index`) say so.
+        """
+        from gpuscope.probes.host import HostProbe
+
+        gpu = device.startswith("cuda")
+        gpu_probe = self.open_devices(cpu_detail=cpu_detail)
+        nvml_index: int | None = None
+        if gpu_probe is not None and gpu:
+            torch_index = int(device.split(":")[1])
+            fallback: list[str] = []
+            nvml_index = nvml_index_for(torch_index, [d.uuid for d in gpu_probe.devices],
+                                        properties=self.cuda.device_properties, on_fallback=fallback.append)
+            self.record.extra["gpu_index"] = index_match(torch_index, nvml_index, fallback)
+            for line in fallback:
+                self.progress.line(f"gpuscope: {line}")
+        if gpu:
+            self.cuda.initialise(device)  # what NVML shows for this process now is the context alone
+            if gpu_probe is not None:
+                self.record.baseline["context_bytes"] = process_gpu_bytes(gpu_probe, self.pid, nvml_index)
+        self.record.baseline["rss_before_model_bytes"] = HostProbe(self.pid, per_core=False,
+                                                                   uss_every_s=None).read_rss()
+        return nvml_index
 
     def close_devices(self) -> None:
         if self.nvml is not None:
@@ -270,28 +347,13 @@ class Recording:
         """The probes and listeners of a workload run in this process (diagnose and tune alike): the host, torch's
         allocator on a GPU, NVML when open; a StepMonitor for each step's peaks and layers, the run's peaks and
         the readings that went missing. The sampler is created here, not started."""
-        from gpuscope.measure.attribution import GapTracker, StepMonitor
-        from gpuscope.probes import scopes
         from gpuscope.probes.host import HostProbe
-        from gpuscope.probes.sampler import PeakTracker
 
         host_probe = HostProbe(self.pid)
-        probes: dict[str, Any] = {"host": host_probe}
-        # The allocator before NVML in each tick: memory allocated between the two reads then shows as NVML
-        # growth for a tick (outside the allocator), not as torch holding more than NVML says the process has.
-        if device.startswith("cuda"):
-            from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
-
-            torch_index = int(device.split(":")[1])
-            scope_index = nvml_index if nvml_index is not None else torch_index
-            probes["allocator"] = AllocatorProbe(RealTorchCuda(),
-                                                 {torch_index: scopes.process_on_device(self.pid, scope_index)})
-        if self.gpu_probe is not None:
-            probes["gpu"] = self.gpu_probe
-        # Without NVML the picture falls back to the CPU one (RSS), plus the allocator's own figures.
-        monitor = StepMonitor(self.pid, nvml_index if self.gpu_probe is not None else None, model_bytes)
-        run_peaks = PeakTracker()
-        gaps = GapTracker(self.pid, nvml_index)
+        probes: dict[str, Any] = {"host": host_probe,
+                                  **device_probes(self.pid, device, nvml_index, self.gpu_probe,
+                                                  self.cuda.allocator if device.startswith("cuda") else None)}
+        monitor, run_peaks, gaps = workload_listeners(self.pid, nvml_index, model_bytes, self.gpu_probe is not None)
         sampler = self.start_samples(probes, interval_s, [monitor, run_peaks, gaps],
                                      {"device": device, "gpu_index": nvml_index})
         return WorkloadSampling(host_probe, monitor, run_peaks, gaps, sampler)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -117,12 +118,32 @@ def example_requests(owner: Any) -> list[Any] | None:
 
 
 def to_device(value: Any, device: str) -> Any:
-    """A tensor preprocess built elsewhere, moved to the model's device (other values as they are)."""
+    """A tensor preprocess built elsewhere, moved to the model's device; the tensors inside a dict, list or
+    tuple too (a tokenizer's `input_ids`/`attention_mask`: a Hugging Face BatchEncoding is a mapping).
+    Other values as they are."""
+    if isinstance(value, Mapping):
+        return {key: to_device(item, device) for key, item in value.items()}
+    if isinstance(value, (list, tuple)) and not hasattr(value, "_fields"):
+        return type(value)(to_device(item, device) for item in value)
     to = getattr(value, "to", None)
     where = getattr(value, "device", None)
     if to is not None and where is not None and str(where) != device and hasattr(value, "dtype"):
         return to(device)
     return value
+
+
+def keyword_or_positional(module: Any) -> Callable[[Any], Any]:
+    """The model called the way serving code calls it with what preprocess returned: a mapping as keyword
+    arguments (`model(**tokenizer(text))`, every Hugging Face model), a tuple as positional arguments
+    (`model(ids, mask)`), anything else as the one input."""
+    def call(value: Any) -> Any:
+        if isinstance(value, Mapping):
+            return module(**value)
+        if type(value) is tuple:
+            return module(*value)
+        return module(value)
+
+    return call
 
 
 def default_preprocess(target: Any, device: str) -> Callable[[Any], Any]:

@@ -1,5 +1,6 @@
 """Test doubles injected through constructors: a scripted NVML, a replay of real H200
-readings, and a fake torch.cuda allocator view. No GPU needed, nothing patched."""
+readings, a fake torch.cuda (the allocator view and the devices torch sees), and a machine
+combining them (gpu_machine.FakeGpuMachine). No GPU needed, nothing patched."""
 from tests.fakes.nvml import (
                               FACTS_H200,
                               RAW_H200,
@@ -14,7 +15,7 @@ from tests.fakes.nvml import (
                               load_raw_h200,
                               load_timeline_h200,
 )
-from tests.fakes.torch_cuda import FakeTorchCuda, TorchFigures
+from tests.fakes.torch_cuda import FakeCudaDevices, FakeTorchCuda, TorchFigures
 
 __all__ = ["FACTS_H200", "GiB", "MiB", "RAW_H200", "TIMELINE_H200", "DeviceState", "FakeDevice", "FakeProcess",
-           "FakeTorchCuda", "ReplayNvml", "ScriptedNvml", "TorchFigures", "load_raw_h200", "load_timeline_h200"]
+           "FakeCudaDevices", "FakeTorchCuda", "ReplayNvml", "ScriptedNvml", "TorchFigures", "load_raw_h200", "load_timeline_h200"]

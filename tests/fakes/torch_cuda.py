@@ -13,9 +13,16 @@ captured values.
 
 Every call is logged in order (`calls`), and every reset in `resets`, so a
 test can assert that peaks are read before they are reset.
+
+`FakeCudaDevices` is the rest of torch.cuda a workload run asks about
+(gpuscope.measure.devices.CudaDevices): which devices torch sees through
+CUDA_VISIBLE_DEVICES, their UUIDs, creating the context, and where the
+model's tensors go. It computes on the CPU; what the run reports about the
+device comes from the fakes.
 """
 from __future__ import annotations
 
+import types
 from dataclasses import dataclass
 from typing import Any, Sequence, Union
 
@@ -150,6 +157,11 @@ class FakeTorchCuda:
         self._sync()
         return dict(self._devices[device].peak)
 
+    def current(self, device: int = 0) -> dict[str, int]:
+        """The figures now (allocated, reserved, active, inactive_split), as `*.current` gives them."""
+        self._sync()
+        return dict(self._devices[device].current)
+
     def _sync(self) -> None:
         tick = self.tick
         if tick == self._applied_tick or not self._script:
@@ -181,3 +193,96 @@ class FakeTorchCuda:
         self._sync()
         self.resets.append((self.tick, device))
         self._devices[device].reset_peaks()
+
+
+SEGMENT_BYTES = 2 * 1024**2  # the caching allocator's small-pool segment: what one tiny tensor reserves
+
+
+def visible_nvml_indices(visible: str | None, nvml_uuids: Sequence[str]) -> list[int]:
+    """The NVML devices torch sees, in torch's order, for a CUDA_VISIBLE_DEVICES value as CUDA reads it:
+    indices or UUIDs ("GPU-..."), comma-separated; the list ends at the first entry that names no device.
+    None (unset) is every device in NVML's order."""
+    if visible is None:
+        return list(range(len(nvml_uuids)))
+    out: list[int] = []
+    for item in (part.strip() for part in visible.split(",")):
+        if item.isdigit() and int(item) < len(nvml_uuids):
+            index = int(item)
+        else:
+            index = next((i for i, uuid in enumerate(nvml_uuids) if item and uuid.startswith(item)), -1)
+        if index < 0 or index in out:
+            break
+        out.append(index)
+    return out
+
+
+class FakeCudaDevices:
+    """gpuscope.measure.devices.CudaDevices for tests without a GPU: torch's view of NVML's devices.
+
+    `nvml_uuids` are the machine's GPUs as NVML lists them, `visible` the CUDA_VISIBLE_DEVICES value: torch's
+    cuda:N is NVML's `nvml_index(N)`, and `device_properties(N).uuid` is that device's UUID (without "GPU-", as
+    torch prints it). `torch_uuid` replaces the UUID torch reports (a MIG slice, whose UUID NVML's device list
+    does not have); `uuid_error` makes reading it raise (a driver too old to report one).
+
+    `initialise(device)` creates the context: the allocator (`allocator()`, a FakeTorchCuda) then holds one
+    segment, as torch.zeros(1) leaves it. `tensor_device(device)` is asked where the model goes: from then on the
+    allocator holds `model_bytes` (in whole segments), and the tensors really go to the CPU. `events` lists both
+    calls in order, so a test can see what the run did before its model was placed.
+    """
+
+    def __init__(self, nvml_uuids: Sequence[str], visible: str | None = None, *, model_bytes: int = 0,
+                 name: str = "NVIDIA H200", torch_uuid: str | None = None, uuid_error: Exception | None = None) -> None:
+        self.nvml_uuids = list(nvml_uuids)
+        self.visible = visible_nvml_indices(visible, self.nvml_uuids)
+        self.model_bytes = model_bytes
+        self.name = name
+        self.torch_uuid = torch_uuid
+        self.uuid_error = uuid_error
+        self.torch = FakeTorchCuda(devices=max(1, len(self.visible)), available=bool(self.visible), initialized=False)
+        self.initialised: set[int] = set()  # torch ordinals with a context
+        self.events: list[str] = []
+
+    @staticmethod
+    def ordinal(device: str) -> int:
+        return int(device.split(":")[1]) if ":" in device else 0
+
+    def nvml_index(self, ordinal: int) -> int:
+        """NVML's index of torch's cuda:`ordinal` (the truth the run must find by UUID)."""
+        return self.visible[ordinal]
+
+    # -- CudaDevices -------------------------------------------------------------------
+    def is_available(self) -> bool:
+        return bool(self.visible)
+
+    def device_count(self) -> int:
+        return len(self.visible)
+
+    def device_properties(self, index: int) -> Any:
+        if self.uuid_error is not None:
+            raise self.uuid_error
+        uuid = self.torch_uuid if self.torch_uuid is not None else self.nvml_uuids[self.visible[index]]
+        return types.SimpleNamespace(name=self.name, uuid=uuid.replace("GPU-", "", 1))
+
+    def device_name(self, device: str) -> str:
+        return self.name
+
+    def _context(self, ordinal: int) -> None:
+        """The first CUDA call on a device creates its context; later ones find it there."""
+        if ordinal not in self.initialised:
+            self.initialised.add(ordinal)
+            self.torch.initialize().set(ordinal, allocated=0, reserved=SEGMENT_BYTES)
+
+    def initialise(self, device: str) -> None:
+        self.events.append(f"initialise {device}")
+        self._context(self.ordinal(device))
+
+    def tensor_device(self, device: str) -> str:
+        ordinal = self.ordinal(device)
+        self.events.append(f"model placed on {device}")
+        self._context(ordinal)  # moving a model to a device creates the context too
+        segments = -(-self.model_bytes // SEGMENT_BYTES)
+        self.torch.set(ordinal, allocated=self.model_bytes, reserved=(1 + segments) * SEGMENT_BYTES)
+        return "cpu"
+
+    def allocator(self) -> FakeTorchCuda:
+        return self.torch

@@ -155,6 +155,10 @@ class Figures:
         self.figures.update(figures)
         self._results.save()
 
+    def recorder(self, prefix: str) -> Any:
+        """`record` with every name prefixed: for a scenario with several runs checked alike."""
+        return lambda **figures: self.record(**{f"{prefix}_{name}": value for name, value in figures.items()})
+
 
 @pytest.fixture
 def figures(request: pytest.FixtureRequest, gpu_results: Results) -> Figures:

@@ -7,18 +7,21 @@
 # and 6 (skipped, with the reason, without them). No pip, no network: gpuscope runs from this tree,
 # through a folder of links that lays it out as the wheel does (gpuscope/ = profiler/, gpuscope/probes
 # = probes/, gpuscope/reports = reports/), put first on PYTHONPATH. It runs, in this order:
-#   1. pytest -m gpu tests/gpu: the planted scenarios first (each a fresh `python -m gpuscope diagnose`),
-#      then the accuracy tests and the probe tests, which create a CUDA context in pytest's own process;
+#   1. pytest -m gpu tests/gpu: the planted scenarios first (each a fresh `python -m gpuscope diagnose`,
+#      nvidia-smi polled beside it by the test process), then the accuracy tests and the probe tests,
+#      which create a CUDA context in pytest's own process;
 #   2. `python -m gpuscope diagnose` with every default, timed (diagnose's wall time; the sampler's
 #      cost per tick is in its run.json).
 # What it leaves under $OUT (./gpu-results without it); at most 8 files come back from a device machine:
 #   gpu-results.json  the environment, each scenario's measured figures and verdict, the defaults run
 #   pytest.txt        pytest's output
 #   reports.tar.gz    each scenario's report folder (run.json, report.html, PNGs, diagnose stdout/stderr,
-#                     torch-at-exit.json where a factory wrote one), diagnose-defaults/, nvidia-smi.txt
+#                     nvidia-smi-readings.json, torch-at-exit.json where a planted model wrote one),
+#                     diagnose-defaults/, nvidia-smi.txt
 #   samples.tar.gz    every run's samples.jsonl
 #   run.log           this script's timings
-# It exits with pytest's exit code. About 4-5 minutes on an H100; the limits below keep it under 8.
+# It exits with pytest's exit code. About 6 minutes on an H100 (estimated: never run on a GPU yet); the
+# limits below keep it under 9 (a device `run` needs timeout_s 600).
 set -u -o pipefail
 cd "$(dirname "$0")/../.." || exit 2
 ROOT="$PWD"
@@ -35,7 +38,7 @@ ln -s "$ROOT/probes" "$SITE/gpuscope/probes"
 ln -s "$ROOT/reports" "$SITE/gpuscope/reports"
 export PYTHONPATH="$SITE:$ROOT${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 MPLBACKEND=Agg
 PY="${PYTHON:-$(command -v python3 || command -v python)}"
-PYTEST_LIMIT_S="${GPUSCOPE_GPU_PYTEST_LIMIT_S:-320}"
+PYTEST_LIMIT_S="${GPUSCOPE_GPU_PYTEST_LIMIT_S:-440}"
 DEFAULTS_LIMIT_S="${GPUSCOPE_GPU_DEFAULTS_LIMIT_S:-90}"
 
 log() { echo "[run.sh $(date +%H:%M:%S)] $*" | tee -a "$OUT/run.log" >&2; }

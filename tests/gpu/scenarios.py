@@ -11,9 +11,12 @@ Four roles, all without importing torch at module level (this file is also impor
    `cache_bloat_model` (frees a large tensor without emptying the cache) and `cupy_torch_model` (a second
    engine, CuPy, allocating in the same process). With GPUSCOPE_GPU_TORCH_STATS=path they write torch's own
    allocator figures (and CuPy's pool) at interpreter exit: the ground truth a finding is compared with.
+   The plants of issue 20 (outside the allocator, fragmentation, headroom, OOM) are in plants.py.
 3. `diagnose()`: one fresh `python -m gpuscope diagnose` process per scenario (a fresh CUDA context, so
-   baselines are not shared between scenarios), and its run.json.
-4. Checks on a run.json that every GPU run must pass (`check_gpu_run`), and small readers for findings.
+   baselines are not shared between scenarios), its run.json, and nvidia-smi polled from this process
+   while it runs (references.SmiWatcher), matched to the run's steps by their samples.jsonl events.
+4. Checks on a run.json that every GPU run must pass (`check_gpu_run`: each step's NVML figure against
+   nvidia-smi's, torch's last tick against torch's own figures at exit), and small readers for findings.
 
 Also a tiny command line for tests/gpu/run.sh: `record-defaults` (merge the timed defaults run into the
 results JSON) and `summary` (print each scenario's verdict).
@@ -31,7 +34,12 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
+
+try:  # pytest imports tests.gpu.scenarios; a planted model's process and run.sh import the top-level module
+    from . import references as ref
+except ImportError:
+    import references as ref  # type: ignore[no-redef]
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent.parent
@@ -41,6 +49,9 @@ GiB = 1 << 30
 CACHE_BLOAT_BYTES = 2 * GiB     # what cache_bloat_model frees without emptying the cache
 CUPY_BYTES = 256 * MiB          # what cupy_torch_model's CuPy pool holds
 FOREIGN_GIB = 2                 # what the foreign process holds with torch
+# The built-in large MLP (profiler/measure/models.py, _builtin): 8 x nn.Linear(4096, 4096), float32 weights
+# and biases. Its bytes, known without asking gpuscope: what one planted copy costs.
+BUILTIN_LARGE_MLP_BYTES = 8 * (4096 * 4096 + 4096) * 4
 TORCH_STATS_ENV = "GPUSCOPE_GPU_TORCH_STATS"
 REPORTS_ENV = "GPUSCOPE_GPU_REPORTS"
 
@@ -201,20 +212,8 @@ def wait_for_quiet_gpu(backend: Any, timeout_s: float = 30.0) -> dict[int, int |
 
 def nvidia_smi_apps(gpu_uuid: str | None = None) -> dict[int, int | None]:
     """`nvidia-smi --query-compute-apps`: pid -> used MiB (None where it prints N/A), on one GPU if named."""
-    result = subprocess.run(["nvidia-smi", "--query-compute-apps=gpu_uuid,pid,used_memory",
-                             "--format=csv,noheader,nounits"], capture_output=True, text=True, timeout=30)
-    if result.returncode != 0:
-        raise RuntimeError(f"nvidia-smi failed ({result.returncode}): {result.stderr.strip() or result.stdout.strip()}")
-    apps: dict[int, int | None] = {}
-    for line in result.stdout.splitlines():
-        parts = [p.strip() for p in line.split(",")]
-        if len(parts) != 3 or not parts[1].isdigit():
-            continue  # "No running processes found" and the like
-        uuid, pid, used = parts
-        if gpu_uuid and uuid != gpu_uuid:
-            continue
-        apps[int(pid)] = int(used) if used.isdigit() else None
-    return apps
+    return {row.pid: row.used_mib for row in ref.parse_compute_apps(ref.run_nvidia_smi(ref.SMI_APPS_ARGV))
+            if not gpu_uuid or row.gpu_uuid == gpu_uuid}
 
 
 def stable_smi_figure(pid: int, gpu_uuid: str | None, tries: int = 10) -> int:
@@ -391,6 +390,7 @@ def _child_jax() -> int:
 _PLANT_LOCK = threading.Lock()
 _HELD: list[Any] = []  # what a factory keeps alive until the process exits (CuPy's array, a model)
 _EXIT_EXTRA: dict[str, Any] = {}
+_EXIT_WRITER_REGISTERED: list[str] = []  # the at-exit writer is registered once, whichever factories ask
 
 
 def _record_torch_stats_at_exit() -> None:
@@ -400,8 +400,9 @@ def _record_torch_stats_at_exit() -> None:
     the figures of the run's last tick, as torch itself reports them.
     """
     path = os.environ.get(TORCH_STATS_ENV)
-    if not path:
+    if not path or _EXIT_WRITER_REGISTERED:
         return
+    _EXIT_WRITER_REGISTERED.append(path)
     import atexit
 
     def write() -> None:
@@ -414,7 +415,8 @@ def _record_torch_stats_at_exit() -> None:
             data.update(device=device, allocated_bytes=torch.cuda.memory_allocated(device),
                         reserved_bytes=torch.cuda.memory_reserved(device),
                         inactive_split_bytes=int(stats.get("inactive_split_bytes.all.current", 0)),
-                        num_alloc_retries=int(stats.get("num_alloc_retries", 0)))
+                        num_alloc_retries=int(stats.get("num_alloc_retries", 0)),
+                        num_ooms=int(stats.get("num_ooms", 0)))
         if "cupy" in sys.modules:  # only where the factory loaded it
             try:
                 pool = sys.modules["cupy"].get_default_memory_pool()
@@ -488,6 +490,7 @@ def cupy_torch_model() -> Any:
     _record_torch_stats_at_exit()
     model = _mlp()
     model.example_input_shape = (8, 1024)
+    _HELD.append(model)  # held to exit, so torch's figures at exit are the run's last tick (check_gpu_run)
     return model
 
 
@@ -495,6 +498,12 @@ def cupy_torch_model() -> Any:
 
 @dataclass
 class DiagnoseRun:
+    """One diagnose run, with the independent readings taken beside it.
+
+    `smi` is what nvidia-smi said while it ran (polled by the test process), `windows` each step's span from
+    the run's samples.jsonl, `torch_at_exit` what torch itself reported in the profiled process at exit
+    (where a planted model wrote it; None for the built-in model)."""
+
     out_dir: Path
     argv: list[str]
     rc: int
@@ -502,33 +511,53 @@ class DiagnoseRun:
     stdout: str
     stderr: str
     run: dict[str, Any] = field(default_factory=dict)
+    smi: list[ref.SmiReading] = field(default_factory=list)
+    windows: list[ref.StepWindow] = field(default_factory=list)
+    torch_at_exit: dict[str, Any] | None = None
 
     def explain(self) -> str:
         return (f"`{' '.join(self.argv)}` exited {self.rc} after {self.wall_s:.1f} s; "
                 f"stderr: {self.stderr[-2500:]!r}; stdout: {self.stdout[-1500:]!r}")
 
 
-def diagnose(out_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 180.0) -> DiagnoseRun:
-    """`python -m gpuscope diagnose --out OUT_DIR --quiet ARGS` from the repository root; its run.json."""
+def diagnose(out_dir: Path, *args: str, env: dict[str, str] | None = None, timeout_s: float = 180.0,
+             watcher: ref.SmiWatcher | None = None) -> DiagnoseRun:
+    """`python -m gpuscope diagnose --out OUT_DIR --quiet ARGS` from the repository root; its run.json.
+
+    While it runs, `watcher` (an SmiWatcher on the real nvidia-smi unless given) polls nvidia-smi from this
+    process; the readings are saved beside the run as nvidia-smi-readings.json. A planted model
+    writes torch's figures at exit to OUT_DIR/torch-at-exit.json (GPUSCOPE_GPU_TORCH_STATS, unless `env`
+    names another path)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "gpuscope", "diagnose", "--out", str(out_dir), "--quiet", *args]
+    extra = {TORCH_STATS_ENV: str(out_dir / "torch-at-exit.json"), **(env or {})}
+    watcher = (watcher or ref.SmiWatcher()).start()
     started = time.monotonic()
+    proc = subprocess.Popen(argv, cwd=str(ROOT), env=child_env(extra), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
     try:
-        proc = subprocess.run(argv, cwd=str(ROOT), env=child_env(env), capture_output=True, text=True, timeout=timeout_s)
-        rc, stdout, stderr = proc.returncode, proc.stdout, proc.stderr
-    except subprocess.TimeoutExpired as exc:
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+        rc = proc.returncode
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        stdout, stderr = proc.communicate()
         rc = -9
-        stdout = (exc.stdout or b"").decode(errors="replace") if isinstance(exc.stdout, bytes) else (exc.stdout or "")
-        stderr = ((exc.stderr or b"").decode(errors="replace") if isinstance(exc.stderr, bytes) else (exc.stderr or ""))
-        stderr += f"\n[killed after {timeout_s:.0f} s]"
+        stderr = (stderr or "") + f"\n[killed after {timeout_s:.0f} s]"
+    finally:
+        readings = watcher.stop()
     wall = time.monotonic() - started
-    (out_dir / "diagnose.stdout.txt").write_text(stdout)
-    (out_dir / "diagnose.stderr.txt").write_text(stderr)
-    result = DiagnoseRun(out_dir, [Path(argv[0]).name] + argv[1:], rc, wall, stdout, stderr)
+    (out_dir / "diagnose.stdout.txt").write_text(stdout or "")
+    (out_dir / "diagnose.stderr.txt").write_text(stderr or "")
+    write_json_atomic(out_dir / "nvidia-smi-readings.json", [r.to_json() for r in readings])
+    result = DiagnoseRun(out_dir, [Path(argv[0]).name] + argv[1:], rc, wall, stdout or "", stderr or "",
+                         smi=readings, windows=ref.read_step_windows(out_dir / "samples.jsonl"))
     run_path = out_dir / "run.json"
     if run_path.exists():
         result.run = json.loads(run_path.read_text())
+    stats_path = Path(extra[TORCH_STATS_ENV])
+    if stats_path.exists():
+        result.torch_at_exit = json.loads(stats_path.read_text())
     return result
 
 
@@ -602,16 +631,63 @@ def run_figures(result: DiagnoseRun) -> dict[str, Any]:
                                                                           "memory_env")}}
 
 
-def check_gpu_run(result: DiagnoseRun) -> dict[str, Any]:
-    """What every diagnose run on a working GPU must show; returns the invariants' figures.
+SMI_STEP_SHARE = 0.01          # a step's NVML figure vs nvidia-smi's: within 1% ...
+SMI_STEP_FLOOR_BYTES = 2 * MiB  # ... or 2 MiB (nvidia-smi prints whole MiB; the last poll may miss a late page)
+SMI_MIN_STEP_S = 1.0           # a step at least this long must have an nvidia-smi reading inside it
 
-    - it exited 0 with a complete run.json profiled on cuda, NVML open, every step served requests without errors;
-    - at each step, the process's own layers (weights + activations + allocator cache + outside the
-      allocator) add up to NVML's per-process figure exactly, and none is negative (NVML >= torch reserved);
+
+def smi_steps(result: DiagnoseRun) -> dict[int, ref.StepSmi]:
+    """nvidia-smi's figures for the run's own pid on its GPU, step by step (references.match_steps)."""
+    run = result.run
+    device = next((d for d in run.get("devices", []) if d.get("index") == run.get("config", {}).get("gpu_index")), {})
+    return ref.match_steps(result.windows, result.smi, int(run.get("pid") or 0), device.get("uuid"))
+
+
+def smi_step_points(result: DiagnoseRun) -> list[tuple[int, int]]:
+    """(predictors, bytes) from nvidia-smi for each step it has a figure for: the independent growth curve."""
+    return [(n, m.process_mib * MiB) for n, m in sorted(smi_steps(result).items()) if m.process_mib is not None]
+
+
+def gpu_run_figures(result: DiagnoseRun) -> dict[str, Any]:
+    """What check_gpu_run compares, computed without asserting (recorded before the checks)."""
+    run = result.run
+    matched = smi_steps(result)
+    rows = []
+    for s in run.get("steps", []):
+        n = s.get("predictors")
+        memory = s.get("memory", {})
+        smi = matched.get(n)
+        process = number(memory.get("process_gpu_bytes"))
+        rows.append({"predictors": n, "process_gpu_bytes": process, "layers": memory.get("layers"),
+                     "nvidia_smi": smi.to_json() if smi else None,
+                     "error_vs_smi_bytes": (process - smi.process_mib * MiB
+                                            if process is not None and smi and smi.process_mib is not None else None)})
+    end = run.get("baseline", {}).get("end") or {}
+    return {"steps": rows, "smi_readings": len(result.smi), "smi_failed": sum(1 for r in result.smi if r.error),
+            "smi_first_error": next((r.error for r in result.smi if r.error), None),
+            "context_bytes": run.get("baseline", {}).get("context_bytes"), "end_of_run": end,
+            "torch_at_exit": result.torch_at_exit}
+
+
+def check_gpu_run(result: DiagnoseRun, record: Callable[..., None] | None = None,
+                  oom_at: int | None = None) -> dict[str, Any]:
+    """What every diagnose run on a working GPU must show; its figures go to `record` before any check.
+
+    - it exited 0 with a complete run.json profiled on cuda, NVML open, every step served requests without
+      errors (but for the step `oom_at`, which must be the last and have run out of memory);
+    - at each step, the process's NVML figure agrees with nvidia-smi's for the same pid, read by this
+      process during the same step (SMI_STEP_SHARE / SMI_STEP_FLOOR_BYTES; every step of SMI_MIN_STEP_S or
+      more must have a reading); torch's figures were read (no unattributed layer) and something lies
+      outside the allocator (the CUDA context);
+    - where the planted model wrote torch's own figures at exit, the run's last tick shows the same reserved
+      bytes to the byte and the same allocated bytes within 1 MiB (nothing allocates after the sweep);
     - the model weights layer is the model's bytes (x (1 + predictors) with --copy-model); the CUDA
       context baseline was measured;
     - NVML listed this process (no PID_NAMESPACE) and no rule crashed or reading stopped (no MEASUREMENT_GAP).
     """
+    figures = gpu_run_figures(result)
+    if record is not None:
+        record(invariants=figures)
     assert result.rc == 0, result.explain()
     run = result.run
     assert run, f"no run.json in {result.out_dir}: {result.explain()}"
@@ -620,29 +696,46 @@ def check_gpu_run(result: DiagnoseRun) -> dict[str, Any]:
     assert run.get("device_unavailable") in (None, {}), f"NVML unavailable: {run.get('device_unavailable')}"
     steps = run.get("steps", [])
     assert steps, "no step measured"
+    assert result.smi and figures["smi_failed"] < len(result.smi), \
+        f"nvidia-smi gave no reading during the run ({figures['smi_first_error']}): nothing independent to compare with"
     model_bytes = int(run.get("model", {}).get("model_bytes") or 0)
-    sums = []
-    for s in steps:
+    windows = {w.predictors: w for w in result.windows}
+    for s, row in zip(steps, figures["steps"]):
         n = s["predictors"]
-        assert s.get("requests", 0) > 0, f"{n} predictors served no request"
-        assert s.get("errors", 0) == 0 and not s.get("oom") and not s.get("dead_predictors"), \
-            f"{n} predictors: errors {s.get('errors')}, oom {s.get('oom')}, messages {s.get('error_messages')}"
+        if oom_at is not None and n == oom_at:
+            assert s is steps[-1] and s.get("oom"), f"{n} predictors: expected the last step, out of memory: {s}"
+        else:
+            assert s.get("requests", 0) > 0, f"{n} predictors served no request"
+            assert s.get("errors", 0) == 0 and not s.get("oom") and not s.get("dead_predictors"), \
+                f"{n} predictors: errors {s.get('errors')}, oom {s.get('oom')}, messages {s.get('error_messages')}"
         memory = s.get("memory", {})
-        process = number(memory.get("process_gpu_bytes"))
+        process = row["process_gpu_bytes"]
         assert process is not None, f"{n} predictors: no NVML per-process figure ({memory.get('process_gpu_bytes')})"
+        smi = row["nvidia_smi"]
+        window = windows.get(n)
+        assert window is not None, f"{n} predictors: no step_start/step_end in samples.jsonl"
+        if smi is None or smi["process_mib"] is None:
+            assert window.seconds < SMI_MIN_STEP_S, \
+                f"{n} predictors: {smi['why'] if smi else 'no nvidia-smi figure'} (step {window.seconds:.2f} s)"
+        else:
+            assert ref.within(process, smi["process_mib"] * MiB, SMI_STEP_SHARE, SMI_STEP_FLOOR_BYTES), \
+                (f"{n} predictors: gpuscope {process / MiB:.1f} MiB, nvidia-smi {smi['process_mib']} MiB "
+                 f"(largest of {smi['readings']} readings inside the step)")
         layers = memory.get("layers") or {}
         assert "unattributed_process_bytes" not in layers, f"{n} predictors: torch figures missing: {layers}"
-        own = {k: layers[k] for k in PROCESS_LAYERS if k in layers}
-        assert sum(own.values()) == process, \
-            f"{n} predictors: process layers {own} add up to {sum(own.values())}, NVML says {process}"
-        negative = {k: v for k, v in own.items() if v < 0}
-        assert not negative, f"{n} predictors: negative layers {negative} (NVML below torch's reserved?)"
-        assert own.get("outside_allocator_bytes", 0) > 0, f"{n} predictors: nothing outside the allocator? {own}"
+        assert layers.get("outside_allocator_bytes", 0) > 0, f"{n} predictors: nothing outside the allocator? {layers}"
         # with --copy-model each predictor holds its own copy beside the original (profiler/measure/sweep.py)
         weights = model_bytes * (1 + n) if run.get("config", {}).get("copy_model") else model_bytes
-        assert own.get("model_weights_bytes") == weights, \
-            f"{n} predictors: weights layer {own.get('model_weights_bytes')} != {weights} (model bytes {model_bytes})"
-        sums.append({"predictors": n, "process_gpu_bytes": process, "layers_sum": sum(own.values())})
+        assert layers.get("model_weights_bytes") == weights, \
+            f"{n} predictors: weights layer {layers.get('model_weights_bytes')} != {weights} (model bytes {model_bytes})"
+    at_exit = result.torch_at_exit
+    if at_exit is not None and "reserved_bytes" in at_exit:
+        end = figures["end_of_run"]
+        assert end.get("torch_reserved_bytes") == at_exit["reserved_bytes"], \
+            f"torch reserved: gpuscope's last tick {end.get('torch_reserved_bytes')}, torch at exit {at_exit['reserved_bytes']}"
+        assert number(end.get("torch_allocated_bytes")) is not None and \
+            abs(end["torch_allocated_bytes"] - at_exit["allocated_bytes"]) <= MiB, \
+            f"torch allocated: gpuscope's last tick {end.get('torch_allocated_bytes')}, torch at exit {at_exit['allocated_bytes']}"
     context = run.get("baseline", {}).get("context_bytes")
     assert number(context) is not None and context >= 64 * MiB, f"CUDA context baseline {context}"
     gaps = findings(run, "MEASUREMENT_GAP")
@@ -650,7 +743,8 @@ def check_gpu_run(result: DiagnoseRun) -> dict[str, Any]:
     assert not findings(run, "PID_NAMESPACE"), f"NVML could not attribute processes: {finding_summary(run)}"
     me = process_entry(run, run.get("pid"))
     assert me is not None and me.get("self"), f"this process ({run.get('pid')}) is not among the processes"
-    return {"layers_add_up": sums, "context_bytes": context, "self_engines": me.get("engines")}
+    figures["self_engines"] = me.get("engines")
+    return figures
 
 
 # ---------------------------------------------------------------- run.sh's helpers
@@ -704,7 +798,8 @@ KEY_FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
     "cache-bloat": (("CACHE_BLOAT cached", "cached_bytes"), ("torch reserved-allocated", "torch_cached_bytes"),
                     ("error", "error_vs_torch"), ("when", "when")),
     "copies": (("model", "model_bytes"), ("per extra predictor", "measured_bytes_per_predictor"),
-               ("ratio", "per_predictor_vs_model")),
+               ("nvidia-smi per extra predictor", "nvidia_smi_bytes_per_predictor"),
+               ("ratio", "per_predictor_vs_model"), ("nvidia-smi ratio", "smi_per_predictor_vs_model")),
     "foreign-process": (("pid", "child_pid"), ("gpuscope", "reported_bytes"), ("nvidia-smi MiB", "nvidia_smi_mib"),
                         ("error", "error_vs_smi")),
     "second-engine-cupy": (("engines", "finding.0.evidence.engines"), ("context", "context_bytes"),
@@ -714,8 +809,22 @@ KEY_FIGURES: dict[str, tuple[tuple[str, str], ...]] = {
     "jax-no-preallocation": (("pid", "child_pid"), ("held", "held_bytes"), ("share of card", "held_share_of_card"),
                              ("nvidia-smi MiB", "nvidia_smi_mib")),
     "per-predictor-growth": (("default stream", "default_stream_growth.measured_nvml_bytes_per_predictor"),
+                             ("nvidia-smi", "default_stream_growth.nvidia_smi_bytes_per_predictor"),
                              ("streams", "streams_growth.measured_nvml_bytes_per_predictor"),
-                             ("plateau", "serialization.0.title"), ("streams gain at top", "streams_gain_at_top")),
+                             ("nvidia-smi", "streams_growth.nvidia_smi_bytes_per_predictor"),
+                             ("plateau", "serialization.0.title"), ("streams gain at plateau", "plateau.streams_gain_at_to")),
+    "outside-allocator": (("driver API", "driver_bytes"), ("outside, 2nd difference", "outside_second_difference"),
+                          ("torch workspaces", "torch_workspace_bytes"),
+                          ("reserved, 2nd difference", "reserved_second_difference"),
+                          ("nvidia-smi, 2nd difference", "nvidia_smi_second_difference"),
+                          ("severity", "finding.0.severity")),
+    "fragmentation": (("torch inactive split", "torch_after_plant.inactive_split_bytes"),
+                      ("gpuscope", "finding.0.evidence.inactive_split_bytes"),
+                      ("gpuscope - torch bytes", "error_vs_torch_bytes")),
+    "low-headroom": (("fill", "fill_bytes"), ("used share", "used_share"), ("nvidia-smi share", "nvidia_smi_share"),
+                     ("severity", "finding.0.severity")),
+    "oom": (("counted in the step", "step_errors"), ("raised", "raised"), ("torch num_ooms", "torch_num_ooms"),
+            ("torch retries", "torch_num_alloc_retries"), ("finding", "finding.0.title")),
 }
 
 
