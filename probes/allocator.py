@@ -25,6 +25,7 @@ STAT_KEYS = {
     "torch_ooms": "num_ooms",
 }
 METRICS = tuple(STAT_KEYS)
+_METRIC_KEYS = tuple(STAT_KEYS.items())
 
 
 class TorchCudaBackend(Protocol):
@@ -88,7 +89,7 @@ class AllocatorProbe:
                 failed = Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
                 out += [(scope, metric, failed) for metric in METRICS]
                 continue
-            for metric, key in STAT_KEYS.items():
-                # An allocator that has never allocated has no keys yet: that is a true 0.
-                out.append((scope, metric, int(stats.get(key, 0))))
+            get = stats.get
+            # An allocator that has never allocated has no keys yet: that is a true 0.
+            out += [(scope, metric, int(get(key, 0))) for metric, key in _METRIC_KEYS]
         return out

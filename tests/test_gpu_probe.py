@@ -256,6 +256,19 @@ def test_processes_are_described_at_most_every_describe_every_s():
     assert nvml.calls["process_name"] == 1
 
 
+def test_a_tick_asks_nothing_per_process_beyond_nvml():
+    """Whether a pid is in this namespace is its description's `exists` (every describe_every_s): a tick
+    makes no pid_exists call (a syscall) per listed process."""
+    asked: list[int] = []
+    nvml = ScriptedNvml(script=[DeviceState((OWN, FakeProcess(505, 2 * GiB)))])
+    probe = probe_for(nvml, pid_exists=lambda pid: asked.append(pid) or True, describe_every_s=60.0)
+    for _ in range(5):
+        readings = as_dict(probe.read())
+        nvml.advance()
+    assert asked == []
+    assert pids_in(readings) == {474, 505} and readings[("pid:505/gpu:0", "used_bytes")] == 2 * GiB
+
+
 # -- NVML failing --------------------------------------------------------------------------------
 
 def test_nvml_failing_mid_run_makes_that_metric_unavailable_and_keeps_the_rest(samples_path):
