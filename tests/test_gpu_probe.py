@@ -510,3 +510,18 @@ def test_the_replay_keeps_the_cards_own_arithmetic_on_every_tick():
         assert 0 <= readings[("gpu:0", "used_bytes")] - process_sum - H200_DRIVER_RESERVED_BYTES < 32 * MiB
     replay.advance(10)
     assert replay.state().used_bytes == replay.lines[-1]["dev_used"]  # the last line stays
+
+
+def test_a_description_s_json_is_encoded_once_and_each_caller_gets_its_own_copy():
+    info = ProcessInfo(474, True, "python3", Unavailable(NO_PERMISSION, "denied"), "python serve.py", ("torch",),
+                       {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    first = info.to_json()
+    first["engines"].append("jax")
+    first["memory_env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    first["user"]["detail"] = "changed by a caller"
+    first["pid"] = 1
+    assert info.to_json() == {"pid": 474, "exists": True, "name": "python3",
+                              "user": {"unavailable": NO_PERMISSION, "detail": "denied"}, "cmdline": "python serve.py",
+                              "engines": ["torch"], "memory_env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
+    assert info == ProcessInfo(474, True, "python3", Unavailable(NO_PERMISSION, "denied"), "python serve.py",
+                               ("torch",), {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
