@@ -11,6 +11,7 @@ import os
 import re
 import time
 from collections import deque
+from itertools import repeat
 from typing import Any
 
 from gpuscope.probes import scopes
@@ -257,6 +258,7 @@ class HostProbe:
         self._pid_stat = ProcFile(f"{proc_root}/{self.pid}/stat", 1024)
         self._pid_status = ProcFile(f"{proc_root}/{self.pid}/status")
         self._cpu_history: deque[tuple[float, float]] = deque()  # (monotonic s, process CPU s)
+        self._core_names: list[str] = []
         self._core_times = parse_core_times(self._stat.read())  # the first reading has an interval to measure
 
     def close(self) -> None:
@@ -326,13 +328,20 @@ class HostProbe:
         except psutil.AccessDenied as exc:
             return Unavailable(NO_PERMISSION, str(exc))
 
+    def _core_metrics(self, cores: int) -> list[str]:
+        """`core0_util_pct`, ...: built once, not every tick (a 192-core node names 192 of them)."""
+        names = self._core_names
+        while len(names) < cores:
+            names.append(f"core{len(names)}_util_pct")
+        return names
+
     def _read_host(self, out: list[ScopedValue]) -> None:
         cores = parse_core_times(self._stat.read())
-        per_core = [core_busy_pct(a, b) for a, b in zip(self._core_times, cores)]
+        per_core = list(map(core_busy_pct, self._core_times, cores))  # pairs up to the shorter, as zip
         self._core_times = cores
         out.append(("host", "cpu_util_pct", sum(per_core) / max(1, len(per_core))))
         if self._per_core:
-            out += [("host", f"core{i}_util_pct", value) for i, value in enumerate(per_core)]
+            out += zip(repeat("host"), self._core_metrics(len(per_core)), per_core)
         memory = parse_meminfo_bytes(self._meminfo.read())
         if memory is None:
             import psutil  # psutil's estimate where the kernel gives no usable MemAvailable

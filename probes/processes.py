@@ -31,6 +31,16 @@ class ProcessInfo:
     container_id: str | Unavailable | None = None   # None: in no container
 
     def to_json(self) -> dict:
+        """The description as JSON: encoded once per description (a description is kept, unchanged, for
+        describe_every_s while every refresh of the exporter's 64 processes asks for it), and handed
+        out as a copy, its lists and dicts too, so a caller may change what it gets."""
+        encoded = self.__dict__.get("_json")
+        if encoded is None:
+            encoded = self.__dict__["_json"] = self._encode()
+        return {key: (value.copy() if type(value) is dict or type(value) is list else value)
+                for key, value in encoded.items()}
+
+    def _encode(self) -> dict:
         from gpuscope.probes.readings import reading_to_json
 
         out = {

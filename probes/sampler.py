@@ -13,8 +13,10 @@ from typing import Any, Callable, Protocol
 
 from gpuscope.probes.readings import ERROR, Unavailable, is_available
 from gpuscope.probes.samplefile import SampleWriter, Tick
+from gpuscope.probes.ticklayout import TickLayout
 
 ScopedValue = tuple[str, str, Any]
+_ABSENT = object()  # a key PeakTracker has not seen since its reset
 
 
 class Probe(Protocol):
@@ -28,34 +30,56 @@ TickListener = Callable[[int, list[ScopedValue]], None]
 
 
 class PeakTracker:
-    """Running max and last value per (scope, metric) since the last `reset()`; thread-safe."""
+    """Running max and last value per (scope, metric) since the last `reset()`; thread-safe.
+
+    Called with every tick's readings (28 a tick on a one-GPU node, hundreds with many GPU processes).
+    A reading equal to the same key's reading at the tick before (same value, same type) cannot move
+    the max, the first or the last, so only the readings that changed are looked at, found by
+    position where the tick keeps the previous one's layout (`TickLayout`).
+    """
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._max: dict[tuple[str, str], Any] = {}
         self._last: dict[tuple[str, str], Any] = {}
         self._first: dict[tuple[str, str], Any] = {}
+        self._layout = TickLayout()
         self.ticks = 0
 
     def __call__(self, t_ns: int, values: list[ScopedValue]) -> None:
         with self._lock:
             self.ticks += 1
-            for scope, metric, value in values:
-                key = (scope, metric)
-                self._last[key] = value
-                if key not in self._first:
-                    self._first[key] = value
-                if is_available(value):
-                    current = self._max.get(key)
-                    if not is_available(current) or value > current:
-                        self._max[key] = value
-                elif key not in self._max:
-                    self._max[key] = value  # keep the reason until a real value arrives
+            changed = self._layout.changed(values)
+            if changed is not None:
+                self._take([values[position] for position in changed])
+            else:
+                self._take(values)
+                self._layout.remember(values)
+
+    def _take(self, values: list[ScopedValue]) -> None:
+        maxima, last, first = self._max, self._last, self._first
+        for scope, metric, value in values:
+            key = (scope, metric)
+            last[key] = value
+            current = maxima.get(key, _ABSENT)
+            if current is _ABSENT:  # the first reading since the reset (the first map and the max map
+                first[key] = value  # always hold the same keys): a number, or the reason until one comes
+                maxima[key] = value
+                continue
+            kind = type(value)
+            if kind is int or kind is float or is_available(value):
+                held = type(current)
+                if held is int or held is float:
+                    if value > current:
+                        maxima[key] = value
+                elif not is_available(current) or value > current:
+                    maxima[key] = value
 
     def reset(self) -> None:
         with self._lock:
             self._max.clear()
             self._first.clear()
+            self._layout.forget()  # the next tick's readings are all new to the maxima
             self.ticks = 0
 
     def peaks(self) -> dict[tuple[str, str], Any]:
@@ -69,6 +93,7 @@ class PeakTracker:
             for table in (self._max, self._last, self._first):
                 for key in [k for k in table if not keep(k)]:
                     del table[key]
+            self._layout.forget()  # a kept pid still listed must come back whole at the next tick, changed or not
 
     def last(self) -> dict[tuple[str, str], Any]:
         with self._lock:

@@ -155,3 +155,53 @@ def test_each_torch_device_goes_to_its_nvml_scope():
     assert readings[("pid:9/gpu:1", "torch_allocated_bytes")] == GiB
     assert readings[("pid:9/gpu:0", "torch_allocated_bytes")] == 2 * GiB
     assert torch_cuda.resets == [(0, 0), (0, 1)]
+
+
+def _nested(flat: dict) -> dict:
+    """torch.cuda.memory_stats_as_nested_dict() of a device whose memory_stats() gave `flat` (memory_stats
+    joins the nested keys with ".")."""
+    nested: dict = {}
+    for key, value in flat.items():
+        node = nested
+        *parents, leaf = key.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return nested
+
+
+class _NestedOnlyCuda:
+    """A torch.cuda stand-in answering only as the H200 did, in torch's nested form (no flat memory_stats)."""
+
+    def __init__(self, flat: dict) -> None:
+        self.flat = flat
+
+    def is_available(self):
+        return True
+
+    def is_initialized(self):
+        return True
+
+    def memory_stats_as_nested_dict(self, device):
+        return _nested(self.flat)
+
+    def reset_peak_memory_stats(self, device):
+        pass
+
+
+def test_the_real_backend_reads_the_counters_from_torch_s_nested_statistics(h200_raw):
+    from gpuscope.probes.allocator import RealTorchCuda
+
+    flat = h200_raw["memory_stats_after_4"]
+    backend = RealTorchCuda(cuda=_NestedOnlyCuda(flat))
+    assert backend.memory_stats(0) == {key: flat[key] for key in STAT_KEYS.values()}
+    readings = as_dict(AllocatorProbe(backend, {0: SCOPE}).read())
+    assert readings == {(SCOPE, metric): flat[key] for metric, key in STAT_KEYS.items()}
+
+
+def test_counters_torch_does_not_report_are_left_out_as_memory_stats_leaves_them_out():
+    from gpuscope.probes.allocator import RealTorchCuda
+
+    backend = RealTorchCuda(cuda=_NestedOnlyCuda({"allocated_bytes.all.current": 5, "num_ooms": 1}))
+    assert backend.memory_stats(0) == {"allocated_bytes.all.current": 5, "num_ooms": 1}
+    assert RealTorchCuda(cuda=_NestedOnlyCuda({})).memory_stats(0) == {}  # before CUDA allocated anything

@@ -256,6 +256,19 @@ def test_processes_are_described_at_most_every_describe_every_s():
     assert nvml.calls["process_name"] == 1
 
 
+def test_a_tick_asks_nothing_per_process_beyond_nvml():
+    """Whether a pid is in this namespace is its description's `exists` (every describe_every_s): a tick
+    makes no pid_exists call (a syscall) per listed process."""
+    asked: list[int] = []
+    nvml = ScriptedNvml(script=[DeviceState((OWN, FakeProcess(505, 2 * GiB)))])
+    probe = probe_for(nvml, pid_exists=lambda pid: asked.append(pid) or True, describe_every_s=60.0)
+    for _ in range(5):
+        readings = as_dict(probe.read())
+        nvml.advance()
+    assert asked == []
+    assert pids_in(readings) == {474, 505} and readings[("pid:505/gpu:0", "used_bytes")] == 2 * GiB
+
+
 # -- NVML failing --------------------------------------------------------------------------------
 
 def test_nvml_failing_mid_run_makes_that_metric_unavailable_and_keeps_the_rest(samples_path):
@@ -497,3 +510,18 @@ def test_the_replay_keeps_the_cards_own_arithmetic_on_every_tick():
         assert 0 <= readings[("gpu:0", "used_bytes")] - process_sum - H200_DRIVER_RESERVED_BYTES < 32 * MiB
     replay.advance(10)
     assert replay.state().used_bytes == replay.lines[-1]["dev_used"]  # the last line stays
+
+
+def test_a_description_s_json_is_encoded_once_and_each_caller_gets_its_own_copy():
+    info = ProcessInfo(474, True, "python3", Unavailable(NO_PERMISSION, "denied"), "python serve.py", ("torch",),
+                       {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})
+    first = info.to_json()
+    first["engines"].append("jax")
+    first["memory_env"]["XLA_PYTHON_CLIENT_PREALLOCATE"] = "false"
+    first["user"]["detail"] = "changed by a caller"
+    first["pid"] = 1
+    assert info.to_json() == {"pid": 474, "exists": True, "name": "python3",
+                              "user": {"unavailable": NO_PERMISSION, "detail": "denied"}, "cmdline": "python serve.py",
+                              "engines": ["torch"], "memory_env": {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}}
+    assert info == ProcessInfo(474, True, "python3", Unavailable(NO_PERMISSION, "denied"), "python serve.py",
+                               ("torch",), {"PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"})

@@ -5,7 +5,9 @@ between its reads."""
 from __future__ import annotations
 
 import json
+import math
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -143,6 +145,58 @@ def test_new_rows_take_at_most_60_percent_of_the_old_bytes_per_tick(tmp_path):
         return sum(len(raw) + 1 for raw in path.read_text().splitlines()[1:] if '"event"' not in raw)
 
     assert tick_bytes(new) <= 0.6 * tick_bytes(FIXTURE_V1), (tick_bytes(new), tick_bytes(FIXTURE_V1))
+
+
+class _EveryTickByKey(SampleWriter):
+    """The writer with its short path turned off: every tick looked up key by key, as before it had one."""
+
+    def _layout_row(self, t_ns, values, changed):
+        raise AssertionError("the short path was taken")
+
+    def _row_line(self, tick):
+        self._layout.forget()
+        return super()._row_line(tick)
+
+
+def _steady_ticks(seed: int, count: int) -> list[Tick]:
+    """Ticks that keep their layout for runs of ticks (the usual case), with values that repeat, change type,
+    become Unavailable, NaN or infinite, and now and then a key that comes, goes, or is given twice."""
+    rng = random.Random(seed)
+    keys = [("host", "cpu_util_pct"), ("host", "core0_util_pct"), ("pid:7", "rss_bytes"), ("gpu:0", "used_bytes"),
+            ("gpu:0", "util_pct"), ("pid:7/gpu:0", "used_bytes"), ("pid:7/gpu:0", "torch_ooms")]
+    present = list(keys)
+    ticks = []
+    for i in range(count):
+        if rng.random() < 0.05:
+            present = [key for key in keys if rng.random() < 0.8] or keys[:1]
+        values = []
+        for scope, metric in present:
+            roll = rng.random()
+            value: Any = (Unavailable(rng.choice([NO_DEVICE, NOT_SUPPORTED]), "x") if roll < 0.03 else
+                          rng.choice([math.nan, math.inf, -math.inf]) if roll < 0.05 else
+                          rng.choice([1, 1.0, True, 0, 0.0, False]) if roll < 0.3 else
+                          rng.randrange(3) * 1024 if roll < 0.7 else round(rng.random() * 100, 1))
+            values.append((scope, metric, value))
+        if rng.random() < 0.02:
+            values.append(values[0][:2] + (7,))
+        ticks.append(Tick(T0 + i * 50_000_000, values))
+    return ticks
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_the_short_path_writes_the_bytes_the_key_by_key_path_writes(tmp_path, monkeypatch, seed):
+    monkeypatch.setattr(samplefile, "KEYFRAME_EVERY_TICKS", 37)
+    short, by_key = tmp_path / "short.jsonl", tmp_path / "by_key.jsonl"
+    writers = [SampleWriter(str(short), {"t0_ns": T0}), _EveryTickByKey(str(by_key), {"t0_ns": T0})]
+    for tick in _steady_ticks(seed, 600):
+        for writer in writers:
+            writer.write(tick)
+    for writer in writers:
+        writer.close()
+    assert short.read_bytes() == by_key.read_bytes()
+    lines = short.read_text().splitlines()
+    assert all(json.dumps(json.loads(line), separators=(",", ":")) == line for line in lines)  # canonical JSON
+    assert sum(1 for line in lines[1:] if '"k"' not in line and '"x"' not in line) > 400  # mostly the short path
 
 
 # -- crash safety --------------------------------------------------------------------------------------

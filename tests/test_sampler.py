@@ -204,6 +204,59 @@ def test_peak_tracker_keeps_max_last_first_and_resets():
     assert tracker.peaks() == {("host", "rss_bytes"): 5}
 
 
+def _expected_peaks(ticks):
+    """PeakTracker's rule, one reading at a time: the max of the numbers (bools are not numbers), else the
+    first reading's reason; the first and the last reading of each key."""
+    peaks, first, last = {}, {}, {}
+    for values in ticks:
+        for scope, metric, value in values:
+            key = (scope, metric)
+            last[key] = value
+            first.setdefault(key, value)
+            number = isinstance(value, (int, float)) and not isinstance(value, bool)
+            held = peaks.get(key)
+            held_number = isinstance(held, (int, float)) and not isinstance(held, bool)
+            if key not in peaks or (number and (not held_number or value > held)):
+                peaks[key] = value
+    return peaks, first, last
+
+
+def _same_readings(a, b):
+    return a.keys() == b.keys() and all(type(a[k]) is type(b[k]) and (a[k] == b[k] or a[k] != a[k]) for k in a)
+
+
+def test_a_peak_tracker_over_steady_and_changing_ticks_keeps_the_rule():
+    """Most ticks repeat the layout and most readings (the tracker then looks at what changed only);
+    values change type, become reasons, keys come and go, one is given twice, and a reset comes mid-run."""
+    import random
+
+    rng = random.Random(5)
+    keys = [("host", "a"), ("host", "b"), ("gpu:0", "used_bytes"), ("pid:1/gpu:0", "used_bytes")]
+    present, ticks = list(keys), []
+    for _ in range(800):
+        if rng.random() < 0.05:
+            present = [key for key in keys if rng.random() < 0.8] or keys[:1]
+        values = [(scope, metric, rng.choice([1, 1.0, True, 3, 2.5, 0, Unavailable(NO_DEVICE, "lost"),
+                                              Unavailable(ERROR, "x"), rng.randrange(100)]))
+                  for scope, metric in present]
+        if rng.random() < 0.02:
+            values.append(values[0][:2] + (rng.randrange(200),))
+        ticks.append(values)
+    ticks[300] = ticks[299]  # the tick after the reset repeats the one before it
+    tracker = PeakTracker()
+    for values in ticks[:300]:
+        tracker(0, values)
+    tracker.reset()
+    for values in ticks[300:]:
+        tracker(0, values)
+    peaks, first, _ = _expected_peaks(ticks[300:])
+    _, _, last = _expected_peaks(ticks)
+    assert _same_readings(tracker.peaks(), peaks)
+    assert _same_readings(tracker.first(), first)
+    assert _same_readings(tracker.last(), last)
+    assert tracker.ticks == 500
+
+
 def test_a_peak_tracker_listening_to_the_h200_replay_finds_the_peaks():
     replay = ReplayNvml()
     torch_cuda = FakeTorchCuda.from_timeline(replay.lines, follow=replay)
@@ -268,3 +321,15 @@ def test_a_writer_error_is_recorded_not_raised():
     assert writer.error is not None and writer.error.errno == errno.ENOSPC
     assert sampler.ticks >= 4  # the sampler went on: 1 by hand, >= 2 from the thread, 1 from stop
     writer.close()
+
+
+def test_a_key_dropped_by_retain_comes_back_at_the_next_tick_even_unchanged():
+    """retain() drops keys off the tick path; a reading that did not change since must still come back
+    whole (the tracker compares ticks by position and would otherwise skip it as unchanged)."""
+    peaks = PeakTracker()
+    tick = [("pid:7/gpu:0", "used_bytes", 5), ("gpu:0", "used_bytes", 9)]
+    peaks(0, tick)
+    peaks.retain(lambda key: key[0] != "pid:7/gpu:0")
+    assert ("pid:7/gpu:0", "used_bytes") not in peaks.peaks()
+    peaks(1, list(tick))
+    assert peaks.peaks()[("pid:7/gpu:0", "used_bytes")] == 5 and peaks.last()[("pid:7/gpu:0", "used_bytes")] == 5

@@ -77,7 +77,8 @@ def nvml_answered(values: list[tuple[str, str, Any]]) -> bool:
 
 def _label(value: Any) -> str:
     text = "" if value is None else str(value) if not isinstance(value, dict) else ""
-    text = "".join(ch if ch.isprintable() else " " for ch in text)
+    if not text.isprintable():  # the usual label is printable: no step per character for it
+        text = "".join(ch if ch.isprintable() else " " for ch in text)
     return text[:MAX_LABEL_CHARS]
 
 
@@ -119,14 +120,24 @@ class GpuscopeCollector:
 
     def __init__(self, source: Callable[[], LiveView | None]) -> None:
         self._source = source
+        # The families of the last view served: `export` serves one view for min_interval_s and a
+        # view is never changed once made (watch and the sources make a new one for each reading), so
+        # the scrapes in between (several Prometheus servers, a dashboard) reuse them.
+        self._served: tuple[LiveView | None, list[Any]] | None = None
 
     def describe(self) -> list[Any]:
         return []  # unchecked collector: families depend on what the node has
 
     def collect(self) -> Iterator[Any]:
+        view = self._source()
+        served = self._served
+        if served is None or served[0] is not view or view is None:
+            served = self._served = (view, list(self._families(view)))
+        yield from served[1]
+
+    def _families(self, view: LiveView | None) -> Iterator[Any]:
         from prometheus_client.core import GaugeMetricFamily
 
-        view = self._source()
         up = GaugeMetricFamily("gpuscope_nvml_available", "1 when NVML could be read on this node")
         up.add_metric([], 1.0 if view is not None and view.nvml_available else 0.0)
         yield up
@@ -197,27 +208,38 @@ class GpuscopeCollector:
                 return "target"
             return "child" if pid in view.children else "other"
 
+        labels: dict[int, tuple[str, str, str, list[str]]] = {}  # pid -> (pid, name, role, pod labels)
+
+        def labels_of(pid: int) -> tuple[str, str, str, list[str]]:
+            """A process's labels, built once per view (each pid has a memory and an SM sample per device)."""
+            found = labels.get(pid)
+            if found is None:
+                info = view.processes.get(pid)
+                found = labels[pid] = (str(pid), _label(getattr(info, "name", "") or ""), role(pid),
+                                       [_container_label(info, "pod_uid"), _container_label(info, "container_id")])
+            return found
+
         for scope, metric, value in view.values:
             parsed = scopes.parse(scope)
             if parsed.pid is None or not is_available(value):
                 continue
             pid = parsed.pid
-            gpu_text = str(parsed.gpu) if parsed.gpu is not None else ""
-            info = view.processes.get(pid)
-            name = _label(getattr(info, "name", "") or "")
-            pod = [_container_label(info, "pod_uid"), _container_label(info, "container_id")]
-            if gpu_text:
+            if parsed.gpu is not None:
                 if metric == "used_bytes":
-                    memory.add_metric([gpu_text, str(pid), name, _engine_label(info), role(pid)] + pod, float(value))
+                    pid_text, name, who, pod = labels_of(pid)
+                    memory.add_metric([str(parsed.gpu), pid_text, name, _engine_label(view.processes.get(pid)), who]
+                                      + pod, float(value))
                 elif metric == "sm_util_pct":
-                    sm.add_metric([gpu_text, str(pid), name, role(pid)] + pod, float(value) / 100.0)
+                    pid_text, name, who, pod = labels_of(pid)
+                    sm.add_metric([str(parsed.gpu), pid_text, name, who] + pod, float(value) / 100.0)
             elif pid == view.target_pid:
+                pid_text, name, _who, _pod = labels_of(pid)
                 if metric == "rss_bytes":
-                    rss.add_metric([str(pid), name], float(value))
+                    rss.add_metric([pid_text, name], float(value))
                 elif metric == "cpu_util_pct":
-                    cpu.add_metric([str(pid), name], float(value) / 100.0)
+                    cpu.add_metric([pid_text, name], float(value) / 100.0)
                 elif metric == "num_threads":
-                    threads.add_metric([str(pid), name], float(value))
+                    threads.add_metric([pid_text, name], float(value))
         yield memory
         yield sm
         if view.target_pid is not None:

@@ -32,8 +32,9 @@ class PsProcess:
 
     def to_json(self) -> dict[str, Any]:
         base = self.info.to_json() if self.info is not None else {"pid": self.pid, "exists": None, "name": "?"}
-        return reading_to_json({**base, "gpu": self.gpu, "used_bytes": self.used_bytes,
-                                "sm_util_pct": self.sm_util_pct})
+        # the description is JSON already (ProcessInfo.to_json): only the readings are encoded here
+        return {**base, "gpu": self.gpu, "used_bytes": reading_to_json(self.used_bytes),
+                "sm_util_pct": reading_to_json(self.sm_util_pct)}
 
 
 @dataclass
@@ -107,6 +108,11 @@ def snapshot_from_readings(devices: list[Any], values: list[tuple[str, str, Any]
     by_scope: dict[str, dict[str, Any]] = {}
     for scope, metric, value in values:
         by_scope.setdefault(scope, {})[metric] = value
+    on_device: dict[int, list[tuple[int, dict[str, Any]]]] = {}  # gpu -> [(pid, its readings)], in tick order
+    for scope, metrics in by_scope.items():
+        parsed = scopes.parse(scope)
+        if parsed.is_process_on_device:
+            on_device.setdefault(parsed.gpu, []).append((parsed.pid, metrics))
     out: list[PsDevice] = []
     for info in devices:
         index = info.index
@@ -118,10 +124,7 @@ def snapshot_from_readings(devices: list[Any], values: list[tuple[str, str, Any]
                           driver_reserved_bytes=figures.get("driver_reserved_bytes", missing),
                           util_pct=figures.get("util_pct", missing), mem_util_pct=figures.get("mem_util_pct", missing),
                           process_list=figures.get("process_count", missing))
-        for scope, metrics in by_scope.items():
-            pid = scopes.pid_on_device(scope, index)
-            if pid is None:
-                continue
+        for pid, metrics in on_device.get(index, ()):
             device.processes.append(PsProcess(pid, index, metrics.get("used_bytes"), metrics.get("sm_util_pct"),
                                               processes.get(pid)))
         device.processes.sort(key=lambda p: (-(p.used_bytes if is_available(p.used_bytes) else -1), p.pid))
