@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterable
 
 from gpuscope.probes.readings import is_available
-from gpuscope.probes.redact import REDACTED, is_secret_name, redact_text
+from gpuscope.probes.redact import REDACTED, is_secret_name, redact_cmdline, redact_text
 from gpuscope.probes.units import format_bytes
 from gpuscope.record.catalogue import LIVE_MODES, SEVERITY_ORDER
 from gpuscope.record.layers import CPU_LAYERS, GPU_LAYERS, LAYER_LABELS
@@ -269,12 +269,28 @@ def _check(record: "RunRecord") -> str:
             "</tbody></table></div></section>")
 
 
+def _redacted_evidence(value: Any, key: str = "") -> Any:
+    """Evidence with the outside text in it redacted again at render time, at any depth (FOREIGN_PROCESS lists
+    the processes with their command lines): a command line's secret flags and any text under a secret name.
+    A run.json from an older gpuscope, or edited by hand, may hold them unredacted."""
+    if isinstance(value, dict):
+        return {k: _redacted_evidence(v, str(k)) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_redacted_evidence(v, key) for v in value]
+    if isinstance(value, str):
+        if is_secret_name(key):
+            return REDACTED
+        if key == "cmdline":
+            return redact_cmdline(value)
+    return value
+
+
 def _evidence(evidence: Any) -> str:
     if not isinstance(evidence, dict) or not evidence:
         return ""
     items = []
     for key, value in evidence.items():
-        text = fmt(value, str(key))
+        text = fmt(_redacted_evidence(value, str(key)), str(key))
         if is_secret_name(str(key)) and not isinstance(value, (int, float)):
             text = REDACTED
         items.append(f"<dt>{esc(key)}</dt><dd>{esc(text)}</dd>")

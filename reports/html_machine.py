@@ -102,7 +102,7 @@ def _processes(record: "RunRecord") -> str:
                      '<th class="num">peak GPU memory</th><th>engines and their memory variables</th>'
                      "<th>command line (secrets redacted)</th></tr></thead><tbody>" + "".join(rows)
                      + "</tbody></table></div>")
-    parts.append(_departed_not_listed((record.extra or {}).get("departed_processes")))
+    parts.append(_departed_not_listed((getattr(record, "extra", None) or {}).get("departed_processes")))
     parts.append("</section>")
     return "\n".join(parts)
 

@@ -2,15 +2,19 @@
 from __future__ import annotations
 
 import base64
+import copy
+import dataclasses
 import hashlib
 import re
+from html import escape
 from html.parser import HTMLParser
 from pathlib import Path
 
 import pytest
 
 from gpuscope.probes.readings import NO_PERMISSION, Unavailable
-from gpuscope.record.run import Finding, load_run
+from gpuscope.analysis.findings import conclude
+from gpuscope.record.run import load_run
 from gpuscope.reports.html import _CSS, render_html
 from gpuscope.reports.html_format import csp, fmt
 from gpuscope.reports.plots import Plot
@@ -47,36 +51,86 @@ def _fake_plots() -> list[Plot]:
             ("memory_breakdown.png", "memory_timeline.png", "throughput_latency.png")]
 
 
+SEVERITY_RANK = {"fail": 0, "warn": 1, "info": 2}
+
+
 @pytest.fixture(scope="module")
-def gpu_html(tmp_path_factory: pytest.TempPathFactory) -> str:
-    directory = tmp_path_factory.mktemp("gpu")
-    _record, run, _samples = rf.gpu_run(str(directory))
-    return render_html(load_run(run), _fake_plots())
+def gpu_record(tmp_path_factory: pytest.TempPathFactory):
+    """The replayed H200 run (tests/fixtures/runs/gpu): a foreign process whose command line held markup,
+    a stored check outcome with a pass, a fail and an unmeasured limit."""
+    return rf.gpu_run(str(tmp_path_factory.mktemp("gpu")))[0]
 
 
-def test_model_name_with_markup_is_escaped(gpu_html: str) -> None:
-    assert rf.EVIL_NAME not in gpu_html
-    assert "&lt;img src=x onerror=alert(1)&gt;.pt" in gpu_html
-    parsed = _parse(gpu_html)
+@pytest.fixture(scope="module")
+def gpu_html(gpu_record) -> str:
+    return render_html(gpu_record, _fake_plots())
+
+
+@pytest.fixture(scope="module")
+def copies_record(tmp_path_factory: pytest.TempPathFactory):
+    """The real --copy-model check sweep of a model file named with markup (DUPLICATE_MODEL fails)."""
+    return rf.copies_run(str(tmp_path_factory.mktemp("copies")))[0]
+
+
+@pytest.fixture(scope="module")
+def copies_html(copies_record) -> str:
+    return render_html(copies_record, _fake_plots())
+
+
+def _unredacted(record):
+    """The record as an older gpuscope or a hand-edited run.json may hold it: outside text not yet redacted
+    (the neighbour's real command line plus a password in a URL, secrets in the environment and config)."""
+    from tests.fixtures.runs.make_runs import FOREIGN_ARGV
+
+    record = copy.deepcopy(record)
+    neighbour = next(p for p in record.processes if not p["self"])
+    neighbour["cmdline"] = " ".join(FOREIGN_ARGV) + " --db postgres://bob:s3cret@db:5432/x --token=hunter2"
+    record.environment["memory_env"] = {"SECRET_TOKEN": "abc123", "HF_ENDPOINT": "https://u:pw@hub.example",
+                                        "PYTORCH_CUDA_ALLOC_CONF": "expandable_segments:True"}
+    record.config["auth_token"] = "do-not-show"
+    return record
+
+
+def test_model_name_with_markup_is_escaped(copies_record, copies_html: str) -> None:
+    assert copies_record.config["model"] == rf.EVIL_NAME
+    assert rf.EVIL_NAME not in copies_html
+    assert "&lt;img src=x onerror=alert(1)&gt;.pt" in copies_html
+    parsed = _parse(copies_html)
     assert rf.EVIL_NAME in "".join(parsed.text)  # it reads as text
 
 
-def test_no_injected_markup_only_known_tags_and_no_handlers(gpu_html: str) -> None:
-    parsed = _parse(gpu_html)
+@pytest.mark.parametrize("page", ["gpu_html", "copies_html"])
+def test_no_injected_markup_only_known_tags_and_no_handlers(page: str, request: pytest.FixtureRequest) -> None:
+    html = request.getfixturevalue(page)
+    parsed = _parse(html)
     tags = {tag for tag, _ in parsed.tags}
     assert tags <= ALLOWED_TAGS, tags - ALLOWED_TAGS
     for _tag, attrs in parsed.tags:
         assert not any(name.startswith("on") for name in attrs), attrs
-    assert "<script" not in gpu_html.lower()
-    assert "&lt;script&gt;alert(&#x27;proc&#x27;)&lt;/script&gt;" in gpu_html
-    assert "FOREIGN_PROCESS &lt;b&gt;fired&lt;/b&gt;" in gpu_html  # check messages are escaped too
+    assert "<script" not in html.lower()
 
 
-def test_secrets_are_redacted_at_render_time(gpu_html: str) -> None:
-    for secret in ("hunter2", "s3cret", "abc123", "do-not-show", ":pw@"):
-        assert secret not in gpu_html, secret
-    assert "--token=***" in gpu_html
-    assert "postgres://bob:***@db" in gpu_html
+def test_a_neighbours_command_line_is_shown_as_text(gpu_record, gpu_html: str) -> None:
+    neighbour = next(p for p in gpu_record.processes if not p["self"])
+    assert "<b>html</b>" in neighbour["cmdline"]  # the capture's foreign process really had it
+    assert "<b>html" not in gpu_html and "&lt;b&gt;html&lt;/b&gt;" in gpu_html
+
+
+def test_check_messages_are_escaped(gpu_record) -> None:
+    record = copy.deepcopy(gpu_record)
+    forbid = next(r for r in record.check["results"] if r["name"].startswith("forbid."))
+    forbid["message"] += " <b>fired</b>"  # as a process name in a finding's title would put it there
+    html = render_html(record, _fake_plots())
+    assert "<b>fired" not in html and "&lt;b&gt;fired&lt;/b&gt;" in html
+
+
+def test_secrets_are_redacted_at_render_time(gpu_record) -> None:
+    html = render_html(_unredacted(gpu_record), _fake_plots())
+    for secret in ("hunter2", "s3cret", "abc123", "do-not-show", ":pw@", "SECRET123"):
+        assert secret not in html, secret
+    assert "--token=***" in html and "--api-key=***" in html
+    assert "postgres://bob:***@db" in html
+    assert "SECRET_TOKEN=***" in html and "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True" in html
 
 
 def test_self_contained_with_a_strict_csp(gpu_html: str) -> None:
@@ -106,24 +160,57 @@ def test_sections_in_order(gpu_html: str) -> None:
     assert ids == ["verdict", "check", "findings", "plots", "steps", "processes", "environment", "configuration"]
 
 
-def test_verdict_and_findings_most_severe_first(gpu_html: str) -> None:
-    verdict = gpu_html[gpu_html.index('id="verdict"'):gpu_html.index('id="check"')]
-    assert "Run 4 predictors" in verdict and "problems found" in verdict
-    start = gpu_html.index('id="findings"')
-    section = gpu_html[start:gpu_html.index('id="plots"')]
+def _findings_section(html: str) -> str:
+    start = html.index('id="findings"')
+    return html[start:html.index('id="plots"')]
+
+
+@pytest.mark.parametrize("record_name, keep_check, badge", [
+    ("gpu_record", True, "problems found"),      # its stored gate failed (max-p99-ms, forbidden FOREIGN_PROCESS)
+    ("gpu_record", False, "warnings"),           # without the gate: FOREIGN_PROCESS is a warning
+    ("copies_record", True, "problems found"),   # DUPLICATE_MODEL is a fail
+])
+def test_verdict_and_findings_most_severe_first(record_name: str, keep_check: bool, badge: str,
+                                                request: pytest.FixtureRequest) -> None:
+    record = copy.deepcopy(request.getfixturevalue(record_name))
+    if not keep_check:
+        record.check = None
+    worst = min(record.findings, key=lambda f: SEVERITY_RANK[f.severity])
+    failed_gate = (record.check or {}).get("exit_code") == 1
+    assert badge == ("problems found" if worst.severity == "fail" or failed_gate else "warnings")  # the fixture's
+    html = render_html(record, _fake_plots())
+    rec = record.recommendation["predictors"]
+    verdict = html[html.index('id="verdict"'):html.index('id="findings"')]
+    assert f"Run {rec} predictor{'s' if rec != 1 else ''}" in verdict and badge in verdict
+    section = _findings_section(html)
     codes = re.findall(r'<div class="code">([A-Z_]+)', section)
-    assert codes == ["DUPLICATE_MODEL", "FOREIGN_PROCESS", "PER_PREDICTOR_GROWTH", "OUTSIDE_ALLOCATOR",
-                     "THROUGHPUT_PLATEAU"]
-    assert "Remedy:" in section and "Load the model once" in section
-    assert "unavailable (not_supported: one step only)" in section  # evidence readings keep their reason
+    assert codes == [f.code for f in sorted(record.findings, key=lambda f: SEVERITY_RANK[f.severity])]
+    assert "Remedy:" in section and escape(worst.remedy) in section
 
 
-def test_environment_and_check_are_shown(gpu_html: str) -> None:
-    for text in ("550.54.15", "2.5.1+cu124", "12.4", "PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True",
-                 "CUDA_MODULE_LOADING=LAZY", "SECRET_TOKEN=***", "NVIDIA H100 80GB HBM3"):
+def test_environment_and_check_are_shown(gpu_record, gpu_html: str) -> None:
+    env = gpu_record.environment
+    for text in (env["driver"], env["torch"], env["cuda"], gpu_record.devices[0]["name"]):
         assert text in gpu_html, text
     check = gpu_html[gpu_html.index('id="check"'):gpu_html.index('id="findings"')]
-    assert "failed" in check and "max-p99-ms" in check and "unavailable (error: no steps)" in check
+    statuses = {r["status"] for r in gpu_record.check["results"]}
+    assert statuses == {"pass", "fail", "unmeasured"}  # the stored outcome has one of each
+    assert "failed" in check and "max_p99_ms" in check
+    unmeasured = next(r for r in gpu_record.check["results"] if r["status"] == "unmeasured")
+    assert escape(unmeasured["message"]) in check
+
+
+def test_an_unavailable_evidence_reading_keeps_its_reason(gpu_record) -> None:
+    """The sharing figure the rules could not compute (one count left) is evidence that says why."""
+    from gpuscope.analysis.findings import conclude
+
+    record = copy.deepcopy(gpu_record)
+    record.steps = record.steps[-1:]
+    conclude(record)
+    text = render_html(record, _fake_plots())
+    reason = record.sharing["bytes_per_extra_predictor"]
+    assert isinstance(reason, Unavailable)
+    assert f"unavailable ({reason.reason}: {reason.detail})" in text
 
 
 def test_unavailable_reads_as_unavailable_never_zero(tmp_path: Path) -> None:
@@ -142,24 +229,33 @@ def test_dataclass_dict_unavailable_shape_is_tolerated() -> None:
 
 
 def test_cpu_and_interrupted_runs_render(tmp_path: Path) -> None:
-    _record, run, _samples = rf.cpu_run(str(tmp_path / "cpu"))
+    record, run, _samples = rf.cpu_run(str(tmp_path / "cpu"))
+    rec = record.recommendation["predictors"]
     cpu = render_html(load_run(run), _fake_plots())
-    assert "Run 2 predictors" in cpu and "RSS peak" in cpu and "No GPU was used" in cpu
-    _record, run, _samples = rf.interrupted_run(str(tmp_path / "int"))
+    assert f"Run {rec} predictor{'s' if rec != 1 else ''}" in cpu and "RSS peak" in cpu and "No GPU was used" in cpu
+    record, run, _samples = rf.interrupted_run(str(tmp_path / "int"))
+    assert record.status == "interrupted" and not record.steps
     interrupted = render_html(load_run(run), _fake_plots(), notes=["1 unreadable line in the samples file"])
     assert "Interrupted run." in interrupted and "No step completed." in interrupted
     assert "1 unreadable line" in interrupted
 
 
-def test_finding_titles_and_evidence_from_outside_are_escaped(tmp_path: Path) -> None:
-    _record, run, _samples = rf.gpu_run(str(tmp_path))
-    record = load_run(run)
-    record.findings.append(Finding("FOREIGN_PROCESS", "warn", 'pid 9 "<svg onload=x>" holds 1 GiB',
-                                   {"cmdline": "srv --password=pw123 <x>", "api_key": "k-999"},
-                                   "kill `<b>`"))
+def test_finding_titles_and_evidence_from_outside_are_escaped(gpu_record) -> None:
+    """A neighbour's name and command line are outside text: planted in the record, they reach the finding
+    the rules derive (its title and evidence), escaped and redacted when rendered."""
+    from gpuscope.analysis.findings import conclude
+
+    record = copy.deepcopy(gpu_record)
+    neighbour = next(p for p in record.processes if not p["self"])
+    neighbour["name"] = 'srv "<svg onload=x>"'
+    neighbour["cmdline"] = "srv --password=pw123 <x> --api_key=k-999"
+    conclude(record)
+    finding = next(f for f in record.findings if f.code == "FOREIGN_PROCESS")
+    assert "<svg onload=x>" in finding.title
+    record.findings = [dataclasses.replace(f, remedy="kill `<b>`") if f is finding else f for f in record.findings]
     text = render_html(record, _fake_plots())
     assert "<svg" not in text and "&lt;svg onload=x&gt;" in text
-    assert "k-999" not in text
+    assert "k-999" not in text and "pw123" not in text
     assert "<code>&lt;b&gt;</code>" in text  # backticks become code, after escaping
 
 
@@ -219,11 +315,17 @@ def test_a_compare_report_has_its_comparison_and_no_empty_sweep_sections(tmp_pat
 
 
 def test_a_null_remedy_is_omitted_and_one_predictor_is_singular(tmp_path: Path) -> None:
-    _record, run, _samples = rf.cpu_run(str(tmp_path), counts=(1, 2))
+    _record, run, _samples = rf.cpu_run(str(tmp_path))
     record = load_run(run)
-    record.recommendation["predictors"] = 1
+    # plant the cause: the 1-predictor step ran out of memory, and a predictor died at the next count
+    record.steps[0].oom = True
+    record.steps[0].error_messages = ["OutOfMemoryError: DefaultCPUAllocator: can't allocate memory"]
     record.steps[1].dead_predictors = 1
-    record.findings = [Finding("OOM", "warn", "no remedy here", {}, "None", at_predictors=1)]
+    conclude(record)
+    record.recommendation["predictors"] = 1
+    oom = next(f for f in record.findings if f.code == "OOM")
+    assert oom.at_predictors == 1
+    record.findings = [dataclasses.replace(oom, remedy="None")]  # a remedy the JSON held as null
     text = render_html(record, _fake_plots())
     assert "Remedy:" not in text
     assert "Figures at 1 predictor." in text and "OOM at 1 predictor<" in text and "1 predictor died" in text
@@ -236,7 +338,7 @@ def test_non_finite_numbers_read_n_a(tmp_path: Path) -> None:
     record.steps[0].throughput_rps = float("nan")
     record.steps[1].throughput_rps = float("inf")
     record.steps[1].latency_ms["p99"] = float("inf")
-    record.steps[2].memory["rss_bytes"] = float("-inf")
+    record.steps[-1].memory["rss_bytes"] = float("-inf")
     text = render_html(record, _fake_plots())
     steps = text[text.index('id="steps"'):text.index('id="processes"')]
     assert "nan" not in steps.lower() and "inf" not in steps.lower() and steps.count("n/a") >= 4
@@ -284,7 +386,7 @@ def test_evidence_values_are_shown_in_their_units(key, value, shown):
 def test_an_open_loop_run_shows_the_offered_rate_queueing_and_drops_per_step(tmp_path: Path) -> None:
     """--rate: the latency of an overloaded step is mostly queueing; the steps table says so, as the
     terminal summary does (it showed neither the offered rate nor the queue/compute split)."""
-    _record, run, _samples = rf.cpu_run(str(tmp_path), counts=(1, 2))
+    _record, run, _samples = rf.cpu_run(str(tmp_path))
     record = load_run(run)
     for step, served, dropped in zip(record.steps, (20.0, 40.0), (0, 12)):
         step.offered_rps, step.throughput_rps, step.dropped_arrivals = 50.0, served, dropped

@@ -1,4 +1,7 @@
-"""JUnit XML from `gpuscope check --junit`: parses with a standard parser and counts right."""
+"""JUnit XML from `gpuscope check --junit`: parses with a standard parser and counts right.
+
+The runs are tests/fixtures/runs' real runs (see make_runs.py there); the limits that must fail or pass are
+set from each run's own figures."""
 from __future__ import annotations
 
 import os
@@ -6,17 +9,20 @@ import xml.etree.ElementTree as ET
 
 import pytest
 
+from gpuscope.analysis.findings import conclude
 from gpuscope.analysis.gate import evaluate
 from gpuscope.analysis.limits import merge_limits
 from gpuscope.commands.check import run_check
-from gpuscope.record.run import Finding, load_run
 from gpuscope.reports.junit import write_junit
-
-FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures", "check")
+from tests.report_fixtures import reads_as, saved_run
 
 
 def run(name):
-    return load_run(os.path.join(FIXTURES, f"{name}_run.json"))
+    return saved_run(name)
+
+
+def at_recommended(record):
+    return record.step_at(record.recommendation["predictors"])
 
 
 def suite_of(path):
@@ -31,15 +37,21 @@ def cases(suite):
     return {case.get("name"): case for case in suite.findall("testcase")}
 
 
+def _mixed(record):
+    step = at_recommended(record)
+    return merge_limits({}, {
+        "max_device_memory": "20GiB",                            # unmeasured: no GPU
+        "max_host_memory": step.memory["rss_bytes"] * 2,         # pass
+        "max_p99_ms": step.latency_ms["p99"] / 2,                # fail
+        "min_throughput": step.throughput_rps * 2,               # fail
+        "forbid": "duplicate-model,foreign-process",             # pass, unmeasured
+    })
+
+
 def test_mixed_outcome_counts_and_cases(tmp_path):
     record = run("cpu")
-    outcome = evaluate(record, merge_limits({}, {
-        "max_device_memory": "20GiB",          # unmeasured: no GPU
-        "max_host_memory": "2GiB",             # pass
-        "max_p99_ms": 25,                      # fail: 40 ms
-        "min_throughput": 60,                  # fail: 55 req/s
-        "forbid": "duplicate-model,foreign-process",  # pass, unmeasured
-    }))
+    step = at_recommended(record)
+    outcome = evaluate(record, _mixed(record))
     path = tmp_path / "check.xml"
     write_junit(outcome, str(path))
     root, suite = suite_of(str(path))
@@ -52,9 +64,13 @@ def test_mixed_outcome_counts_and_cases(tmp_path):
                             "forbid.DUPLICATE_MODEL", "forbid.FOREIGN_PROCESS", "findings"}
     assert all(case.get("classname") == "gpuscope.check" for case in suite.findall("testcase"))
 
+    results = {r.name: r for r in outcome.results}
     failure = by_name["max_p99_ms"].find("failure")
-    assert failure is not None and "40.0 ms" in failure.get("message") and "25 ms" in failure.get("message")
-    assert "55.0 req/s" in by_name["min_throughput"].find("failure").get("message")
+    assert failure is not None and reads_as(results["max_p99_ms"].measured, step.latency_ms["p99"])
+    assert results["max_p99_ms"].measured in failure.get("message") and results["max_p99_ms"].limit in failure.get("message")
+    throughput = by_name["min_throughput"].find("failure").get("message")
+    assert reads_as(results["min_throughput"].measured, step.throughput_rps)
+    assert results["min_throughput"].measured in throughput
     error = by_name["max_device_memory"].find("error")
     assert error is not None and "no GPU was measured" in error.get("message")
     assert by_name["forbid.FOREIGN_PROCESS"].find("error") is not None
@@ -63,9 +79,7 @@ def test_mixed_outcome_counts_and_cases(tmp_path):
 
 
 def test_counts_match_the_cases(tmp_path):
-    outcome = evaluate(run("cpu"), merge_limits({}, {"max_device_memory": "20GiB", "max_host_memory": "2GiB",
-                                                     "max_p99_ms": 25, "min_throughput": 60,
-                                                     "forbid": "duplicate-model,foreign-process"}))
+    outcome = evaluate(run("cpu"), _mixed(run("cpu")))
     path = tmp_path / "check.xml"
     write_junit(outcome, str(path))
     _, suite = suite_of(str(path))
@@ -76,36 +90,43 @@ def test_counts_match_the_cases(tmp_path):
 
 
 def test_all_passing_run_has_no_failures(tmp_path):
-    outcome = evaluate(run("gpu"), merge_limits({}, {"max_device_memory": "20GiB", "max_p99_ms": 25,
-                                                     "min_throughput": 700, "min_headroom_pct": 20,
-                                                     "max_memory_per_predictor": "128MiB",
-                                                     "max_host_memory": "4GiB", "forbid": "duplicate-model"}))
+    record = run("gpu")
+    step = at_recommended(record)
+    outcome = evaluate(record, merge_limits({}, {
+        "max_device_memory": step.memory["process_gpu_bytes"] * 2, "max_p99_ms": step.latency_ms["p99"] * 2,
+        "min_throughput": step.throughput_rps / 2, "min_headroom_pct": 1,
+        "max_memory_per_predictor": int(record.sharing["bytes_per_extra_predictor"] * 2),
+        "forbid": "duplicate-model"}))
     assert outcome.exit_code == 0
     path = tmp_path / "junit.xml"
     write_junit(outcome, str(path))
     _, suite = suite_of(str(path))
-    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("8", "0", "0")
-    assert set(cases(suite)) == {"max_device_memory", "max_host_memory", "min_headroom_pct", "max_p99_ms",
-                                 "min_throughput", "max_memory_per_predictor", "forbid.DUPLICATE_MODEL", "findings"}
+    assert (suite.get("tests"), suite.get("failures"), suite.get("errors")) == ("7", "0", "0")
+    assert set(cases(suite)) == {"max_device_memory", "min_headroom_pct", "max_p99_ms", "min_throughput",
+                                 "max_memory_per_predictor", "forbid.DUPLICATE_MODEL", "findings"}
 
 
 def test_findings_become_cases_and_hostile_text_stays_valid_xml(tmp_path):
+    # a process name is outside text (NVML's, /proc's): the neighbour's reaches FOREIGN_PROCESS's title
     record = run("gpu")
-    record.findings.append(Finding("DUPLICATE_MODEL", "fail", "copy in \x00proc <evil> & \"x\"\x1b[31m"))
+    neighbour = next(p for p in record.processes if not p["self"])
+    neighbour["name"] = "copy in \x00proc <evil> & \"x\"\x1b[31m"
+    conclude(record)
     outcome = evaluate(record, merge_limits({}, {"fail_on": "warn"}))
     path = tmp_path / "j.xml"
     write_junit(outcome, str(path))
     _, suite = suite_of(str(path))
     by_name = cases(suite)
-    assert set(by_name) == {"finding.DUPLICATE_MODEL", "finding.FOREIGN_PROCESS"}
-    message = by_name["finding.DUPLICATE_MODEL"].find("failure").get("message")
+    assert set(by_name) == {f"finding.{f.code}" for f in record.findings if f.severity in ("warn", "fail")}
+    message = by_name["finding.FOREIGN_PROCESS"].find("failure").get("message")
     assert "<evil> & \"x\"" in message and "\x00" not in message
-    assert suite.get("failures") == "2"
+    assert suite.get("failures") == str(len(by_name))
 
 
 def test_written_from_the_json_stored_in_run_json_and_atomically(tmp_path):
     record = run("gpu")
-    run_check(record, merge_limits({}, {"max_p99_ms": 10}), None, None, None, echo=lambda _: None)
+    run_check(record, merge_limits({}, {"max_p99_ms": at_recommended(record).latency_ms["p99"] / 2}), None, None,
+              None, echo=lambda _: None)
     nested = tmp_path / "reports" / "ci"
     path = nested / "check.xml"
     write_junit(record.check, str(path))  # the dict form, as a re-render from run.json would pass it

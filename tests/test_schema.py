@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-FIXTURE_RUN = ROOT / "tests" / "fixtures" / "check" / "cpu_run.json"
+FIXTURE_RUN = ROOT / "tests" / "fixtures" / "runs" / "cpu" / "run.json"
 
 
 def _gpuscope(*args: str, cwd: Path) -> subprocess.CompletedProcess:

@@ -367,7 +367,7 @@ def rule_oom(record: RunRecord, t: Thresholds) -> list[Finding]:
     ceiling = max((s.predictors for s in good), default=None)
     return [Finding(
         "OOM", "fail",
-        f"out of memory at {step.predictors} predictors" + (f"; {ceiling} is the ceiling" if ceiling else ""),
+        f"out of memory at {_count_text(record, step.predictors)}" + (f"; {ceiling} is the ceiling" if ceiling else ""),
         {"oom_predictors": step.predictors, "last_good_predictors": ceiling,
          "messages": step.error_messages[:3], "peak_memory": {k: v for k, v in step.memory.items() if k != "layers"}},
         "the largest count that fit is the ceiling; see the memory breakdown for which layer grew", step.predictors)]
@@ -381,7 +381,7 @@ def rule_predictor_errors(record: RunRecord, t: Thresholds) -> list[Finding]:
     severity = "fail" if worst.error_rate >= t.error_fail_rate or worst.dead_predictors else "warn"
     return [Finding(
         "PREDICTOR_ERRORS", severity,
-        f"{worst.error_rate:.1%} of requests failed at {worst.predictors} predictors"
+        f"{worst.error_rate:.1%} of requests failed at {_count_text(record, worst.predictors)}"
         + (f"; {worst.dead_predictors} predictor thread(s) died" if worst.dead_predictors else ""),
         {"error_rate_by_predictors": {str(s.predictors): s.error_rate for s in record.steps},
          "messages": worst.error_messages[:5]},
