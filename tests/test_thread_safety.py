@@ -113,3 +113,54 @@ def test_a_kept_response_does_not_change_when_the_predictor_reuses_its_buffer():
     kept = keep({"out": buffer, "ids": [buffer]})
     buffer.add_(1)
     assert torch.equal(kept["out"], torch.zeros(3)) and torch.equal(kept["ids"][0], torch.zeros(3))
+
+
+# ---------------------------------------------------------------- rounding under concurrency is not a race
+
+def test_float_rounding_is_told_from_a_real_difference():
+    from gpuscope.measure.thread_safety import ROUNDING_EPS_MULTIPLE, rounding_only
+
+    x = torch.linspace(-3.0, 3.0, 64)
+    eps = torch.finfo(torch.float32).eps
+    assert rounding_only(x + 8 * eps * 3.0, x)  # a few units of rounding at the tensor's scale
+    assert not rounding_only(x + 2 * ROUNDING_EPS_MULTIPLE * eps * 3.0, x)  # past the bound
+    assert not rounding_only(x + 1e-3, x)  # another request's answer is off by far more
+    assert rounding_only({"logits": x.clone(), "ids": torch.arange(4)}, {"logits": x, "ids": torch.arange(4)})
+    assert not rounding_only({"ids": torch.arange(4) + 1}, {"ids": torch.arange(4)})  # integers must be equal
+    assert not rounding_only(x[:10], x[:11]) and not rounding_only([x], [x, x])
+    half = torch.ones(8, dtype=torch.bfloat16)
+    assert not rounding_only(half * 1.03125, half)  # half precision: the 1% cap, not 64 x 2^-7 = 50%
+
+
+def record_with(mismatches: list[dict], **check) -> object:
+    record = S.clean_cpu_run()
+    record.thread_safety = {"checked": True, "requests": 4, "concurrent_predictors": 4, "rounds": 2,
+                                        "tolerance": 0.0, "writes": [], "sequential_mismatches": [],
+                                        "concurrent_judged": True, "concurrent_mismatches": mismatches,
+                                        "concurrent_mismatch_count": len(mismatches), "concurrent_requests": 32,
+                                        **check}
+    return record
+
+
+def test_responses_differing_by_rounding_alone_under_concurrency_are_not_thread_unsafe():
+    rounding = [{"request": 1, "predictor": 2, "max_abs_diff": 4.8e-7, "rounding": True}]
+    record = record_with(rounding, concurrent_beyond_rounding_count=0)
+    assert rule_thread_unsafe(record, DEFAULT_THRESHOLDS) == []
+    [finding] = rule_nondeterministic_output(record, DEFAULT_THRESHOLDS)
+    assert finding.severity == "info" and "by float rounding only" in finding.title
+    assert finding.evidence["rounding_only"] is True
+
+
+def test_one_response_beyond_rounding_under_concurrency_is_thread_unsafe():
+    mixed = [{"request": 0, "predictor": 1, "max_abs_diff": 0.7, "rounding": False},
+             {"request": 1, "predictor": 2, "max_abs_diff": 4.8e-7, "rounding": True}]
+    record = record_with(mixed, concurrent_beyond_rounding_count=1)
+    [finding] = rule_thread_unsafe(record, DEFAULT_THRESHOLDS)
+    assert finding.severity == "fail" and "1 of 32 responses" in finding.title and "by up to 0.7" in finding.title
+    assert rule_nondeterministic_output(record, DEFAULT_THRESHOLDS) == []
+
+
+def test_a_record_from_before_the_rounding_mark_still_judges_every_mismatch():
+    record = record_with([{"request": 0, "predictor": 1, "max_abs_diff": 4.8e-7}])
+    assert [f.code for f in rule_thread_unsafe(record, DEFAULT_THRESHOLDS)] == ["THREAD_UNSAFE"]
+    assert rule_nondeterministic_output(record, DEFAULT_THRESHOLDS) == []

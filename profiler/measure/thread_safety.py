@@ -16,7 +16,12 @@ Two kinds of evidence, both kept in run.json (`thread_safety`) for the rules:
   budget allows; each response is compared with its first sequential one,
   exactly or within `tolerance`. Outputs that differ between the two sequential
   passes make the concurrent comparison meaningless (dropout left on): the
-  check says so rather than judging.
+  check says so rather than judging. A concurrent mismatch is also marked
+  `rounding` when every float in it is within a few units of rounding of the
+  sequential answer (relative to the tensor's largest value): a matmul whose
+  intra-op threads are shared with other predictors may split its sums
+  differently, which changes the last bits, not the answer; a request mixed
+  with another's state is off by far more.
 """
 from __future__ import annotations
 
@@ -31,6 +36,10 @@ from gpuscope.measure.translator import describe_exception
 
 MAX_LISTED = 10  # mismatches and writes named in the record; the counts are complete
 MAX_CONTAINER_ITEMS = 4096  # container attributes larger than this are compared by identity and length only
+# float32 sums split across 1 to 16 intra-op threads differ by up to ~8 units of rounding on our models;
+# 64 leaves room for deep models, 1% caps the half-precision bound (64 x 2^-7 would allow 50%)
+ROUNDING_EPS_MULTIPLE = 64
+ROUNDING_MAX_RELATIVE = 0.01
 
 
 @dataclass(frozen=True)
@@ -195,6 +204,40 @@ def _array_difference(a: Any, b: Any, tolerance: float) -> float | None:
     return float((x.long() - y.long()).abs().max()) if x.numel() else None
 
 
+def rounding_only(a: Any, b: Any) -> bool:
+    """True when `a` and `b` differ only in float rounding: same structure, every floating tensor within
+    ROUNDING_EPS_MULTIPLE units of its dtype's rounding (relative to the larger of its largest value and 1),
+    everything else equal."""
+    import torch
+
+    if hasattr(a, "shape") and hasattr(b, "shape") and hasattr(a, "dtype"):
+        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+            return False
+        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+            return False
+        if not a.is_floating_point():
+            return bool(torch.equal(a, b))
+        if a.numel() == 0:
+            return True
+        x, y = a.double(), b.double()
+        if not bool(torch.isfinite(x).eq(torch.isfinite(y)).all()):
+            return False
+        finite = torch.isfinite(y)
+        scale = max(1.0, float(y[finite].abs().max())) if bool(finite.any()) else 1.0
+        bound = min(ROUNDING_MAX_RELATIVE, ROUNDING_EPS_MULTIPLE * torch.finfo(a.dtype).eps) * scale
+        return bool(((x - y).abs()[finite] <= bound).all())
+    if isinstance(a, dict) and isinstance(b, dict):
+        return a.keys() == b.keys() and all(rounding_only(a[k], b[k]) for k in a)
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(rounding_only(x, y) for x, y in zip(a, b))
+    if isinstance(a, float) and isinstance(b, float):
+        return abs(a - b) <= ROUNDING_EPS_MULTIPLE * 2.0 ** -52 * max(1.0, abs(b))
+    try:
+        return bool(a == b)
+    except Exception:
+        return False
+
+
 # ---------------------------------------------------------------- the check
 
 def _gap(value: float | None) -> dict[str, Any]:
@@ -246,7 +289,9 @@ def check_thread_safety(model: LoadedModel, config: SafetyConfig = SafetyConfig(
             "write_count": len(writes),
             "sequential_mismatches": sequential[:MAX_LISTED], "sequential_mismatch_count": len(sequential),
             "concurrent_judged": not sequential,
-            "concurrent_mismatches": concurrent[:MAX_LISTED], "concurrent_mismatch_count": len(concurrent),
+            "concurrent_mismatches": (sorted(concurrent, key=lambda m: bool(m.get("rounding")))[:MAX_LISTED]),
+            "concurrent_mismatch_count": len(concurrent),
+            "concurrent_beyond_rounding_count": sum(1 for m in concurrent if not m.get("rounding")),
             "concurrent_requests": rounds * config.predictors * len(requests)}
 
 
@@ -284,7 +329,8 @@ def _concurrent_round(model: LoadedModel, stages: Any, requests: list[Any], expe
                     continue
                 gap = difference(got, expected[i], config.tolerance)
                 if gap is not None:
-                    found[index].append({"request": i, "predictor": index, **_gap(gap)})
+                    found[index].append({"request": i, "predictor": index, **_gap(gap),
+                                         "rounding": rounding_only(got, expected[i])})
 
     threads = [threading.Thread(target=predictor, args=(i,), name=f"gpuscope-safety-{i}", daemon=True)
                for i in range(n)]
