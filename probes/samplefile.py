@@ -422,6 +422,20 @@ def _decoded_line(raw: str) -> Any:
         return None
 
 
+def _text_lines(raw: bytes) -> list[str]:
+    """A line read in binary, as the text-mode reading of `load_timeline` gives it (UTF-8 with errors
+    replaced, universal newlines): one line, or more where it holds a carriage return."""
+    text = raw.decode("utf-8", "replace")
+    if "\r" not in text:
+        return [text]
+    pieces = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return [piece + "\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+
+
+def _texts(lines: list[bytes]) -> list[str]:
+    return [text for raw in lines for text in _text_lines(raw)]
+
+
 def _run_ends(flags: Any, np: Any) -> list[int]:
     """Where each run of equal flags ends (exclusive), in order."""
     if not len(flags):
@@ -460,14 +474,17 @@ class SampleColumns:
         self.cadence_s: dict[Key, float] = {}
         self.ticks = 0
         self.last_t_s: float | None = None
-        self._fh = open(path, encoding="utf-8", errors="replace")
+        self._fh = open(path, "rb")  # read as bytes: plain rows are ASCII (samplerows.py); other lines as text
+        self._leftover: list[bytes] = []  # lines that shared the header's binary line (a carriage return)
         header: Any = None
-        for raw in self._fh:
-            if raw.strip():
+        for texts in map(_text_lines, self._fh):
+            found = next((n for n, text in enumerate(texts) if text.strip()), None)
+            if found is not None:
                 try:
-                    header = json.loads(raw)
+                    header = json.loads(texts[found])
                 except json.JSONDecodeError:
                     header = None
+                self._leftover = [text.encode("utf-8") for text in texts[found + 1:]]
                 break
         if not isinstance(header, dict) or "schema" not in header:
             self._fh.close()
@@ -495,13 +512,14 @@ class SampleColumns:
             self._keys.append(key)
         return gid
 
-    def _line_chunks(self) -> Iterator[list[str]]:
-        """The file's remaining lines, CHUNK_TICKS at a time."""
+    def _line_chunks(self) -> Iterator[list[bytes]]:
+        """The file's remaining lines (as bytes), CHUNK_TICKS at a time."""
+        lines = itertools.chain(self._leftover, self._fh)
         while True:
-            lines = list(itertools.islice(self._fh, self.chunk_ticks))
-            if not lines:
+            chunk = list(itertools.islice(lines, self.chunk_ticks))
+            if not chunk:
                 return
-            yield lines
+            yield chunk
 
     def _lookup(self, loc: Any) -> int:
         try:
@@ -629,12 +647,12 @@ class SampleColumns:
 
         carry: dict[int, float] = {}  # global key id -> its value at the last tick of the previous chunk
         kept: dict[int, bool] = {}
-        shapes: dict[str, Shape] = {}  # plain_rows' verdicts on the lines' skeletons, for the whole file
+        shapes: dict[bytes, Shape] = {}  # plain_rows' verdicts on the lines' skeletons, for the whole file
         for lines in self._line_chunks():
             chunk = _Chunk()
             plain = plain_rows(lines, shapes, np, self._loads)
             if plain is None:  # numbers JSON does not read as numbers: every line as JSON reads it
-                self._read_objects(_decoded(lines), chunk, np)
+                self._read_objects(_decoded(_texts(lines)), chunk, np)
             else:
                 self._read_text(lines, plain, chunk, np)
             chunk.seal(np)
@@ -646,7 +664,7 @@ class SampleColumns:
             yield self._flush(chunk, carry, kept, np)
         self._fh.close()
 
-    def _read_text(self, lines: list[str], plain: PlainRows, chunk: _Chunk, np: Any) -> None:
+    def _read_text(self, lines: list[bytes], plain: PlainRows, chunk: _Chunk, np: Any) -> None:
         """A chunk whose plain rows were read as text: runs of them applied as arrays, the other lines
         decoded and read one at a time, in the file's order."""
         pair_at = np.concatenate([[0], np.cumsum(plain.pair_counts * 2)])
@@ -658,13 +676,13 @@ class SampleColumns:
                 if not self._plain_arrays(plain.t_ns[row:last], plain.pair_counts[row:last],
                                           plain.pairs[pair_at[row]:pair_at[last]], plain.stop_counts[row:last],
                                           plain.stops[stop_at[row]:stop_at[last]], chunk, np):
-                    for raw in lines[start:end]:
-                        self._one(_decoded_line(raw), chunk)
+                    for text in _texts(lines[start:end]):
+                        self._one(_decoded_line(text), chunk)
                 row = last
             else:
-                for raw in lines[start:end]:
-                    if raw.strip():
-                        self._one(_decoded_line(raw), chunk)
+                for text in _texts(lines[start:end]):
+                    if text.strip():
+                        self._one(_decoded_line(text), chunk)
             start = end
 
     def _read_objects(self, objs: list[Any], chunk: _Chunk, np: Any) -> None:
@@ -723,26 +741,28 @@ class SampleColumns:
         row_of, col_of, vals = row_of[mine], col_of[mine], vals[mine]
         # the last change of each (row, column) wins, as applying them in order would leave it
         flat = row_of * max(width, 1) + col_of
-        if len(flat) < 2 or np.bincount(flat, minlength=rows * max(width, 1)).max() <= 1:  # the usual case:
-            last = np.arange(len(flat))  # no (row, column) twice
-        else:
+        if len(flat) >= 2 and np.bincount(flat, minlength=rows * max(width, 1)).max() > 1:  # not the usual case
             _unique, last_from_end = np.unique(flat[::-1], return_index=True)
             last = len(flat) - 1 - last_from_end
+            row_of, col_of, vals = row_of[last], col_of[last], vals[last]
         block = np.full((rows, width), np.nan)
         changed_at = np.full((rows, width), -1, dtype=np.int64)
-        block[row_of[last], col_of[last]] = vals[last]
-        changed_at[row_of[last], col_of[last]] = row_of[last]
+        block[row_of, col_of] = vals
+        changed_at[row_of, col_of] = row_of
         np.maximum.accumulate(changed_at, axis=0, out=changed_at)
         reset_at = np.full(rows, -1, dtype=np.int64)
         resets = np.asarray(chunk.resets, dtype=np.int64)
         reset_at[resets] = resets
         np.maximum.accumulate(reset_at, out=reset_at)
+        gids = list(columns_of)
+        # each tick: its column's last change, unless a reset came after it; before any change (or after a
+        # reset, before the next change), the value carried from the chunk before, or NaN after a reset
+        carried = np.array([carry.get(gid, np.nan) for gid in gids], dtype=float)
+        before = np.where((reset_at >= 0)[:, None], np.nan, carried[None, :])
+        changed = np.take_along_axis(block, np.maximum(changed_at, 0), axis=0)
+        filled = np.where((changed_at >= 0) & (changed_at >= reset_at[:, None]), changed, before).T.copy()
         columns: dict[Key, Any] = {}
-        for gid, n in columns_of.items():
-            source = changed_at[:, n]
-            before = np.where(reset_at >= 0, np.nan, carry.get(gid, np.nan))
-            column = np.where(source >= reset_at, block[np.maximum(source, 0), n], before)
-            column = np.where(source >= 0, column, before)
-            carry[gid] = float(column[-1])
-            columns[self._keys[gid]] = column
+        for n, gid in enumerate(gids):
+            carry[gid] = float(filled[n, -1])
+            columns[self._keys[gid]] = filled[n]
         return ColumnChunk(t_s, columns)

@@ -76,15 +76,15 @@ def _writer_file(path: Path, ticks: int, seed: int) -> None:
 def test_the_writers_rows_are_read_as_text_and_give_what_json_gives(tmp_path, loads):
     path = tmp_path / "samples.jsonl"
     _writer_file(path, 700, seed=1)
-    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)[1:]
+    lines = path.read_bytes().splitlines(keepends=True)[1:]
     rows = plain_rows(lines, {}, np, loads)
     assert rows is not None
     taken = rows.plain.tolist()
     # everything but the keyframes (and a row that declares a key for the first time) is read as text
     assert [i for i, take in enumerate(taken) if not take] == \
-        [i for i, line in enumerate(lines) if '"k":' in line]
-    assert any('"x":[' in line for line, take in zip(lines, taken) if take)
-    assert any('"v":[]' in line for line, take in zip(lines, taken) if take)
+        [i for i, line in enumerate(lines) if b'"k":' in line]
+    assert any(b'"x":[' in line for line, take in zip(lines, taken) if take)
+    assert any(b'"v":[]' in line for line, take in zip(lines, taken) if take)
     assert_streams_as_it_loads(path, loads)
 
 
@@ -124,6 +124,19 @@ NEAR_MISSES = [
     '{"t_ns":7000000005,"v":[0,1001]\r}', '{"t_ns":7000000005,"v":[0,10\r01]}', '\ufeff{"t_ns":7000000005,"v":[0,1]}',
     '{"t_ns":7000000005,"v":[0,１]}', '{"t_ns":7000000005,"v":[9999999,1001]}', '{"t_ns":7000000005,"v":[70000,1]}',
 ]
+
+
+@pytest.mark.parametrize("loads", DECODERS)
+def test_bytes_that_are_no_utf8_and_carriage_returns_are_read_as_text_mode_reads_them(tmp_path, loads):
+    """The reader reads bytes; load_timeline reads text (errors replaced, universal newlines)."""
+    rows = [b'{"t_ns":7000000002,"v":[0,\xff1]}', b'{"t_ns":7000000003,"v":[0,1\xc3]}', b'\xe2\x82{"t_ns":7000000004,"v":[0,2]}',
+            b'{"t_ns":7000000005,"v":[0,3]}\r', b'{"t_ns":7000000006,"v":[0,4]}\r{"t_ns":7000000007,"v":[0,5]}',
+            b'{"t_ns":7000000008,"v":[0,6]}\r\r\n', b'\r', b'{"t_ns":7000000009,"event":"\xc3\xa9t\xe9"}',
+            b'{"t_ns":7000000010,"v":[0,7]}']
+    for header_end in (b"\n", b"\r\n", b'\r{"t_ns":7000000001,"v":[1,1]}\n'):
+        path = tmp_path / "samples.jsonl"
+        path.write_bytes(HEADER.rstrip("\n").encode() + header_end + KEYFRAME.encode() + b"\n".join(rows) + b"\n")
+        assert_streams_as_it_loads(path, loads, (1, 3, 8192))
 
 
 @pytest.mark.parametrize("loads", DECODERS)
@@ -191,7 +204,7 @@ def test_numbers_the_fast_decoder_refuses_are_decoded_by_json(tmp_path):
         refused.append(text)
         raise ValueError("refused")
 
-    rows = plain_rows(path.read_text(encoding="utf-8").splitlines(keepends=True)[1:], {}, np, refuses)
+    rows = plain_rows(path.read_bytes().splitlines(keepends=True)[1:], {}, np, refuses)
     assert rows is not None and refused and np.isinf(rows.pairs).any()
     assert_streams_as_it_loads(path, refuses)
     assert_streams_as_it_loads(path, json.loads)
