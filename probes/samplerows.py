@@ -19,10 +19,10 @@ row (an odd "v") is left to the caller; where a chunk fails the later checks, it
 caller (None). The caller's line-by-line reading (as `load_timeline` reads) is the reference for
 keyframes, declarations, events, Unavailable readings, whitespace, damaged and torn lines, old rows.
 
-The numbers are decoded with orjson where it is installed (4-5x faster than json on a list of numbers,
-and the same floats: its big ints and exponents come back as the correctly rounded float, which is what
-a column holds), else with json; a chunk orjson refuses (an overflow to infinity, which json reads as
-inf) is decoded again with json.
+The numbers are decoded with orjson (4-5x faster than json on a list of numbers, and the same floats:
+its ints beyond 64 bits come back as the correctly rounded float, which is what a column holds anyway),
+or json where orjson is not installed; a chunk orjson refuses (an overflow to infinity, which json reads
+as inf) is decoded again with json, so the readings are always json's.
 """
 from __future__ import annotations
 
@@ -32,11 +32,6 @@ import operator
 import re
 from dataclasses import dataclass
 from typing import Any, Callable
-
-try:  # an optional fast decoder of the flat lists of numbers; json gives the same numbers, slower
-    import orjson as _orjson
-except ImportError:  # pragma: no cover - depends on the environment
-    _orjson = None
 
 Loads = Callable[[bytes], Any]
 
@@ -86,8 +81,13 @@ class PlainRows:
 
 
 def default_loads() -> Loads:
-    """The decoder of the flat lists: orjson's where installed, else json's."""
-    return _orjson.loads if _orjson is not None else json.loads
+    """The decoder of the flat lists: orjson's (a dependency; imported here, when a report reads samples,
+    not when the command line starts), else json's where it is not installed."""
+    try:
+        import orjson
+    except ImportError:  # pragma: no cover - depends on the environment
+        return json.loads
+    return orjson.loads
 
 
 def plain_rows(lines: list[bytes], known: dict[bytes, Shape], np: Any, loads: Loads | None = None) -> PlainRows | None:
