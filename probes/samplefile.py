@@ -39,6 +39,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 from gpuscope.probes.readings import Unavailable, reading_from_json, reading_to_json
+from gpuscope.probes.samplerows import Loads, PlainRows, Shape, plain_rows
 from gpuscope.probes.ticklayout import TickLayout
 
 SAMPLES_SCHEMA_V1 = "gpuscope.samples/1"
@@ -460,41 +461,85 @@ class _Chunk:
             self._gids, self._vals = [], []
 
 
+def _decoded(lines: list[str]) -> list[Any]:
+    """The lines decoded by one json.loads where they all are JSON, else one at a time (blank lines left
+    out; a line that is not JSON is None), as `load_timeline` decodes them."""
+    try:
+        return json.loads("[" + ",".join(lines) + "]")
+    except (json.JSONDecodeError, RecursionError):
+        return [_decoded_line(raw) for raw in lines if raw.strip()]
+
+
+def _decoded_line(raw: str) -> Any:
+    try:
+        return json.loads(raw)
+    except (json.JSONDecodeError, RecursionError):
+        return None
+
+
+def _text_lines(raw: bytes) -> list[str]:
+    """A line read in binary, as the text-mode reading of `load_timeline` gives it (UTF-8 with errors
+    replaced, universal newlines): one line, or more where it holds a carriage return."""
+    text = raw.decode("utf-8", "replace")
+    if "\r" not in text:
+        return [text]
+    pieces = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")
+    return [piece + "\n" for piece in pieces[:-1]] + ([pieces[-1]] if pieces[-1] else [])
+
+
+def _texts(lines: list[bytes]) -> list[str]:
+    return [text for raw in lines for text in _text_lines(raw)]
+
+
+def _run_ends(flags: Any, np: Any) -> list[int]:
+    """Where each run of equal flags ends (exclusive), in order."""
+    if not len(flags):
+        return []
+    return [*(np.flatnonzero(np.diff(flags.astype(np.int8))) + 1).tolist(), len(flags)]
+
+
 class SampleColumns:
     """A samples file (either schema) read as a stream of `ColumnChunk`s: the same readings
     `load_timeline` gives, without holding every row as Python objects.
 
     Why: a report of a day at 5 ms would otherwise build 17 million rows of dicts before drawing 1,200
-    points. Rows are decoded CHUNK_TICKS at a time (one json.loads a chunk; one a line only where the
-    chunk holds a damaged line). Runs of plain rows ({"t_ns", "v"}: 255 of every 256 the writer makes)
-    are taken apart with C-level maps and numpy, never a Python step per row; keyframes, declarations,
-    stopped readings, events, old-format and damaged rows are read one at a time, as `load_timeline`
-    reads them. Each chunk's changes become columns by a forward fill in numpy, carrying the last
-    values into the next chunk. Decoding the JSON is most of the time that remains.
+    points. Lines are read CHUNK_TICKS at a time. The plain rows ({"t_ns", "v"}, maybe "x": 255 of every
+    256 the writer makes) are read as text by probes/samplerows.py (their numbers in one decode, no
+    dict or list a row) and applied as arrays, a run of them at a time; keyframes, declarations, events,
+    Unavailable readings, old-format and damaged rows are decoded and read one at a time, as
+    `load_timeline` reads them. A chunk whose numbers do not decode as JSON numbers is decoded as JSON
+    objects whole (one json.loads, or one a line where a line is damaged), its plain rows still taken
+    apart with C-level maps and numpy. Each chunk's changes become columns by a forward fill in numpy,
+    carrying the last values into the next chunk. `loads` decodes the plain rows' numbers
+    (samplerows.default_loads(): orjson's where installed, else json's; tests pass either).
 
     Opening reads the header and raises SamplesFileError as `load_timeline` does. `chunks()` reads the
     rest, once; after it, `events`, `torn_lines`, `cadence_s`, `ticks` and `last_t_s` hold what the
     whole file said.
     """
 
-    def __init__(self, path: str, chunk_ticks: int = CHUNK_TICKS) -> None:
+    def __init__(self, path: str, chunk_ticks: int = CHUNK_TICKS, loads: Loads | None = None) -> None:
         if not os.path.exists(path):
             raise SamplesFileError(f"{path}: no such samples file")
         self.path = path
         self.chunk_ticks = chunk_ticks
+        self._loads = loads  # the decoder of plain rows' numbers (samplerows.default_loads() when None)
         self.events: list[dict[str, Any]] = []
         self.torn_lines = 0
         self.cadence_s: dict[Key, float] = {}
         self.ticks = 0
         self.last_t_s: float | None = None
-        self._fh = open(path, encoding="utf-8", errors="replace")
+        self._fh = open(path, "rb")  # read as bytes: plain rows are ASCII (samplerows.py); other lines as text
+        self._leftover: list[bytes] = []  # lines that shared the header's binary line (a carriage return)
         header: Any = None
-        for raw in self._fh:
-            if raw.strip():
+        for texts in map(_text_lines, self._fh):
+            found = next((n for n, text in enumerate(texts) if text.strip()), None)
+            if found is not None:
                 try:
-                    header = json.loads(raw)
+                    header = json.loads(texts[found])
                 except json.JSONDecodeError:
                     header = None
+                self._leftover = [text.encode("utf-8") for text in texts[found + 1:]]
                 break
         if not isinstance(header, dict) or "schema" not in header:
             self._fh.close()
@@ -522,25 +567,14 @@ class SampleColumns:
             self._keys.append(key)
         return gid
 
-    def _lines(self) -> Iterator[list[Any]]:
-        """The file's remaining lines decoded, a chunk at a time; a line that is not JSON is None."""
-        loads = json.loads
+    def _line_chunks(self) -> Iterator[list[bytes]]:
+        """The file's remaining lines (as bytes), CHUNK_TICKS at a time."""
+        lines = itertools.chain(self._leftover, self._fh)
         while True:
-            lines = list(itertools.islice(self._fh, self.chunk_ticks))
-            if not lines:
+            chunk = list(itertools.islice(lines, self.chunk_ticks))
+            if not chunk:
                 return
-            try:
-                objs = loads("[" + ",".join(lines) + "]")  # one call for the chunk: most of the reading time
-            except (json.JSONDecodeError, RecursionError):
-                objs = []
-                for raw in lines:
-                    if not raw.strip():
-                        continue
-                    try:
-                        objs.append(loads(raw))
-                    except (json.JSONDecodeError, RecursionError):
-                        objs.append(None)
-            yield objs
+            yield chunk
 
     def _lookup(self, loc: Any) -> int:
         try:
@@ -589,23 +623,39 @@ class SampleColumns:
         chunk.row(t_ns, gids, vals)
 
     def _plain_run(self, t_ns: list[Any], rows: list[Any], stops: list[Any], chunk: _Chunk, np: Any) -> bool:
-        """Consecutive plain rows ({"t_ns": int, "v": [index, value, ...]}, maybe "x": [index, ...]) at C
-        speed; False (nothing applied) when they need reading one at a time (an odd row, an index or value
-        of another kind)."""
+        """Consecutive plain rows decoded as objects ({"t_ns": int, "v": [index, value, ...]}, maybe "x":
+        [index, ...]) at C speed; False (nothing applied) when they need reading one at a time (an odd
+        row, an index or value of another kind)."""
         counts = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
         if (counts % 2).any():
             return False
         flat = list(itertools.chain.from_iterable(rows))
         if not set(map(type, flat)) <= {int, float}:  # an Unavailable, a bool, ...: one at a time
             return False
-        stopping = [n for n, stop in enumerate(stops) if stop is not None]
-        stopped = list(itertools.chain.from_iterable(stops[n] for n in stopping))
+        stop_counts = np.fromiter((len(stop) if stop is not None else 0 for stop in stops), dtype=np.int64,
+                                  count=len(stops))
+        stopped = list(itertools.chain.from_iterable(stop for stop in stops if stop is not None))
         if not set(map(type, stopped)) <= {int}:
             return False
         try:
             numbers = np.asarray(flat, dtype=float)  # one conversion: indices are small ints, exact in a float
+            stopped_at = np.asarray(stopped, dtype=float)
         except OverflowError:
             return False
+        return self._plain_arrays(t_ns, counts // 2, numbers, stop_counts, stopped_at, chunk, np)
+
+    def _index_gids(self, index: Any, np: Any) -> Any:
+        """Global key ids of row indices given as floats: -1 where the table holds no such index (a number
+        that is no whole number in the table's range finds no key, as dict.get finds none)."""
+        nowhere = len(self._lut) - 1
+        known = (index >= 0) & (index < nowhere) & (index == np.trunc(index))
+        return self._lut[np.where(known, index, nowhere).astype(np.int64)]
+
+    def _plain_arrays(self, t_ns: list[Any], pair_counts: Any, pairs: Any, stop_counts: Any, stops: Any,
+                      chunk: _Chunk, np: Any) -> bool:
+        """Consecutive plain rows as arrays (per row: its time, how many index/value pairs and stopped
+        indices it holds; all rows' pairs and stopped indices as floats) applied at C speed; False
+        (nothing applied) when the key table is not one of small non-negative ints."""
         if self._lut is None:
             table = self._table
             if not all(type(i) is int and 0 <= i < 1 << 16 for i in table):
@@ -614,24 +664,19 @@ class SampleColumns:
             if table:
                 self._lut[list(table)] = list(table.values())
         chunk.seal(np)
-        nowhere = len(self._lut) - 1
-        locs, values = numbers[0::2], numbers[1::2]
-        # an index that is no whole number in the table's range finds no key, as dict.get finds none
-        known = (locs >= 0) & (locs < nowhere) & (locs == np.trunc(locs))
-        chunk.gid_parts.append(self._lut[np.where(known, locs, nowhere).astype(np.int64)])
-        values[~np.isfinite(values)] = np.nan
-        chunk.val_parts.append(values)
-        if stopped:
-            per_row = np.fromiter((len(stops[n]) for n in stopping), dtype=np.int64, count=len(stopping))
-            chunk.stop_rows.append(np.repeat(np.asarray(stopping, dtype=np.int64) + chunk.rows, per_row))
-            index = np.asarray(stopped, dtype=np.int64)
-            chunk.stop_gids.append(self._lut[np.where((index >= 0) & (index < nowhere), index, nowhere)])
+        values = pairs[1::2]
+        chunk.gid_parts.append(self._index_gids(pairs[0::2], np))
+        chunk.val_parts.append(np.where(np.isfinite(values), values, np.nan))
+        if len(stops):
+            rows = np.arange(chunk.rows, chunk.rows + len(t_ns), dtype=np.int64)
+            chunk.stop_rows.append(np.repeat(rows, stop_counts))
+            chunk.stop_gids.append(self._index_gids(stops, np))
         if self._reset_pending:
             chunk.resets.append(chunk.rows)
             self._reset_pending = False
         chunk.t_ns.append(t_ns)
-        chunk.counts.append(counts // 2)
-        chunk.rows += len(rows)
+        chunk.counts.append(pair_counts)
+        chunk.rows += len(t_ns)
         return True
 
     def _one(self, obj: Any, chunk: _Chunk) -> None:
@@ -657,32 +702,14 @@ class SampleColumns:
 
         carry: dict[int, float] = {}  # global key id -> its value at the last tick of the previous chunk
         kept: dict[int, bool] = {}
-        get = dict.get
-        for objs in self._lines():
+        shapes: dict[bytes, Shape] = {}  # plain_rows' verdicts on the lines' skeletons, for the whole file
+        for lines in self._line_chunks():
             chunk = _Chunk()
-            if set(map(type, objs)) == {dict}:
-                n = len(objs)
-                t_ns = list(map(get, objs, itertools.repeat("t_ns")))
-                rows = list(map(get, objs, itertools.repeat("v")))
-                stops = list(map(get, objs, itertools.repeat("x")))
-                # plain: exactly {"t_ns": int, "v": list} or {"t_ns": int, "v": list, "x": list}
-                sizes = np.fromiter(map(len, objs), dtype=np.int64, count=n)
-                stop_list = np.fromiter(map(operator.is_, map(type, stops), itertools.repeat(list)), dtype=bool,
-                                        count=n)
-                plain = (sizes == 2) | ((sizes == 3) & stop_list)
-                plain &= np.fromiter(map(operator.is_, map(type, rows), itertools.repeat(list)), dtype=bool, count=n)
-                plain &= np.fromiter(map(operator.is_, map(type, t_ns), itertools.repeat(int)), dtype=bool, count=n)
+            plain = plain_rows(lines, shapes, np, self._loads)
+            if plain is None:  # numbers JSON does not read as numbers: every line as JSON reads it
+                self._read_objects(_decoded(_texts(lines)), chunk, np)
             else:
-                plain = np.zeros(len(objs), dtype=bool)
-                t_ns = rows = stops = []
-            start = 0
-            edges = np.flatnonzero(np.diff(plain.astype(np.int8))) + 1
-            for end in [*edges.tolist(), len(objs)] if objs else []:
-                if not (plain[start] and self._plain_run(t_ns[start:end], rows[start:end], stops[start:end],
-                                                         chunk, np)):
-                    for obj in objs[start:end]:
-                        self._one(obj, chunk)
-                start = end
+                self._read_text(lines, plain, chunk, np)
             chunk.seal(np)
             if not chunk.rows:
                 continue
@@ -691,6 +718,52 @@ class SampleColumns:
                     kept[gid] = keep is None or bool(keep(*key))
             yield self._flush(chunk, carry, kept, np)
         self._fh.close()
+
+    def _read_text(self, lines: list[bytes], plain: PlainRows, chunk: _Chunk, np: Any) -> None:
+        """A chunk whose plain rows were read as text: runs of them applied as arrays, the other lines
+        decoded and read one at a time, in the file's order."""
+        pair_at = np.concatenate([[0], np.cumsum(plain.pair_counts * 2)])
+        stop_at = np.concatenate([[0], np.cumsum(plain.stop_counts)])
+        start = row = 0
+        for end in _run_ends(plain.plain, np):
+            if plain.plain[start]:
+                last = row + end - start
+                if not self._plain_arrays(plain.t_ns[row:last], plain.pair_counts[row:last],
+                                          plain.pairs[pair_at[row]:pair_at[last]], plain.stop_counts[row:last],
+                                          plain.stops[stop_at[row]:stop_at[last]], chunk, np):
+                    for text in _texts(lines[start:end]):
+                        self._one(_decoded_line(text), chunk)
+                row = last
+            else:
+                for text in _texts(lines[start:end]):
+                    if text.strip():
+                        self._one(_decoded_line(text), chunk)
+            start = end
+
+    def _read_objects(self, objs: list[Any], chunk: _Chunk, np: Any) -> None:
+        """A chunk decoded as JSON objects: runs of plain rows applied at C speed, the rest one at a time."""
+        get = dict.get
+        if set(map(type, objs)) == {dict}:
+            n = len(objs)
+            t_ns = list(map(get, objs, itertools.repeat("t_ns")))
+            rows = list(map(get, objs, itertools.repeat("v")))
+            stops = list(map(get, objs, itertools.repeat("x")))
+            # plain: exactly {"t_ns": int, "v": list} or {"t_ns": int, "v": list, "x": list}
+            sizes = np.fromiter(map(len, objs), dtype=np.int64, count=n)
+            stop_list = np.fromiter(map(operator.is_, map(type, stops), itertools.repeat(list)), dtype=bool,
+                                    count=n)
+            plain = (sizes == 2) | ((sizes == 3) & stop_list)
+            plain &= np.fromiter(map(operator.is_, map(type, rows), itertools.repeat(list)), dtype=bool, count=n)
+            plain &= np.fromiter(map(operator.is_, map(type, t_ns), itertools.repeat(int)), dtype=bool, count=n)
+        else:
+            plain = np.zeros(len(objs), dtype=bool)
+            t_ns = rows = stops = []
+        start = 0
+        for end in _run_ends(plain, np):
+            if not (plain[start] and self._plain_run(t_ns[start:end], rows[start:end], stops[start:end], chunk, np)):
+                for obj in objs[start:end]:
+                    self._one(obj, chunk)
+            start = end
 
     def _flush(self, chunk: _Chunk, carry: dict[int, float], kept: dict[int, bool], np: Any) -> ColumnChunk:
         """The chunk's changes as columns: the last change at or before each tick, unless a reset came
@@ -723,26 +796,28 @@ class SampleColumns:
         row_of, col_of, vals = row_of[mine], col_of[mine], vals[mine]
         # the last change of each (row, column) wins, as applying them in order would leave it
         flat = row_of * max(width, 1) + col_of
-        if len(flat) < 2 or bool((flat[1:] > flat[:-1]).all()):  # the usual case: no (row, column) twice
-            last = np.arange(len(flat))
-        else:
+        if len(flat) >= 2 and np.bincount(flat, minlength=rows * max(width, 1)).max() > 1:  # not the usual case
             _unique, last_from_end = np.unique(flat[::-1], return_index=True)
             last = len(flat) - 1 - last_from_end
+            row_of, col_of, vals = row_of[last], col_of[last], vals[last]
         block = np.full((rows, width), np.nan)
         changed_at = np.full((rows, width), -1, dtype=np.int64)
-        block[row_of[last], col_of[last]] = vals[last]
-        changed_at[row_of[last], col_of[last]] = row_of[last]
+        block[row_of, col_of] = vals
+        changed_at[row_of, col_of] = row_of
         np.maximum.accumulate(changed_at, axis=0, out=changed_at)
         reset_at = np.full(rows, -1, dtype=np.int64)
         resets = np.asarray(chunk.resets, dtype=np.int64)
         reset_at[resets] = resets
         np.maximum.accumulate(reset_at, out=reset_at)
+        gids = list(columns_of)
+        # each tick: its column's last change, unless a reset came after it; before any change (or after a
+        # reset, before the next change), the value carried from the chunk before, or NaN after a reset
+        carried = np.array([carry.get(gid, np.nan) for gid in gids], dtype=float)
+        before = np.where((reset_at >= 0)[:, None], np.nan, carried[None, :])
+        changed = np.take_along_axis(block, np.maximum(changed_at, 0), axis=0)
+        filled = np.where((changed_at >= 0) & (changed_at >= reset_at[:, None]), changed, before).T.copy()
         columns: dict[Key, Any] = {}
-        for gid, n in columns_of.items():
-            source = changed_at[:, n]
-            before = np.where(reset_at >= 0, np.nan, carry.get(gid, np.nan))
-            column = np.where(source >= reset_at, block[np.maximum(source, 0), n], before)
-            column = np.where(source >= 0, column, before)
-            carry[gid] = float(column[-1])
-            columns[self._keys[gid]] = column
+        for n, gid in enumerate(gids):
+            carry[gid] = float(filled[n, -1])
+            columns[self._keys[gid]] = filled[n]
         return ColumnChunk(t_s, columns)

@@ -319,3 +319,38 @@ def test_the_predictor_axis_claims_sharing_only_where_the_run_showed_it(tmp_path
     record.sharing, record.config["copy_model"] = sharing, copy_model
     assert plotdata.predictors_axis_label(record) == label
     assert plotdata.predictors_axis_label(record, starred=True) == label + "; \u2605 recommended"
+
+
+def _savefig_png(fig) -> bytes:
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=plots.DPI, metadata={"Software": "gpuscope"})
+    return buf.getvalue()
+
+
+def test_plots_are_the_pixels_savefig_gives_with_automatic_title_placement(tmp_path: Path) -> None:
+    """plots._png draws once where savefig draws twice, and _RC fixes titles at the top of their axes where
+    matplotlib would measure where to put them: neither may change a pixel (nor a byte) of any plot."""
+    import matplotlib
+
+    record, _run, samples = rf.gpu_run(str(tmp_path))
+    record = load_run(_run)
+    tl = plotdata.timeline_layers(record, load_timeline(samples))
+    bodies = {
+        "breakdown": lambda fig: plots._draw_breakdown(fig, record, tl),
+        "timeline": lambda fig: plots._draw_timeline(fig, record, tl, None),
+        "throughput": lambda fig: plots._draw_throughput(fig, record, record.steps),
+        "placeholder": lambda fig: plots._placeholder(fig, "Memory over time: no samples to plot", "None here."),
+    }
+    automatic = {**plots._RC, "axes.titley": None}
+    for name, draw in bodies.items():
+        with matplotlib.rc_context(plots._RC):
+            fig = plots._new_figure()
+            draw(fig)
+            ours = plots._png(fig)
+        with matplotlib.rc_context(automatic):
+            fig = plots._new_figure()
+            draw(fig)
+            theirs = _savefig_png(fig)
+        assert ours == theirs, name
