@@ -5,8 +5,6 @@ from __future__ import annotations
 import io
 import ipaddress
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -28,6 +26,7 @@ from gpuscope.record.catalogue import KNOWN_CODES
 from gpuscope.record.errors import UsageError
 from gpuscope.record.run import Finding
 from tests.fakes.nvml import H200_TOTAL_BYTES, DeviceState, FakeDevice, FakeProcess, GiB, MiB, ScriptedNvml
+from tests.children import running_python
 
 SERVER = FakeProcess(4_000_301, 1620 * MiB, "python3", sm_util_pct=62)
 JAX = FakeProcess(4_000_302, 100 * GiB, 'job "x"\nnext', sm_util_pct=3)
@@ -215,7 +214,7 @@ def test_a_taken_port_is_one_line_and_exit_2():
 
 
 def test_watch_serves_the_target_its_neighbours_and_active_findings(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    child = running_python()
     nvml = ScriptedNvml(script=[DeviceState((FakeProcess(child.pid, 1620 * MiB, "python3", 40),
                                              FakeProcess(4_000_304, 3 * GiB, "intruder", 7)))])
     clock = [500.0]

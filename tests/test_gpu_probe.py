@@ -29,6 +29,7 @@ from tests.fakes.nvml import (
     ScriptedNvml,
 )
 from tests.fakes.torch_cuda import FakeTorchCuda
+from tests.children import running_python
 
 OWN = FakeProcess(474, 1620 * MiB, "python3", sm_util_pct=62)
 FOREIGN = FakeProcess(505, 2566 * MiB, "/opt/torch/.venv/bin/python3", sm_util_pct=1)
@@ -210,7 +211,7 @@ def test_a_process_that_exits_between_two_ticks_loses_its_row():
 
 
 def test_a_process_that_exits_after_nvml_listed_it_is_described_as_gone():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = running_python("import time; time.sleep(30)")
     try:
         row = FakeProcess(child.pid, 300 * MiB, "python3")
         # NVML still lists the pid one tick after it exited; the tick after, it is gone

@@ -2,14 +2,13 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import psutil
 import pytest
 
 from gpuscope.probes.host import HostProbe, cgroup_cpu_quota, host_info, read_rss_uss_bytes, usable_cores
 from gpuscope.probes.readings import PROCESS_GONE, Unavailable
+from tests.children import running_python
 
 MiB = 1024**2
 AFFINITY = len(os.sched_getaffinity(0))
@@ -141,7 +140,7 @@ def test_a_requested_uss_reading_comes_at_the_next_read_whatever_the_interval():
 
 
 def test_a_process_that_exits_reads_process_gone():
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    child = running_python("import time; time.sleep(30)")  # read between fork and exec, its RSS can be 0
     try:
         probe = HostProbe(pid=child.pid, uss_every_s=None)
         assert as_dict(probe.read())[(f"pid:{child.pid}", "rss_bytes")] > 0

@@ -43,6 +43,7 @@ from tests.fakes.nvml import (
     ReplayNvml,
     ScriptedNvml,
 )
+from tests.children import running_python
 
 FOREIGN = FakeProcess(4_000_201, 2566 * MiB, "/opt/torch/.venv/bin/python3", sm_util_pct=5)
 OTHER_GPU = FakeProcess(4_000_202, 1 * GiB, "python3")
@@ -97,7 +98,7 @@ def codes(record: RunRecord) -> dict[str, Finding]:
 
 @pytest.fixture
 def sleeper():
-    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    proc = running_python()
     yield proc
     proc.kill()
     proc.wait()
@@ -152,7 +153,7 @@ def test_several_processes_on_shared_devices_and_a_neighbour_exiting_mid_watch(s
 
 
 def test_the_target_exiting_mid_watch_ends_the_watch_and_keeps_the_report(tmp_path):
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    child = running_python()
     pid = child.pid
     exited_at = 3
 
