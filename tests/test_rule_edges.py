@@ -626,10 +626,19 @@ def _watch(record, *, mode: str = "watch", rss_peak: int | None = 171 * MiB):
     return record
 
 
+def live_result(record, limits: Limits):
+    [result] = [r for r in gate(record, limits).results if r.name == "max_host_memory"]
+    return result
+
+
 def test_gate_live_memory_limit_passes_at_the_peak_and_fails_a_byte_below():
     record = _watch(S.clean_gpu_run())
-    assert status(gate(record, Limits(max_host_memory=171 * MiB)), "max_host_memory") == "pass"
-    assert status(gate(record, Limits(max_host_memory=171 * MiB - 1)), "max_host_memory") == "fail"
+    at = live_result(record, Limits(max_host_memory=171 * MiB))
+    assert (at.status, at.message) == ("pass", "peak RSS 171 MiB <= 171 MiB over the watch (peak at 3.6 s)")
+    under = live_result(record, Limits(max_host_memory=171 * MiB - 1))
+    assert (under.status, under.message) == ("fail", "peak RSS 171 MiB > 171 MiB over the watch (peak at 3.6 s)")
+    record.extra["live"]["series"]["rss_bytes"]["peak_t_s"] = None  # when the peak came is not recorded
+    assert live_result(record, Limits(max_host_memory=GiB)).message == "peak RSS 171 MiB <= 1.00 GiB over the watch"
 
 
 def test_gate_live_device_limit_on_a_cpu_watch_says_no_gpu_was_measured():
@@ -645,6 +654,19 @@ def test_gate_a_profile_that_observed_levels_gates_its_step_limits(concluded):
         step.observed = True
     step = concluded.step_at(concluded.recommendation["predictors"])
     assert status(gate(concluded, Limits(max_p99_ms=step.latency_ms["p99"])), "max_p99_ms") == "pass"
+    [per] = [r for r in gate(concluded, Limits(max_memory_per_predictor=GiB)).results
+             if r.name == "max_memory_per_predictor"]
+    assert per.message == ("not measured: a profile run observes requests in flight, not predictor counts with "
+                           "their memory (needs a diagnose run)")
+
+
+def test_gate_a_code_a_compare_run_never_looks_for_says_which_run_does():
+    record = S.clean_gpu_run()
+    record.mode, record.steps, record.findings = "compare", [], []
+    messages = [r.message for r in gate(record, Limits(forbid=("FOREIGN_PROCESS", "OOM"))).results if r.kind == "forbid"]
+    assert messages == ["not measured: a compare run does not look for FOREIGN_PROCESS",
+                        "not measured: a compare run does not look for OOM (its rule reads a predictor sweep: a "
+                        "diagnose run)"]
 
 
 def test_gate_a_code_the_profile_could_not_look_for_is_unmeasured_with_why():
@@ -697,3 +719,23 @@ def test_gate_headroom_without_a_device_total_is_unmeasured_never_0_percent(conc
         [result] = [r for r in gate(concluded, Limits(min_headroom_pct=10)).results if r.name == "min_headroom_pct"]
         assert result.status == "unmeasured" and result.measured is None, (total, result.message)
         assert result.message.startswith("not measured: headroom was not measured ("), result.message
+
+
+def test_gate_a_tune_run_is_checked_on_its_best_configuration_unless_a_count_is_given(concluded):
+    best = concluded.step_at(4).to_json()
+    concluded.mode = "tune"
+    concluded.tuning = {"best": {"label": "4 predictors x 2 threads", "step": best}}
+    outcome = gate(concluded, Limits(max_p99_ms=1000.0))
+    assert outcome.at_predictors == 4
+    assert outcome.notes == ("a tune run: the limits are checked on its best configuration (4 predictors x 2 threads)",)
+    given = gate(concluded, Limits(max_p99_ms=1000.0), at_predictors=1)
+    assert given.at_predictors == 1 and given.notes == ()
+
+
+def test_gate_a_level_with_too_few_requests_is_not_measured_and_says_so(concluded):
+    n = concluded.recommendation["predictors"]
+    step = concluded.step_at(n)
+    step.too_few_requests, step.level, step.requests = True, "3-4", 7
+    [result] = [r for r in gate(concluded, Limits(max_p99_ms=1000.0)).results if r.name == "max_p99_ms"]
+    assert result.status == "unmeasured"
+    assert result.message == "not measured: the level of 3-4 requests in flight had too few requests (7) to measure"
