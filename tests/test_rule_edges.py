@@ -739,3 +739,81 @@ def test_gate_a_level_with_too_few_requests_is_not_measured_and_says_so(conclude
     [result] = [r for r in gate(concluded, Limits(max_p99_ms=1000.0)).results if r.name == "max_p99_ms"]
     assert result.status == "unmeasured"
     assert result.message == "not measured: the level of 3-4 requests in flight had too few requests (7) to measure"
+
+
+def test_gate_outcome_names_the_run_it_checked_and_when_in_utc(concluded):
+    from datetime import datetime, timedelta
+
+    outcome = gate(concluded, Limits())
+    assert outcome.run == {"started_at": concluded.started_at, "tool_version": concluded.tool_version,
+                           "status": concluded.status, "mode": "diagnose", "device": concluded.config["device"],
+                           "hostname": concluded.host["hostname"]}
+    assert datetime.fromisoformat(outcome.checked_at).utcoffset() == timedelta(0)
+    del concluded.config["device"]
+    concluded.host = None  # a record that does not say: the defaults, never a crash
+    run = gate(concluded, Limits()).run
+    assert (run["device"], run["hostname"]) == ("cpu", "")
+
+
+@pytest.mark.parametrize("ticks, measured", [(5, True), (4, False), (None, False)])
+def test_gate_forbidden_trend_needs_its_minimum_samples_exactly(ticks, measured):
+    from gpuscope.record.catalogue import CODES
+
+    assert CODES["MEMORY_GROWTH"].min_ticks == 5
+    record = _watch(S.clean_gpu_run())
+    record.extra["live"]["ticks"] = ticks
+    [result] = [r for r in gate(record, Limits(forbid=("MEMORY_GROWTH",))).results if r.kind == "forbid"]
+    if measured:
+        assert result.status == "pass"
+    else:
+        assert result.status == "unmeasured"
+        assert result.message == f"not measured: MEMORY_GROWTH needs at least 5 samples; the watch took {ticks or 0}"
+
+
+def test_the_recommendation_keeps_a_count_whose_p99_is_exactly_the_limit():
+    record = S.h200_shared_model_run(False)
+    record.config["max_p99_ms"] = record.step_at(4).latency_ms["p99"]
+    assert recommend(record, T)["predictors"] == 2
+    record.config["max_p99_ms"] = record.step_at(1).latency_ms["p99"]  # only 1 meets it, exactly
+    assert recommend(record, T)["predictors"] == 1
+    record.config["max_p99_ms"] = below(record.step_at(1).latency_ms["p99"])
+    assert recommend(record, T)["predictors"] is None
+
+
+def test_thread_unsafe_names_each_write_and_counts_what_it_found():
+    writes = (S.STATEFUL_WRITE, {**S.STATEFUL_WRITE, "attribute": "cache", "kind": "item_set"})
+    record = S.thread_unsafe_run(writes=writes, sequential=(), concurrent=({"request": 1, "max_abs_diff": 0.5},))
+    record.thread_safety["concurrent_mismatch_count"] = 9
+    [finding] = [f for f in evaluate_rules(record) if f.code == "THREAD_UNSAFE"]
+    assert finding.title.startswith("the predictor is not safe to share between threads: a request writes "
+                                    "Stateful.last (rebound), cache (item set); 9 of 96 responses under 4 "), finding.title
+    assert (finding.evidence["write_count"], finding.evidence["concurrent_mismatch_count"]) == (2, 9)
+
+
+def test_per_predictor_growth_reports_the_cublas_workspace_setting():
+    record = growth_run(512 * MiB, 80 * GiB, 2)
+    record.environment["memory_env"] = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    [finding] = rule_per_predictor_growth(record, T)
+    assert finding.evidence["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_gate_headroom_of_a_zero_byte_device_and_of_a_cpu_run_say_why(concluded):
+    step = concluded.step_at(concluded.recommendation["predictors"])
+    step.memory["device_total_bytes"] = 0
+    concluded.devices[0]["total_bytes"] = 0
+    [zero] = [r for r in gate(concluded, Limits(min_headroom_pct=10)).results if r.name == "min_headroom_pct"]
+    assert zero.message == ("not measured: headroom was not measured (error: the device reported 0 bytes of total "
+                            "memory) (at 2 predictors)")
+    cpu = S.clean_cpu_run()
+    conclude(cpu)
+    [none] = [r for r in gate(cpu, Limits(min_headroom_pct=10)).results if r.name == "min_headroom_pct"]
+    assert none.message == "not measured: no GPU was measured (no_device: profiling on the CPU) (at 2 predictors)"
+
+
+def test_robust_slope_takes_the_mean_of_the_two_middle_slopes_of_an_even_count():
+    from gpuscope.analysis.findings import robust_slope
+
+    # pairwise slopes 10, 10, 16.67, 20, 20, 30: the median of six is (16.67 + 20) / 2
+    assert robust_slope([(1, 0), (2, 10), (3, 40), (4, 50)]) == pytest.approx(55 / 3)
+    assert robust_slope([(1, 0), (2, 10), (3, 30)]) == 15  # three slopes 10, 15, 20: the middle one
+    assert robust_slope([(1, 5), (1, 9)]) is None  # no two distinct counts: no slope
