@@ -13,6 +13,12 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:  # `pytest` as well as `python -m pytest` can import probes/ and tests.fakes
     sys.path.insert(0, str(ROOT))
 
+# Inside mutmut's mutants/ copy (docs/testing.md, "Mutation testing"), `gpuscope` must be the mutated copy under
+# the module names mutmut gives its mutants; this does nothing anywhere else.
+from tests.mutation_layout import install_if_mutmut_copy  # noqa: E402
+
+install_if_mutmut_copy(ROOT)
+
 
 def _cuda_available() -> tuple[bool, str]:
     try:

@@ -514,3 +514,306 @@ def test_gate_fail_on_takes_warn_findings_only_when_asked(concluded):
     # exactly the warn findings are gated: none of the info ones
     assert {r.name.split(".")[1] for r in outcome.results if r.kind == "findings"} == {f.code for f in warns}
     assert [f for f in concluded.findings if f.severity == "info"]
+
+
+# ---------------------------------------------------------------- survivors of the mutation run (docs/testing.md)
+# Each test below kills mutants that survived the 2026-12 sample: an edge the scenarios never sat on exactly, a
+# threshold object the rule must honour rather than the defaults, or the words a user reads.
+
+def test_foreign_process_share_edge_where_the_share_is_exact():
+    """10% of a 10 GiB card is exactly 1 GiB in floats: holding exactly that is not above it (warn)."""
+    record = foreign_run(GiB, below(T.foreign_busy_sm_pct))
+    record.device_entry()["total_bytes"] = 10 * GiB
+    assert T.foreign_fail_share * (10 * GiB) == GiB
+    assert codes(rule_foreign_process(record, T)) == [("FOREIGN_PROCESS", "warn")]
+    record = foreign_run(GiB + 1, below(T.foreign_busy_sm_pct))
+    record.device_entry()["total_bytes"] = 10 * GiB
+    assert codes(rule_foreign_process(record, T)) == [("FOREIGN_PROCESS", "fail")]
+
+
+def test_overloaded_and_the_recommendation_read_the_shortfall_from_thresholds():
+    record = S.rate_kept_up_run()
+    step = record.step_at(1)
+    step.throughput_rps = below(step.offered_rps * (1 - T.overload_short_share))
+    assert codes(rule_overloaded(record, T)) == [("OVERLOADED", "warn")]
+    assert recommend(record, T)["predictors"] == 2  # 1 did not keep up
+    lenient = Thresholds(overload_short_share=2 * T.overload_short_share)
+    assert rule_overloaded(record, lenient) == []
+    assert recommend(record, lenient)["predictors"] == 1  # 1 keeps up, within 5% of 2's throughput
+
+
+def test_stream_serialization_skips_a_count_without_a_p50_and_reads_the_next():
+    """A count whose p50 was not measured is passed over (not the end of the search, not a crash)."""
+    record = stream_run(0.0, 2.0)
+    record.steps.insert(0, S.h200_shared_model_run(False, counts=(1,)).step_at(1))
+    record.step_at(1).throughput_rps, record.step_at(1).latency_ms = 900.0, {}
+    [finding] = rule_default_stream_serialization(record, T)
+    assert (finding.evidence["from_predictors"], finding.evidence["to_predictors"]) == (2, 4)
+
+
+def test_stream_serialization_reads_a_missing_p50_at_the_doubled_count_as_no_slowdown():
+    record = stream_run(0.0, 2.0)
+    record.step_at(4).latency_ms = {}
+    assert rule_default_stream_serialization(record, T) == []
+
+
+@pytest.mark.parametrize("first, words", [(1000.0, "at 1 request in flight ("), (500.0, "at 2 requests in flight (")])
+def test_plateau_of_observed_traffic_counts_requests_in_flight(first, words):
+    record = plateau_run(1000.0)
+    record.step_at(1).throughput_rps = first
+    for step in record.steps:
+        step.observed = True
+    [finding] = rule_throughput_plateau(record, T)
+    assert words in finding.title, finding.title
+
+
+def test_sharing_says_nvml_listed_no_process_only_when_no_step_has_the_figure():
+    from gpuscope.probes.readings import Unavailable
+
+    record = S.h200_shared_model_run(False, counts=(1, 2))
+    record.step_at(1).memory["process_gpu_bytes"] = Unavailable("not_supported")
+    conclude(record)
+    missing = record.sharing["bytes_per_extra_predictor"]
+    assert isinstance(missing, Unavailable) and "NVML lists no process" not in missing.detail
+    record.step_at(2).memory["process_gpu_bytes"] = Unavailable("not_supported")
+    conclude(record)
+    assert "(NVML lists no process here)" in record.sharing["bytes_per_extra_predictor"].detail
+
+
+def test_outside_allocator_reads_an_environment_recorded_without_memory_settings():
+    record = outside_run(T.outside_growth_bytes + 1)
+    del record.environment["memory_env"]
+    [finding] = rule_outside_allocator(record, T)
+    assert finding.code == "OUTSIDE_ALLOCATOR"
+
+
+def test_memory_growth_names_the_figure_that_grew():
+    cpu = rule_memory_growth_in_steps(S.leaking_cpu_run(), T)
+    assert "resident memory (RSS)" in cpu[0].title
+    gpu = S.clean_gpu_run()
+    for step in gpu.steps:
+        step.memory["late_growth_bytes"], step.memory["late_growth_s"] = T.step_growth_min_bytes, 2.0
+    [finding] = rule_memory_growth_in_steps(gpu, T)
+    assert finding.title.startswith("this process's GPU memory kept growing"), finding.title
+
+
+def test_engine_preallocation_names_this_process_as_such():
+    record = S.jax_sibling_run()
+    ours = next(p for p in record.processes if p.get("self"))
+    ours["engines"], ours["memory_env"] = ["jax"], {}
+    titles = [f.title for f in rule_engine_preallocation(record, T)]
+    assert any(t.startswith("this process runs jax") for t in titles), titles
+
+
+def test_thread_unsafe_says_what_differs_when_no_number_does():
+    record = S.thread_unsafe_run(writes=(), sequential=(), concurrent=({"request": 3, "differs_in": "dtype"},))
+    [finding] = [f for f in evaluate_rules(record) if f.code == "THREAD_UNSAFE"]
+    assert "request 3 in dtype" in finding.title and "1 of 96 responses" in finding.title
+
+
+def evaluate_rules(record):
+    from gpuscope.analysis.findings import evaluate
+
+    return evaluate(record, T)
+
+
+def _watch(record, *, mode: str = "watch", rss_peak: int | None = 171 * MiB):
+    """A live record as watch/profile write it: no predictor steps, the peaks in extra["live"]."""
+    record.mode, record.steps, record.sharing, record.findings = mode, [], {}, []
+    record.recommendation = {"predictors": None, "reason": f"a {mode}"}
+    series = {"rss_bytes": {"peak": rss_peak, "peak_t_s": 3.6}} if rss_peak is not None else {}
+    record.extra = {"live": {"ticks": 31, "series": series}}
+    return record
+
+
+def live_result(record, limits: Limits):
+    [result] = [r for r in gate(record, limits).results if r.name == "max_host_memory"]
+    return result
+
+
+def test_gate_live_memory_limit_passes_at_the_peak_and_fails_a_byte_below():
+    record = _watch(S.clean_gpu_run())
+    at = live_result(record, Limits(max_host_memory=171 * MiB))
+    assert (at.status, at.message) == ("pass", "peak RSS 171 MiB <= 171 MiB over the watch (peak at 3.6 s)")
+    under = live_result(record, Limits(max_host_memory=171 * MiB - 1))
+    assert (under.status, under.message) == ("fail", "peak RSS 171 MiB > 171 MiB over the watch (peak at 3.6 s)")
+    record.extra["live"]["series"]["rss_bytes"]["peak_t_s"] = None  # when the peak came is not recorded
+    assert live_result(record, Limits(max_host_memory=GiB)).message == "peak RSS 171 MiB <= 1.00 GiB over the watch"
+
+
+def test_gate_live_device_limit_on_a_cpu_watch_says_no_gpu_was_measured():
+    outcome = gate(_watch(S.clean_cpu_run()), Limits(max_device_memory=GiB))
+    [result] = [r for r in outcome.results if r.name == "max_device_memory"]
+    assert result.status == "unmeasured"
+    assert result.message == "not measured: no GPU was measured (no_device: profiling on the CPU)"
+
+
+def test_gate_a_profile_that_observed_levels_gates_its_step_limits(concluded):
+    concluded.mode = "profile"
+    for step in concluded.steps:
+        step.observed = True
+    step = concluded.step_at(concluded.recommendation["predictors"])
+    assert status(gate(concluded, Limits(max_p99_ms=step.latency_ms["p99"])), "max_p99_ms") == "pass"
+    [per] = [r for r in gate(concluded, Limits(max_memory_per_predictor=GiB)).results
+             if r.name == "max_memory_per_predictor"]
+    assert per.message == ("not measured: a profile run observes requests in flight, not predictor counts with "
+                           "their memory (needs a diagnose run)")
+
+
+def test_gate_a_code_a_compare_run_never_looks_for_says_which_run_does():
+    record = S.clean_gpu_run()
+    record.mode, record.steps, record.findings = "compare", [], []
+    messages = [r.message for r in gate(record, Limits(forbid=("FOREIGN_PROCESS", "OOM"))).results if r.kind == "forbid"]
+    assert messages == ["not measured: a compare run does not look for FOREIGN_PROCESS",
+                        "not measured: a compare run does not look for OOM (its rule reads a predictor sweep: a "
+                        "diagnose run)"]
+
+
+def test_gate_a_code_the_profile_could_not_look_for_is_unmeasured_with_why():
+    record = _watch(S.clean_gpu_run(), mode="profile")
+    assert status(gate(record, Limits(forbid=("DUPLICATE_MODEL",))), "forbid.DUPLICATE_MODEL") == "pass"
+    record.extra["unmeasured_codes"] = {"DUPLICATE_MODEL": "no model was registered"}
+    [result] = [r for r in gate(record, Limits(forbid=("DUPLICATE_MODEL",))).results if r.kind == "forbid"]
+    assert result.status == "unmeasured"
+    assert result.message == "not measured: the profile could not look for DUPLICATE_MODEL: no model was registered"
+
+
+def test_gate_forbidden_code_reports_its_worst_finding_and_counts_them(concluded):
+    from gpuscope.record.run import Finding
+
+    concluded.findings = [Finding("FOREIGN_PROCESS", "warn", "a warning"), Finding("FOREIGN_PROCESS", "fail", "a fail")]
+    [two] = [r for r in gate(concluded, Limits(forbid=("FOREIGN_PROCESS",))).results if r.kind == "forbid"]
+    assert (two.status, two.measured) == ("fail", "2 findings")
+    assert two.message == "FOREIGN_PROCESS found (fail): a fail (+1 more)"
+    concluded.findings = concluded.findings[:1]
+    [one] = [r for r in gate(concluded, Limits(forbid=("FOREIGN_PROCESS",))).results if r.kind == "forbid"]
+    assert (one.measured, one.message) == ("1 finding", "FOREIGN_PROCESS found (warn): a warning")
+
+
+def test_gate_lists_gated_findings_worst_first_then_by_code(concluded):
+    from gpuscope.record.run import Finding
+
+    concluded.findings = [Finding("CACHE_BLOAT", "warn", "w"), Finding("PER_PREDICTOR_GROWTH", "fail", "f"),
+                          Finding("CACHE_BLOAT", "warn", "w2")]
+    gated = [r.name for r in gate(concluded, Limits(fail_on="warn")).results if r.kind == "findings"]
+    assert gated == ["finding.PER_PREDICTOR_GROWTH", "finding.CACHE_BLOAT", "finding.CACHE_BLOAT.2"]
+
+
+def test_gate_memory_per_predictor_of_a_one_count_sweep_says_why(concluded):
+    concluded.steps = concluded.steps[:1]
+    concluded.sharing = {}
+    [result] = [r for r in gate(concluded, Limits(max_memory_per_predictor=GiB)).results
+                if r.name == "max_memory_per_predictor"]
+    assert result.status == "unmeasured"
+    assert result.message == "not measured: the sweep measured fewer than two predictor counts"
+
+
+def test_gate_headroom_without_a_device_total_is_unmeasured_never_0_percent(concluded):
+    """A device whose total memory is unknown, or reported as 0 bytes, has no headroom to compare."""
+    from gpuscope.probes.readings import Unavailable
+
+    step = concluded.step_at(concluded.recommendation["predictors"])
+    for total in (Unavailable("not_supported"), 0):
+        step.memory["device_total_bytes"] = total
+        concluded.devices[0]["total_bytes"] = total
+        [result] = [r for r in gate(concluded, Limits(min_headroom_pct=10)).results if r.name == "min_headroom_pct"]
+        assert result.status == "unmeasured" and result.measured is None, (total, result.message)
+        assert result.message.startswith("not measured: headroom was not measured ("), result.message
+
+
+def test_gate_a_tune_run_is_checked_on_its_best_configuration_unless_a_count_is_given(concluded):
+    best = concluded.step_at(4).to_json()
+    concluded.mode = "tune"
+    concluded.tuning = {"best": {"label": "4 predictors x 2 threads", "step": best}}
+    outcome = gate(concluded, Limits(max_p99_ms=1000.0))
+    assert outcome.at_predictors == 4
+    assert outcome.notes == ("a tune run: the limits are checked on its best configuration (4 predictors x 2 threads)",)
+    given = gate(concluded, Limits(max_p99_ms=1000.0), at_predictors=1)
+    assert given.at_predictors == 1 and given.notes == ()
+
+
+def test_gate_a_level_with_too_few_requests_is_not_measured_and_says_so(concluded):
+    n = concluded.recommendation["predictors"]
+    step = concluded.step_at(n)
+    step.too_few_requests, step.level, step.requests = True, "3-4", 7
+    [result] = [r for r in gate(concluded, Limits(max_p99_ms=1000.0)).results if r.name == "max_p99_ms"]
+    assert result.status == "unmeasured"
+    assert result.message == "not measured: the level of 3-4 requests in flight had too few requests (7) to measure"
+
+
+def test_gate_outcome_names_the_run_it_checked_and_when_in_utc(concluded):
+    from datetime import datetime, timedelta
+
+    outcome = gate(concluded, Limits())
+    assert outcome.run == {"started_at": concluded.started_at, "tool_version": concluded.tool_version,
+                           "status": concluded.status, "mode": "diagnose", "device": concluded.config["device"],
+                           "hostname": concluded.host["hostname"]}
+    assert datetime.fromisoformat(outcome.checked_at).utcoffset() == timedelta(0)
+    del concluded.config["device"]
+    concluded.host = None  # a record that does not say: the defaults, never a crash
+    run = gate(concluded, Limits()).run
+    assert (run["device"], run["hostname"]) == ("cpu", "")
+
+
+@pytest.mark.parametrize("ticks, measured", [(5, True), (4, False), (None, False)])
+def test_gate_forbidden_trend_needs_its_minimum_samples_exactly(ticks, measured):
+    from gpuscope.record.catalogue import CODES
+
+    assert CODES["MEMORY_GROWTH"].min_ticks == 5
+    record = _watch(S.clean_gpu_run())
+    record.extra["live"]["ticks"] = ticks
+    [result] = [r for r in gate(record, Limits(forbid=("MEMORY_GROWTH",))).results if r.kind == "forbid"]
+    if measured:
+        assert result.status == "pass"
+    else:
+        assert result.status == "unmeasured"
+        assert result.message == f"not measured: MEMORY_GROWTH needs at least 5 samples; the watch took {ticks or 0}"
+
+
+def test_the_recommendation_keeps_a_count_whose_p99_is_exactly_the_limit():
+    record = S.h200_shared_model_run(False)
+    record.config["max_p99_ms"] = record.step_at(4).latency_ms["p99"]
+    assert recommend(record, T)["predictors"] == 2
+    record.config["max_p99_ms"] = record.step_at(1).latency_ms["p99"]  # only 1 meets it, exactly
+    assert recommend(record, T)["predictors"] == 1
+    record.config["max_p99_ms"] = below(record.step_at(1).latency_ms["p99"])
+    assert recommend(record, T)["predictors"] is None
+
+
+def test_thread_unsafe_names_each_write_and_counts_what_it_found():
+    writes = (S.STATEFUL_WRITE, {**S.STATEFUL_WRITE, "attribute": "cache", "kind": "item_set"})
+    record = S.thread_unsafe_run(writes=writes, sequential=(), concurrent=({"request": 1, "max_abs_diff": 0.5},))
+    record.thread_safety["concurrent_mismatch_count"] = 9
+    [finding] = [f for f in evaluate_rules(record) if f.code == "THREAD_UNSAFE"]
+    assert finding.title.startswith("the predictor is not safe to share between threads: a request writes "
+                                    "Stateful.last (rebound), cache (item set); 9 of 96 responses under 4 "), finding.title
+    assert (finding.evidence["write_count"], finding.evidence["concurrent_mismatch_count"]) == (2, 9)
+
+
+def test_per_predictor_growth_reports_the_cublas_workspace_setting():
+    record = growth_run(512 * MiB, 80 * GiB, 2)
+    record.environment["memory_env"] = {"CUBLAS_WORKSPACE_CONFIG": ":4096:8"}
+    [finding] = rule_per_predictor_growth(record, T)
+    assert finding.evidence["CUBLAS_WORKSPACE_CONFIG"] == ":4096:8"
+
+
+def test_gate_headroom_of_a_zero_byte_device_and_of_a_cpu_run_say_why(concluded):
+    step = concluded.step_at(concluded.recommendation["predictors"])
+    step.memory["device_total_bytes"] = 0
+    concluded.devices[0]["total_bytes"] = 0
+    [zero] = [r for r in gate(concluded, Limits(min_headroom_pct=10)).results if r.name == "min_headroom_pct"]
+    assert zero.message == ("not measured: headroom was not measured (error: the device reported 0 bytes of total "
+                            "memory) (at 2 predictors)")
+    cpu = S.clean_cpu_run()
+    conclude(cpu)
+    [none] = [r for r in gate(cpu, Limits(min_headroom_pct=10)).results if r.name == "min_headroom_pct"]
+    assert none.message == "not measured: no GPU was measured (no_device: profiling on the CPU) (at 2 predictors)"
+
+
+def test_robust_slope_takes_the_mean_of_the_two_middle_slopes_of_an_even_count():
+    from gpuscope.analysis.findings import robust_slope
+
+    # pairwise slopes 10, 10, 16.67, 20, 20, 30: the median of six is (16.67 + 20) / 2
+    assert robust_slope([(1, 0), (2, 10), (3, 40), (4, 50)]) == pytest.approx(55 / 3)
+    assert robust_slope([(1, 0), (2, 10), (3, 30)]) == 15  # three slopes 10, 15, 20: the middle one
+    assert robust_slope([(1, 5), (1, 9)]) is None  # no two distinct counts: no slope

@@ -462,8 +462,10 @@ class _Evaluation:
         total = _device_total(self.record, s)
         if not is_available(used):
             return used, "headroom", True
-        if not is_available(total) or total <= 0:
+        if not is_available(total):
             return total, "headroom", True
+        if total <= 0:  # a device that reports no memory has no headroom to compare (not 0% of it)
+            return Unavailable("error", f"the device reported {total} bytes of total memory"), "headroom", True
         # (total - used) first: exact in integers, so a headroom exactly at the limit passes (1 - 0.9 is 0.0999...)
         return 100.0 * (total - used) / total, "headroom", True
 
