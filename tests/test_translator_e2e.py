@@ -49,13 +49,18 @@ def test_pure_python_preprocessing_fires_gil_contention_and_its_bound_matches_wh
     ev = finding.evidence
     assert ev["python_share_at_1"] > 0.8  # the pure-Python preprocess dominates a request
     bound, measured = ev["amdahl_bound_by_predictors"]["2"], ev["measured_scaling_by_predictors"]["2"]
+    one, two = record.steps[:2]
+    assert measured == pytest.approx(two.throughput_rps / one.throughput_rps)
+    # On a busy machine the predictor threads wait for a core (the run queue): one thread got a quarter of a
+    # core beside two busy loops, two threads half of one (the scheduler shares by thread), so raw throughput
+    # "scaled" 1.4-2.4x past a bound of 1.02. Taken per second the threads were not queued for a core, the
+    # scaling is the GIL's again; that is what the bound is compared with.
+    queued = [(thread_shares(s) or {}).get("runqueue", 0.0) for s in (one, two)]
+    unqueued = (two.throughput_rps / max(0.01, 1 - queued[1])) / (one.throughput_rps / max(0.01, 1 - queued[0]))
     # The machine's noise, measured: how much each step's own windows disagree, plus how much more (or less) the
-    # predictor threads waited for a core in one step than in the other (another process taking the cores
-    # between the steps moves throughput by that much, whatever the GIL does).
-    queued = [(thread_shares(s) or {}).get("runqueue", 0.0) for s in record.steps[:2]]
-    noise = max(0.25, spread(record.steps[0].windows_rps) + spread(record.steps[1].windows_rps)
-                + abs(queued[0] - queued[1]))
-    assert abs(measured - bound) / bound <= noise, (bound, measured, noise)
+    # predictor threads waited for a core in one step than in the other.
+    noise = max(0.25, spread(one.windows_rps) + spread(two.windows_rps) + abs(queued[0] - queued[1]))
+    assert abs(unqueued - bound) / bound <= noise, (bound, unqueued, measured, queued, noise)
     for step in record.steps:
         assert set(step.stages_ms) == {"preprocess", "model", "postprocess"}
         assert set(step.stages_ms["preprocess"]) == {"p50", "p99", "mean"}
