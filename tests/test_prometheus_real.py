@@ -155,7 +155,11 @@ def _api(base: str, path: str, **params: str) -> dict[str, Any]:
         with urllib.request.urlopen(url, timeout=10) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as exc:  # a query that does not parse is a 400 with a JSON body
-        return json.loads(exc.read())
+        body = exc.read()
+        try:
+            return json.loads(body)
+        except ValueError:  # "Service Unavailable" (503) while Prometheus opens its storage: not ready yet
+            return {"status": "unavailable", "http_status": exc.code, "body": body[:200].decode("utf-8", "replace")}
 
 
 def _describer(pid: int, nvml_name: str) -> ProcessInfo:
