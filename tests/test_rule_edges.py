@@ -817,3 +817,56 @@ def test_robust_slope_takes_the_mean_of_the_two_middle_slopes_of_an_even_count()
     assert robust_slope([(1, 0), (2, 10), (3, 40), (4, 50)]) == pytest.approx(55 / 3)
     assert robust_slope([(1, 0), (2, 10), (3, 30)]) == 15  # three slopes 10, 15, 20: the middle one
     assert robust_slope([(1, 5), (1, 9)]) is None  # no two distinct counts: no slope
+
+
+# ---------------------------------------------------------------- NONDETERMINISTIC_OUTPUT: rounding under concurrency
+
+def rounding_run(mismatches, **check):
+    """Responses that agree one at a time and differ under 4 concurrent predictors (measure/thread_safety.py)."""
+    record = S.thread_unsafe_run(writes=(), sequential=(), concurrent=mismatches)
+    record.thread_safety.update(check)
+    return record
+
+
+ROUNDING = {"request": 1, "predictor": 2, "max_abs_diff": 4.8e-7, "rounding": True}
+
+
+def test_rounding_only_under_concurrency_is_nondeterministic_info_with_its_evidence():
+    from gpuscope.analysis.findings import rule_nondeterministic_output, rule_thread_unsafe
+
+    record = rounding_run([ROUNDING], concurrent_beyond_rounding_count=0)
+    assert rule_thread_unsafe(record, T) == []
+    [finding] = rule_nondeterministic_output(record, T)
+    assert (finding.code, finding.severity, finding.at_predictors) == ("NONDETERMINISTIC_OUTPUT", "info", None)
+    assert finding.title == (
+        "1 of 96 responses under 4 concurrent predictors differ from the same requests run one at a time by float "
+        "rounding only (request 1 (predictor 2) by up to 4.8e-07): the intra-op threads split their sums "
+        "differently when predictors share the cores; no request wrote shared state")
+    assert finding.evidence == {"concurrent_mismatches": [ROUNDING], "concurrent_mismatch_count": 1,
+                                "concurrent_predictors": 4, "requests": 8, "tolerance": 0.0, "rounding_only": True}
+    assert finding.remedy == (
+        "nothing to fix if the last bits of a response may vary; to compare within rounding pass --output-tolerance "
+        "1e-5; for bitwise repeatable responses give each predictor one intra-op thread (torch.set_num_threads(1))")
+
+
+@pytest.mark.parametrize("mismatches, check", [
+    ([ROUNDING], {"concurrent_beyond_rounding_count": 1}),                    # one beyond rounding: a race
+    ([ROUNDING, {**ROUNDING, "rounding": False}], {"concurrent_beyond_rounding_count": 0}),  # not all rounding
+    ([{k: v for k, v in ROUNDING.items() if k != "rounding"}], {}),           # a record from before the mark
+    ([], {"concurrent_beyond_rounding_count": 0}),                            # nothing differed
+], ids=["beyond-one", "one-not-rounding", "before-the-mark", "none"])
+def test_rounding_only_needs_every_mismatch_within_rounding(mismatches, check):
+    from gpuscope.analysis.findings import rule_nondeterministic_output
+
+    assert rule_nondeterministic_output(rounding_run(mismatches, **check), T) == []
+
+
+def test_a_record_without_the_beyond_count_counts_every_mismatch_as_beyond():
+    from gpuscope.analysis.findings import rule_nondeterministic_output
+
+    record = rounding_run([ROUNDING])  # scenarios' thread_check predates the mark: no beyond count
+    assert "concurrent_beyond_rounding_count" not in record.thread_safety
+    record.thread_safety["concurrent_mismatch_count"] = 0  # said explicitly: none beyond
+    assert codes(rule_nondeterministic_output(record, T)) == [("NONDETERMINISTIC_OUTPUT", "info")]
+    del record.thread_safety["concurrent_mismatch_count"]  # not said: the list's length (1) counts
+    assert rule_nondeterministic_output(record, T) == []
