@@ -1,4 +1,4 @@
-"""Every threshold of the rules (profiler/findings.py's Thresholds) and of the gate (profiler/check.py evaluate),
+"""Every threshold of the rules (profiler/analysis/findings.py's Thresholds) and of the gate (profiler/analysis/gate.py, _Evaluation),
 on both sides of its edge.
 
 Each test takes its edge from the Thresholds object (or the limit it sets), never from a literal, and puts one
