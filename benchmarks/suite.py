@@ -240,14 +240,17 @@ def _v1_line_bytes(t_ns: int, values: list[tuple[str, str, Any]]) -> int:
 
 
 def _host_variants(pid: int, clock_s: Callable[[], float]) -> dict[str, Callable[[], Any]]:
-    """The same host readings four ways: our probe; the psutil calls the probe made before (its hot path
-    until this change); what a user would write with psutil; and the floor, the bare preads of the same
-    /proc files on open descriptors with no parsing (USS's smaps_rollup at the probe's cadence)."""
+    """The same host readings five ways: our probe at 50 ms (host-wide CPU and memory and the context
+    switches every 5th tick, as diagnose makes it); the same probe reading everything every tick (before
+    the quarter-second cadence); the psutil calls the probe made before issue 17; what a user would write
+    with psutil; and the floor, the bare preads of the same /proc files on open descriptors at the
+    probe's cadence, with no parsing (USS's smaps_rollup is added at its cadence by the caller)."""
     import psutil
 
-    from gpuscope.probes.host import HostProbe
+    from gpuscope.probes.host import HostProbe, ticks_between_host_reads
 
-    probe = HostProbe(pid, clock_s=clock_s)
+    probe = HostProbe(pid, clock_s=clock_s, interval_s=0.05)
+    every_tick = HostProbe(pid, clock_s=clock_s)
     proc = psutil.Process(pid)
     psutil.cpu_percent(None, percpu=True)
 
@@ -263,15 +266,21 @@ def _host_variants(pid: int, clock_s: Callable[[], float]) -> dict[str, Callable
     def psutil_user() -> None:
         user.memory_full_info(), user.cpu_percent(), user.num_threads(), user.num_ctx_switches()
 
-    fds = [os.open(path, os.O_RDONLY) for path in ("/proc/stat", "/proc/meminfo", f"/proc/{pid}/stat",
-                                                    f"/proc/{pid}/status")]
-    sizes = [65536, 256, 1024, 4096]
+    pid_stat = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    slower = [(os.open(path, os.O_RDONLY), size) for path, size in
+              (("/proc/stat", 65536), ("/proc/meminfo", 256), (f"/proc/{pid}/status", 4096))]
+    every = ticks_between_host_reads(0.05)
+    calls = {"n": 0}
 
     def floor() -> None:
-        for fd, size in zip(fds, sizes):
-            os.pread(fd, size, 0)
+        os.pread(pid_stat, 1024, 0)
+        if calls["n"] % every == 0:
+            for fd, size in slower:
+                os.pread(fd, size, 0)
+        calls["n"] += 1
 
-    return {"host_probe": probe.read, "psutil_hot_path_before": before, "psutil_user": psutil_user, "floor": floor}
+    return {"host_probe": probe.read, "host_probe_every_tick": every_tick.read, "psutil_hot_path_before": before,
+            "psutil_user": psutil_user, "floor": floor}
 
 
 def _interleaved_us(variants: dict[str, Callable[[], Any]], rounds: int, calls: dict[str, int],
@@ -315,7 +324,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
         simulated["now"] += 0.05
         return simulated["now"]
 
-    probes["host"] = HostProbe(pid, clock_s=clock_s)
+    probes["host"] = HostProbe(pid, clock_s=clock_s, interval_s=0.05)  # as diagnose makes it
     source = "real NVML" if "gpu" in probes else "replayed H200 readings (no GPU here)"
     if "gpu" not in probes:
         from gpuscope.probes.allocator import AllocatorProbe
@@ -352,10 +361,12 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     ticks_before, wall_before, cpu_before = sampler.ticks, sampler.tick_cost_ns, sampler.tick_cpu_ns
     probe_before = dict(sampler.probe_cost_ns)
     per_tick_us = []
+    uss_ticks: list[bool] = []  # ticks that read USS (smaps_rollup: milliseconds, every 10 s or more)
     for _ in range(ticks):
         started = time.perf_counter_ns()
         values = sampler.tick()
         per_tick_us.append((time.perf_counter_ns() - started) / 1000)
+        uss_ticks.append(any(metric == "uss_bytes" for _scope, metric, _value in values))
         old_format(time.monotonic_ns(), values)  # outside the timed tick
         advance()
     measured = sampler.ticks - ticks_before
@@ -370,7 +381,8 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     # the host readings four ways, interleaved (a simulated 50 ms clock again for the probe's USS cadence)
     variants = _host_variants(pid, clock_s)
     rounds = 11 if quick else 21
-    calls = {"host_probe": 200, "psutil_hot_path_before": 200, "psutil_user": 5, "floor": 200}
+    calls = {"host_probe": 200, "host_probe_every_tick": 200, "psutil_hot_path_before": 200, "psutil_user": 5,
+             "floor": 200}
     cpu: dict[str, list[float]] = {}
     times = _interleaved_us(variants, rounds, calls, cpu)
     # each probe of the tick on its own, interleaved, wall and CPU (the sampler's per-probe figure is wall only)
@@ -381,7 +393,11 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
                        ["smaps_rollup"])
     floor_us = _median(times["floor"]) + smaps_us / 200  # smaps_rollup once per 200 ticks, as the probe reads USS
     host_us = _median(times["host_probe"])
+    without_uss = [us for us, uss in zip(per_tick_us, uss_ticks) if not uss]
+    with_uss = [us for us, uss in zip(per_tick_us, uss_ticks) if uss]
     result = {"ticks": ticks, "warmup_ticks": warmup, "gpu_source": source, "mean_tick_wall_us": mean_wall_us,
+              "uss_reads": len(with_uss), "mean_uss_tick_wall_us": statistics.fmean(with_uss) if with_uss else None,
+              "mean_tick_wall_us_without_uss": statistics.fmean(without_uss) if without_uss else None,
               "median_tick_wall_us": _median(per_tick_us), "mean_tick_cpu_us": mean_cpu_us,
               "per_probe_wall_us": per_probe, "target_us": 100, "host_target_us": 60,
               "host_probe_us": host_us,
@@ -391,6 +407,9 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
               "host_over_floor": host_us / floor_us,
               "psutil_baseline_over_host": _median(times["psutil_user"]) / host_us,
               "before_over_host": _median(times["psutil_hot_path_before"]) / host_us,
+              "host_probe_every_tick_us": _median(times["host_probe_every_tick"]),
+              "every_tick_over_host": _median(times["host_probe_every_tick"]) / host_us,
+              "host_every_ticks": 5,
               "rounds": rounds, "uss_every_ticks": 200,
               "cpu_us": {name: _median(values) for name, values in cpu.items()},
               "per_probe_cpu_us": {name: _median(values) for name, values in probe_cpu.items()},
@@ -399,7 +418,11 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     echo(f"  {ticks} ticks after {warmup} of warm-up: {mean_wall_us:.0f} us wall (median {_median(per_tick_us):.0f}), "
          f"{mean_cpu_us:.0f} us CPU per tick; "
          + ", ".join(f"{k} {v:.0f} us" for k, v in per_probe.items()) + f" (GPU probes: {source})")
-    echo(f"  host readings, medians of {rounds} interleaved rounds: probe {host_us:.1f} us, psutil as before "
+    if with_uss:
+        echo(f"  of which {len(with_uss)} ticks read USS: {result['mean_uss_tick_wall_us']:.0f} us each; the other ticks "
+             f"{result['mean_tick_wall_us_without_uss']:.0f} us on average")
+    echo(f"  host readings, medians of {rounds} interleaved rounds: probe {host_us:.1f} us (reading everything every "
+         f"tick: {result['host_probe_every_tick_us']:.1f} us), psutil as before "
          f"{result['psutil_hot_path_before_us']:.1f} us, psutil as a user writes it {result['psutil_baseline_us']:.0f} us, "
          f"floor {floor_us:.1f} us (preads {result['floor_preads_us']:.1f} + smaps_rollup {smaps_us:.0f} us / 200)")
     echo("  CPU time (thread), medians: " + ", ".join(f"{k} {v:.1f} us" for k, v in result["cpu_us"].items())
@@ -446,9 +469,10 @@ SPIKE_BYTES = 20 * 1024**3  # one tick's allocation spike in the synthetic run, 
 
 def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
     """A watch-like run: `seconds / interval_s` ticks of the process and two devices (NVML, the allocator on
-    each, the host, RSS every tick and USS on the host probe's 10 s cadence, declared as the sampler declares
-    it), written by the real SampleWriter; one tick of the run carries a 20 GiB spike. Also the bytes the old
+    each, the host, RSS every tick, USS on the host probe's 10 s cadence and host CPU and memory on its
+    quarter second at short intervals, declared as the sampler declares them), written by the real SampleWriter; one tick of the run carries a 20 GiB spike. Also the bytes the old
     format (gpuscope.samples/1) would have taken for its ticks."""
+    from gpuscope.probes.host import ticks_between_host_reads
     from gpuscope.probes.samplefile import SampleWriter, Tick
     from gpuscope.record.run import RunRecord, Step
 
@@ -457,6 +481,10 @@ def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
     writer = SampleWriter(os.path.join(out_dir, "samples.jsonl"), {"t0_ns": 0, "interval_s": interval_s, "pid": pid})
     writer.cadence_s[(f"pid:{pid}", "uss_bytes")] = 10.0
     uss_every_ticks = max(1, int(round(10.0 / interval_s)))
+    host_every_ticks = ticks_between_host_reads(interval_s)  # host CPU and memory as the host probe reads them
+    if host_every_ticks > 1:
+        writer.cadence_s.update({("host", "cpu_util_pct"): host_every_ticks * interval_s,
+                                 ("host", "mem_used_bytes"): host_every_ticks * interval_s})
     spike_tick = ticks * 2 // 3
     mib = 1024**2
     v1_bytes = 0
@@ -464,9 +492,10 @@ def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
         t_ns = int(i * interval_s * 1e9)
         wave = (i % 600) / 600
         spike = SPIKE_BYTES if i == spike_tick else 0
-        values = [("host", "cpu_util_pct", 40.0 + 20 * wave), ("host", "mem_used_bytes", 8_000 * mib),
-                  (f"pid:{pid}", "rss_bytes", int((900 + 50 * wave) * mib)), (f"pid:{pid}", "cpu_util_pct", 95.0),
-                  (f"pid:{pid}", "num_threads", 24)]
+        values = [("host", "cpu_util_pct", 40.0 + 20 * wave), ("host", "mem_used_bytes", 8_000 * mib)] \
+            if i % host_every_ticks == 0 else []
+        values += [(f"pid:{pid}", "rss_bytes", int((900 + 50 * wave) * mib)), (f"pid:{pid}", "cpu_util_pct", 95.0),
+                   (f"pid:{pid}", "num_threads", 24)]
         if i % uss_every_ticks == 0:
             values.append((f"pid:{pid}", "uss_bytes", int((700 + 50 * wave) * mib)))
         for gpu, share in ((0, 1.0), (1, 0.5)):

@@ -8,11 +8,10 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import time
 from collections import deque
 from itertools import repeat
-from typing import Any
+from typing import Any, Callable
 
 from gpuscope.probes import scopes
 from gpuscope.probes.readings import ERROR, NO_PERMISSION, NOT_INITIALIZED, PROCESS_GONE, Unavailable
@@ -178,17 +177,21 @@ def core_busy_pct(before: CoreTimes, after: CoreTimes) -> float:
     return round(100.0 * busy / total, 1) if total else 0.0
 
 
-_MEMINFO_HEAD = re.compile(rb"MemTotal:\s+(\d+) kB\n(?:.*\n)*?MemAvailable:\s+(\d+) kB")
-
-
 def parse_meminfo_bytes(text: bytes) -> tuple[int, int] | None:
     """(MemTotal, MemAvailable) in bytes from the head of /proc/meminfo, or None where the kernel does
-    not give a usable MemAvailable (before 3.14, or 0 or above the total: psutil then estimates it)."""
-    match = _MEMINFO_HEAD.match(text)
-    if match is None:
+    not give a usable MemAvailable (before 3.14, or 0 or above the total: psutil then estimates it).
+    By index and int(), not a regular expression: a third of the cost, at every host reading."""
+    if not text.startswith(b"MemTotal:"):
         return None
-    total, available = int(match.group(1)) * 1024, int(match.group(2)) * 1024
-    if not available or available > total:
+    at = text.find(b"\nMemAvailable:")
+    if at < 0:
+        return None
+    try:
+        total = int(text[9:text.index(b" kB\n", 9)]) * 1024
+        available = int(text[at + 14:text.index(b" kB\n", at)]) * 1024
+    except ValueError:
+        return None
+    if available <= 0 or available > total:
         return None
     return total, available
 
@@ -226,30 +229,60 @@ def _unavailable_for(exc: OSError, pid: int) -> Unavailable:
 # USS walks every mapping of the process (smaps_rollup: milliseconds for a torch process), so it is read on
 # this slower cadence, which the samples file states; RSS is read every tick.
 USS_EVERY_S = 10.0
+# ...and no more often than keeps its reads under this share of the time: the walk costs about 75 ns a
+# resident page (5 ms for a 260 MB torch process on the development machine), so a server holding 10 GB
+# would spend 2% of a core on it at a fixed 10 s; at this share it is read every 400 s instead.
+USS_MAX_TIME_SHARE = 0.0005
+# Host-wide CPU and memory (/proc/stat, /proc/meminfo) and the process's context switches (/proc/PID/status)
+# at short intervals: about every quarter second. At 50 ms a core's busy share is a multiple of 20% anyway
+# (the kernel counts CPU time in 10 ms jiffies: a quarter second is within 4%), and reading three /proc files
+# for it at every tick was over half the host probe's cost.
+HOST_EVERY_S = 0.25
+
+
+def ticks_between_host_reads(interval_s: float | None) -> int:
+    """How many sampler ticks apart the host-wide readings are taken: every tick at `HOST_EVERY_S / 2` or
+    longer intervals (and when the interval is not known), else the ticks nearest to `HOST_EVERY_S`."""
+    if interval_s is None or interval_s <= 0 or interval_s * 2 >= HOST_EVERY_S:
+        return 1
+    return max(1, round(HOST_EVERY_S / interval_s))
 
 
 class HostProbe:
     """Host-wide CPU/memory and the target process's resource use, read straight from /proc.
 
-    Every tick: /proc/stat (per-core CPU), the head of /proc/meminfo, /proc/PID/stat (CPU time,
-    threads, RSS) and /proc/PID/status (context switches), each by one pread on a descriptor kept
-    open: ~30 us a tick where psutil took ~250 us. USS (smaps_rollup: a page-table walk, 1-10 ms)
-    comes every `uss_every_s` only, and `cadence_s()` says so, so the samples file can state it.
+    Every tick: /proc/PID/stat (CPU time, threads, RSS) by one pread on a descriptor kept open. At a
+    sampler `interval_s` under 0.125 s, the host-wide readings (/proc/stat per-core CPU, the head of
+    /proc/meminfo) and the context switches (/proc/PID/status) come every `ticks_between_host_reads()`
+    ticks (about every 0.25 s: a quarter of the probe's cost at 50 ms), and at every tick otherwise.
+    USS (smaps_rollup: a page-table walk, ~75 ns a resident page) comes every `uss_every_s`, or less often
+    where the walk would otherwise take over USS_MAX_TIME_SHARE of the time. `cadence_s()` says
+    which readings come less often than every tick, so the samples file can state it; the ticks in
+    between carry no value for them (never a repeated, older one). `request_all()` makes the next
+    reading a whole one (a step's last tick).
     """
 
     CPU_WINDOW_S = 0.25
     PROCESS_METRICS = ("rss_bytes", "uss_bytes", "cpu_util_pct", "num_threads",
                        "ctx_switches_voluntary", "ctx_switches_involuntary")
+    HOST_MEMORY_METRICS = ("mem_used_bytes", "mem_available_bytes")
+    CTX_METRICS = ("ctx_switches_voluntary", "ctx_switches_involuntary")
 
     def __init__(self, pid: int | None = None, per_core: bool = True, uss_every_s: float | None = USS_EVERY_S,
-                 clock_s: Any = None, proc_root: str = "/proc") -> None:
+                 clock_s: Any = None, proc_root: str = "/proc", interval_s: float | None = None,
+                 cost_clock_s: Callable[[], float] = time.perf_counter) -> None:
         self.pid = os.getpid() if pid is None else pid
         self.scope = scopes.process(self.pid)
         self._per_core = per_core
         self._uss_every_s = uss_every_s
         self._clock_s = clock_s or time.monotonic
         self._uss_read_at: float | None = None
+        self._uss_gap_s = uss_every_s  # uss_every_s, or longer where the last read took long (USS_MAX_TIME_SHARE)
+        self._cost_clock_s = cost_clock_s  # times the USS read itself: real seconds, whatever clock_s is
         self._uss_requested = False
+        self._host_every_ticks = ticks_between_host_reads(interval_s)
+        self._host_every_s = self._host_every_ticks * interval_s if self._host_every_ticks > 1 and interval_s else None
+        self._reads_to_host = 0  # reads left until the host-wide readings are due (0: at the next read)
         self._proc_root = proc_root
         self._ticks_per_s = os.sysconf("SC_CLK_TCK")
         self._page_bytes = os.sysconf("SC_PAGE_SIZE")
@@ -272,9 +305,17 @@ class HostProbe:
         self.close()
 
     def cadence_s(self) -> dict[tuple[str, str], float]:
-        """Readings taken less often than every tick, and the seconds between them: ticks in between
-        carry no value for them (never a repeated, older one)."""
-        return {(self.scope, "uss_bytes"): self._uss_every_s} if self._uss_every_s else {}
+        """Readings taken less often than every tick, and the seconds between them (at least: USS waits
+        longer where its last read took long, see USS_MAX_TIME_SHARE): ticks in between carry no value
+        for them (never a repeated, older one)."""
+        cadence = {(self.scope, "uss_bytes"): self._uss_every_s} if self._uss_every_s else {}
+        if self._host_every_s is not None:
+            host_metrics = ["cpu_util_pct", *self.HOST_MEMORY_METRICS]
+            if self._per_core:
+                host_metrics += self._core_metrics(len(self._core_times))
+            cadence.update({("host", metric): self._host_every_s for metric in host_metrics})
+            cadence.update({(self.scope, metric): self._host_every_s for metric in self.CTX_METRICS})
+        return cadence
 
     def read_rss(self) -> int | Unavailable:
         """This process's RSS now (a one-off reading outside the sampler)."""
@@ -297,10 +338,17 @@ class HostProbe:
             return Unavailable(NOT_INITIALIZED, f"under {self.CPU_WINDOW_S:g} s of CPU time measured so far")
         return 100.0 * (history[-1][1] - cpu_then) / (now - since)
 
-    def request_uss(self) -> None:
-        """Read USS at the next read() whatever the interval: a short step still gets a reading of its
-        own (diagnose asks at each step's final tick)."""
+    def request_all(self) -> None:
+        """Take every reading at the next read() whatever the cadences (USS, host-wide CPU and memory,
+        context switches): a short step still gets readings of its own (diagnose asks at each step's
+        final tick)."""
         self._uss_requested = True
+        self._reads_to_host = 0
+
+    def _host_due(self) -> bool:
+        due = self._reads_to_host <= 0
+        self._reads_to_host = self._host_every_ticks - 1 if due else self._reads_to_host - 1
+        return due
 
     def _uss_due(self) -> bool:
         if self._uss_requested:
@@ -310,12 +358,20 @@ class HostProbe:
         if self._uss_every_s is None:
             return False
         now = self._clock_s()
-        if self._uss_read_at is None or now - self._uss_read_at >= self._uss_every_s:
+        if self._uss_read_at is None or now - self._uss_read_at >= self._uss_gap_s:
             self._uss_read_at = now
             return True
         return False
 
     def _read_uss(self) -> int | Unavailable:
+        started_s = self._cost_clock_s()
+        try:
+            return self._read_uss_now()
+        finally:
+            if self._uss_every_s is not None:
+                self._uss_gap_s = max(self._uss_every_s, (self._cost_clock_s() - started_s) / USS_MAX_TIME_SHARE)
+
+    def _read_uss_now(self) -> int | Unavailable:
         rollup = read_rss_uss_bytes(self.pid, self._proc_root)
         if rollup is not None:
             return rollup[1]
@@ -353,20 +409,22 @@ class HostProbe:
 
     def read(self) -> list[ScopedValue]:
         out: list[ScopedValue] = []
-        self._read_host(out)
+        whole = self._host_due()
+        if whole:
+            self._read_host(out)
         scope = self.scope
         try:
             stat = ProcessStat(self._pid_stat.read(), self._ticks_per_s, self._page_bytes)
             if stat.state in (b"Z", b"X"):
                 raise OSError(errno.ESRCH, "a zombie: the process has exited")
-            voluntary, involuntary = parse_ctx_switches(self._pid_status.read())
+            switches = parse_ctx_switches(self._pid_status.read()) if whole else None
             out.append((scope, "rss_bytes", stat.rss_bytes))
             if self._uss_due():
                 out.append((scope, "uss_bytes", self._read_uss()))
-            out += [(scope, "cpu_util_pct", self._cpu_pct(stat.cpu_s)),
-                    (scope, "num_threads", stat.num_threads),
-                    (scope, "ctx_switches_voluntary", voluntary),
-                    (scope, "ctx_switches_involuntary", involuntary)]
+            out += [(scope, "cpu_util_pct", self._cpu_pct(stat.cpu_s)), (scope, "num_threads", stat.num_threads)]
+            if switches is not None:
+                out += [(scope, "ctx_switches_voluntary", switches[0]),
+                        (scope, "ctx_switches_involuntary", switches[1])]
         except OSError as exc:
             missing = _unavailable_for(exc, self.pid)
             out += [(scope, m, missing) for m in self.PROCESS_METRICS]

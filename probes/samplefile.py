@@ -107,9 +107,9 @@ class SampleWriter:
         self._index: dict[Key, int] = {}
         self._last: dict[int, Any] = {}  # index -> the reading the file last gave (present keys only)
         self._rows_since_keyframe = KEYFRAME_EVERY_TICKS  # the first row is a keyframe
-        # The previous tick's layout and the key index of each of its positions (see TickLayout)
+        # The kept layouts of recent ticks, and the file's index of each of their slots (see TickLayout)
         self._layout = TickLayout()
-        self._layout_index: list[int] = []
+        self._slot_index: list[int] = []
         self._fh = open(path, "a", encoding="utf-8")
         self.write({"schema": SAMPLES_SCHEMA, **header})
 
@@ -144,29 +144,39 @@ class SampleWriter:
         return declared
 
     def _row_line(self, tick: Tick) -> str:
-        """The tick's line (called under the lock): by the previous tick's layout where it still holds."""
+        """The tick's line (called under the lock): by a kept layout where one still holds."""
         values, t_ns = tick.values, tick.t_ns
+        layout = self._layout
         if self._rows_since_keyframe < KEYFRAME_EVERY_TICKS and type(t_ns) is int:
-            changed = self._layout.changed(values)
+            changed = layout.changed(values)
             if changed is not None:
                 self._rows_since_keyframe += 1
                 return self._layout_row(t_ns, values, changed)
+        if self._rows_since_keyframe >= KEYFRAME_EVERY_TICKS:
+            layout.forget()  # the keyframe numbers the keys afresh
+            self._slot_index = []
         row = self._row(tick)
-        self._layout.remember(values)
-        if self._layout.scopes is not None:
-            self._layout_index = [self._index[key] for key in zip(self._layout.scopes, self._layout.metrics)]
+        layout.remember(values)
+        if layout.current is None:  # a key given twice: nothing kept, the slots start again
+            self._slot_index = []
+        else:
+            slot_index, keys, index = self._slot_index, layout.keys, self._index
+            while len(slot_index) < len(keys):  # every key a kept layout names has its index in the file
+                slot_index.append(index[keys[len(slot_index)]])
         if len(row) == 2 and type(t_ns) is int and all(type(v) is int or type(v) is float for v in row["v"]):
             return _plain_line(t_ns, row["v"])
         return json.dumps(row, separators=(",", ":"), default=str) + "\n"
 
     def _layout_row(self, t_ns: int, values: list[ScopedValue], changed: list[int]) -> str:
-        """A row for a tick with the previous tick's layout: the readings that changed, nothing declared or gone."""
-        last, index = self._last, self._layout_index
+        """A row for a tick with a kept layout: the readings that changed or came back, and those the tick
+        before had and this one lacks ("x"); nothing declared."""
+        last, index = self._last, self._slot_index
+        slots = self._layout.current.slots  # type: ignore[union-attr]  (a layout matched)
         pairs: list[Any] = []
         plain = True
         for position in changed:
             value = values[position][2]
-            i = index[position]
+            i = index[slots[position]]
             last[i] = value
             kind = type(value)
             if kind is int or (kind is float and _isfinite(value)):
@@ -174,9 +184,17 @@ class SampleWriter:
             else:
                 plain = False
                 pairs += (i, _encode(value))
+        gone = self._layout.gone
+        stopped = sorted(index[slot] for slot in gone) if gone else gone
+        for i in stopped:
+            del last[i]
         if plain:
-            return _plain_line(t_ns, pairs)
-        return json.dumps({"t_ns": t_ns, "v": pairs}, separators=(",", ":"), default=str) + "\n"
+            return _plain_line(t_ns, pairs, stopped)
+        row: dict[str, Any] = {"t_ns": t_ns}
+        if stopped:
+            row["x"] = stopped
+        row["v"] = pairs
+        return json.dumps(row, separators=(",", ":"), default=str) + "\n"
 
     def _row(self, tick: Tick) -> dict[str, Any]:
         """Encode a tick against what the file already holds (called under the lock)."""
@@ -212,7 +230,7 @@ class SampleWriter:
                 present[i] = None
                 last[i] = value
                 pairs += (i, _encode(value))
-        gone = [i for i in last if i not in present]
+        gone = sorted(i for i in last if i not in present)  # in index order, as a kept layout's row gives them
         for i in gone:
             del last[i]
         if gone:
@@ -230,9 +248,12 @@ class SampleWriter:
                 self._fh = None
 
 
-def _plain_line(t_ns: int, pairs: list[Any]) -> str:
-    """`{"t_ns":T,"v":[...]}` for a row of ints and finite floats: the bytes json.dumps gives it (both
-    write an int and a float as their repr), at a third of its cost."""
+def _plain_line(t_ns: int, pairs: list[Any], stopped: list[int] | None = None) -> str:
+    """`{"t_ns":T,"v":[...]}` (with `"x":[...]` where readings stopped) for a row of ints and finite
+    floats: the bytes json.dumps gives it (both write an int and a float as their repr), at a third of
+    its cost."""
+    if stopped:
+        return f'{{"t_ns":{t_ns},"x":[{",".join(map(str, stopped))}],"v":[{",".join(map(repr, pairs))}]}}\n'
     return f'{{"t_ns":{t_ns},"v":[{",".join(map(repr, pairs))}]}}\n'
 
 

@@ -310,7 +310,7 @@ class Profile:
         record = recording.record
         self._gpu_probe = recording.open_devices(describe=self._describe, pid_exists=self._pid_exists)
         uuids: list[Any] = [d.uuid for d in self._gpu_probe.devices] if self._gpu_probe is not None else []
-        probes: dict[str, Any] = {"host": HostProbe(self.pid)}
+        probes: dict[str, Any] = {"host": HostProbe(self.pid, interval_s=self.interval_s)}
         # the allocator before NVML, as in diagnose (commands/diagnose.py says why)
         probes["allocator"] = LazyAllocatorProbe(self.pid, self._torch_cuda, self._torch_scopes, uuids,
                                                  self.reset_peaks)

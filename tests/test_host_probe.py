@@ -109,7 +109,7 @@ def test_per_core_readings_can_be_turned_off():
 
 def test_uss_is_read_at_most_every_uss_every_s():
     clock = FakeClock()
-    probe = HostProbe(uss_every_s=1.0, clock_s=clock)
+    probe = HostProbe(uss_every_s=1.0, clock_s=clock, cost_clock_s=lambda: 0.0)
     scope = f"pid:{os.getpid()}"
     seen = []
     for step in (0.0, 0.4, 0.5, 0.1, 0.9, 0.1):  # t = 0, .4, .9, 1.0, 1.9, 2.0
@@ -121,12 +121,12 @@ def test_uss_is_read_at_most_every_uss_every_s():
 def test_a_requested_uss_reading_comes_at_the_next_read_whatever_the_interval():
     """diagnose asks at each step's last tick: a step shorter than the interval still gets its own USS."""
     clock = FakeClock()
-    probe = HostProbe(uss_every_s=2.0, clock_s=clock)
+    probe = HostProbe(uss_every_s=2.0, clock_s=clock, cost_clock_s=lambda: 0.0)
     scope = f"pid:{os.getpid()}"
     assert (scope, "uss_bytes") in as_dict(probe.read())       # t = 0: due
     clock.now += 0.5
     assert (scope, "uss_bytes") not in as_dict(probe.read())   # t = 0.5: not due
-    probe.request_uss()
+    probe.request_all()
     clock.now += 0.1
     assert (scope, "uss_bytes") in as_dict(probe.read())       # asked for
     clock.now += 0.1
@@ -135,7 +135,7 @@ def test_a_requested_uss_reading_comes_at_the_next_read_whatever_the_interval():
     assert (scope, "uss_bytes") in as_dict(probe.read())
     # without a USS interval (uss_every_s=None) a request still reads it once
     quiet = HostProbe(uss_every_s=None)
-    quiet.request_uss()
+    quiet.request_all()
     assert (scope, "uss_bytes") in as_dict(quiet.read()) and (scope, "uss_bytes") not in as_dict(quiet.read())
 
 
@@ -318,3 +318,45 @@ def test_the_kept_descriptors_are_closed(tmp_path):
     for fd in fds:
         with pytest.raises(OSError):
             os.fstat(fd)
+
+
+def test_meminfo_heads_the_kernel_writes_and_those_it_does_not():
+    from gpuscope.probes.host import parse_meminfo_bytes
+
+    head = b"MemTotal:       24683664 kB\nMemFree:         1021752 kB\nMemAvailable:   20211892 kB\nBuffers:  1 kB\n"
+    assert parse_meminfo_bytes(head) == (24683664 * 1024, 20211892 * 1024)
+    assert parse_meminfo_bytes(b"MemTotal:  100 kB\nMemFree:  100 kB\nMemAvailable:  100 kB\n") == (102400, 102400)
+    for unusable in (b"MemTotal:  100 kB\nMemFree:  50 kB\nBuffers:  1 kB\n",  # before 3.14: no MemAvailable
+                     b"MemTotal:  100 kB\nMemFree:  50 kB\nMemAvailable:  0 kB\n",
+                     b"MemTotal:  100 kB\nMemFree:  50 kB\nMemAvailable:  101 kB\n",
+                     b"MemTotal:  100 kB\nMemFree:  50 kB\nMemAvailable:  -1 kB\n",
+                     b"MemTotal:  1x0 kB\nMemFree:  50 kB\nMemAvailable:  10 kB\n",
+                     b"MemFree:  50 kB\nMemTotal:  100 kB\nMemAvailable:  10 kB\n", b""):
+        assert parse_meminfo_bytes(unusable) is None, unusable
+
+
+def test_uss_waits_longer_when_its_read_takes_long_so_a_large_server_does_not_pay_for_it():
+    """A read that took 20 ms (a server holding gigabytes: the kernel walks every page) next comes after
+    20 ms / USS_MAX_TIME_SHARE = 40 s, not 10 s; a quick one keeps the 10 s."""
+    from gpuscope.probes.host import USS_MAX_TIME_SHARE
+
+    scope = f"pid:{os.getpid()}"
+    clock = FakeClock()
+    costs = iter([0.0, 0.020] * 10)  # each read seen as taking 20 ms
+    probe = HostProbe(uss_every_s=10.0, clock_s=clock, cost_clock_s=lambda: next(costs))
+    read_at = []
+    for second in range(0, 100):
+        clock.now = 1000.0 + second
+        if (scope, "uss_bytes") in as_dict(probe.read()):
+            read_at.append(second)
+    gap = round(0.020 / USS_MAX_TIME_SHARE)
+    assert gap == 40 and read_at == [0, 40, 80]
+    quick = iter([0.0, 0.001] * 20)
+    clock.now = 1000.0
+    probe = HostProbe(uss_every_s=10.0, clock_s=clock, cost_clock_s=lambda: next(quick))
+    read_at = []
+    for second in range(0, 35):
+        clock.now = 1000.0 + second
+        if (scope, "uss_bytes") in as_dict(probe.read()):
+            read_at.append(second)
+    assert read_at == [0, 10, 20, 30]

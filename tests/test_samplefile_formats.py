@@ -18,7 +18,8 @@ import pytest
 
 import gpuscope.probes.samplefile as samplefile
 from gpuscope.probes.readings import ERROR, NO_DEVICE, NOT_SUPPORTED, Unavailable, reading_to_json
-from gpuscope.probes.samplefile import SAMPLES_SCHEMA, SAMPLES_SCHEMA_V1, SampleWriter, Tick, Timeline, load_timeline
+from gpuscope.probes.samplefile import (SAMPLES_SCHEMA, SAMPLES_SCHEMA_V1, SampleColumns, SampleWriter, Tick, Timeline,
+                                        load_timeline)
 
 FIXTURE_V1 = Path(__file__).parent / "fixtures" / "samples" / "samples-v1.jsonl"
 ROOT = Path(__file__).resolve().parent.parent
@@ -183,6 +184,51 @@ def _steady_ticks(seed: int, count: int) -> list[Tick]:
     return ticks
 
 
+def _cadenced_ticks(seed: int, count: int) -> list[Tick]:
+    """Ticks as a 50 ms sampler gives them: host CPU, memory and context switches every 5th tick, USS every
+    13th, a GPU process that comes and goes; values that often repeat across the gaps (a key that comes
+    back with the value it left with) and shared keys that move while the slower ones are away."""
+    rng = random.Random(seed)
+    ticks = []
+    for i in range(count):
+        values: list[tuple[str, str, Any]] = []
+        if i % 5 == 0:
+            values += [("host", "cpu_util_pct", rng.choice([10.0, 12.5])), ("host", "core0_util_pct", rng.choice([0.0, 50.0])),
+                       ("host", "mem_used_bytes", rng.choice([1024, 2048]))]
+        values.append(("pid:7", "rss_bytes", rng.choice([4096, 8192, 4096.0])))
+        if i % 13 == 0:
+            values.append(("pid:7", "uss_bytes", rng.choice([100, 200])))
+        values.append(("pid:7", "num_threads", rng.choice([3, 4])))
+        if i % 5 == 0:
+            values.append(("pid:7", "ctx_switches_voluntary", i // 20))
+        values.append(("gpu:0", "used_bytes", rng.choice([1, 2, Unavailable(NO_DEVICE, "lost")])))
+        if (i // 40) % 2:
+            values.append(("pid:9/gpu:0", "used_bytes", rng.choice([5, 6])))
+        ticks.append(Tick(T0 + i * 50_000_000, values))
+    return ticks
+
+
+@pytest.mark.parametrize("seed", [3, 4])
+def test_ticks_that_alternate_layouts_take_the_short_path_and_write_the_bytes_the_key_by_key_path_writes(
+        tmp_path, monkeypatch, seed):
+    monkeypatch.setattr(samplefile, "KEYFRAME_EVERY_TICKS", 97)
+    short, by_key = tmp_path / "short.jsonl", tmp_path / "by_key.jsonl"
+    writers = [SampleWriter(str(short), {"t0_ns": T0}), _EveryTickByKey(str(by_key), {"t0_ns": T0})]
+    ticks = _cadenced_ticks(seed, 800)
+    for tick in ticks:
+        for writer in writers:
+            writer.write(tick)
+    for writer in writers:
+        writer.close()
+    assert short.read_bytes() == by_key.read_bytes()
+    lines = short.read_text().splitlines()[1:]
+    assert sum(1 for line in lines if '"k"' not in line and '"f"' not in line) > 700  # nothing re-declared
+    timeline = load_timeline(str(short))
+    for key in [("host", "cpu_util_pct"), ("pid:7", "uss_bytes"), ("pid:7", "rss_bytes"), ("pid:9/gpu:0", "used_bytes")]:
+        expected = [dict(((s, m), v) for s, m, v in tick.values).get(key) for tick in ticks]
+        assert timeline.column(*key) == expected, key  # None exactly where the tick had no reading
+
+
 @pytest.mark.parametrize("seed", [1, 2])
 def test_the_short_path_writes_the_bytes_the_key_by_key_path_writes(tmp_path, monkeypatch, seed):
     monkeypatch.setattr(samplefile, "KEYFRAME_EVERY_TICKS", 37)
@@ -300,7 +346,8 @@ def test_uss_cadence_is_declared_and_its_value_is_never_shown_between_reads(tmp_
     pid = 4242
     root = _fake_proc(tmp_path / "proc", pid)
     clock = {"ns": T0}
-    probe = HostProbe(pid, uss_every_s=10.0, clock_s=lambda: clock["ns"] / 1e9, proc_root=str(root))
+    probe = HostProbe(pid, uss_every_s=10.0, clock_s=lambda: clock["ns"] / 1e9, proc_root=str(root),
+                      cost_clock_s=lambda: 0.0)  # each read as instant, however busy the machine
     writer = SampleWriter(str(samples_path), {"t0_ns": T0, "interval_s": 0.05})
     sampler = Sampler({"host": probe}, 0.05, writer, clock_ns=lambda: clock["ns"])
     for tick in range(600):
@@ -339,3 +386,78 @@ def test_the_header_line_of_a_reused_file_does_not_confuse_the_rows(samples_path
     assert timeline.torn_lines == 1  # the second header, as before
     assert timeline.column("host", "n") == [0, 1, 2, 99]
     assert timeline.column("gpu:0", "used_bytes") == [100, 100, 100, None]
+
+
+def test_host_cpu_memory_and_context_switches_come_every_quarter_second_at_50ms_and_are_never_shown_between(
+        tmp_path, samples_path):
+    """At 50 ms the host-wide readings and the context switches are read every 5th tick (0.25 s), declared so,
+    and the ticks between hold None; each read holds what /proc said at that very tick, and the per-core busy
+    share covers the whole quarter second since the read before (not the last 50 ms)."""
+    from gpuscope.probes.host import HostProbe
+    from gpuscope.probes.sampler import Sampler
+
+    pid = 4243
+    root = _fake_proc(tmp_path / "proc", pid)
+    clock = {"ns": T0}
+    probe = HostProbe(pid, uss_every_s=None, clock_s=lambda: clock["ns"] / 1e9, proc_root=str(root), interval_s=0.05)
+    writer = SampleWriter(str(samples_path), {"t0_ns": T0, "interval_s": 0.05})
+    sampler = Sampler({"host": probe}, 0.05, writer, clock_ns=lambda: clock["ns"])
+    for tick in range(40):
+        busy = 20 + 3 * (tick + 1)  # core0: 3 busy jiffies and 2 idle a tick (60%); core1 idle
+        (root / "stat").write_text(f"cpu  0 0 0 0 0 0 0 0 0 0\ncpu0 {busy} 0 20 {160 + 2 * (tick + 1)} 0 0 0 0 0 0\n"
+                                   f"cpu1 10 0 10 {80 + 5 * (tick + 1)} 0 0 0 0 0 0\nintr 0\n")
+        (root / "meminfo").write_text(f"MemTotal:       1000 kB\nMemFree:         1 kB\nMemAvailable:    {600 - tick} kB\n")
+        (root / str(pid) / "status").write_text(f"Name:\tserver\nvoluntary_ctxt_switches:\t{tick}\n"
+                                                f"nonvoluntary_ctxt_switches:\t{2 * tick}\n")
+        sampler.tick()
+        clock["ns"] += 50_000_000
+    writer.close()
+    timeline = load_timeline(str(samples_path))
+    scope = f"pid:{pid}"
+    slower = [("host", "cpu_util_pct"), ("host", "core0_util_pct"), ("host", "core1_util_pct"),
+              ("host", "mem_used_bytes"), ("host", "mem_available_bytes"),
+              (scope, "ctx_switches_voluntary"), (scope, "ctx_switches_involuntary")]
+    assert timeline.cadence_s == {key: 0.25 for key in slower}
+    for key in slower:
+        column = timeline.column(*key)
+        assert [i for i, value in enumerate(column) if value is not None] == list(range(0, 40, 5)), key
+    assert [timeline.column(scope, "ctx_switches_involuntary")[i] for i in range(0, 40, 5)] == [2 * i for i in range(0, 40, 5)]
+    assert [timeline.column("host", "mem_available_bytes")[i] for i in range(0, 40, 5)] == \
+        [(600 - i) * 1024 for i in range(0, 40, 5)]
+    assert [timeline.column("host", "core0_util_pct")[i] for i in range(5, 40, 5)] == [60.0] * 7  # 15 of 25 jiffies
+    assert [timeline.column("host", "core1_util_pct")[i] for i in range(5, 40, 5)] == [0.0] * 7
+    assert all(value is not None for value in timeline.column(scope, "rss_bytes"))  # every tick
+    assert all(value is not None for value in timeline.column(scope, "num_threads"))
+    # the same file read in column chunks says the same
+    reader = SampleColumns(str(samples_path))
+    list(reader.chunks())
+    assert reader.cadence_s == timeline.cadence_s
+
+
+def test_at_intervals_of_an_eighth_of_a_second_or_more_every_reading_comes_every_tick():
+    from gpuscope.probes.host import HostProbe, ticks_between_host_reads
+
+    assert [ticks_between_host_reads(s) for s in (None, 0.005, 0.01, 0.05, 0.1, 0.124, 0.125, 0.2, 1.0)] == \
+        [1, 50, 25, 5, 2, 2, 1, 1, 1]
+    probe = HostProbe(uss_every_s=None, interval_s=0.125)
+    assert probe.cadence_s() == {}
+    keys = [set(as_keys(probe.read())) for _ in range(3)]
+    assert keys[0] == keys[1] == keys[2] and ("host", "cpu_util_pct") in keys[0]
+
+
+def as_keys(values):
+    return [(scope, metric) for scope, metric, _value in values]
+
+
+def test_a_step_end_request_reads_everything_at_once_and_the_cadence_counts_from_there():
+    from gpuscope.probes.host import HostProbe
+
+    probe = HostProbe(uss_every_s=None, interval_s=0.05)
+    scope = f"pid:{os.getpid()}"
+    whole = [(("host", "cpu_util_pct") in keys and (scope, "ctx_switches_voluntary") in keys)
+             for keys in (set(as_keys(probe.read())) for _ in range(7))]
+    assert whole == [True, False, False, False, False, True, False]
+    probe.request_all()
+    keys = set(as_keys(probe.read()))
+    assert ("host", "mem_used_bytes") in keys and (scope, "uss_bytes") in keys and (scope, "ctx_switches_involuntary") in keys
+    assert [("host", "cpu_util_pct") in set(as_keys(probe.read())) for _ in range(5)] == [False] * 4 + [True]

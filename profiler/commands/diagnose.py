@@ -145,8 +145,8 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         record.steps = list(hooks.steps)
         recording.save_progress()  # a kill -9 still leaves every finished step on disk
 
-    def step_end_tick() -> Any:  # every step gets a USS reading of its own, however short it is
-        host_probe.request_uss()
+    def step_end_tick() -> Any:  # every step gets readings of its own (USS, host CPU), however short it is
+        host_probe.request_all()
         return sampler.tick()
 
     hooks = SweepHooks(mark=sampler.mark, tick=step_end_tick, t0_ns=t0_ns, on_progress=progress.update,

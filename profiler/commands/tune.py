@@ -214,7 +214,7 @@ def run_tune(opts: TuneOptions, progress: Progress | None = None,
                                                      sampling.gaps, sampling.sampler)
 
     def step_end_tick() -> Any:
-        host_probe.request_uss()
+        host_probe.request_all()
         return sampler.tick()
 
     label = {"text": ""}  # the configuration being measured, in place of the sweep's own "[1/1]" label

@@ -155,7 +155,7 @@ class WatchSession:
         # USS needs /proc/PID/smaps_rollup (ptrace access); without it, RSS alone rather than no readings at all.
         uss_every = USS_EVERY_S if read_rss_uss_bytes(self.pid) is not None else None
         try:
-            host = HostProbe(self.pid, uss_every_s=uss_every, clock_s=self._clock)
+            host = HostProbe(self.pid, uss_every_s=uss_every, clock_s=self._clock, interval_s=self.interval_s)
         except Exception as exc:
             raise UsageError(f"--pid {self.pid}: cannot read the process ({exc})") from None
         probes: dict[str, Any] = {"host": host}

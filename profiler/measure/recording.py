@@ -349,7 +349,7 @@ class Recording:
         the readings that went missing. The sampler is created here, not started."""
         from gpuscope.probes.host import HostProbe
 
-        host_probe = HostProbe(self.pid)
+        host_probe = HostProbe(self.pid, interval_s=interval_s)
         probes: dict[str, Any] = {"host": host_probe,
                                   **device_probes(self.pid, device, nvml_index, self.gpu_probe,
                                                   self.cuda.allocator if device.startswith("cuda") else None)}
