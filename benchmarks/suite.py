@@ -20,6 +20,18 @@ def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def core_speed_s() -> float:
+    """Seconds `sum(range(10**7))` takes on this thread, best of three: this machine's speed at the moment.
+    A shared VM's varies by 2-3x over minutes, so each benchmark states it beside its figures (a recent
+    server core takes 0.10-0.15 s; the 2-core development machine 0.23-0.26 s when its host is idle)."""
+    best = float("inf")
+    for _ in range(3):
+        started = time.perf_counter()
+        sum(range(10**7))
+        best = min(best, time.perf_counter() - started)
+    return best
+
+
 def _machine() -> dict[str, Any]:
     import psutil
     import torch
@@ -44,11 +56,11 @@ def _device() -> str:
     return "cuda:0" if torch.cuda.is_available() else "cpu"
 
 
-def _probes(pid: int, device: str) -> dict[str, Any]:
-    """The probes a diagnose run uses on this machine."""
+def _probes(pid: int, device: str, interval_s: float | None = None) -> dict[str, Any]:
+    """The probes a diagnose run at `interval_s` uses on this machine."""
     from gpuscope.probes.host import HostProbe
 
-    probes: dict[str, Any] = {"host": HostProbe(pid)}
+    probes: dict[str, Any] = {"host": HostProbe(pid, interval_s=interval_s)}
     if device.startswith("cuda"):
         from gpuscope.probes.allocator import AllocatorProbe, RealTorchCuda
         from gpuscope.probes.gpu import GpuProbe
@@ -84,16 +96,17 @@ def _bootstrap_mean_ci(values: list[float], resamples: int = 4000, seed: int = 1
 
 
 def _toggled_pairs(pool: Any, predictors: int, interval_s: float, pairs: int, slot_s: float,
-                   probes: Callable[[], dict[str, Any]], samples_path: str) -> list[tuple[float, float]]:
+                   probes: Callable[[], dict[str, Any]], samples_path: str | None) -> list[tuple[float, float]]:
     """One long step of the pool, the sampler switched on and off in alternating slots (AB, BA, AB, ...
-    so drift cancels): (rate with, rate without) per pair of neighbouring slots."""
+    so drift cancels): (rate with, rate without) per pair of neighbouring slots. Without a samples path,
+    a bare sampler: no probes, no file, no listeners (a Python thread woken every interval, and nothing else)."""
     from gpuscope.probes.samplefile import SampleWriter
     from gpuscope.probes.sampler import PeakTracker, Sampler
 
     warmup_s = 0.5
     slots: list[tuple[int, int, bool]] = []
-    writer = SampleWriter(samples_path, {"t0_ns": 0, "interval_s": interval_s})
-    sampler = Sampler(probes(), interval_s, writer, [PeakTracker()])
+    writer = SampleWriter(samples_path, {"t0_ns": 0, "interval_s": interval_s}) if samples_path else None
+    sampler = Sampler(probes(), interval_s, writer, [PeakTracker()] if writer else [])
 
     def toggle() -> None:
         time.sleep(warmup_s + 0.2)  # past the pool's warm-up: only measured requests have end times
@@ -112,7 +125,8 @@ def _toggled_pairs(pool: Any, predictors: int, interval_s: float, pairs: int, sl
     run = pool.run_step(predictors, warmup_s + 0.4 + pairs * 2 * slot_s, warmup_s=warmup_s, window_s=1.0,
                         is_stable=lambda windows: False)
     toggler.join()
-    writer.close()
+    if writer is not None:
+        writer.close()
     rates = []
     for i in range(0, len(slots) - 1, 2):
         (a0, a1, a_on), (b0, b1, _b_on) = slots[i], slots[i + 1]
@@ -126,44 +140,51 @@ def bench_sampler_overhead(quick: bool, echo: Echo) -> dict[str, Any]:
     """Throughput with the sampler on / off in alternating slots of one long step (paired, interleaved).
 
     Every pair gives a ratio; the figure is their mean with a 95% bootstrap interval. The machine's
-    noise decides whether 1% is resolved: the row says so (`resolved`: the interval is within +-1%).
+    noise decides whether 1% is resolved: the row says so (`resolved`: the interval is within +-1%); a
+    target is met or not only where the whole interval lies on one side of it. At the shortest interval
+    a bare sampler (a thread woken as often, reading nothing) is measured the same way: the floor.
     """
     from gpuscope.measure.workload import PredictorPool
 
     device = _device()
     model = _model(device)
     pool = PredictorPool(model)
+    speed_before_s = core_speed_s()
     pairs = 16 if quick else 40
     slot_s = 0.5 if quick else 1.0
     intervals = (0.05, 0.005) if quick else (0.05, 0.01, 0.005)
     targets = {0.05: 0.99, 0.005: 0.97}
     rows = []
     tmp = tempfile.mkdtemp(prefix="gpuscope-bench-")
+    # (interval, bare): gpuscope's probes, file and listeners; and at the shortest interval a bare sampler
+    # (no probes, no file) beside it: the cost of waking a Python thread that often, whatever it reads
+    cases = [(interval, False) for interval in intervals] + [(min(intervals), True)]
     for predictors in (1, 2):
-        for interval in intervals:
-            path = os.path.join(tmp, f"s-{predictors}-{interval}.jsonl")
+        for interval, bare in cases:
+            path = None if bare else os.path.join(tmp, f"s-{predictors}-{interval}.jsonl")
             rates = _toggled_pairs(pool, predictors, interval, pairs, slot_s,
-                                   lambda: _probes(os.getpid(), device), path)
+                                   (lambda: {}) if bare else (lambda: _probes(os.getpid(), device, interval)), path)
             ratios = [with_rps / without_rps for with_rps, without_rps in rates]
             mean = statistics.fmean(ratios) if ratios else float("nan")
             low, high = _bootstrap_mean_ci(ratios) if len(ratios) >= 5 else (float("nan"), float("nan"))
-            target = targets.get(interval)
+            target = None if bare else targets.get(interval)
             resolved = bool(high - low <= 0.02)
             verdict = None
-            if target is not None and ratios:  # an interval wider than +-1% says nothing either way
-                verdict = "unresolved" if not resolved else "met" if low >= target else \
-                    "not met" if high < target else "unresolved"
+            if target is not None and ratios:  # decided only where the whole interval is on one side of it
+                verdict = "met" if low >= target else "not met" if high < target else "unresolved"
             rows.append({"predictors": predictors, "interval_ms": round(interval * 1000, 3), "pairs": len(ratios),
+                         "sampler": "bare" if bare else "gpuscope",
                          "slot_s": slot_s, "without_rps": _median([r[1] for r in rates]),
                          "with_rps": _median([r[0] for r in rates]), "ratio": mean,
                          "ratio_median": _median(ratios), "ci95": [low, high],
                          "pair_ratio_stdev": statistics.stdev(ratios) if len(ratios) > 1 else None,
                          "resolved": resolved, "target": target, "verdict": verdict})
-            echo(f"  sampler {interval * 1000:4.0f} ms, {predictors} predictor(s): ratio {mean:.3f} "
-                 f"[95% CI {low:.3f}-{high:.3f}] over {len(ratios)} pairs of {slot_s:g} s "
+            echo(f"  {'bare sampler' if bare else 'sampler'} {interval * 1000:4.0f} ms, {predictors} predictor(s): "
+                 f"ratio {mean:.3f} [95% CI {low:.3f}-{high:.3f}] over {len(ratios)} pairs of {slot_s:g} s "
                  f"({_median([r[0] for r in rates]):.1f} vs {_median([r[1] for r in rates]):.1f} req/s)"
                  + (f"  target {target}: {verdict}" if target else ""))
-    return {"rows": rows, "device": device, "method": "paired slots in one step, sampler on/off alternating"}
+    return {"rows": rows, "device": device, "method": "paired slots in one step, sampler on/off alternating",
+            "core_speed_s": [speed_before_s, core_speed_s()]}
 
 
 # ---------------------------------------------------------------- 2. harness efficiency
@@ -311,6 +332,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     from gpuscope.probes.sampler import PeakTracker, Sampler
 
     sys.path.insert(0, REPO)
+    speed_before_s = core_speed_s()
     ticks = 400 if quick else 1000  # multiples of 200: USS (every 10 s) comes every 200th tick of 50 ms
     warmup = 20
     device = _device()
@@ -396,6 +418,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     without_uss = [us for us, uss in zip(per_tick_us, uss_ticks) if not uss]
     with_uss = [us for us, uss in zip(per_tick_us, uss_ticks) if uss]
     result = {"ticks": ticks, "warmup_ticks": warmup, "gpu_source": source, "mean_tick_wall_us": mean_wall_us,
+              "core_speed_s": [speed_before_s, core_speed_s()],
               "uss_reads": len(with_uss), "mean_uss_tick_wall_us": statistics.fmean(with_uss) if with_uss else None,
               "mean_tick_wall_us_without_uss": statistics.fmean(without_uss) if without_uss else None,
               "median_tick_wall_us": _median(per_tick_us), "mean_tick_cpu_us": mean_cpu_us,
@@ -418,6 +441,8 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     echo(f"  {ticks} ticks after {warmup} of warm-up: {mean_wall_us:.0f} us wall (median {_median(per_tick_us):.0f}), "
          f"{mean_cpu_us:.0f} us CPU per tick; "
          + ", ".join(f"{k} {v:.0f} us" for k, v in per_probe.items()) + f" (GPU probes: {source})")
+    echo(f"  this core's speed (sum(range(10**7)), best of 3) before and after: "
+         f"{result['core_speed_s'][0]:.3f} s, {result['core_speed_s'][1]:.3f} s")
     if with_uss:
         echo(f"  of which {len(with_uss)} ticks read USS: {result['mean_uss_tick_wall_us']:.0f} us each; the other ticks "
              f"{result['mean_tick_wall_us_without_uss']:.0f} us on average")

@@ -751,6 +751,27 @@ def test_gil_contention_evidence_shows_the_shares_the_bound_the_scaling_and_the_
     assert "numpy" in finding.remedy and "gpuscope compare" in finding.remedy
 
 
+def test_gil_contention_on_a_contended_machine_says_so_beside_the_measured_scaling():
+    """The threads waited 51% (1 predictor) and 70% (2) of their time for a core: raw scaling 1.01x says as
+    much about the other work as about the GIL. The title says so; the evidence has the scaling per second
+    the threads were not waiting, (301 / (1 - 2.81/4)) / (298 / (1 - 1.02/2))."""
+    finding = rule_gil_contention(S.gil_contention_run(), T)[0]
+    unqueued = (301 / (1 - 2.81 / 4)) / (298 / (1 - 1.02 / 2))
+    assert finding.evidence["unqueued_scaling_by_predictors"]["2"] == pytest.approx(unqueued)
+    assert finding.evidence["unqueued_scaling_by_predictors"]["1"] == pytest.approx(1.0)
+    assert finding.title.endswith("measured 1.01x on a busy machine (its threads waited for a core up to 70% of "
+                                  "the time: the measured scaling says as much about the other work as about the GIL)")
+
+
+@pytest.mark.parametrize("runqueue_at_2, quoted", [(0.2, False), (0.39, False), (0.4, True), (0.9, True)])
+def test_gil_contention_says_busy_machine_only_from_a_tenth_of_the_time_in_the_run_queue(
+        runqueue_at_2, quoted):
+    # on free cores (1% queued at 1 predictor): 0.39 s of 4 s is 9.75%, 0.4 s is 10%; signal B fires up to 25%
+    finding = rule_gil_contention(S.gil_on_free_cores_run(runqueue_at_2=runqueue_at_2), T)[0]
+    assert ("on a busy machine" in finding.title) == quoted
+    assert finding.title.split("measured ")[1].startswith(f"{310 / 300:.2f}x")
+
+
 @pytest.mark.parametrize("blocked_s, fires", [(0.05, False), (0.118, False), (0.12, True), (0.4, True)])
 def test_gil_contention_blocked_share_threshold(blocked_s, fires):
     # share = blocked / (on_cpu + blocked) = blocked / (4 - 2.81): 0.118 s -> 0.099, 0.12 s -> 0.101

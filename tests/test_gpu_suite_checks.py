@@ -373,3 +373,37 @@ def test_the_harness_runs_a_planted_model_and_reads_back_its_steps_polls_and_tor
     assert result.torch_at_exit == {"plant": {"count": 0, "requests": []}}
     assert (tmp_path / "run" / "nvidia-smi-readings.json").exists()
     assert sc.smi_steps(result)[1].process_mib is None  # the scripted nvidia-smi lists nobody
+
+
+def test_a_planted_model_plants_once_on_its_first_cuda_request_on_the_right_thread_and_never_on_the_cpu():
+    """plants_once, on the CPU: tensors that say they are on CUDA stand in for CUDA ones. Eight predictor
+    threads race to the first request: the plant runs exactly once; a model keyed to a thread no predictor
+    has never plants; CPU tensors never do."""
+    torch = pytest.importorskip("torch")
+    from tests.gpu import plants
+
+    class OnCuda(torch.Tensor):
+        @property
+        def is_cuda(self) -> bool:  # type: ignore[override]
+            return True
+
+    planted: list[Any] = []
+    model = plants.plants_once("Racing", lambda device: planted.append(device))
+    assert type(model).__name__ == "Racing" and model in sc._HELD
+    model(torch.ones(8, 1024))
+    assert planted == [] and not model.planted  # a CPU request
+    start = threading.Barrier(8)
+
+    def request() -> None:
+        start.wait()
+        model(torch.Tensor._make_subclass(OnCuda, torch.ones(8, 1024)))
+
+    threads = [threading.Thread(target=request) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert planted == [torch.device("cpu")] and model.planted
+    elsewhere = plants.plants_once("Elsewhere", lambda device: planted.append(device), lambda: False)
+    elsewhere(torch.Tensor._make_subclass(OnCuda, torch.ones(8, 1024)))
+    assert len(planted) == 1 and not elsewhere.planted

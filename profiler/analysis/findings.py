@@ -11,7 +11,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from gpuscope.analysis.gil import estimate
+from gpuscope.analysis.gil import CONTENDED_RUNQUEUE_SHARE, estimate
 from gpuscope.probes.readings import Unavailable, is_available
 from gpuscope.probes.units import MiB, format_bytes, format_ms
 from gpuscope.record.run import Finding, RunRecord, Step
@@ -712,14 +712,21 @@ def rule_gil_contention(record: RunRecord, t: Thresholds) -> list[Finding]:
     p = found["python_share"]
     limit = found["amdahl_limit"]
     shares = found["stage_shares"]
+    queued = [q for q in (row["runqueue_share"], found["by_predictors"].get("1", {}).get("runqueue_share"))
+              if q is not None]
+    contended = ""
+    if queued and max(queued) >= CONTENDED_RUNQUEUE_SHARE:  # the evidence has the scaling per unqueued second
+        contended = (f" on a busy machine (its threads waited for a core up to {max(queued):.0%} of the time: "
+                     f"the measured scaling says as much about the other work as about the GIL)")
     return [Finding(
         "GIL_CONTENTION", "warn",
         f"the Python stages are {p:.0%} of a request and hold the GIL: threads reach at most "
         f"{limit:.2f}x one predictor's throughput (Amdahl; {row['bound']:.2f}x at {at} on {cores} "
-        f"core{'s' if cores != 1 else ''}), measured {row['measured']:.2f}x",
+        f"core{'s' if cores != 1 else ''}), measured {row['measured']:.2f}x{contended}",
         {"stage_shares_at_1": shares, "python_share_at_1": p, "amdahl_limit": limit,
          "amdahl_bound_by_predictors": {k: r["bound"] for k, r in found["by_predictors"].items()},
          "measured_scaling_by_predictors": {k: r["measured"] for k, r in found["by_predictors"].items()},
+         "unqueued_scaling_by_predictors": {k: r["unqueued"] for k, r in found["by_predictors"].items()},
          "cpu_cores_by_predictors": {k: r["cpu_cores"] for k, r in found["by_predictors"].items()},
          "gil_wait_share_by_predictors": {k: r["gil_wait_share"] for k, r in found["by_predictors"].items()},
          "runqueue_share_by_predictors": {k: r["runqueue_share"] for k, r in found["by_predictors"].items()},

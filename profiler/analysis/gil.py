@@ -81,6 +81,21 @@ def _blocked_off_queue(shares: dict[str, float] | None) -> float | None:
     return shares["blocked"] / active if active > 0 else None
 
 
+# A step whose predictor threads waited at least this share of their time for a core ran on a contended
+# machine: its raw scaling says as much about the other work as about the GIL.
+CONTENDED_RUNQUEUE_SHARE = 0.10
+
+
+def _per_unqueued_second(step: Step, shares: dict[str, float] | None) -> float | None:
+    """Requests per second the threads were not waiting for a core (on a CPU or blocked): throughput with
+    the time other processes held the cores taken out. Where one thread got a quarter of a core beside
+    two busy loops and two threads got half of one, raw scaling read 2x; this reads what the GIL allowed."""
+    queued = shares.get("runqueue") if shares else None
+    if queued is None or queued >= 0.99 or not step.throughput_rps:
+        return None
+    return step.throughput_rps / (1.0 - queued)
+
+
 def _steps(record: RunRecord) -> list[Step]:
     return sorted((s for s in record.steps if s.requests > 0 and not s.oom and not s.partial and s.stages_ms),
                   key=lambda s: s.predictors)
@@ -90,7 +105,8 @@ def estimate(record: RunRecord) -> dict[str, Any] | None:
     """The GIL estimate of a run with stage times and a step at 1 predictor; None otherwise.
 
     {"python_share", "stage_shares", "amdahl_limit", "cores", "by_predictors": {N: {"bound", "measured",
-    "cpu_cores", "blocked_share", "gil_wait_share", "runqueue_share", "busy_threads"}}}
+    "unqueued", "cpu_cores", "blocked_share", "gil_wait_share", "runqueue_share", "busy_threads"}}}
+    ("unqueued": the scaling per second the threads were not waiting for a core, None where unread)
     """
     steps = _steps(record)
     base = next((s for s in steps if s.predictors == 1), None)
@@ -101,6 +117,7 @@ def estimate(record: RunRecord) -> dict[str, Any] | None:
         return None
     cores = int(record.host.get("usable_cores") or 1)
     base_threads = thread_shares(base)
+    base_unqueued = _per_unqueued_second(base, base_threads)
     by_n: dict[str, dict[str, Any]] = {}
     for step in steps:
         shares = thread_shares(step)
@@ -109,9 +126,11 @@ def estimate(record: RunRecord) -> dict[str, Any] | None:
         base_off = _blocked_off_queue(base_threads)
         gil_wait = max(0.0, off - base_off) if off is not None and base_off is not None else None
         cpu = step.cpu_util_pct
+        unqueued = _per_unqueued_second(step, shares)
         by_n[str(step.predictors)] = {
             "bound": amdahl_bound(p, step.predictors, cores),
             "measured": step.throughput_rps / base.throughput_rps,
+            "unqueued": unqueued / base_unqueued if unqueued is not None and base_unqueued else None,
             "cpu_cores": cpu / 100.0 if is_available(cpu) else None,
             "blocked_share": blocked,
             "gil_wait_share": gil_wait,

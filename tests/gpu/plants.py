@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import os
 import threading
-from typing import Any
+from typing import Any, Callable
 
 try:  # pytest imports tests.gpu.plants; a planted model's process imports the top-level `plants`
     from . import references as ref
@@ -49,6 +49,34 @@ def _small_model() -> Any:
     return model
 
 
+def plants_once(name: str, plant: Callable[[Any], None], on_this_thread: Callable[[], bool] = lambda: True) -> Any:
+    """A 16 MiB MLP (held to exit) whose first CUDA request on a thread where `on_this_thread()` holds
+    runs `plant(device)`, once in the process, under a lock (the predictor threads race to it); every
+    request then runs the MLP. `name` names the model's class (the run's record shows it)."""
+    from torch import nn
+
+    class PlantsOnce(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = sc._mlp()
+            self.planted = False
+            self.example_input_shape = (8, 1024)
+
+        def forward(self, x: Any) -> Any:
+            if not self.planted and x.is_cuda and on_this_thread():
+                with _LOCK:
+                    if not self.planted:
+                        plant(x.device)
+                        self.planted = True
+            return self.net(x)
+
+    PlantsOnce.__name__ = PlantsOnce.__qualname__ = name
+    sc._record_torch_stats_at_exit()
+    model = PlantsOnce()
+    sc._HELD.append(model)
+    return model
+
+
 def _stats(torch: Any, device: Any) -> dict[str, int]:
     stats = torch.cuda.memory_stats(device)
     return {"allocated_bytes": int(stats.get("allocated_bytes.all.current", 0)),
@@ -69,52 +97,32 @@ def outside_allocator_model() -> Any:
        those streams are recorded: torch's own figure of the plant.
     """
     import torch
-    from torch import nn
 
-    class OutsideAllocator(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = sc._mlp()
-            self.planted = False
-            self.example_input_shape = (8, 1024)
+    def plant(device: Any) -> None:
+        before = _stats(torch, device)
+        driver = ref.DriverMemory()
+        driver.alloc(OUTSIDE_DRIVER_BYTES, device.index if device.index is not None else torch.cuda.current_device())
+        streams = [torch.cuda.Stream(device=device) for _ in range(OUTSIDE_STREAMS)]
+        a = torch.ones(64, 64, device=device)
+        torch.cuda.current_stream(device).synchronize()
+        for stream in streams:
+            with torch.cuda.stream(stream):
+                torch.mm(a, a)
+            stream.synchronize()
+        ids = {s.cuda_stream for s in streams}
+        on_streams = [seg for seg in torch.cuda.memory_snapshot()
+                      if seg.get("stream") in ids and seg.get("segment_type") == "large"]
+        sc._HELD.extend([driver, streams])
+        sc._EXIT_EXTRA["plant"] = {
+            "driver_bytes": driver.total_bytes, "streams": len(streams),
+            "workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+            "predicted_workspace_bytes": len(streams) * (ref.cublas_workspace_bytes(
+                os.environ.get("CUBLAS_WORKSPACE_CONFIG")) or 0),
+            "torch_workspace_bytes_on_planted_streams": sum(int(seg["total_size"]) for seg in on_streams),
+            "torch_workspace_segments_on_planted_streams": len(on_streams),
+            "torch_before": before, "torch_after": _stats(torch, device)}
 
-        def forward(self, x: Any) -> Any:
-            if not self.planted and x.is_cuda and ref.predictor_index() == OUTSIDE_PLANT_INDEX:
-                with _LOCK:
-                    if not self.planted:
-                        self._plant(x.device)
-                        self.planted = True
-            return self.net(x)
-
-        @staticmethod
-        def _plant(device: Any) -> None:
-            before = _stats(torch, device)
-            driver = ref.DriverMemory()
-            driver.alloc(OUTSIDE_DRIVER_BYTES, device.index if device.index is not None else torch.cuda.current_device())
-            streams = [torch.cuda.Stream(device=device) for _ in range(OUTSIDE_STREAMS)]
-            a = torch.ones(64, 64, device=device)
-            torch.cuda.current_stream(device).synchronize()
-            for stream in streams:
-                with torch.cuda.stream(stream):
-                    torch.mm(a, a)
-                stream.synchronize()
-            ids = {s.cuda_stream for s in streams}
-            on_streams = [seg for seg in torch.cuda.memory_snapshot()
-                          if seg.get("stream") in ids and seg.get("segment_type") == "large"]
-            sc._HELD.extend([driver, streams])
-            sc._EXIT_EXTRA["plant"] = {
-                "driver_bytes": driver.total_bytes, "streams": len(streams),
-                "workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
-                "predicted_workspace_bytes": len(streams) * (ref.cublas_workspace_bytes(
-                    os.environ.get("CUBLAS_WORKSPACE_CONFIG")) or 0),
-                "torch_workspace_bytes_on_planted_streams": sum(int(seg["total_size"]) for seg in on_streams),
-                "torch_workspace_segments_on_planted_streams": len(on_streams),
-                "torch_before": before, "torch_after": _stats(torch, device)}
-
-    sc._record_torch_stats_at_exit()
-    model = OutsideAllocator()
-    sc._HELD.append(model)
-    return model
+    return plants_once("OutsideAllocator", plant, lambda: ref.predictor_index() == OUTSIDE_PLANT_INDEX)
 
 
 def fragmentation_model() -> Any:
@@ -125,42 +133,22 @@ def fragmentation_model() -> Any:
     torch.cuda.memory_stats() right after the plant is recorded (inactive_split_bytes, num_alloc_retries).
     """
     import torch
-    from torch import nn
 
-    class Fragmented(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.net = sc._mlp()
-            self.planted = False
-            self.example_input_shape = (8, 1024)
+    def plant(device: Any) -> None:
+        before = _stats(torch, device)
+        side = torch.cuda.Stream(device=device)
+        with torch.cuda.stream(side):
+            blocks = [torch.empty(FRAGMENT_BLOCK_BYTES, dtype=torch.uint8, device=device)
+                      for _ in range(FRAGMENT_BLOCKS)]
+        kept = blocks[0::2]
+        del blocks  # the odd ones are freed here: holes between live blocks
+        side.synchronize()
+        sc._HELD.extend([side, kept])
+        sc._EXIT_EXTRA["plant"] = {"blocks": FRAGMENT_BLOCKS, "block_bytes": FRAGMENT_BLOCK_BYTES,
+                                   "holes_bytes": FRAGMENT_HOLES_BYTES, "torch_before": before,
+                                   "torch_after": _stats(torch, device)}
 
-        def forward(self, x: Any) -> Any:
-            if not self.planted and x.is_cuda:
-                with _LOCK:
-                    if not self.planted:
-                        self._plant(x.device)
-                        self.planted = True
-            return self.net(x)
-
-        @staticmethod
-        def _plant(device: Any) -> None:
-            before = _stats(torch, device)
-            side = torch.cuda.Stream(device=device)
-            with torch.cuda.stream(side):
-                blocks = [torch.empty(FRAGMENT_BLOCK_BYTES, dtype=torch.uint8, device=device)
-                          for _ in range(FRAGMENT_BLOCKS)]
-            kept = blocks[0::2]
-            del blocks  # the odd ones are freed here: holes between live blocks
-            side.synchronize()
-            sc._HELD.extend([side, kept])
-            sc._EXIT_EXTRA["plant"] = {"blocks": FRAGMENT_BLOCKS, "block_bytes": FRAGMENT_BLOCK_BYTES,
-                                       "holes_bytes": FRAGMENT_HOLES_BYTES, "torch_before": before,
-                                       "torch_after": _stats(torch, device)}
-
-    sc._record_torch_stats_at_exit()
-    model = Fragmented()
-    sc._HELD.append(model)
-    return model
+    return plants_once("Fragmented", plant)
 
 
 def headroom_model() -> Any:
