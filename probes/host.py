@@ -254,7 +254,7 @@ class HostProbe:
     Every tick: /proc/PID/stat (CPU time, threads, RSS) by one pread on a descriptor kept open. At a
     sampler `interval_s` under 0.125 s, the host-wide readings (/proc/stat per-core CPU, the head of
     /proc/meminfo) and the context switches (/proc/PID/status) come every `ticks_between_host_reads()`
-    ticks (about every 0.25 s: a quarter of the probe's cost at 50 ms), and at every tick otherwise.
+    ticks (about every 0.25 s: they were over half the probe's cost at every tick), and at every tick otherwise.
     USS (smaps_rollup: a page-table walk, ~75 ns a resident page) comes every `uss_every_s`, or less often
     where the walk would otherwise take over USS_MAX_TIME_SHARE of the time. `cadence_s()` says
     which readings come less often than every tick, so the samples file can state it; the ticks in
