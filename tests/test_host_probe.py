@@ -335,28 +335,27 @@ def test_meminfo_heads_the_kernel_writes_and_those_it_does_not():
         assert parse_meminfo_bytes(unusable) is None, unusable
 
 
+def _uss_read_seconds(read_cost_s: float, seconds: int) -> list[int]:
+    """The seconds (one read a second on an injected clock) at which USS was read, each read seen as
+    taking `read_cost_s` of real time."""
+    scope = f"pid:{os.getpid()}"
+    clock = FakeClock()
+    costs = iter([0.0, read_cost_s] * seconds)  # the cost clock before and after each USS read
+    probe = HostProbe(uss_every_s=10.0, clock_s=clock, cost_clock_s=lambda: next(costs))
+    read_at = []
+    for second in range(seconds):
+        clock.now = 1000.0 + second
+        if (scope, "uss_bytes") in as_dict(probe.read()):
+            read_at.append(second)
+    return read_at
+
+
 def test_uss_waits_longer_when_its_read_takes_long_so_a_large_server_does_not_pay_for_it():
     """A read that took 20 ms (a server holding gigabytes: the kernel walks every page) next comes after
     20 ms / USS_MAX_TIME_SHARE = 40 s, not 10 s; a quick one keeps the 10 s."""
     from gpuscope.probes.host import USS_MAX_TIME_SHARE
 
-    scope = f"pid:{os.getpid()}"
-    clock = FakeClock()
-    costs = iter([0.0, 0.020] * 10)  # each read seen as taking 20 ms
-    probe = HostProbe(uss_every_s=10.0, clock_s=clock, cost_clock_s=lambda: next(costs))
-    read_at = []
-    for second in range(0, 100):
-        clock.now = 1000.0 + second
-        if (scope, "uss_bytes") in as_dict(probe.read()):
-            read_at.append(second)
-    gap = round(0.020 / USS_MAX_TIME_SHARE)
-    assert gap == 40 and read_at == [0, 40, 80]
-    quick = iter([0.0, 0.001] * 20)
-    clock.now = 1000.0
-    probe = HostProbe(uss_every_s=10.0, clock_s=clock, cost_clock_s=lambda: next(quick))
-    read_at = []
-    for second in range(0, 35):
-        clock.now = 1000.0 + second
-        if (scope, "uss_bytes") in as_dict(probe.read()):
-            read_at.append(second)
-    assert read_at == [0, 10, 20, 30]
+    assert round(0.020 / USS_MAX_TIME_SHARE) == 40
+    assert _uss_read_seconds(0.020, 100) == [0, 40, 80]
+    assert _uss_read_seconds(0.001, 35) == [0, 10, 20, 30]
+    assert _uss_read_seconds(0.0051, 35) == [0, 11, 22, 33]  # 5.1 ms / 0.0005 = 10.2 s: just over 10 s
