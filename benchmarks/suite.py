@@ -1,6 +1,7 @@
 """The benchmark suite. Each benchmark returns a JSON-able dict and prints a table."""
 from __future__ import annotations
 
+import bisect
 import os
 import platform
 import statistics
@@ -10,6 +11,7 @@ import tempfile
 import threading
 import time
 import tracemalloc
+from types import SimpleNamespace
 from typing import Any, Callable
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,96 +97,112 @@ def _bootstrap_mean_ci(values: list[float], resamples: int = 4000, seed: int = 1
     return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def _toggled_pairs(pool: Any, predictors: int, interval_s: float, pairs: int, slot_s: float,
-                   probes: Callable[[], dict[str, Any]], samples_path: str | None) -> list[tuple[float, float]]:
-    """One long step of the pool, the sampler switched on and off in alternating slots (AB, BA, AB, ...
-    so drift cancels): (rate with, rate without) per pair of neighbouring slots. Without a samples path,
-    a bare sampler: no probes, no file, no listeners (a Python thread woken every interval, and nothing else)."""
+def _rotated_rounds(model: Any, predictors: int, interval_s: float, rounds: int, slot_s: float,
+                    device: str, samples_path: str) -> dict[str, list[float]]:
+    """`predictors` threads calling the model back to back for the whole measurement, and in each round
+    three slots in a rotating order: no sampler ("off"), a bare sampler (a thread woken every interval,
+    reading and writing nothing: the floor of any in-process sampler) and gpuscope's (the probes a
+    diagnose run at this interval uses, samples.jsonl, peaks). Neighbouring slots see the same machine,
+    so each round's ratios cancel its drift. Returns each arm's rate (calls/s) per round, from the
+    completion times inside each slot (`_slot_rate`: no +-1 call of rounding)."""
+    import torch
+
+    from gpuscope.measure.models import make_input
     from gpuscope.probes.samplefile import SampleWriter
     from gpuscope.probes.sampler import PeakTracker, Sampler
 
-    warmup_s = 0.5
-    slots: list[tuple[int, int, bool]] = []
-    writer = SampleWriter(samples_path, {"t0_ns": 0, "interval_s": interval_s}) if samples_path else None
-    sampler = Sampler(probes(), interval_s, writer, [PeakTracker()] if writer else [])
+    ends: list[list[int]] = [[] for _ in range(predictors)]  # each thread's completion times, in order
+    stop = threading.Event()
+    start = threading.Barrier(predictors + 1)
 
-    def toggle() -> None:
-        time.sleep(warmup_s + 0.2)  # past the pool's warm-up: only measured requests have end times
-        for pair in range(pairs):
-            for on in ((True, False) if pair % 2 == 0 else (False, True)):
-                started = time.perf_counter_ns()
-                if on:
+    def worker(index: int) -> None:
+        done = ends[index].append
+        clock = time.perf_counter_ns
+        with torch.inference_mode():
+            x = make_input(model)
+            cuda = model.device.startswith("cuda")
+            start.wait()
+            while not stop.is_set():
+                model.module(x)
+                if cuda:
+                    torch.cuda.current_stream().synchronize()
+                done(clock())
+
+    writer = SampleWriter(samples_path, {"t0_ns": 0, "interval_s": interval_s})
+    samplers = {"bare": Sampler({}, interval_s, None, []),
+                "gpuscope": Sampler(_probes(os.getpid(), device, interval_s), interval_s, writer, [PeakTracker()])}
+    arms = ["off", "bare", "gpuscope"]
+    slots: dict[str, list[tuple[int, int]]] = {arm: [] for arm in arms}
+    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(predictors)]
+    for thread in threads:
+        thread.start()
+    start.wait()
+    time.sleep(0.5)  # warm-up
+    try:
+        for r in range(rounds):
+            for arm in arms[r % 3:] + arms[:r % 3]:
+                sampler = samplers.get(arm)
+                if sampler is not None:
                     sampler.start()
-                time.sleep(max(0.0, slot_s - (time.perf_counter_ns() - started) / 1e9))
-                if on:
+                begin = time.perf_counter_ns()
+                time.sleep(slot_s)
+                slots[arm].append((begin, time.perf_counter_ns()))
+                if sampler is not None:
                     sampler.stop()
-                slots.append((started, time.perf_counter_ns(), on))
-
-    toggler = threading.Thread(target=toggle, name="bench-toggler", daemon=True)
-    toggler.start()
-    run = pool.run_step(predictors, warmup_s + 0.4 + pairs * 2 * slot_s, warmup_s=warmup_s, window_s=1.0,
-                        is_stable=lambda windows: False)
-    toggler.join()
-    if writer is not None:
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join()
         writer.close()
-    rates = []
-    for i in range(0, len(slots) - 1, 2):
-        (a0, a1, a_on), (b0, b1, _b_on) = slots[i], slots[i + 1]
-        ra, rb = _slot_rate(run.results, a0, a1), _slot_rate(run.results, b0, b1)
-        if ra is not None and rb is not None:
-            rates.append((ra, rb) if a_on else (rb, ra))
-    return rates
+
+    def rate(begin: int, end: int) -> float:
+        inside = [SimpleNamespace(end_times_ns=e[bisect.bisect_left(e, begin):bisect.bisect_left(e, end)])
+                  for e in ends]
+        return _slot_rate(inside, begin, end) or float("nan")
+
+    return {arm: [rate(begin, end) for begin, end in slots[arm]] for arm in arms}
 
 
 def bench_sampler_overhead(quick: bool, echo: Echo) -> dict[str, Any]:
-    """Throughput with the sampler on / off in alternating slots of one long step (paired, interleaved).
+    """Throughput of predictor threads with gpuscope's sampler against none, and a bare sampler against
+    none, in rotating slots of one measurement (`_rotated_rounds`).
 
-    Every pair gives a ratio; the figure is their mean with a 95% bootstrap interval. The machine's
-    noise decides whether 1% is resolved: the row says so (`resolved`: the interval is within +-1%); a
-    target is met or not only where the whole interval lies on one side of it. At the shortest interval
-    a bare sampler (a thread woken as often, reading nothing) is measured the same way: the floor.
+    Each round gives a ratio per arm; the figure is their mean with a 95% bootstrap interval. The
+    machine's noise decides whether 1% is resolved: the row says so (`resolved`: the interval is within
+    +-1%); a target is met or not only where the whole interval lies on one side of it.
     """
-    from gpuscope.measure.workload import PredictorPool
-
     device = _device()
     model = _model(device)
-    pool = PredictorPool(model)
     speed_before_s = core_speed_s()
-    pairs = 16 if quick else 40
-    slot_s = 0.5 if quick else 1.0
-    intervals = (0.05, 0.005) if quick else (0.05, 0.01, 0.005)
+    rounds = 30 if quick else 120
+    slot_s = 0.4 if quick else 0.5
     targets = {0.05: 0.99, 0.005: 0.97}
     rows = []
     tmp = tempfile.mkdtemp(prefix="gpuscope-bench-")
-    # (interval, bare): gpuscope's probes, file and listeners; and at the shortest interval a bare sampler
-    # (no probes, no file) beside it: the cost of waking a Python thread that often, whatever it reads
-    cases = [(interval, False) for interval in intervals] + [(min(intervals), True)]
     for predictors in (1, 2):
-        for interval, bare in cases:
-            path = None if bare else os.path.join(tmp, f"s-{predictors}-{interval}.jsonl")
-            rates = _toggled_pairs(pool, predictors, interval, pairs, slot_s,
-                                   (lambda: {}) if bare else (lambda: _probes(os.getpid(), device, interval)), path)
-            ratios = [with_rps / without_rps for with_rps, without_rps in rates]
-            mean = statistics.fmean(ratios) if ratios else float("nan")
-            low, high = _bootstrap_mean_ci(ratios) if len(ratios) >= 5 else (float("nan"), float("nan"))
-            target = None if bare else targets.get(interval)
-            resolved = bool(high - low <= 0.02)
-            verdict = None
-            if target is not None and ratios:  # decided only where the whole interval is on one side of it
-                verdict = "met" if low >= target else "not met" if high < target else "unresolved"
-            rows.append({"predictors": predictors, "interval_ms": round(interval * 1000, 3), "pairs": len(ratios),
-                         "sampler": "bare" if bare else "gpuscope",
-                         "slot_s": slot_s, "without_rps": _median([r[1] for r in rates]),
-                         "with_rps": _median([r[0] for r in rates]), "ratio": mean,
-                         "ratio_median": _median(ratios), "ci95": [low, high],
-                         "pair_ratio_stdev": statistics.stdev(ratios) if len(ratios) > 1 else None,
-                         "resolved": resolved, "target": target, "verdict": verdict})
-            echo(f"  {'bare sampler' if bare else 'sampler'} {interval * 1000:4.0f} ms, {predictors} predictor(s): "
-                 f"ratio {mean:.3f} [95% CI {low:.3f}-{high:.3f}] over {len(ratios)} pairs of {slot_s:g} s "
-                 f"({_median([r[0] for r in rates]):.1f} vs {_median([r[1] for r in rates]):.1f} req/s)"
-                 + (f"  target {target}: {verdict}" if target else ""))
-    return {"rows": rows, "device": device, "method": "paired slots in one step, sampler on/off alternating",
-            "core_speed_s": [speed_before_s, core_speed_s()]}
+        for interval, target in targets.items():
+            rates = _rotated_rounds(model, predictors, interval, rounds, slot_s, device,
+                                    os.path.join(tmp, f"s-{predictors}-{interval}.jsonl"))
+            row: dict[str, Any] = {"predictors": predictors, "interval_ms": round(interval * 1000, 3),
+                                   "rounds": rounds, "slot_s": slot_s, "without_rps": _median(rates["off"]),
+                                   "with_rps": _median(rates["gpuscope"]), "target": target}
+            for arm, prefix in (("gpuscope", ""), ("bare", "bare_")):
+                ratios = [with_rps / without_rps for with_rps, without_rps in zip(rates[arm], rates["off"])]
+                low, high = _bootstrap_mean_ci(ratios)
+                row.update({f"{prefix}ratio": statistics.fmean(ratios), f"{prefix}ratio_median": _median(ratios),
+                            f"{prefix}ci95": [low, high], f"{prefix}round_ratio_stdev": statistics.stdev(ratios)})
+            low, high = row["ci95"]
+            row["resolved"] = bool(high - low <= 0.02)
+            row["verdict"] = "met" if low >= target else "not met" if high < target else "unresolved"
+            rows.append(row)
+            echo(f"  sampler {interval * 1000:4.0f} ms, {predictors} predictor(s): ratio {row['ratio']:.3f} "
+                 f"[95% CI {low:.3f}-{high:.3f}]; a bare sampler {row['bare_ratio']:.3f} "
+                 f"[{row['bare_ci95'][0]:.3f}-{row['bare_ci95'][1]:.3f}]; {rounds} rounds of 3 x {slot_s:g} s "
+                 f"({row['with_rps']:.1f} vs {row['without_rps']:.1f} calls/s)  target {target}: {row['verdict']}")
+    return {"rows": rows, "device": device, "core_speed_s": [speed_before_s, core_speed_s()],
+            "method": "predictor threads calling the model; slots of no sampler, a bare one and gpuscope's, "
+                      "rotating in each round; ratios per round"}
+
 
 
 # ---------------------------------------------------------------- 2. harness efficiency
