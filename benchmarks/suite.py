@@ -97,27 +97,18 @@ def _bootstrap_mean_ci(values: list[float], resamples: int = 4000, seed: int = 1
     return means[int(0.025 * resamples)], means[int(0.975 * resamples) - 1]
 
 
-def _rotated_rounds(model: Any, predictors: int, interval_s: float, rounds: int, slot_s: float,
-                    device: str, samples_path: str) -> dict[str, list[float]]:
-    """`predictors` threads calling the model back to back for the whole measurement, and in each round
-    three slots in a rotating order: no sampler ("off"), a bare sampler (a thread woken every interval,
-    reading and writing nothing: the floor of any in-process sampler) and gpuscope's (the probes a
-    diagnose run at this interval uses, samples.jsonl, peaks). Neighbouring slots see the same machine,
-    so each round's ratios cancel its drift. Returns each arm's rate (calls/s) per round, from the
-    completion times inside each slot (`_slot_rate`: no +-1 call of rounding)."""
+def _model_callers(model: Any, threads: int, done: Callable[[int], None]) -> tuple[threading.Event, list[threading.Thread]]:
+    """`threads` threads calling the model back to back (inference mode, a CUDA call waited for), each
+    calling `done(index)` after every call: the predictors of the overhead and harness benchmarks,
+    without the pool. They are running when this returns; set the event and join them to stop them."""
     import torch
 
     from gpuscope.measure.models import make_input
-    from gpuscope.probes.samplefile import SampleWriter
-    from gpuscope.probes.sampler import PeakTracker, Sampler
 
-    ends: list[list[int]] = [[] for _ in range(predictors)]  # each thread's completion times, in order
     stop = threading.Event()
-    start = threading.Barrier(predictors + 1)
+    start = threading.Barrier(threads + 1)
 
     def worker(index: int) -> None:
-        done = ends[index].append
-        clock = time.perf_counter_ns
         with torch.inference_mode():
             x = make_input(model)
             cuda = model.device.startswith("cuda")
@@ -126,17 +117,35 @@ def _rotated_rounds(model: Any, predictors: int, interval_s: float, rounds: int,
                 model.module(x)
                 if cuda:
                     torch.cuda.current_stream().synchronize()
-                done(clock())
+                done(index)
+
+    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
+    for thread in pool:
+        thread.start()
+    start.wait()
+    return stop, pool
+
+
+def _rotated_rounds(model: Any, predictors: int, interval_s: float, rounds: int, slot_s: float,
+                    device: str, samples_path: str) -> dict[str, list[float]]:
+    """`predictors` threads calling the model back to back for the whole measurement, and in each round
+    three slots in a rotating order: no sampler ("off"), a bare sampler (a thread woken every interval,
+    reading and writing nothing: the floor of any in-process sampler) and gpuscope's (the probes a
+    diagnose run at this interval uses, samples.jsonl, peaks). Neighbouring slots see the same machine,
+    so each round's ratios cancel its drift. Returns each arm's rate (calls/s) per round, from the
+    completion times inside each slot (`_slot_rate`: no +-1 call of rounding)."""
+    from gpuscope.probes.samplefile import SampleWriter
+    from gpuscope.probes.sampler import PeakTracker, Sampler
+
+    ends: list[list[int]] = [[] for _ in range(predictors)]  # each thread's completion times, in order
+    clock = time.perf_counter_ns
 
     writer = SampleWriter(samples_path, {"t0_ns": 0, "interval_s": interval_s})
     samplers = {"bare": Sampler({}, interval_s, None, []),
                 "gpuscope": Sampler(_probes(os.getpid(), device, interval_s), interval_s, writer, [PeakTracker()])}
     arms = ["off", "bare", "gpuscope"]
     slots: dict[str, list[tuple[int, int]]] = {arm: [] for arm in arms}
-    threads = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(predictors)]
-    for thread in threads:
-        thread.start()
-    start.wait()
+    stop, threads = _model_callers(model, predictors, lambda index: ends[index].append(clock()))
     time.sleep(0.5)  # warm-up
     try:
         for r in range(rounds):
@@ -209,37 +218,20 @@ def bench_sampler_overhead(quick: bool, echo: Echo) -> dict[str, Any]:
 
 def _bare_loop(model: Any, threads: int, seconds: float) -> float:
     """The same model called back to back on `threads` plain threads: the ceiling for the pool."""
-    import torch
-
-    from gpuscope.measure.models import make_input
-
     counts = [0] * threads
-    stop = threading.Event()
-    start = threading.Barrier(threads + 1)
 
-    def worker(index: int) -> None:
-        with torch.inference_mode():
-            x = make_input(model)
-            cuda = model.device.startswith("cuda")
-            start.wait()
-            while not stop.is_set():
-                model.module(x)
-                if cuda:
-                    torch.cuda.current_stream().synchronize()
-                counts[index] += 1
+    def done(index: int) -> None:
+        counts[index] += 1
 
-    pool = [threading.Thread(target=worker, args=(i,), daemon=True) for i in range(threads)]
-    for thread in pool:
-        thread.start()
-    start.wait()
+    stop, pool = _model_callers(model, threads, done)
     time.sleep(0.3)  # warm-up, as the pool gets
     begin_count, begin = sum(counts), time.perf_counter()
     time.sleep(seconds)
-    done, elapsed = sum(counts) - begin_count, time.perf_counter() - begin
+    calls, elapsed = sum(counts) - begin_count, time.perf_counter() - begin
     stop.set()
     for thread in pool:
         thread.join()
-    return done / elapsed
+    return calls / elapsed
 
 
 def bench_harness(quick: bool, echo: Echo) -> dict[str, Any]:
