@@ -68,15 +68,6 @@ class TickLayout:
     def __init__(self) -> None:
         self.forget()
 
-    @property
-    def scopes(self) -> list[str] | None:
-        """The last tick's scopes in order (None when no layout is held)."""
-        return None if self.current is None else self.current.scopes
-
-    @property
-    def metrics(self) -> list[str]:
-        return [] if self.current is None else self.current.metrics
-
     def changed(self, values: list[ScopedValue]) -> list[int] | None:
         """The positions whose reading differs from its key's last reading (or whose key the tick before
         lacked), with this tick's readings held in their place and `gone` set to the slots of the keys

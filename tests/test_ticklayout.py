@@ -85,7 +85,7 @@ def test_a_tick_with_a_kept_layout_is_compared_with_what_each_key_last_read_not_
     assert _feed(layout, [("pid:7", "rss_bytes", 10), ("host", "cpu_util_pct", 50.0)]) == "new"  # another order
     assert layout.gone == [2]  # used_bytes stopped
     assert _feed(layout, LEAN) == [1]  # used_bytes is back; cpu stopped
-    assert layout.gone == [0] and layout.keys[0] == ("host", "cpu_util_pct") and layout.scopes == ["pid:7", "gpu:0"]
+    assert layout.gone == [0] and layout.keys[0] == ("host", "cpu_util_pct") and layout.current.scopes == ["pid:7", "gpu:0"]
 
 
 def test_peaks_follow_the_last_reading_across_layouts():
