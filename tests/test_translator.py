@@ -175,3 +175,34 @@ def test_compare_workers_load_translators_with_their_requests(tmp_path):
     model, info = _load(spec.to_json())
     assert model.translator is not None and model.requests == ["one", "two"]
     assert info["model"]["translator"]["type"] == "TextTranslator"
+
+
+def test_a_model_that_takes_the_mapping_or_the_tuple_whole_gets_it_whole():
+    """forward(self, batch) with preprocess returning {"ids": ...} or (ids, mask): spreading it failed every
+    request ("unexpected keyword argument 'ids'"); the signature says to pass it as the one input."""
+    import torch
+
+    from gpuscope.measure.translator import keyword_or_positional
+
+    class Whole(torch.nn.Module):
+        def forward(self, batch):
+            return batch["ids"] * 2 if isinstance(batch, dict) else batch[0] + batch[1]
+
+    class Spread(torch.nn.Module):
+        def forward(self, ids, mask=None):
+            return ids * (2 if mask is None else mask)
+
+    ids, mask = torch.ones(2), torch.full((2,), 3.0)
+    assert keyword_or_positional(Whole())({"ids": ids}).tolist() == [2.0, 2.0]
+    assert keyword_or_positional(Whole())((ids, mask)).tolist() == [4.0, 4.0]
+    call = keyword_or_positional(Spread())
+    assert call({"ids": ids, "mask": mask}).tolist() == [3.0, 3.0] and call((ids, mask)).tolist() == [3.0, 3.0]
+    assert call({"ids": ids}).tolist() == [2.0, 2.0]  # another set of keys is decided again
+
+
+    class Both(torch.nn.Module):
+        def forward(self, ids, mask):
+            return ids * mask
+
+    with pytest.raises(TypeError, match="nope"):  # neither way binds: spread, the model's own error says why
+        keyword_or_positional(Both())({"nope": ids})

@@ -14,6 +14,7 @@ tensor stands for the request.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import math
 import os
@@ -135,13 +136,43 @@ def to_device(value: Any, device: str) -> Any:
 def keyword_or_positional(module: Any) -> Callable[[Any], Any]:
     """The model called the way serving code calls it with what preprocess returned: a mapping as keyword
     arguments (`model(**tokenizer(text))`, every Hugging Face model), a tuple as positional arguments
-    (`model(ids, mask)`), anything else as the one input."""
+    (`model(ids, mask)`), anything else as the one input. A model whose forward takes the mapping or the
+    tuple whole (`forward(self, batch)`) gets it whole: decided once per mapping's keys or tuple's length
+    from forward's signature (binding costs ~10 us: not at every request), and spread where the signature
+    cannot be read (TorchScript) or neither way binds (the model's own error then says why)."""
+    try:
+        signature: inspect.Signature | None = inspect.signature(getattr(module, "forward", module))
+    except (TypeError, ValueError):
+        signature = None
+    spread_by_shape: dict[Any, bool] = {}
+
+    def spreads(value: Any) -> bool:
+        if signature is None:
+            return True
+        try:
+            signature.bind(**value) if isinstance(value, Mapping) else signature.bind(*value)
+            return True
+        except TypeError:
+            pass
+        try:
+            signature.bind(value)
+            return False
+        except TypeError:
+            return True
+
     def call(value: Any) -> Any:
         if isinstance(value, Mapping):
-            return module(**value)
-        if type(value) is tuple:
-            return module(*value)
-        return module(value)
+            shape: Any = tuple(value)
+        elif type(value) is tuple:
+            shape = len(value)
+        else:
+            return module(value)
+        spread = spread_by_shape.get(shape)
+        if spread is None:
+            spread = spread_by_shape[shape] = spreads(value)
+        if not spread:
+            return module(value)
+        return module(**value) if isinstance(value, Mapping) else module(*value)
 
     return call
 
