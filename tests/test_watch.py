@@ -542,3 +542,25 @@ def test_the_peaks_forget_the_scopes_of_pids_the_tracker_forgot():
     process_scopes = {scopes.parse(scope).pid for scope, _ in peaks.peaks() if scopes.parse(scope).is_process_on_device}
     assert process_scopes == kept_pids  # pruned on the 4th tick, after 23 arrived
     assert peaks.peaks()[(scopes.device(0), "used_bytes")] == 2 * GiB  # device scopes are never pruned
+
+
+def test_a_full_tracker_never_takes_a_pid_later_in_the_same_tick_for_departed():
+    """Four spans kept, and a fifth pid first in the next tick's order: the four still listed after it were
+    taken for departed mid-tick and forgotten one after another (5 'forgotten', first-seen times reset).
+    The bound is applied after the tick: the one that held least goes, and nothing else moves."""
+    tracker = LiveTracker(pid=1, t0_ns=0)
+    tracker.MAX_PIDS = 4
+    tick_s = 1_000_000_000
+
+    def tick(k: int, rows: dict[int, float]) -> None:
+        tracker(k * tick_s, [(scopes.process_on_device(pid, 0), "used_bytes", used) for pid, used in rows.items()])
+
+    tick(0, {10: 4 * MiB, 11: 5 * MiB, 12: 6 * MiB, 13: 7 * MiB})
+    tick(1, {14: 1 * MiB, 10: 4 * MiB, 11: 5 * MiB, 12: 6 * MiB, 13: 7 * MiB})
+    spans = tracker.pid_spans()
+    assert set(spans) == {(10, 0), (11, 0), (12, 0), (13, 0)}  # the newcomer held least: not kept
+    assert all(spans[key][0] == 0.0 for key in spans)  # first seen at 0, as they were
+    assert tracker.forgotten() == {"count": 0, "largest_peak_used_bytes": None}  # it was never kept
+    tick(2, {10: 4 * MiB, 11: 5 * MiB, 12: 6 * MiB, 13: 7 * MiB, 15: 9 * MiB})  # a bigger one: the least goes
+    assert set(tracker.pid_spans()) == {(11, 0), (12, 0), (13, 0), (15, 0)}
+    assert tracker.forgotten() == {"count": 1, "largest_peak_used_bytes": 4 * MiB}

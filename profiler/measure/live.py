@@ -81,9 +81,9 @@ class LiveTracker:
     """A sampler listener that follows one pid (its NVML memory per device, RSS, memory outside the allocator),
     every device's used memory, and when every other pid was first and last seen. Thread-safe.
 
-    On a node whose jobs come and go, a day brings thousands of pids: the tracker keeps at most `MAX_PIDS`
-    (pid, device) spans, and when full forgets the departed one that held the least (the neighbours that
-    matter are the big ones), counting what it forgot so the record can say so."""
+    On a node whose jobs come and go, a day brings thousands of pids: after each tick the tracker keeps at
+    most `MAX_PIDS` (pid, device) spans, forgetting first the departed ones that held the least (the
+    neighbours that matter are the big ones), counting what it forgot so the record can say so."""
 
     MAX_PIDS = 256
 
@@ -138,8 +138,6 @@ class LiveTracker:
                     if metric == "used_bytes":
                         span = self.seen.get((pid, index))
                         if span is None:
-                            if len(self.seen) >= self.MAX_PIDS:
-                                self._forget_one(t_s)
                             span = self.seen[(pid, index)] = [t_s, t_s, None]
                         span[1] = t_s
                         if is_available(value) and (span[2] is None or value > span[2]):
@@ -148,6 +146,8 @@ class LiveTracker:
                             used_now[index] = value
                     elif metric == "torch_reserved_bytes" and pid == self.pid and is_available(value):
                         reserved_now[index] = value
+            while len(self.seen) > self.MAX_PIDS and self._forget_one(t_s):
+                pass  # after the whole tick: a pid later in it is not taken for departed
             for index in listed_devices:
                 if index not in self.listed_at_start:
                     self.listed_at_start[index] = index in used_now
@@ -160,21 +160,25 @@ class LiveTracker:
                     self.outside.setdefault(index, BoundedSeries(self._max_points)).append(
                         t_s, max(0.0, used - reserved_now[index]))
 
-    def _forget_one(self, now_s: float) -> None:
-        """Drop the departed span that held the least (the stalest when every pid is still listed)."""
-        def held(key: tuple[int, int]) -> tuple[float, float]:
+    def _forget_one(self, now_s: float) -> bool:
+        """Drop, after a tick at `now_s`, the departed span (not in that tick) that held the least; when
+        every one is still listed, the one that held the least of those, never the target's. A span first
+        seen in this very tick and dropped at once was never kept: it is not counted as forgotten."""
+        def held(key: tuple[int, int]) -> float:
             peak = self.seen[key][2]
-            return (peak if peak is not None else -1.0, self.seen[key][1])
+            return peak if peak is not None else -1.0
 
-        departed = [k for k, span in self.seen.items() if span[1] < now_s and k[0] != self.pid]
-        victim = (min(departed, key=held) if departed
-                  else min((k for k in self.seen if k[0] != self.pid), key=lambda k: self.seen[k][1], default=None))
+        others = [k for k in self.seen if k[0] != self.pid]
+        departed = [k for k in others if self.seen[k][1] < now_s]
+        victim = min(departed or others, key=held, default=None)
         if victim is None:
-            return
-        peak = self.seen.pop(victim)[2]
-        self.forgotten_count += 1
-        if peak is not None and (self.forgotten_peak_used_bytes is None or peak > self.forgotten_peak_used_bytes):
-            self.forgotten_peak_used_bytes = peak
+            return False
+        first_s, _last_s, peak = self.seen.pop(victim)
+        if first_s < now_s:
+            self.forgotten_count += 1
+            if peak is not None and (self.forgotten_peak_used_bytes is None or peak > self.forgotten_peak_used_bytes):
+                self.forgotten_peak_used_bytes = peak
+        return True
 
     def forgotten(self) -> dict[str, Any]:
         """How many (pid, device) spans the bound made the tracker forget, and the most one of them held."""
