@@ -275,6 +275,8 @@ def _redacted_evidence(value: Any, key: str = "") -> Any:
     A run.json from an older gpuscope, or edited by hand, may hold them unredacted."""
     if isinstance(value, dict):
         return {k: _redacted_evidence(v, str(k)) for k, v in value.items()}
+    if key == "cmdline" and isinstance(value, list):  # argv as a list: a flag and its value are two items
+        return redact_cmdline(" ".join(str(v) for v in value))
     if isinstance(value, list):
         return [_redacted_evidence(v, key) for v in value]
     if isinstance(value, str):

@@ -234,6 +234,21 @@ def test_a_record_holding_a_raw_secret_is_still_redacted_and_escaped_in_html():
     assert "&lt;b&gt;html&lt;/b&gt;" in html and "&lt;b&gt;evil&lt;/b&gt;" in html
 
 
+def test_a_command_line_held_as_an_argv_list_in_a_findings_evidence_is_redacted_whole():
+    """A flag and its value are two items of an argv list: redacted one item at a time, `--password`
+    and `pw123` each looked harmless and the secret reached the page."""
+    from gpuscope.record.run import Finding
+    from gpuscope.reports.html import render_html
+
+    record = RunRecord(tool_version="test", started_at="2026-11-26T00:00:00+00:00", pid=1)
+    record.config = {"device": "cuda:0", "gpu_index": 0}
+    record.findings = [Finding("FOREIGN_PROCESS", "warn", "another process holds memory",
+                               {"processes": [{"pid": 2, "cmdline": ["python", "serve.py", "--password", "pw123"]}]},
+                               "move it", None)]
+    html = render_html(record, [], notes=[])
+    assert "pw123" not in html and "--password" in html
+
+
 # ---------------------------------------------------------------- nothing reaches a shell or eval
 
 _FORBIDDEN_CALLS = {"eval", "exec", "compile", "__import__"}
