@@ -132,6 +132,26 @@ def test_float_rounding_is_told_from_a_real_difference():
     assert not rounding_only(half * 1.03125, half)  # half precision: the 1% cap, not 64 x 2^-7 = 50%
 
 
+def test_rounding_is_told_the_same_in_numpy_arrays_lists_and_floats_and_never_across_infinities():
+    """A postprocess returning numpy, .tolist() or float(): the same few units of float32 rounding are
+    rounding there too (they were a race before: numpy was never rounding, Python floats were held to
+    float64's); a sign flip of an infinity or a NaN where another request had inf is never rounding."""
+    from gpuscope.measure.thread_safety import ROUNDING_EPS_MULTIPLE, rounding_only
+
+    x = torch.linspace(-3.0, 3.0, 64)
+    eps = torch.finfo(torch.float32).eps
+    near, far = x + 8 * eps * 3.0, x + 2 * ROUNDING_EPS_MULTIPLE * eps * 3.0
+    assert rounding_only(near.numpy(), x.numpy()) and not rounding_only(far.numpy(), x.numpy())
+    assert rounding_only(near.tolist(), x.tolist()) and not rounding_only(far.tolist(), x.tolist())
+    assert rounding_only(float(near[-1]), float(x[-1])) and not rounding_only(float(far[-1]), float(x[-1]))
+    assert not rounding_only(x.numpy().astype("float64"), x.numpy())  # another dtype
+    inf, nan = float("inf"), float("nan")
+    assert rounding_only(torch.tensor([1.0, inf, nan]), torch.tensor([1.0, inf, nan]))
+    assert not rounding_only(torch.tensor([1.0, inf]), torch.tensor([1.0, -inf]))
+    assert not rounding_only(torch.tensor([1.0, nan]), torch.tensor([1.0, inf]))
+    assert not rounding_only([1.0, 2.0], [1.0, 2.0, 3.0]) and rounding_only([1, 2], [1, 2])
+
+
 def record_with(mismatches: list[dict], **check) -> object:
     record = S.clean_cpu_run()
     record.thread_safety = {"checked": True, "requests": 4, "concurrent_predictors": 4, "rounds": 2,

@@ -204,34 +204,63 @@ def _array_difference(a: Any, b: Any, tolerance: float) -> float | None:
     return float((x.long() - y.long()).abs().max()) if x.numel() else None
 
 
+# Python floats (a postprocess's .tolist() or float()) do not say the dtype they came from: judged at
+# float32's rounding, the dtype models serve in (a float64 model's gaps are smaller still).
+_PYTHON_FLOAT_EPS = 2.0 ** -23
+
+
+def _within_rounding(x: Any, y: Any, eps: float) -> bool:
+    """Two float64 tensors of one shape: the same non-finite values at the same places, and the finite
+    ones within ROUNDING_EPS_MULTIPLE units of `eps` at the larger of their largest value and 1."""
+    import torch
+
+    if x.numel() == 0:
+        return True
+    finite = torch.isfinite(y)
+    if not bool(torch.isfinite(x).eq(finite).all()):
+        return False
+    odd_x, odd_y = x[~finite], y[~finite]
+    if not bool((odd_x.eq(odd_y) | (odd_x.isnan() & odd_y.isnan())).all()):  # +inf vs -inf, nan vs inf
+        return False
+    scale = max(1.0, float(y[finite].abs().max())) if bool(finite.any()) else 1.0
+    bound = min(ROUNDING_MAX_RELATIVE, ROUNDING_EPS_MULTIPLE * eps) * scale
+    return bool(((x - y).abs()[finite] <= bound).all())
+
+
+def _plain_numbers(value: Any) -> bool:
+    return isinstance(value, (list, tuple)) and bool(value) and all(
+        isinstance(v, (int, float)) and not isinstance(v, bool) for v in value) and any(isinstance(v, float) for v in value)
+
+
 def rounding_only(a: Any, b: Any) -> bool:
-    """True when `a` and `b` differ only in float rounding: same structure, every floating tensor within
-    ROUNDING_EPS_MULTIPLE units of its dtype's rounding (relative to the larger of its largest value and 1),
-    everything else equal."""
+    """True when `a` and `b` differ only in float rounding: same structure, every floating array (a torch
+    tensor or a numpy array) within ROUNDING_EPS_MULTIPLE units of its dtype's rounding and a list of
+    plain numbers or a float within as many of float32's, relative to the larger of its largest value and
+    1; non-finite values identical; everything else equal."""
+    import numpy as np
     import torch
 
     if hasattr(a, "shape") and hasattr(b, "shape") and hasattr(a, "dtype"):
-        if not isinstance(a, torch.Tensor) or not isinstance(b, torch.Tensor):
+        if tuple(a.shape) != tuple(b.shape) or str(a.dtype) != str(b.dtype):
             return False
-        if tuple(a.shape) != tuple(b.shape) or a.dtype != b.dtype:
+        try:
+            x = a if isinstance(a, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(a))
+            y = b if isinstance(b, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(b))
+        except TypeError:  # an array type torch cannot take
             return False
-        if not a.is_floating_point():
-            return bool(torch.equal(a, b))
-        if a.numel() == 0:
-            return True
-        x, y = a.double(), b.double()
-        if not bool(torch.isfinite(x).eq(torch.isfinite(y)).all()):
-            return False
-        finite = torch.isfinite(y)
-        scale = max(1.0, float(y[finite].abs().max())) if bool(finite.any()) else 1.0
-        bound = min(ROUNDING_MAX_RELATIVE, ROUNDING_EPS_MULTIPLE * torch.finfo(a.dtype).eps) * scale
-        return bool(((x - y).abs()[finite] <= bound).all())
+        if not x.is_floating_point():
+            return bool(torch.equal(x, y))
+        return _within_rounding(x.double(), y.double(), torch.finfo(x.dtype).eps)
+    if _plain_numbers(a) and _plain_numbers(b) and len(a) == len(b):
+        return _within_rounding(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64),
+                                _PYTHON_FLOAT_EPS)
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(rounding_only(a[k], b[k]) for k in a)
     if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
         return len(a) == len(b) and all(rounding_only(x, y) for x, y in zip(a, b))
     if isinstance(a, float) and isinstance(b, float):
-        return abs(a - b) <= ROUNDING_EPS_MULTIPLE * 2.0 ** -52 * max(1.0, abs(b))
+        return _within_rounding(torch.tensor([a], dtype=torch.float64), torch.tensor([b], dtype=torch.float64),
+                                _PYTHON_FLOAT_EPS)
     try:
         return bool(a == b)
     except Exception:
