@@ -1,6 +1,7 @@
 """Byte sizes and latencies for humans, and parsing the sizes and durations humans write (`20GiB`, `50ms`)."""
 from __future__ import annotations
 
+import math
 import re
 
 KiB = 1024
@@ -47,6 +48,8 @@ def format_ms(value_ms: float) -> str:
     """`123 ms`, `18.0 ms`, `0.45 ms`, `85 us`: the digits that matter for a latency. Sub-millisecond models
     are common on a GPU and on small CPU models; a fixed `.1f` printed their p50 as "0.0 ms"."""
     value = float(value_ms)
+    if not math.isfinite(value):
+        return "n/a"
     if value >= 100:
         return f"{value:.0f} ms"
     if value >= 10:

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 from gpuscope.probes.readings import is_available
 from gpuscope.probes.redact import redact_text
-from gpuscope.probes.units import format_bytes
+from gpuscope.probes.units import format_bytes, format_ms
 from gpuscope.record.run import RunRecord
 from gpuscope.reports.plotdata import (  # imported lazily
     as_unavailable,
@@ -54,7 +54,7 @@ def fmt(value: Any, key: str = "") -> str:
         if "share" in words:  # a fraction (cached_share 0.92), shown as the titles show it
             return f"{value:.1%}"
         if "ms" in words or key in ("p50", "p90", "p99", "max", "mean"):
-            return f"{value:.2f} ms" if value < 100 else f"{value:,.0f} ms"
+            return format_ms(value)
         if "rps" in words:
             return f"{value:,.1f} requests/s"
         if key.endswith("_s"):

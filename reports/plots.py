@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from gpuscope.probes import scopes
-from gpuscope.probes.units import MiB, format_bytes
+from gpuscope.probes.units import MiB, format_bytes, format_ms
 from gpuscope.record.layers import LAYER_LABELS
 from gpuscope.reports.plotdata import (
     PROCESS_KEYS,
@@ -127,12 +127,6 @@ def _safe(text: Any) -> str:
 
 def _fmt_rps(value: float) -> str:
     return f"{value:,.0f}" if value >= 100 else f"{value:,.1f}"
-
-
-def _fmt_ms(value: Any) -> str:
-    if not finite(value):
-        return "n/a"
-    return f"{value:.1f} ms" if value >= 10 else f"{value:.2f} ms"
 
 
 def _new_figure() -> Any:
@@ -512,16 +506,16 @@ def _throughput_title(record: "RunRecord", steps: list["Step"], rec: Any) -> str
     chosen = record.step_at(rec) if isinstance(rec, int) else None
     if chosen is not None and finite(chosen.throughput_rps):
         p99 = (chosen.latency_ms or {}).get("p99")
-        text = (f"Run {predictors(rec)}: {_fmt_rps(chosen.throughput_rps)} requests/s at p99 {_fmt_ms(p99)}")
+        text = (f"Run {predictors(rec)}: {_fmt_rps(chosen.throughput_rps)} requests/s at p99 {format_ms(p99)}")
         if best.predictors != chosen.predictors:
             gain = best.throughput_rps / chosen.throughput_rps - 1 if chosen.throughput_rps else 0.0
             best_p99 = (best.latency_ms or {}).get("p99")
             text += (f"; {best.predictors} give{'s' if best.predictors == 1 else ''} only {gain:+.0%} throughput "
-                     f"for p99 {_fmt_ms(best_p99)}")
+                     f"for p99 {format_ms(best_p99)}")
         return text
     p99 = (best.latency_ms or {}).get("p99")
     return f"Best throughput {_fmt_rps(best.throughput_rps)} requests/s at {predictors(best.predictors)} " \
-           f"(p99 {_fmt_ms(p99)})"
+           f"(p99 {format_ms(p99)})"
 
 
 def comparison_plot(record: "RunRecord") -> Plot | None:

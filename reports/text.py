@@ -9,7 +9,7 @@ from gpuscope.measure.snapshot import PsSnapshot
 from gpuscope.probes.readings import Unavailable, is_available
 from gpuscope.probes.redact import printable, redact_text
 from gpuscope.probes.redact import printable as _printable
-from gpuscope.probes.units import format_bytes
+from gpuscope.probes.units import format_bytes, format_ms
 from gpuscope.record.run import RunRecord, sorted_findings
 
 _MARK = {"fail": "FAIL", "warn": "WARN", "info": "info"}
@@ -17,6 +17,11 @@ _MARK = {"fail": "FAIL", "warn": "WARN", "info": "info"}
 
 def _mem(value: Any) -> str:
     return format_bytes(value) if is_available(value) else "n/a"
+
+
+def _p99_text(step: Any) -> str:
+    p99 = (step.latency_ms or {}).get("p99")
+    return format_ms(p99) if is_available(p99) else "n/a"
 
 
 def _ms(value: Any) -> str:
@@ -145,7 +150,7 @@ def format_live_summary(record: RunRecord) -> str:
             f"pid {p.get('pid')} {_printable(str(p.get('name', '?')))} ({_mem(p.get('peak_used_bytes'))})"
             for p in others[:5]))
     if record.steps:  # requests marked with gpuscope.request
-        levels = ", ".join(f"{s.level}: {s.throughput_rps:.0f} req/s p99 {(s.latency_ms or {}).get('p99', 0):.1f} ms"
+        levels = ", ".join(f"{s.level}: {s.throughput_rps:.0f} req/s p99 {_p99_text(s)}"
                            + (" (too few)" if s.too_few_requests else "") for s in record.steps)
         lines.append(f"requests: {sum(s.requests for s in record.steps):,} ({sum(s.errors for s in record.steps):,} "
                      f"errors); per level in flight: {levels}")

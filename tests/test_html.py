@@ -375,7 +375,8 @@ def test_a_sweep_that_could_recommend_nothing_is_not_called_healthy(tmp_path: Pa
     ("t_s", 95.04, "95.0 s"),
     ("duration_s", 3.214, "3.21 s"),
     ("cached_share", 0.9191, "91.9%"),           # as the finding's title says it
-    ("p99_ms_at_knee", 10.6, "10.60 ms"),
+    ("p99_ms_at_knee", 10.6, "10.6 ms"),         # the digits the finding's title gives it (format_ms)
+    ("p50_ms", 0.045, "45 us"),                  # a sub-millisecond model: never "0.05 ms" or "0.00 ms"
     ("process_gpu_bytes_by_predictors", {"1": 1_835_008_000, "2": 1_900_000_000}, "1: 1.71 GiB; 2: 1.77 GiB"),
     ("knee_predictors", 4, "4"),
 ])

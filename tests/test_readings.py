@@ -78,3 +78,11 @@ def test_max_reading_takes_the_largest_real_value():
 def test_max_reading_of_nothing_readable_keeps_the_reason():
     assert max_reading([None, Unavailable(NO_DEVICE, "lost"), Unavailable(ERROR)]) == Unavailable(NO_DEVICE, "lost")
     assert max_reading([]) == Unavailable(ERROR, "no readings")
+
+
+@pytest.mark.parametrize("value_ms, shown", [(250.0, "250 ms"), (18.04, "18.0 ms"), (0.45, "0.45 ms"),
+                                             (0.085, "85 us"), (float("nan"), "n/a"), (float("inf"), "n/a")])
+def test_a_latency_is_shown_with_the_digits_that_matter_and_never_as_nan_us(value_ms, shown):
+    from gpuscope.probes.units import format_ms
+
+    assert format_ms(value_ms) == shown

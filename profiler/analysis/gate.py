@@ -190,10 +190,6 @@ class CheckOutcome:
                 "notes": list(self.notes)}
 
 
-def _ms(value: float) -> str:
-    return format_ms(value)
-
-
 def _rps(value: float) -> str:
     return f"{value:.0f} req/s" if value >= 100 else f"{value:.1f} req/s"
 
@@ -400,7 +396,7 @@ class _Evaluation:
             return
         upper = name.startswith("max_")
         fmt = {"max_device_memory": format_bytes, "max_host_memory": format_bytes,
-               "min_headroom_pct": _pct, "max_p99_ms": _ms, "min_throughput": _rps}[name]
+               "min_headroom_pct": _pct, "max_p99_ms": format_ms, "min_throughput": _rps}[name]
         unit = {"max_device_memory": "bytes", "max_host_memory": "bytes", "min_headroom_pct": "pct",
                 "max_p99_ms": "ms", "min_throughput": "rps"}[name]
         limit_text = format_bytes(limit_raw) if unit == "bytes" else _plain(limit_raw, unit)

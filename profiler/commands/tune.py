@@ -35,7 +35,7 @@ from gpuscope.analysis.search import (
 )
 from gpuscope.measure.options import MAX_PREDICTORS, WorkloadOptions, parse_predictors, parse_seconds
 from gpuscope.measure.recording import Interrupts, Progress, Recording, SessionResult, environment_facts, open_nvml
-from gpuscope.probes.units import format_bytes, parse_size
+from gpuscope.probes.units import format_bytes, format_ms, parse_size
 from gpuscope.record.catalogue import MODE_TUNE
 from gpuscope.record.errors import EXIT_FAIL, EXIT_OK, EXIT_USAGE, UsageError
 from gpuscope.record.run import STATUS_COMPLETE, STATUS_FAILED, STATUS_INTERRUPTED, RunRecord, now_iso
@@ -363,7 +363,7 @@ def tuning_block(search: Search, steps: dict[Settings, Any], default: Settings |
         m = best.measurement
         base = block["default"]
         gain = m.throughput_rps / base["throughput_rps"] if base and base["throughput_rps"] > 0 else None
-        reason = f"{m.throughput_rps:.1f} req/s at p99 {m.p99_ms:.1f} ms with {best.settings.label()}" \
+        reason = f"{m.throughput_rps:.1f} req/s at p99 {format_ms(m.p99_ms)} with {best.settings.label()}" \
             if m.p99_ms is not None else f"{m.throughput_rps:.1f} req/s with {best.settings.label()}"
         if base:
             reason += (f"; the default ({base['label']}) measured {base['throughput_rps']:.1f} req/s "
@@ -399,7 +399,7 @@ def outcome_line(outcome: Any) -> str:
     m = outcome.measurement
     if m is None:
         return f"  {outcome.settings.label()}: {outcome.status}: {outcome.reason}"
-    p99 = f"{m.p99_ms:7.1f} ms" if m.p99_ms is not None else "    n/a"
+    p99 = f"{format_ms(m.p99_ms) if m.p99_ms is not None else 'n/a':>9}"
     memory = m.device_bytes if m.device_bytes is not None else m.host_bytes
     text = (f"  {m.throughput_rps:8.1f} req/s  p99 {p99}  mem {format_bytes(memory) if memory is not None else 'n/a':>9}"
             f"  {outcome.settings.label()}")

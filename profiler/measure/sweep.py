@@ -13,6 +13,7 @@ from typing import Any, Callable
 
 from gpuscope.measure.attribution import StepMonitor
 from gpuscope.measure.workload import PredictorPool, StepRun, ThreadStartError
+from gpuscope.probes.units import format_ms
 from gpuscope.record.run import Step
 
 
@@ -153,7 +154,7 @@ def run_sweep(pool: PredictorPool, config: SweepConfig, monitor: StepMonitor, ho
         if step.oom:
             break
         if config.max_p99_ms is not None and step.latency_ms.get("p99", 0) > config.max_p99_ms:
-            hooks.stopped_by = (f"p99 {step.latency_ms['p99']:.1f} ms at {predictors} "
+            hooks.stopped_by = (f"p99 {format_ms(step.latency_ms['p99'])} at {predictors} "
                                 f"predictor{'s' if predictors != 1 else ''} exceeded "
                                 f"--max-p99-ms {config.max_p99_ms:g}")
             hooks.on_line(f"{hooks.stopped_by}: stopping the sweep")
