@@ -111,30 +111,31 @@ def nvml_index_for(torch_index: int, nvml_uuids: list[Any],
             properties = torch.cuda.get_device_properties
         uuid = str(properties(torch_index).uuid)
     except Exception as exc:
-        why = f"torch could not read the UUID of cuda:{torch_index} ({type(exc).__name__}: {exc})"
-    else:
-        for index, nvml_uuid in enumerate(nvml_uuids):
-            if isinstance(nvml_uuid, str) and nvml_uuid.replace("GPU-", "").lower() == uuid.replace("GPU-", "").lower():
-                return index
-        why = f"no NVML device has the UUID of torch's cuda:{torch_index} ({uuid})"
-    if on_fallback is not None:
-        on_fallback(f"{why}: assuming NVML device {torch_index}, which is wrong if CUDA_VISIBLE_DEVICES reorders "
-                    "devices")
-    return torch_index
+        return _assumed(torch_index, f"torch could not read the UUID of cuda:{torch_index} ({type(exc).__name__}: "
+                                     f"{exc})", on_fallback)
+    return _by_uuid(uuid, nvml_uuids, torch_index, "torch's", on_fallback)
 
 
 def nvml_index_for_uuid(uuid: Any, nvml_uuids: list[Any], torch_index: int,
                         on_fallback: Callable[[str], None] | None = None) -> int:
     """NVML's index of the worker's device, matched by the UUID the worker read from torch (the parent never
     touches CUDA); torch's index when the UUID is unknown, and `on_fallback` is told why in one line."""
-    if isinstance(uuid, str) and uuid:
-        wanted = uuid.replace("GPU-", "").lower()
-        for index, nvml_uuid in enumerate(nvml_uuids):
-            if isinstance(nvml_uuid, str) and nvml_uuid.replace("GPU-", "").lower() == wanted:
-                return index
-        why = f"no NVML device has the UUID of the worker's cuda:{torch_index} ({uuid})"
-    else:
-        why = f"the worker could not read the UUID of cuda:{torch_index}"
+    if not (isinstance(uuid, str) and uuid):
+        return _assumed(torch_index, f"the worker could not read the UUID of cuda:{torch_index}", on_fallback)
+    return _by_uuid(uuid, nvml_uuids, torch_index, "the worker's", on_fallback)
+
+
+def _by_uuid(uuid: str, nvml_uuids: list[Any], torch_index: int, whose: str,
+             on_fallback: Callable[[str], None] | None) -> int:
+    """The NVML index whose UUID is `uuid` (with or without "GPU-", any case), else torch's index, said."""
+    wanted = uuid.replace("GPU-", "").lower()
+    for index, nvml_uuid in enumerate(nvml_uuids):
+        if isinstance(nvml_uuid, str) and nvml_uuid.replace("GPU-", "").lower() == wanted:
+            return index
+    return _assumed(torch_index, f"no NVML device has the UUID of {whose} cuda:{torch_index} ({uuid})", on_fallback)
+
+
+def _assumed(torch_index: int, why: str, on_fallback: Callable[[str], None] | None) -> int:
     if on_fallback is not None:
         on_fallback(f"{why}: assuming NVML device {torch_index}, which is wrong if CUDA_VISIBLE_DEVICES reorders "
                     "devices")

@@ -131,10 +131,12 @@ class Progress:
 def process_gpu_bytes(gpu_probe: Any, pid: int, index: int | None) -> Any:
     """What NVML shows process `pid` holding on NVML device `index` right now; Unavailable when it lists no such
     row (no context yet, a container's own pid namespace, or no index)."""
-    for scope, metric, value in gpu_probe.read():
-        if index is not None and scope == scopes.process_on_device(pid, index) and metric == "used_bytes":
+    values = gpu_probe.read()
+    gpu_probe.drain_events()  # this one-off read's process events are not the sampler's to write
+    mine = scopes.process_on_device(pid, index) if index is not None else None
+    for scope, metric, value in values:
+        if scope == mine and metric == "used_bytes":
             return value
-    gpu_probe.drain_events()
     return Unavailable("process_gone", "NVML does not list this process")
 
 
@@ -276,7 +278,7 @@ class Recording:
         fails torch's index is assumed, which may read another GPU's figures, so stderr and the record
         (`extra.gpu_index`) say so.
         """
-        from gpuscope.probes.host import HostProbe
+        from gpuscope.probes.host import read_rss_bytes
 
         gpu = device.startswith("cuda")
         gpu_probe = self.open_devices(cpu_detail=cpu_detail)
@@ -293,8 +295,7 @@ class Recording:
             self.cuda.initialise(device)  # what NVML shows for this process now is the context alone
             if gpu_probe is not None:
                 self.record.baseline["context_bytes"] = process_gpu_bytes(gpu_probe, self.pid, nvml_index)
-        self.record.baseline["rss_before_model_bytes"] = HostProbe(self.pid, per_core=False,
-                                                                   uss_every_s=None).read_rss()
+        self.record.baseline["rss_before_model_bytes"] = read_rss_bytes(self.pid)
         return nvml_index
 
     def close_devices(self) -> None:
