@@ -65,6 +65,8 @@ def reordered(request, tmp_path_factory):
     gpu = machine(request.param)
     out = tmp_path_factory.mktemp("wiring") / "run"
     result, stderr = diagnose(gpu, out)
+    steps = load_run(str(out / "run.json")).steps
+    assert [s.predictors for s in steps] == [1, 2]  # the per-step checks below have steps to check
     return gpu, result, out, stderr
 
 
@@ -160,6 +162,7 @@ def test_a_silent_fallback_to_torchs_index_would_hide_that_the_figures_may_be_an
     assert "torch cuda:0 = NVML device 0, assumed</strong>: " + html.escape(said, quote=True) in page
     # and what it then read is what the note warns of: device 0's figures, where this process has no row
     assert isinstance(record.baseline["context_bytes"], Unavailable)
+    assert [s.predictors for s in record.steps] == [1, 2]
     assert not any(is_available(s.memory.get("process_gpu_bytes")) for s in record.steps)
     assert result.exit_code == 0
 

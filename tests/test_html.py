@@ -200,8 +200,8 @@ def test_environment_and_check_are_shown(gpu_record, gpu_html: str) -> None:
     assert escape(unmeasured["message"]) in check
 
 
-def test_an_unavailable_evidence_reading_keeps_its_reason(gpu_record) -> None:
-    """The sharing figure the rules could not compute (one count left) is evidence that says why."""
+def test_an_unavailable_sharing_figure_keeps_its_reason(gpu_record) -> None:
+    """The sharing figure the rules could not compute (one count left) says why in the report, not 0."""
     from gpuscope.analysis.findings import conclude
 
     record = copy.deepcopy(gpu_record)

@@ -56,7 +56,8 @@ def test_pure_python_preprocessing_fires_gil_contention_and_its_bound_matches_wh
     # "scaled" 1.4-2.4x past a bound of 1.02. Taken per second the threads were not queued for a core, the
     # scaling is the GIL's again; that is what the bound is compared with.
     queued = [(thread_shares(s) or {}).get("runqueue", 0.0) for s in (one, two)]
-    unqueued = (two.throughput_rps / max(0.01, 1 - queued[1])) / (one.throughput_rps / max(0.01, 1 - queued[0]))
+    unqueued = ev["unqueued_scaling_by_predictors"]["2"]  # gil.estimate's, from the same scheduler shares
+    assert unqueued == pytest.approx((two.throughput_rps / (1 - queued[1])) / (one.throughput_rps / (1 - queued[0])))
     # The machine's noise, measured: how much each step's own windows disagree, plus how much more (or less) the
     # predictor threads waited for a core in one step than in the other.
     noise = max(0.25, spread(one.windows_rps) + spread(two.windows_rps) + abs(queued[0] - queued[1]))
