@@ -44,16 +44,21 @@ class Layout:
             gone = self.gone_after[previous] = [s for s in previous.slots if s not in self.slot_set]
         return gone
 
-    def matches(self, values: list[ScopedValue]) -> bool:
-        scopes, metrics = self.scopes, self.metrics
-        if len(values) != len(scopes):
-            return False
-        position = 0
-        for scope, metric, _value in values:
-            if scope != scopes[position] or metric != metrics[position]:
-                return False
-            position += 1
-        return True
+
+def _changed_against(layout: Layout, values: list[ScopedValue], held: list[Any]) -> list[int] | None:
+    """The positions of `values` whose reading differs from what its key last read (a gone key's _MISSING
+    included), in one pass; None at the first key that is not `layout`'s at that position."""
+    scopes, metrics, slots = layout.scopes, layout.metrics, layout.slots
+    out: list[int] = []
+    position = 0
+    for scope, metric, value in values:
+        if scope != scopes[position] or metric != metrics[position]:
+            return None
+        before = held[slots[position]]
+        if value is not before and (type(value) is not type(before) or value != before):
+            out.append(position)
+        position += 1
+    return out
 
 
 class TickLayout:
@@ -77,39 +82,31 @@ class TickLayout:
         if layout is None:
             return None
         held = self.held
-        scopes, metrics, slots = layout.scopes, layout.metrics, layout.slots
-        out: list[int] = []
-        if len(values) == len(scopes):
-            position = 0
-            for scope, metric, value in values:
-                if scope != scopes[position] or metric != metrics[position]:
-                    break
-                before = held[slots[position]]
-                if value is not before and (type(value) is not type(before) or value != before):
-                    out.append(position)
-                position += 1
-            else:
-                for position in out:
+        if len(values) == len(layout.slots):
+            found = _changed_against(layout, values, held)
+            if found is not None:
+                slots = layout.slots
+                for position in found:
                     held[slots[position]] = values[position][2]
                 self.gone = []
-                return out
+                return found
+        out: list[int] = []
+        gone = None
         for other in self._recent:  # another kept layout: a reading on a slower cadence came or went
-            if other is not layout and other.matches(values):
+            if other is layout or len(other.slots) != len(values):
+                continue
+            found = _changed_against(other, values, held)
+            if found is not None:
+                out = found
+                gone = other.gone_since(layout)
                 break
-        else:
+        if gone is None:
             return None
-        gone = other.gone_since(layout)
         for slot in gone:
             held[slot] = _MISSING
-        out = []
-        position = 0
-        for slot in other.slots:
-            value = values[position][2]
-            before = held[slot]
-            if value is not before and (type(value) is not type(before) or value != before):
-                out.append(position)
-                held[slot] = value
-            position += 1
+        slots = other.slots
+        for position in out:
+            held[slots[position]] = values[position][2]
         self._recent.remove(other)
         self._recent.insert(0, other)
         self.current, self.gone = other, gone
