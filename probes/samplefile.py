@@ -98,7 +98,7 @@ class SampleWriter:
     `json.dumps`. Both paths write the same bytes: the short one is only taken where it gives the same row.
     """
 
-    def __init__(self, path: str, header: dict[str, Any]) -> None:
+    def __init__(self, path: str, header: dict[str, Any], keyframe_every_ticks: int = KEYFRAME_EVERY_TICKS) -> None:
         self.path = path
         self.error: OSError | None = None
         self.lines_written = 0
@@ -106,7 +106,8 @@ class SampleWriter:
         self._lock = threading.Lock()
         self._index: dict[Key, int] = {}
         self._last: dict[int, Any] = {}  # index -> the reading the file last gave (present keys only)
-        self._rows_since_keyframe = KEYFRAME_EVERY_TICKS  # the first row is a keyframe
+        self._keyframe_every = keyframe_every_ticks  # a keyframe every this many rows (tests shorten it)
+        self._rows_since_keyframe = keyframe_every_ticks  # the first row is a keyframe
         # The kept layouts of recent ticks, and the file's index of each of their slots (see TickLayout)
         self._layout = TickLayout()
         self._slot_index: list[int] = []
@@ -147,12 +148,12 @@ class SampleWriter:
         """The tick's line (called under the lock): by a kept layout where one still holds."""
         values, t_ns = tick.values, tick.t_ns
         layout = self._layout
-        if self._rows_since_keyframe < KEYFRAME_EVERY_TICKS and type(t_ns) is int:
+        if self._rows_since_keyframe < self._keyframe_every and type(t_ns) is int:
             changed = layout.changed(values)
             if changed is not None:
                 self._rows_since_keyframe += 1
                 return self._layout_row(t_ns, values, changed)
-        if self._rows_since_keyframe >= KEYFRAME_EVERY_TICKS:
+        if self._rows_since_keyframe >= self._keyframe_every:
             layout.forget()  # the keyframe numbers the keys afresh
             self._slot_index = []
         row = self._row(tick)
@@ -198,7 +199,7 @@ class SampleWriter:
 
     def _row(self, tick: Tick) -> dict[str, Any]:
         """Encode a tick against what the file already holds (called under the lock)."""
-        keyframe = self._rows_since_keyframe >= KEYFRAME_EVERY_TICKS
+        keyframe = self._rows_since_keyframe >= self._keyframe_every
         if keyframe:
             self._index, self._last, self._rows_since_keyframe = {}, {}, 0
         self._rows_since_keyframe += 1

@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import pytest
 
-import gpuscope.probes.samplefile as samplefile
 from gpuscope.probes.readings import NO_DEVICE, NOT_SUPPORTED, Unavailable
 from gpuscope.probes.samplefile import SampleColumns, SamplesFileError, SampleWriter, Tick, load_timeline
 
@@ -65,11 +64,11 @@ def _reading(rng: random.Random) -> Any:
 
 def _random_run(path: Path, ticks: int, seed: int) -> None:
     """A file through the real writer: readings that come, stop and come back, change type, repeat; a
-    declared cadence; events; keyframes every few ticks (the caller shortens KEYFRAME_EVERY_TICKS)."""
+    declared cadence; events; a keyframe every 11 ticks."""
     rng = random.Random(seed)
     keys = [(f"pid:{p}/gpu:{g}", m) for p in (1, 2) for g in (0, 1) for m in ("used_bytes", "sm_util_pct")]
     keys += [("gpu:0", "used_bytes"), ("gpu:1", "process_count"), ("host", "cpu_util_pct"), ("pid:1", "uss_bytes")]
-    writer = SampleWriter(str(path), {"t0_ns": T0, "pid": 1})
+    writer = SampleWriter(str(path), {"t0_ns": T0, "pid": 1}, keyframe_every_ticks=11)
     writer.cadence_s[("pid:1", "uss_bytes")] = 10.0
     present = set(keys[:6])
     for i in range(ticks):
@@ -96,16 +95,14 @@ def _damage(path: Path, seed: int, lines: int) -> None:
 
 
 @pytest.mark.parametrize("seed", [1, 2, 3])
-def test_a_random_run_streams_as_it_loads(tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(samplefile, "KEYFRAME_EVERY_TICKS", 11)
+def test_a_random_run_streams_as_it_loads(tmp_path, seed):
     path = tmp_path / "samples.jsonl"
     _random_run(path, 400, seed)
     assert_stream_is_the_timeline(path)
 
 
 @pytest.mark.parametrize("seed", [4, 5, 6])
-def test_a_damaged_run_streams_as_it_loads(tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(samplefile, "KEYFRAME_EVERY_TICKS", 11)
+def test_a_damaged_run_streams_as_it_loads(tmp_path, seed):
     path = tmp_path / "samples.jsonl"
     _random_run(path, 300, seed)
     _damage(path, seed, 12)
@@ -124,8 +121,7 @@ def test_rows_of_both_schemas_in_one_file_stream_as_they_load(tmp_path):
     assert_stream_is_the_timeline(path)
 
 
-def test_keep_chooses_the_columns_and_changes_no_value(tmp_path, monkeypatch):
-    monkeypatch.setattr(samplefile, "KEYFRAME_EVERY_TICKS", 11)
+def test_keep_chooses_the_columns_and_changes_no_value(tmp_path):
     path = tmp_path / "samples.jsonl"
     _random_run(path, 200, 9)
     _reader, _t, everything = streamed(path, 16)

@@ -34,11 +34,11 @@ def write_v1(path: Path, header: dict[str, Any], lines: list[dict[str, Any]]) ->
             fh.write(json.dumps(reading_to_json(line), separators=(",", ":"), default=str) + "\n")
 
 
-def rewrite_as_v2(v1_path: Path, v2_path: Path) -> None:
+def rewrite_as_v2(v1_path: Path, v2_path: Path, keyframe_every_ticks: int = samplefile.KEYFRAME_EVERY_TICKS) -> None:
     """The same samples and events through today's SampleWriter."""
     lines = [json.loads(raw) for raw in v1_path.read_text(encoding="utf-8").splitlines()]
     header = {k: v for k, v in lines[0].items() if k != "schema"}
-    writer = SampleWriter(str(v2_path), header)
+    writer = SampleWriter(str(v2_path), header, keyframe_every_ticks)
     for line in lines[1:]:
         if "event" in line:
             writer.write(line)
@@ -91,10 +91,9 @@ def test_old_and_new_formats_of_the_same_samples_give_the_same_timeline(tmp_path
     assert_same_timeline(load_timeline(str(FIXTURE_V1)), load_timeline(str(new)))
 
 
-def test_keyframes_in_the_middle_change_nothing(tmp_path, monkeypatch):
-    monkeypatch.setattr(samplefile, "KEYFRAME_EVERY_TICKS", 7)
+def test_keyframes_in_the_middle_change_nothing(tmp_path):
     new = tmp_path / "samples.jsonl"
-    rewrite_as_v2(FIXTURE_V1, new)
+    rewrite_as_v2(FIXTURE_V1, new, keyframe_every_ticks=7)
     rows = [json.loads(raw) for raw in new.read_text().splitlines()[1:]]
     assert sum(1 for row in rows if row.get("f")) == 15  # 100 ticks / 7
     assert_same_timeline(load_timeline(str(FIXTURE_V1)), load_timeline(str(new)))
@@ -210,10 +209,9 @@ def _cadenced_ticks(seed: int, count: int) -> list[Tick]:
 
 @pytest.mark.parametrize("seed", [3, 4])
 def test_ticks_that_alternate_layouts_take_the_short_path_and_write_the_bytes_the_key_by_key_path_writes(
-        tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(samplefile, "KEYFRAME_EVERY_TICKS", 97)
+        tmp_path, seed):
     short, by_key = tmp_path / "short.jsonl", tmp_path / "by_key.jsonl"
-    writers = [SampleWriter(str(short), {"t0_ns": T0}), _EveryTickByKey(str(by_key), {"t0_ns": T0})]
+    writers = [SampleWriter(str(short), {"t0_ns": T0}, 97), _EveryTickByKey(str(by_key), {"t0_ns": T0}, 97)]
     ticks = _cadenced_ticks(seed, 800)
     for tick in ticks:
         for writer in writers:
@@ -241,10 +239,9 @@ def test_ticks_that_alternate_layouts_take_the_short_path_and_write_the_bytes_th
 
 
 @pytest.mark.parametrize("seed", [1, 2])
-def test_the_short_path_writes_the_bytes_the_key_by_key_path_writes(tmp_path, monkeypatch, seed):
-    monkeypatch.setattr(samplefile, "KEYFRAME_EVERY_TICKS", 37)
+def test_the_short_path_writes_the_bytes_the_key_by_key_path_writes(tmp_path, seed):
     short, by_key = tmp_path / "short.jsonl", tmp_path / "by_key.jsonl"
-    writers = [SampleWriter(str(short), {"t0_ns": T0}), _EveryTickByKey(str(by_key), {"t0_ns": T0})]
+    writers = [SampleWriter(str(short), {"t0_ns": T0}, 37), _EveryTickByKey(str(by_key), {"t0_ns": T0}, 37)]
     for tick in _steady_ticks(seed, 600):
         for writer in writers:
             writer.write(tick)
@@ -259,7 +256,7 @@ def test_the_short_path_writes_the_bytes_the_key_by_key_path_writes(tmp_path, mo
 # -- crash safety --------------------------------------------------------------------------------------
 
 def _ticks(path: Path, count: int, every: int = samplefile.KEYFRAME_EVERY_TICKS) -> None:
-    writer = SampleWriter(str(path), {"t0_ns": T0})
+    writer = SampleWriter(str(path), {"t0_ns": T0}, every)
     for i in range(count):
         writer.write(Tick(T0 + i * 50_000_000, [("gpu:0", "used_bytes", 100 + i // 3), ("host", "n", i)]))
     writer.close()
@@ -275,9 +272,8 @@ def test_a_torn_last_line_is_tolerated(samples_path):
     assert timeline.column("gpu:0", "used_bytes") == [100, 100, 100, 101, 101]
 
 
-def test_a_damaged_line_in_the_middle_never_leaves_an_old_value_shown_as_current(samples_path, monkeypatch):
-    monkeypatch.setattr(samplefile, "KEYFRAME_EVERY_TICKS", 8)
-    _ticks(samples_path, 10)
+def test_a_damaged_line_in_the_middle_never_leaves_an_old_value_shown_as_current(samples_path):
+    _ticks(samples_path, 10, every=8)
     lines = samples_path.read_text().splitlines()
     lines[4] = "garbage"  # tick 3, which changed used_bytes to 101 (ticks 4 and 5 then leave it out)
     samples_path.write_text("\n".join(lines) + "\n")
