@@ -79,7 +79,7 @@ from gpuscope.analysis.limits import (
     STEP_LIMITS,
     Limits,
 )
-from gpuscope.probes.readings import Unavailable, is_available
+from gpuscope.probes.readings import ERROR, Unavailable, is_available
 from gpuscope.probes.units import format_bytes, format_ms
 from gpuscope.record.catalogue import (
     CODES,
@@ -461,14 +461,14 @@ class _Evaluation:
         if not is_available(total):
             return total, "headroom", True
         if total <= 0:  # a device that reports no memory has no headroom to compare (not 0% of it)
-            return Unavailable("error", f"the device reported {total} bytes of total memory"), "headroom", True
+            return Unavailable(ERROR, f"the device reported {total} bytes of total memory"), "headroom", True
         # (total - used) first: exact in integers, so a headroom exactly at the limit passes (1 - 0.9 is 0.0999...)
         return 100.0 * (total - used) / total, "headroom", True
 
     def _p99(self, s):
         value = (s.latency_ms or {}).get("p99")
         if s.requests == 0 and not s.oom:
-            value = Unavailable("error", "no request completed at this step")
+            value = Unavailable(ERROR, "no request completed at this step")
         return value, "p99", False
 
     def _throughput(self, s):

@@ -14,6 +14,7 @@ import importlib.util
 
 import pytest
 
+from . import references as ref
 from . import scenarios as sc
 
 pytestmark = pytest.mark.gpu
@@ -35,10 +36,6 @@ def _need(module: str, why: str) -> None:
 def _device(run: dict) -> dict:
     index = run.get("config", {}).get("gpu_index")
     return next((d for d in run.get("devices", []) if d.get("index") == index), {})
-
-
-def _within(value: float, truth: float, share: float) -> bool:
-    return abs(value - truth) <= share * abs(truth)
 
 
 # ---------------------------------------------------------------- 1. clean
@@ -92,7 +89,7 @@ def test_a_freed_tensor_left_in_the_cache_fires_cache_bloat_with_torchs_figure(s
                     error_vs_torch=(cached - torch_cached) / torch_cached if torch_cached else None)
     assert fired[0]["severity"] == "warn"
     assert cached >= sc.CACHE_BLOAT_BYTES, f"cached {cached} < the planted {sc.CACHE_BLOAT_BYTES}"
-    assert _within(cached, torch_cached, 0.01), f"CACHE_BLOAT says {cached}, torch says {torch_cached}"
+    assert ref.within(cached, torch_cached, 0.01), f"CACHE_BLOAT says {cached}, torch says {torch_cached}"
     assert evidence["reserved_bytes"] >= cached
     assert abs(evidence["cached_share"] - cached / evidence["reserved_bytes"]) < 1e-9
     assert not _fired(run, {"CACHE_BLOAT"}), sc.finding_summary(run)
@@ -138,11 +135,11 @@ def test_copy_model_fires_duplicate_model_at_one_model_per_predictor(scenario):
     assert evidence["model_bytes"] == known, f"gpuscope weighs the model {evidence['model_bytes']}, it is {known}"
     assert evidence["memory_figure"] == "process_gpu_bytes"
     assert set(smi) == {1, 2, 4} and smi_slope is not None, f"nvidia-smi figures per step: {smi}"
-    assert _within(per, smi_slope, 0.03) or abs(per - smi_slope) <= 2 * MiB, \
+    assert ref.within(per, smi_slope, 0.03, 2 * MiB), \
         f"gpuscope {per / MiB:.1f} MiB per extra predictor, nvidia-smi {smi_slope / MiB:.1f} MiB"
-    assert _within(smi_slope, known, 0.05), \
+    assert ref.within(smi_slope, known, 0.05), \
         f"nvidia-smi: {smi_slope / MiB:.1f} MiB per extra predictor vs one {known / MiB:.1f} MiB copy each"
-    assert _within(smi[4] - smi[1], 3 * known, 0.05), \
+    assert ref.within(smi[4] - smi[1], 3 * known, 0.05), \
         f"nvidia-smi: {(smi[4] - smi[1]) / MiB:.1f} MiB from 1 to 4 predictors vs 3 copies ({3 * known / MiB:.1f} MiB)"
     assert run["sharing"]["verified"] is False
     assert not _fired(run, {"DUPLICATE_MODEL"}), sc.finding_summary(run)
@@ -172,14 +169,14 @@ def test_a_foreign_process_is_named_with_its_pid_and_nvidia_smis_memory(scenario
     used = entry["peak_used_bytes"]
     scenario.record(reported_bytes=used, reported_mib=round(used / MiB, 1),
                     error_vs_smi=(used - smi_mib * MiB) / (smi_mib * MiB))
-    assert _within(used, smi_mib * MiB, 0.01), f"gpuscope {used / MiB:.1f} MiB, nvidia-smi {smi_mib} MiB"
+    assert ref.within(used, smi_mib * MiB, 0.01), f"gpuscope {used / MiB:.1f} MiB, nvidia-smi {smi_mib} MiB"
     assert used >= sc.FOREIGN_GIB * GiB
     assert evidence["held_bytes"] == used
     assert "torch" in (entry.get("engines") or []), entry
     assert fired[0]["severity"] in ("warn", "fail")
     others = [(s["predictors"], s["memory"]["layers"].get("other_processes_bytes")) for s in run["steps"]]
     scenario.record(other_processes_layer=others)
-    assert all(o is not None and _within(o, used, 0.01) for _, o in others), others
+    assert all(o is not None and ref.within(o, used, 0.01) for _, o in others), others
     assert not _fired(run, {"FOREIGN_PROCESS"}), sc.finding_summary(run)
 
 
@@ -250,7 +247,7 @@ def test_a_jax_sibling_at_default_settings_fires_engine_preallocation_and_foreig
     scenario.record(held_bytes=held, held_share_of_card=held / total if total else None,
                     error_vs_smi=(held - smi_mib * MiB) / (smi_mib * MiB))
     assert evidence["engine"] == "jax" and evidence["env_readable"] is True, evidence
-    assert _within(held, smi_mib * MiB, 0.01), f"gpuscope {held / MiB:.0f} MiB, nvidia-smi {smi_mib} MiB"
+    assert ref.within(held, smi_mib * MiB, 0.01), f"gpuscope {held / MiB:.0f} MiB, nvidia-smi {smi_mib} MiB"
     assert total and 0.5 <= held / total <= 0.95, f"JAX holds {held / total:.0%} of the card (expected ~75%)"
     assert len(foreign) == 1 and f"pid {child.pid}" in foreign[0]["title"], sc.finding_summary(run)
     assert foreign[0]["severity"] == "fail", "a sibling holding most of the card fails FOREIGN_PROCESS"
@@ -273,7 +270,7 @@ def test_a_jax_sibling_with_preallocation_off_fires_no_preallocation_finding(sce
     assert (entry.get("memory_env") or {}).get("XLA_PYTHON_CLIENT_PREALLOCATE") == "false", entry.get("memory_env")
     held = entry["peak_used_bytes"]
     scenario.record(held_bytes=held, held_share_of_card=held / total if total else None)
-    assert _within(held, smi_mib * MiB, 0.01), f"gpuscope {held / MiB:.0f} MiB, nvidia-smi {smi_mib} MiB"
+    assert ref.within(held, smi_mib * MiB, 0.01), f"gpuscope {held / MiB:.0f} MiB, nvidia-smi {smi_mib} MiB"
     assert total and held < 0.10 * total, f"JAX holds {held / MiB:.0f} MiB with preallocation off"
     assert len(foreign) == 1 and f"pid {child.pid}" in foreign[0]["title"], sc.finding_summary(run)
     assert not _fired(run, {"FOREIGN_PROCESS"}), sc.finding_summary(run)
@@ -323,7 +320,7 @@ def test_per_predictor_growth_on_both_and_the_plateau_only_on_the_default_stream
             "nvidia_smi_mib_per_predictor": round(smi_slope / MiB, 1) if smi_slope is not None else None}})
         assert len(growth) == 1, f"{label}: PER_PREDICTOR_GROWTH did not fire: {sc.finding_summary(run)}"
         assert [n for n, _ in smi] == [1, 2, 4, 8], f"{label}: nvidia-smi figures per step: {smi}"
-        assert _within(per, smi_slope, 0.03) or abs(per - smi_slope) <= 2 * MiB, \
+        assert ref.within(per, smi_slope, 0.03, 2 * MiB), \
             f"{label}: gpuscope {per / MiB:.1f} MiB per predictor, nvidia-smi {smi_slope / MiB:.1f} MiB"
         assert growth[0]["evidence"]["streams"] is on_streams
         assert not _fired(run), f"{label}: {sc.finding_summary(run)}"
