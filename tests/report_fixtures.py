@@ -200,3 +200,8 @@ def long_watch_run(directory: str, *, hours: float = 24.0) -> tuple[RunRecord, s
     run_path = os.path.join(directory, "run.json")
     save_run(record, run_path)
     return record, run_path, samples_path
+
+
+def recommended_step(record: Any) -> Any:
+    """The step the gate judges by default: the recommended count's."""
+    return record.step_at(record.recommendation["predictors"])

@@ -13,12 +13,9 @@ import dataclasses
 import json
 import os
 import re
-import sys
-import types
 
 import pytest
 
-from gpuscope.analysis import limits as check
 from gpuscope.analysis.gate import evaluate
 from gpuscope.analysis.limits import CheckConfigError, Limits, merge_limits, parse_forbid
 from gpuscope.commands.check import limits_from_sources, run_check
@@ -27,7 +24,7 @@ from gpuscope.probes.readings import Unavailable
 from gpuscope.probes.units import GiB, MiB
 from gpuscope.record.run import Finding, load_run
 from gpuscope.reports.text import format_lines
-from tests.report_fixtures import reads_as, saved_run
+from tests.report_fixtures import reads_as, recommended_step, saved_run
 
 
 @pytest.fixture(scope="module")
@@ -55,15 +52,10 @@ def result(outcome, name):
     return matches[0]
 
 
-def recommended(record):
-    """The step the gate judges by default: the recommended count's."""
-    return record.step_at(record.recommendation["predictors"])
-
-
 def measured(record, name):
     """What the gate must read for `name`, taken from the record by this test: the recommended step's figures,
     headroom as 100 x (total - used) / total of that step, the sharing's cost per extra predictor."""
-    step = recommended(record)
+    step = recommended_step(record)
     memory = step.memory
     return {"max_device_memory": lambda: memory["process_gpu_bytes"],
             "max_host_memory": lambda: memory["rss_bytes"],
@@ -88,7 +80,7 @@ def passing_and_failing(name, raw):
 def test_the_gpu_run_is_a_run_the_default_gate_passes(gpu_run):
     """What the tests below rely on, read from the fixture itself: a recommendation, several counts, a
     foreign process found, and no finding of severity fail."""
-    assert recommended(gpu_run) is not None and len(gpu_run.steps) >= 2
+    assert recommended_step(gpu_run) is not None and len(gpu_run.steps) >= 2
     assert not any(f.severity == "fail" for f in gpu_run.findings)
     assert any(f.code == "FOREIGN_PROCESS" for f in gpu_run.findings)
     assert not any(f.code == "DUPLICATE_MODEL" for f in gpu_run.findings)
@@ -124,7 +116,7 @@ def test_measured_raw_values_are_numbers(gpu_run):
     for name in GPU_LIMITS:
         assert raw[name] == pytest.approx(measured(gpu_run, name), rel=1e-12), name
     # the H200 capture took no host figure: no RSS in the record, so no number, and the gate says so
-    assert "rss_bytes" not in recommended(gpu_run).memory
+    assert "rss_bytes" not in recommended_step(gpu_run).memory
     host = result(out, "max_host_memory")
     assert host.status == "unmeasured" and host.measured_raw is None and "peak RSS" in host.message
 
@@ -190,7 +182,7 @@ def test_headroom_and_gpu_only_forbid_are_unmeasured_without_a_gpu(cpu_run):
 
 
 def test_unavailable_reading_on_a_gpu_run_is_unmeasured_with_its_reason(gpu_run):
-    recommended(gpu_run).memory["process_gpu_bytes"] = Unavailable("no_permission", "pid namespace")
+    recommended_step(gpu_run).memory["process_gpu_bytes"] = Unavailable("no_permission", "pid namespace")
     r = result(evaluate(gpu_run, limits(max_device_memory="20GiB")), "max_device_memory")
     assert r.status == "unmeasured" and "no_permission" in r.message and r.measured_raw is None
 
@@ -217,7 +209,7 @@ def test_predictor_count_the_sweep_did_not_measure_is_unmeasured(gpu_run):
 
 def test_at_predictors_selects_the_step(gpu_run):
     # a p99 limit between the recommended count's p99 and another count's: which step is judged decides
-    rec = recommended(gpu_run)
+    rec = recommended_step(gpu_run)
     other = next(s for s in gpu_run.steps if s.latency_ms["p99"] != rec.latency_ms["p99"])
     limit = (rec.latency_ms["p99"] + other.latency_ms["p99"]) / 2
     code = {rec.predictors: int(rec.latency_ms["p99"] > limit), other.predictors: int(other.latency_ms["p99"] > limit)}
@@ -256,8 +248,8 @@ def test_a_sweep_where_no_count_met_its_p99_limit_fails_at_the_smallest_count(gp
 
 
 def test_a_step_cut_short_is_not_gated_on_even_when_asked_for(gpu_run):
-    recommended(gpu_run).partial = True
-    r = result(evaluate(gpu_run, limits(max_p99_ms=25), at_predictors=recommended(gpu_run).predictors), "max_p99_ms")
+    recommended_step(gpu_run).partial = True
+    r = result(evaluate(gpu_run, limits(max_p99_ms=25), at_predictors=recommended_step(gpu_run).predictors), "max_p99_ms")
     assert r.status == "unmeasured" and "cut short" in r.message
 
 
@@ -279,7 +271,7 @@ def test_no_recommendation_from_an_interrupted_sweep_stays_unmeasured(gpu_run):
 
 
 def test_a_step_that_ran_out_of_memory_fails_its_limits(gpu_run):
-    recommended(gpu_run).oom = True
+    recommended_step(gpu_run).oom = True
     out = evaluate(gpu_run, limits(max_device_memory="79GiB", max_p99_ms=100))
     assert all(r.status == "fail" and "ran out of memory" in r.message for r in out.results if r.kind == "limit")
 
@@ -630,7 +622,7 @@ def test_lines_one_per_result_with_value_limit_and_step(gpu_run):
     out = evaluate(gpu_run, limits(max_p99_ms=25, max_device_memory=memory_limit))
     lines = format_lines(out)
     assert len(lines) == len(out.results) + 1
-    at = f"(at {recommended(gpu_run).predictors} predictors)"
+    at = f"(at {recommended_step(gpu_run).predictors} predictors)"
     line = re.fullmatch(r"FAIL +max-device-memory +peak GPU memory of the process (\S+ \S+) > (\S+ \S+) (\(.*\))",
                         lines[0])
     assert line, lines[0]

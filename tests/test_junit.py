@@ -14,15 +14,11 @@ from gpuscope.analysis.gate import evaluate
 from gpuscope.analysis.limits import merge_limits
 from gpuscope.commands.check import run_check
 from gpuscope.reports.junit import write_junit
-from tests.report_fixtures import reads_as, saved_run
+from tests.report_fixtures import reads_as, recommended_step, saved_run
 
 
 def run(name):
     return saved_run(name)
-
-
-def at_recommended(record):
-    return record.step_at(record.recommendation["predictors"])
 
 
 def suite_of(path):
@@ -38,7 +34,7 @@ def cases(suite):
 
 
 def _mixed(record):
-    step = at_recommended(record)
+    step = recommended_step(record)
     return merge_limits({}, {
         "max_device_memory": "20GiB",                            # unmeasured: no GPU
         "max_host_memory": step.memory["rss_bytes"] * 2,         # pass
@@ -50,7 +46,7 @@ def _mixed(record):
 
 def test_mixed_outcome_counts_and_cases(tmp_path):
     record = run("cpu")
-    step = at_recommended(record)
+    step = recommended_step(record)
     outcome = evaluate(record, _mixed(record))
     path = tmp_path / "check.xml"
     write_junit(outcome, str(path))
@@ -91,7 +87,7 @@ def test_counts_match_the_cases(tmp_path):
 
 def test_all_passing_run_has_no_failures(tmp_path):
     record = run("gpu")
-    step = at_recommended(record)
+    step = recommended_step(record)
     outcome = evaluate(record, merge_limits({}, {
         "max_device_memory": step.memory["process_gpu_bytes"] * 2, "max_p99_ms": step.latency_ms["p99"] * 2,
         "min_throughput": step.throughput_rps / 2, "min_headroom_pct": 1,
@@ -125,7 +121,7 @@ def test_findings_become_cases_and_hostile_text_stays_valid_xml(tmp_path):
 
 def test_written_from_the_json_stored_in_run_json_and_atomically(tmp_path):
     record = run("gpu")
-    run_check(record, merge_limits({}, {"max_p99_ms": at_recommended(record).latency_ms["p99"] / 2}), None, None,
+    run_check(record, merge_limits({}, {"max_p99_ms": recommended_step(record).latency_ms["p99"] / 2}), None, None,
               None, echo=lambda _: None)
     nested = tmp_path / "reports" / "ci"
     path = nested / "check.xml"
