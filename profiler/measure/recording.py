@@ -131,8 +131,7 @@ class Progress:
 def process_gpu_bytes(gpu_probe: Any, pid: int, index: int | None) -> Any:
     """What NVML shows process `pid` holding on NVML device `index` right now; Unavailable when it lists no such
     row (no context yet, a container's own pid namespace, or no index)."""
-    values = gpu_probe.read()
-    gpu_probe.drain_events()  # this one-off read's process events are not the sampler's to write
+    values = gpu_probe.read()  # the processes it sees first are described by events the sampler writes
     mine = scopes.process_on_device(pid, index) if index is not None else None
     for scope, metric, value in values:
         if scope == mine and metric == "used_bytes":
