@@ -59,7 +59,7 @@ def read_smaps_rollup(pid: int, proc_root: str = "/proc") -> dict[str, int] | No
     development machine, 3.7-4.4 ms for a process holding torch's CPU build and
     10.4 ms with torch's CUDA build imported (more and larger mappings). So the
     host probe reads USS at most once per `uss_every_s` (default 10 s: 5-25 us
-    per 50 ms tick on average), RSS (/proc/PID/stat, a few us) every tick.
+    per 50 ms tick on average), RSS (/proc/PID/statm or /proc/PID/stat, a few us) every tick.
     """
     try:
         with open(f"{proc_root}/{pid}/smaps_rollup", "rb") as fh:
@@ -82,10 +82,10 @@ def read_rss_bytes(pid: int, proc_root: str = "/proc") -> int | Unavailable:
     """RSS from /proc/PID/statm: microseconds, where smaps_rollup (USS, PSS) costs milliseconds."""
     try:
         with open(f"{proc_root}/{pid}/statm", "rb") as fh:
-            return int(fh.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except FileNotFoundError:
-        return Unavailable(PROCESS_GONE, f"pid {pid} exited")
-    except (OSError, ValueError, IndexError) as exc:
+            return parse_statm_rss_bytes(fh.read(), os.sysconf("SC_PAGE_SIZE"))
+    except OSError as exc:
+        return _unavailable_for(exc, pid)
+    except (ValueError, IndexError) as exc:
         return Unavailable(ERROR, f"{type(exc).__name__}: {exc}")
 
 
@@ -209,6 +209,16 @@ class ProcessStat:
         self.rss_bytes = int(fields[21]) * page_bytes  # the same counter statm's "resident" shows
 
 
+def parse_statm_rss_bytes(statm_text: bytes, page_bytes: int) -> int:
+    """RSS from /proc/PID/statm ("size resident shared ..." in pages). A process whose memory map is gone (a
+    zombie: it has exited and waits for its parent) shows a size of 0: that raises ESRCH, as a read of a
+    process that has been reaped does, so both read as PROCESS_GONE."""
+    size_end = statm_text.index(b" ")
+    if statm_text[:size_end] == b"0":
+        raise OSError(errno.ESRCH, "no memory map: the process has exited")
+    return int(statm_text[size_end + 1:statm_text.index(b" ", size_end + 1)]) * page_bytes
+
+
 def parse_ctx_switches(status_text: bytes) -> tuple[int, int]:
     """(voluntary, involuntary) context switches from /proc/PID/status. As with psutil's
     num_ctx_switches, these are the counts of the process's main thread (the kernel's per-task figure)."""
@@ -233,10 +243,12 @@ USS_EVERY_S = 10.0
 # resident page (5 ms for a 260 MB torch process on the development machine), so a server holding 10 GB
 # would spend 2% of a core on it at a fixed 10 s; at this share it is read every 400 s instead.
 USS_MAX_TIME_SHARE = 0.0005
-# Host-wide CPU and memory (/proc/stat, /proc/meminfo) and the process's context switches (/proc/PID/status)
-# at short intervals: about every quarter second. At 50 ms a core's busy share is a multiple of 20% anyway
-# (the kernel counts CPU time in 10 ms jiffies: a quarter second is within 4%), and reading three /proc files
-# for it at every tick was over half the host probe's cost.
+# Host-wide CPU and memory (/proc/stat, /proc/meminfo), the process's CPU and threads (/proc/PID/stat) and its
+# context switches (/proc/PID/status) at short intervals: about every quarter second. At 50 ms a core's busy
+# share is a multiple of 20% anyway (the kernel counts CPU time in 10 ms jiffies: a quarter second is within
+# 4%; the process's CPU is a quarter-second mean at any interval), and reading four /proc files for them at
+# every tick was most of the host probe's cost. RSS stays at every tick, from /proc/PID/statm (the kernel
+# does not walk the threads for it, as it does for /proc/PID/stat).
 HOST_EVERY_S = 0.25
 
 
@@ -251,10 +263,11 @@ def ticks_between_host_reads(interval_s: float | None) -> int:
 class HostProbe:
     """Host-wide CPU/memory and the target process's resource use, read straight from /proc.
 
-    Every tick: /proc/PID/stat (CPU time, threads, RSS) by one pread on a descriptor kept open. At a
-    sampler `interval_s` under 0.125 s, the host-wide readings (/proc/stat per-core CPU, the head of
-    /proc/meminfo) and the context switches (/proc/PID/status) come every `ticks_between_host_reads()`
-    ticks (about every 0.25 s: they were over half the probe's cost at every tick), and at every tick otherwise.
+    Every tick: the process's RSS, by one pread on a descriptor kept open. At a sampler `interval_s` under
+    0.125 s, the host-wide readings (/proc/stat per-core CPU, the head of /proc/meminfo), the process's CPU
+    and threads (/proc/PID/stat) and its context switches (/proc/PID/status) come every
+    `ticks_between_host_reads()` ticks (about every 0.25 s: they were most of the probe's cost at every
+    tick; RSS then comes from /proc/PID/statm in between), and at every tick otherwise.
     USS (smaps_rollup: a page-table walk, ~75 ns a resident page) comes every `uss_every_s`, or less often
     where the walk would otherwise take over USS_MAX_TIME_SHARE of the time. `cadence_s()` says
     which readings come less often than every tick, so the samples file can state it; the ticks in
@@ -267,6 +280,7 @@ class HostProbe:
                        "ctx_switches_voluntary", "ctx_switches_involuntary")
     HOST_MEMORY_METRICS = ("mem_used_bytes", "mem_available_bytes")
     CTX_METRICS = ("ctx_switches_voluntary", "ctx_switches_involuntary")
+    CADENCED_PROCESS_METRICS = ("cpu_util_pct", "num_threads", *CTX_METRICS)
 
     def __init__(self, pid: int | None = None, per_core: bool = True, uss_every_s: float | None = USS_EVERY_S,
                  clock_s: Any = None, proc_root: str = "/proc", interval_s: float | None = None,
@@ -289,6 +303,7 @@ class HostProbe:
         self._stat = ProcFile(f"{proc_root}/stat")
         self._meminfo = ProcFile(f"{proc_root}/meminfo", 256)  # the first lines are all a tick needs
         self._pid_stat = ProcFile(f"{proc_root}/{self.pid}/stat", 1024)
+        self._pid_statm = ProcFile(f"{proc_root}/{self.pid}/statm", 256)
         self._pid_status = ProcFile(f"{proc_root}/{self.pid}/status")
         self._cpu_history: deque[tuple[float, float]] = deque()  # (monotonic s, process CPU s)
         self._core_names: list[str] = []
@@ -296,7 +311,7 @@ class HostProbe:
 
     def close(self) -> None:
         """Close the kept-open /proc descriptors (also done when the probe is collected)."""
-        for name in ("_stat", "_meminfo", "_pid_stat", "_pid_status"):
+        for name in ("_stat", "_meminfo", "_pid_stat", "_pid_statm", "_pid_status"):
             handle = getattr(self, name, None)  # absent when __init__ failed part way
             if handle is not None:
                 handle.close()
@@ -314,7 +329,7 @@ class HostProbe:
             if self._per_core:
                 host_metrics += self._core_metrics(len(self._core_times))
             cadence.update({("host", metric): self._host_every_s for metric in host_metrics})
-            cadence.update({(self.scope, metric): self._host_every_s for metric in self.CTX_METRICS})
+            cadence.update({(self.scope, metric): self._host_every_s for metric in self.CADENCED_PROCESS_METRICS})
         return cadence
 
     def read_rss(self) -> int | Unavailable:
@@ -414,16 +429,19 @@ class HostProbe:
             self._read_host(out)
         scope = self.scope
         try:
-            stat = ProcessStat(self._pid_stat.read(), self._ticks_per_s, self._page_bytes)
-            if stat.state in (b"Z", b"X"):
-                raise OSError(errno.ESRCH, "a zombie: the process has exited")
-            switches = parse_ctx_switches(self._pid_status.read()) if whole else None
-            out.append((scope, "rss_bytes", stat.rss_bytes))
+            if whole:
+                stat = ProcessStat(self._pid_stat.read(), self._ticks_per_s, self._page_bytes)
+                if stat.state in (b"Z", b"X"):
+                    raise OSError(errno.ESRCH, "a zombie: the process has exited")
+                switches = parse_ctx_switches(self._pid_status.read())
+                out.append((scope, "rss_bytes", stat.rss_bytes))
+            else:
+                out.append((scope, "rss_bytes", parse_statm_rss_bytes(self._pid_statm.read(), self._page_bytes)))
             if self._uss_due():
                 out.append((scope, "uss_bytes", self._read_uss()))
-            out += [(scope, "cpu_util_pct", self._cpu_pct(stat.cpu_s)), (scope, "num_threads", stat.num_threads)]
-            if switches is not None:
-                out += [(scope, "ctx_switches_voluntary", switches[0]),
+            if whole:
+                out += [(scope, "cpu_util_pct", self._cpu_pct(stat.cpu_s)), (scope, "num_threads", stat.num_threads),
+                        (scope, "ctx_switches_voluntary", switches[0]),
                         (scope, "ctx_switches_involuntary", switches[1])]
         except OSError as exc:
             missing = _unavailable_for(exc, self.pid)

@@ -245,6 +245,7 @@ def _fake_proc(root, pid: int, state: str = "S") -> str:
                                   "Buffers:          10 kB\n")
     (root / str(pid) / "stat").write_text(
         f"{pid} (my (odd) srv) {state} 1 1 1 0 -1 0 0 0 0 0 150 50 0 0 20 0 7 0 100 4096 300 0 0\n")
+    (root / str(pid) / "statm").write_text("4096 300 20 1 0 100 0\n")  # resident: the same 300 pages as stat's
     (root / str(pid) / "status").write_text("Name:\tsrv\nState:\tS (sleeping)\nThreads:\t7\n"
                                             "voluntary_ctxt_switches:\t11\nnonvoluntary_ctxt_switches:\t3\n")
     return str(root)
@@ -286,6 +287,24 @@ def test_a_zombie_reads_process_gone(tmp_path):
     gone = readings[("pid:78", "rss_bytes")]
     assert isinstance(gone, Unavailable) and gone.reason == PROCESS_GONE
     assert {m for (s, m) in readings if s == "pid:78"} == set(HostProbe.PROCESS_METRICS)
+
+
+def test_a_process_that_exits_between_quarter_second_reads_reads_process_gone_from_statm(tmp_path):
+    """At 50 ms the ticks between the quarter-second reads take RSS from /proc/PID/statm alone: a zombie
+    (its memory map gone, size 0) reads PROCESS_GONE there too, never an RSS of 0."""
+    root = _fake_proc(tmp_path, 81)
+    probe = HostProbe(81, uss_every_s=None, proc_root=root, interval_s=0.05)
+    page = os.sysconf("SC_PAGE_SIZE")
+    assert as_dict(probe.read())[("pid:81", "num_threads")] == 7  # the whole read: /proc/PID/stat
+    (tmp_path / "81" / "statm").write_text("4096 310 20 1 0 100 0\n")
+    between = as_dict(probe.read())
+    assert between[("pid:81", "rss_bytes")] == 310 * page and ("pid:81", "num_threads") not in between
+    (tmp_path / "81" / "statm").write_text("0 0 0 0 0 0 0\n")
+    gone = as_dict(probe.read())[("pid:81", "rss_bytes")]
+    assert isinstance(gone, Unavailable) and gone.reason == PROCESS_GONE
+    from gpuscope.probes.host import read_rss_bytes
+
+    assert read_rss_bytes(81, root).reason == PROCESS_GONE
 
 
 def test_no_mem_available_falls_back_to_psutil_s_estimate(tmp_path):

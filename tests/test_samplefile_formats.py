@@ -333,6 +333,7 @@ def _fake_proc(root: Path, pid: int) -> Path:
     (root / "meminfo").write_text("MemTotal:       1000 kB\nMemFree:         400 kB\nMemAvailable:    600 kB\n")
     (root / str(pid) / "stat").write_text(
         f"{pid} (my (odd) server) S 1 1 1 0 -1 0 0 0 0 0 150 50 0 0 20 0 7 0 100 4096 300 0\n")
+    (root / str(pid) / "statm").write_text("4096 300 20 1 0 100 0\n")
     (root / str(pid) / "status").write_text("Name:\tserver\nThreads:\t7\nvoluntary_ctxt_switches:\t11\n"
                                             "nonvoluntary_ctxt_switches:\t3\n")
     return root
@@ -416,6 +417,9 @@ def test_host_cpu_memory_and_context_switches_come_every_quarter_second_at_50ms_
         (root / "meminfo").write_text(f"MemTotal:       1000 kB\nMemFree:         1 kB\nMemAvailable:    {600 - tick} kB\n")
         (root / str(pid) / "status").write_text(f"Name:\tserver\nvoluntary_ctxt_switches:\t{tick}\n"
                                                 f"nonvoluntary_ctxt_switches:\t{2 * tick}\n")
+        (root / str(pid) / "stat").write_text(f"{pid} (server) S 1 1 1 0 -1 0 0 0 0 0 {10 * tick} 0 0 0 20 0 "
+                                              f"{100 + tick} 0 100 4096 {1000 + tick} 0 0\n")
+        (root / str(pid) / "statm").write_text(f"4096 {1000 + tick} 20 1 0 100 0\n")
         sampler.tick()
         clock["ns"] += 50_000_000
     writer.close()
@@ -423,6 +427,7 @@ def test_host_cpu_memory_and_context_switches_come_every_quarter_second_at_50ms_
     scope = f"pid:{pid}"
     slower = [("host", "cpu_util_pct"), ("host", "core0_util_pct"), ("host", "core1_util_pct"),
               ("host", "mem_used_bytes"), ("host", "mem_available_bytes"),
+              (scope, "cpu_util_pct"), (scope, "num_threads"),
               (scope, "ctx_switches_voluntary"), (scope, "ctx_switches_involuntary")]
     assert timeline.cadence_s == {key: 0.25 for key in slower}
     for key in slower:
@@ -433,8 +438,9 @@ def test_host_cpu_memory_and_context_switches_come_every_quarter_second_at_50ms_
         [(600 - i) * 1024 for i in range(0, 40, 5)]
     assert [timeline.column("host", "core0_util_pct")[i] for i in range(5, 40, 5)] == [60.0] * 7  # 15 of 25 jiffies
     assert [timeline.column("host", "core1_util_pct")[i] for i in range(5, 40, 5)] == [0.0] * 7
-    assert all(value is not None for value in timeline.column(scope, "rss_bytes"))  # every tick
-    assert all(value is not None for value in timeline.column(scope, "num_threads"))
+    assert [timeline.column(scope, "num_threads")[i] for i in range(0, 40, 5)] == [100 + i for i in range(0, 40, 5)]
+    page = os.sysconf("SC_PAGE_SIZE")  # RSS every tick: /proc/PID/statm between the quarter-second reads
+    assert timeline.column(scope, "rss_bytes") == [(1000 + tick) * page for tick in range(40)]
     # the same file read in column chunks says the same
     reader = SampleColumns(str(samples_path))
     list(reader.chunks())
