@@ -325,10 +325,14 @@ class _FillsUp(SampleWriter):
 
     room = 8
 
+    full = False
+
     def write(self, obj):
-        if self.lines_written == self.room and self._fh is not None and self._fh.name != "/dev/full":
-            self._fh.close()
-            self._fh = open("/dev/full", "a", encoding="utf-8")
+        if self.lines_written == self.room and self._fd is not None and not self.full:
+            disk = os.open("/dev/full", os.O_WRONLY)
+            os.dup2(disk, self._fd)  # the writer's own descriptor now writes to a full device
+            os.close(disk)
+            self.full = True
         super().write(obj)
 
 
