@@ -58,7 +58,7 @@ def read_smaps_rollup(pid: int, proc_root: str = "/proc") -> dict[str, int] | No
     smaps), but the kernel still walks the page tables: measured on the 2-core
     development machine, 3.7-4.4 ms for a process holding torch's CPU build and
     10.4 ms with torch's CUDA build imported (more and larger mappings). So the
-    host probe reads USS at most once per `uss_every_s` (default 10 s: 5-25 us
+    host probe reads USS at most once per `uss_every_s` (default 30 s: 5-10 us
     per 50 ms tick on average), RSS (/proc/PID/statm or /proc/PID/stat, a few us) every tick.
     """
     try:
@@ -237,12 +237,14 @@ def _unavailable_for(exc: OSError, pid: int) -> Unavailable:
 
 
 # USS walks every mapping of the process (smaps_rollup: milliseconds for a torch process), so it is read on
-# this slower cadence, which the samples file states; RSS is read every tick.
-USS_EVERY_S = 10.0
+# this slower cadence, which the samples file states; RSS is read every tick, and a diagnose step's last tick
+# reads USS whatever the cadence (`request_all`). At 10 s the walk of a torch process (4-5.5 ms on the
+# development machine) was a quarter of a 50 ms tick's mean cost; at 30 s, 8 us a tick.
+USS_EVERY_S = 30.0
 # ...and no more often than keeps its reads under this share of the time: the walk costs about 75 ns a
-# resident page (5 ms for a 260 MB torch process on the development machine), so a server holding 10 GB
-# would spend 2% of a core on it at a fixed 10 s; at this share it is read every 400 s instead.
-USS_MAX_TIME_SHARE = 0.0005
+# resident page, so a server holding 10 GB (about 200 ms a walk) would spend 0.7% of a core on it at a fixed
+# 30 s; at this share it is read every 1,000 s instead.
+USS_MAX_TIME_SHARE = 0.0002
 # Host-wide CPU and memory (/proc/stat, /proc/meminfo), the process's CPU and threads (/proc/PID/stat) and its
 # context switches (/proc/PID/status) at short intervals: about every quarter second. At 50 ms a core's busy
 # share is a multiple of 20% anyway (the kernel counts CPU time in 10 ms jiffies: a quarter second is within

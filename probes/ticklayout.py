@@ -7,7 +7,7 @@ changed readings (about 4 us for the 28 readings of a one-GPU node on the 2-core
 where looking each key up in a dict and judging it cost about twice that, per consumer.
 
 A tick does not always have the layout of the tick before: readings taken on a slower cadence (host
-CPU every 0.25 s, USS every 10 s) are in some ticks and not in others, so a 50 ms sampler alternates
+CPU every 0.25 s, USS every 30 s) are in some ticks and not in others, so a 50 ms sampler alternates
 between a few layouts. The last few layouts are kept (`MAX_LAYOUTS`), and the last reading of each key
 is held once, shared by all of them: a tick is compared with what its keys last read, whichever layout
 that tick had, and a key the tick before did not have counts as changed (it is back). `gone` gives the

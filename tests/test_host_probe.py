@@ -6,7 +6,8 @@ import os
 import psutil
 import pytest
 
-from gpuscope.probes.host import HostProbe, cgroup_cpu_quota, host_info, read_rss_uss_bytes, usable_cores
+from gpuscope.probes.host import (USS_EVERY_S, USS_MAX_TIME_SHARE, HostProbe, cgroup_cpu_quota, host_info,
+                                  read_rss_uss_bytes, usable_cores)
 from gpuscope.probes.readings import PROCESS_GONE, Unavailable
 from tests.children import running_python
 
@@ -360,7 +361,7 @@ def _uss_read_seconds(read_cost_s: float, seconds: int) -> list[int]:
     scope = f"pid:{os.getpid()}"
     clock = FakeClock()
     costs = iter([0.0, read_cost_s] * seconds)  # the cost clock before and after each USS read
-    probe = HostProbe(uss_every_s=10.0, clock_s=clock, cost_clock_s=lambda: next(costs))
+    probe = HostProbe(uss_every_s=USS_EVERY_S, clock_s=clock, cost_clock_s=lambda: next(costs))
     read_at = []
     for second in range(seconds):
         clock.now = 1000.0 + second
@@ -371,10 +372,8 @@ def _uss_read_seconds(read_cost_s: float, seconds: int) -> list[int]:
 
 def test_uss_waits_longer_when_its_read_takes_long_so_a_large_server_does_not_pay_for_it():
     """A read that took 20 ms (a server holding gigabytes: the kernel walks every page) next comes after
-    20 ms / USS_MAX_TIME_SHARE = 40 s, not 10 s; a quick one keeps the 10 s."""
-    from gpuscope.probes.host import USS_MAX_TIME_SHARE
-
-    assert round(0.020 / USS_MAX_TIME_SHARE) == 40
-    assert _uss_read_seconds(0.020, 100) == [0, 40, 80]
-    assert _uss_read_seconds(0.001, 35) == [0, 10, 20, 30]
-    assert _uss_read_seconds(0.0051, 35) == [0, 11, 22, 33]  # 5.1 ms / 0.0005 = 10.2 s: just over 10 s
+    20 ms / USS_MAX_TIME_SHARE = 100 s, not 30 s; a quick one keeps the 30 s."""
+    assert (USS_EVERY_S, round(0.020 / USS_MAX_TIME_SHARE)) == (30.0, 100)
+    assert _uss_read_seconds(0.020, 250) == [0, 100, 200]
+    assert _uss_read_seconds(0.001, 95) == [0, 30, 60, 90]
+    assert _uss_read_seconds(0.0061, 95) == [0, 31, 62, 93]  # 6.1 ms / 0.0002 = 30.5 s: just over 30 s
