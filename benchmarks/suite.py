@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import bisect
+import math
 import os
 import platform
 import statistics
@@ -192,21 +193,27 @@ def bench_sampler_overhead(quick: bool, echo: Echo) -> dict[str, Any]:
         for interval, target in targets.items():
             rates = _rotated_rounds(model, predictors, interval, rounds, slot_s, device,
                                     os.path.join(tmp, f"s-{predictors}-{interval}.jsonl"))
+            # a round where a predictor finished under 3 calls in a slot (a stall of the whole VM) has no rate
+            # for that slot: the round is left out whole, and the row says how many were
+            whole = [r for r in range(rounds) if all(math.isfinite(rates[arm][r]) for arm in rates)]
+            rates = {arm: [values[r] for r in whole] for arm, values in rates.items()}
             row: dict[str, Any] = {"predictors": predictors, "interval_ms": round(interval * 1000, 3),
-                                   "rounds": rounds, "slot_s": slot_s, "without_rps": _median(rates["off"]),
+                                   "rounds": len(whole), "rounds_without_a_rate": rounds - len(whole),
+                                   "slot_s": slot_s, "without_rps": _median(rates["off"]),
                                    "with_rps": _median(rates["gpuscope"]), "target": target}
             for arm, prefix in (("gpuscope", ""), ("bare", "bare_")):
                 ratios = [with_rps / without_rps for with_rps, without_rps in zip(rates[arm], rates["off"])]
                 low, high = _bootstrap_mean_ci(ratios)
                 row.update({f"{prefix}ratio": statistics.fmean(ratios), f"{prefix}ratio_median": _median(ratios),
                             f"{prefix}ci95": [low, high], f"{prefix}round_ratio_stdev": statistics.stdev(ratios)})
+            row["rates_rps"] = {arm: [round(rate, 2) for rate in values] for arm, values in rates.items()}
             low, high = row["ci95"]
             row["resolved"] = bool(high - low <= 0.02)
             row["verdict"] = "met" if low >= target else "not met" if high < target else "unresolved"
             rows.append(row)
             echo(f"  sampler {interval * 1000:4.0f} ms, {predictors} predictor(s): ratio {row['ratio']:.3f} "
                  f"[95% CI {low:.3f}-{high:.3f}]; a bare sampler {row['bare_ratio']:.3f} "
-                 f"[{row['bare_ci95'][0]:.3f}-{row['bare_ci95'][1]:.3f}]; {rounds} rounds of 3 x {slot_s:g} s "
+                 f"[{row['bare_ci95'][0]:.3f}-{row['bare_ci95'][1]:.3f}]; {len(whole)} rounds of 3 x {slot_s:g} s "
                  f"({row['with_rps']:.1f} vs {row['without_rps']:.1f} calls/s)  target {target}: {row['verdict']}")
     return {"rows": rows, "device": device, "core_speed_s": [speed_before_s, core_speed_s()],
             "method": "predictor threads calling the model; slots of no sampler, a bare one and gpuscope's, "
@@ -271,8 +278,8 @@ def _v1_line_bytes(t_ns: int, values: list[tuple[str, str, Any]]) -> int:
 
 
 def _host_variants(pid: int, clock_s: Callable[[], float]) -> dict[str, Callable[[], Any]]:
-    """The same host readings five ways: our probe at 50 ms (host-wide CPU and memory and the context
-    switches every 5th tick, as diagnose makes it); the same probe reading everything every tick (before
+    """The same host readings five ways: our probe at 50 ms (host-wide CPU and memory, the process's CPU,
+    threads and context switches every 5th tick, RSS at every tick, as diagnose makes it); the same probe reading everything every tick (before
     the quarter-second cadence); the psutil calls the probe made before issue 17; what a user would write
     with psutil; and the floor, the bare preads of the same /proc files on open descriptors at the
     probe's cadence, with no parsing (USS's smaps_rollup is added at its cadence by the caller)."""
@@ -297,17 +304,19 @@ def _host_variants(pid: int, clock_s: Callable[[], float]) -> dict[str, Callable
     def psutil_user() -> None:
         user.memory_full_info(), user.cpu_percent(), user.num_threads(), user.num_ctx_switches()
 
-    pid_stat = os.open(f"/proc/{pid}/stat", os.O_RDONLY)
+    pid_statm = os.open(f"/proc/{pid}/statm", os.O_RDONLY)
     slower = [(os.open(path, os.O_RDONLY), size) for path, size in
-              (("/proc/stat", 65536), ("/proc/meminfo", 256), (f"/proc/{pid}/status", 4096))]
+              (("/proc/stat", 65536), ("/proc/meminfo", 256), (f"/proc/{pid}/stat", 1024),
+               (f"/proc/{pid}/status", 4096))]
     every = ticks_between_host_reads(0.05)
     calls = {"n": 0}
 
-    def floor() -> None:
-        os.pread(pid_stat, 1024, 0)
+    def floor() -> None:  # RSS every tick (statm; the probe's whole reads take it from stat), the rest every 5th
         if calls["n"] % every == 0:
             for fd, size in slower:
                 os.pread(fd, size, 0)
+        else:
+            os.pread(pid_statm, 256, 0)
         calls["n"] += 1
 
     return {"host_probe": probe.read, "host_probe_every_tick": every_tick.read, "psutil_hot_path_before": before,
@@ -333,23 +342,24 @@ def _interleaved_us(variants: dict[str, Callable[[], Any]], rounds: int, calls: 
 
 
 def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
-    """Per-probe cost of one tick (wall and CPU) over 1,000 ticks on an idle process with torch loaded; the
+    """Per-probe cost of one tick (wall and CPU) over 1,200 ticks on an idle process with torch loaded; the
     host readings side by side with psutil and with the floor; the samples file's bytes per tick."""
     import torch  # noqa: F401  (loaded, as in a real run: it changes /proc costs)
 
-    from gpuscope.probes.host import HostProbe, read_smaps_rollup
+    from gpuscope.probes.host import USS_EVERY_S, HostProbe, read_smaps_rollup
     from gpuscope.probes.samplefile import SampleWriter
     from gpuscope.probes.sampler import PeakTracker, Sampler
 
     sys.path.insert(0, REPO)
     speed_before_s = core_speed_s()
-    ticks = 400 if quick else 1000  # multiples of 200: USS (every 10 s) comes every 200th tick of 50 ms
+    uss_every_ticks = round(USS_EVERY_S / 0.05)  # USS (every 30 s) comes every 600th tick of 50 ms
+    ticks = uss_every_ticks if quick else 2 * uss_every_ticks  # whole USS periods
     warmup = 20
     device = _device()
     pid = os.getpid()
     probes = _probes(pid, device)
     # Ticks run back to back here; a simulated 50 ms clock makes the host probe read USS as often
-    # as it would in a real run (every 10 s = every 200th tick), so the average is honest.
+    # as it would in a real run (every 30 s = every 600th tick), so the average is honest.
     simulated = {"now": 0.0}
 
     def clock_s() -> float:
@@ -384,7 +394,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
 
     # Warm-up, not measured: the first ticks describe the GPU processes, open the /proc descriptors and
     # write the key table; a watch pays that once, not every tick. The measured ticks are a multiple of
-    # the USS cadence (every 200th tick on the simulated clock), so USS is in the mean exactly as often
+    # the USS cadence (every 600th tick on the simulated clock), so USS is in the mean exactly as often
     # as in a run.
     for _ in range(warmup):
         sampler.tick()
@@ -393,7 +403,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     ticks_before, wall_before, cpu_before = sampler.ticks, sampler.tick_cost_ns, sampler.tick_cpu_ns
     probe_before = dict(sampler.probe_cost_ns)
     per_tick_us = []
-    uss_ticks: list[bool] = []  # ticks that read USS (smaps_rollup: milliseconds, every 10 s or more)
+    uss_ticks: list[bool] = []  # ticks that read USS (smaps_rollup: milliseconds, every 30 s or more)
     for _ in range(ticks):
         started = time.perf_counter_ns()
         values = sampler.tick()
@@ -423,7 +433,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
                     {name: 100 for name in probes}, probe_cpu)
     smaps_us = _median(_interleaved_us({"smaps_rollup": lambda: read_smaps_rollup(pid)}, 5, {"smaps_rollup": 5})
                        ["smaps_rollup"])
-    floor_us = _median(times["floor"]) + smaps_us / 200  # smaps_rollup once per 200 ticks, as the probe reads USS
+    floor_us = _median(times["floor"]) + smaps_us / uss_every_ticks  # smaps_rollup at the probe's USS cadence
     host_us = _median(times["host_probe"])
     without_uss = [us for us, uss in zip(per_tick_us, uss_ticks) if not uss]
     with_uss = [us for us, uss in zip(per_tick_us, uss_ticks) if uss]
@@ -443,7 +453,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
               "host_probe_every_tick_us": _median(times["host_probe_every_tick"]),
               "every_tick_over_host": _median(times["host_probe_every_tick"]) / host_us,
               "host_every_ticks": 5,
-              "rounds": rounds, "uss_every_ticks": 200,
+              "rounds": rounds, "uss_every_ticks": uss_every_ticks,
               "cpu_us": {name: _median(values) for name, values in cpu.items()},
               "per_probe_cpu_us": {name: _median(values) for name, values in probe_cpu.items()},
               "samples_bytes_per_tick": {"v1": v1_bytes[0] / ticks, "v2": v2_bytes / ticks,
@@ -459,7 +469,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     echo(f"  host readings, medians of {rounds} interleaved rounds: probe {host_us:.1f} us (reading everything every "
          f"tick: {result['host_probe_every_tick_us']:.1f} us), psutil as before "
          f"{result['psutil_hot_path_before_us']:.1f} us, psutil as a user writes it {result['psutil_baseline_us']:.0f} us, "
-         f"floor {floor_us:.1f} us (preads {result['floor_preads_us']:.1f} + smaps_rollup {smaps_us:.0f} us / 200)")
+         f"floor {floor_us:.1f} us (preads {result['floor_preads_us']:.1f} + smaps_rollup {smaps_us:.0f} us / {uss_every_ticks})")
     echo("  CPU time (thread), medians: " + ", ".join(f"{k} {v:.1f} us" for k, v in result["cpu_us"].items())
          + "; per probe " + ", ".join(f"{k} {v:.1f} us" for k, v in result["per_probe_cpu_us"].items()))
     echo(f"  samples.jsonl: {result['samples_bytes_per_tick']['v2']:.0f} bytes a tick, "
@@ -504,22 +514,23 @@ SPIKE_BYTES = 20 * 1024**3  # one tick's allocation spike in the synthetic run, 
 
 def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
     """A watch-like run: `seconds / interval_s` ticks of the process and two devices (NVML, the allocator on
-    each, the host, RSS every tick, USS on the host probe's 10 s cadence and host CPU and memory on its
-    quarter second at short intervals, declared as the sampler declares them), written by the real SampleWriter; one tick of the run carries a 20 GiB spike. Also the bytes the old
+    each, the host, RSS every tick, USS on the host probe's cadence and host CPU and memory and the
+    process's CPU and threads on its quarter second at short intervals, declared as the sampler declares them), written by the real SampleWriter; one tick of the run carries a 20 GiB spike. Also the bytes the old
     format (gpuscope.samples/1) would have taken for its ticks."""
-    from gpuscope.probes.host import ticks_between_host_reads
+    from gpuscope.probes.host import USS_EVERY_S, ticks_between_host_reads
     from gpuscope.probes.samplefile import SampleWriter, Tick
     from gpuscope.record.run import RunRecord, Step
 
     pid = 4242
     ticks = int(seconds / interval_s)
     writer = SampleWriter(os.path.join(out_dir, "samples.jsonl"), {"t0_ns": 0, "interval_s": interval_s, "pid": pid})
-    writer.cadence_s[(f"pid:{pid}", "uss_bytes")] = 10.0
-    uss_every_ticks = max(1, int(round(10.0 / interval_s)))
+    writer.cadence_s[(f"pid:{pid}", "uss_bytes")] = USS_EVERY_S
+    uss_every_ticks = max(1, int(round(USS_EVERY_S / interval_s)))
     host_every_ticks = ticks_between_host_reads(interval_s)  # host CPU and memory as the host probe reads them
     if host_every_ticks > 1:
-        writer.cadence_s.update({("host", "cpu_util_pct"): host_every_ticks * interval_s,
-                                 ("host", "mem_used_bytes"): host_every_ticks * interval_s})
+        writer.cadence_s.update({key: host_every_ticks * interval_s for key in (
+            ("host", "cpu_util_pct"), ("host", "mem_used_bytes"), (f"pid:{pid}", "cpu_util_pct"),
+            (f"pid:{pid}", "num_threads"))})
     spike_tick = ticks * 2 // 3
     mib = 1024**2
     v1_bytes = 0
@@ -527,10 +538,11 @@ def _synthetic_run(out_dir: str, seconds: int, interval_s: float) -> Any:
         t_ns = int(i * interval_s * 1e9)
         wave = (i % 600) / 600
         spike = SPIKE_BYTES if i == spike_tick else 0
-        values = [("host", "cpu_util_pct", 40.0 + 20 * wave), ("host", "mem_used_bytes", 8_000 * mib)] \
-            if i % host_every_ticks == 0 else []
-        values += [(f"pid:{pid}", "rss_bytes", int((900 + 50 * wave) * mib)), (f"pid:{pid}", "cpu_util_pct", 95.0),
-                   (f"pid:{pid}", "num_threads", 24)]
+        whole = i % host_every_ticks == 0
+        values = [("host", "cpu_util_pct", 40.0 + 20 * wave), ("host", "mem_used_bytes", 8_000 * mib)] if whole else []
+        values.append((f"pid:{pid}", "rss_bytes", int((900 + 50 * wave) * mib)))
+        if whole:
+            values += [(f"pid:{pid}", "cpu_util_pct", 95.0), (f"pid:{pid}", "num_threads", 24)]
         if i % uss_every_ticks == 0:
             values.append((f"pid:{pid}", "uss_bytes", int((700 + 50 * wave) * mib)))
         for gpu, share in ((0, 1.0), (1, 0.5)):
