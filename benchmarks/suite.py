@@ -128,13 +128,15 @@ def _model_callers(model: Any, threads: int, done: Callable[[int], None]) -> tup
 
 
 def _rotated_rounds(model: Any, predictors: int, interval_s: float, rounds: int, slot_s: float,
-                    device: str, samples_path: str) -> dict[str, list[float]]:
+                    device: str, samples_path: str) -> tuple[dict[str, list[float]], dict[str, float]]:
     """`predictors` threads calling the model back to back for the whole measurement, and in each round
     three slots in a rotating order: no sampler ("off"), a bare sampler (a thread woken every interval,
     reading and writing nothing: the floor of any in-process sampler) and gpuscope's (the probes a
     diagnose run at this interval uses, samples.jsonl, peaks). Neighbouring slots see the same machine,
     so each round's ratios cancel its drift. Returns each arm's rate (calls/s) per round, from the
-    completion times inside each slot (`_slot_rate`: no +-1 call of rounding)."""
+    completion times inside each slot (`_slot_rate`: no +-1 call of rounding), and each sampler's mean CPU
+    time a tick (its thread's clock) while the predictors ran: what a tick costs on a busy core, where its
+    code and data have to come back into the caches at every wake-up."""
     from gpuscope.probes.samplefile import SampleWriter
     from gpuscope.probes.sampler import PeakTracker, Sampler
 
@@ -170,7 +172,8 @@ def _rotated_rounds(model: Any, predictors: int, interval_s: float, rounds: int,
                   for e in ends]
         return _slot_rate(inside, begin, end) or float("nan")
 
-    return {arm: [rate(begin, end) for begin, end in slots[arm]] for arm in arms}
+    return ({arm: [rate(begin, end) for begin, end in slots[arm]] for arm in arms},
+            {arm: sampler.mean_tick_cpu_us for arm, sampler in samplers.items()})
 
 
 def bench_sampler_overhead(quick: bool, echo: Echo, rounds: int | None = None) -> dict[str, Any]:
@@ -191,15 +194,15 @@ def bench_sampler_overhead(quick: bool, echo: Echo, rounds: int | None = None) -
     tmp = tempfile.mkdtemp(prefix="gpuscope-bench-")
     for predictors in (1, 2):
         for interval, target in targets.items():
-            rates = _rotated_rounds(model, predictors, interval, rounds, slot_s, device,
-                                    os.path.join(tmp, f"s-{predictors}-{interval}.jsonl"))
+            rates, tick_cpu_us = _rotated_rounds(model, predictors, interval, rounds, slot_s, device,
+                                                 os.path.join(tmp, f"s-{predictors}-{interval}.jsonl"))
             # a round where a predictor finished under 3 calls in a slot (a stall of the whole VM) has no rate
             # for that slot: the round is left out whole, and the row says how many were
             whole = [r for r in range(rounds) if all(math.isfinite(rates[arm][r]) for arm in rates)]
             rates = {arm: [values[r] for r in whole] for arm, values in rates.items()}
             row: dict[str, Any] = {"predictors": predictors, "interval_ms": round(interval * 1000, 3),
                                    "rounds": len(whole), "rounds_without_a_rate": rounds - len(whole),
-                                   "slot_s": slot_s, "without_rps": _median(rates["off"]),
+                                   "slot_s": slot_s, "tick_cpu_us": tick_cpu_us, "without_rps": _median(rates["off"]),
                                    "with_rps": _median(rates["gpuscope"]), "target": target}
             for arm, prefix in (("gpuscope", ""), ("bare", "bare_")):
                 ratios = [with_rps / without_rps for with_rps, without_rps in zip(rates[arm], rates["off"])]
@@ -214,7 +217,8 @@ def bench_sampler_overhead(quick: bool, echo: Echo, rounds: int | None = None) -
             echo(f"  sampler {interval * 1000:4.0f} ms, {predictors} predictor(s): ratio {row['ratio']:.3f} "
                  f"[95% CI {low:.3f}-{high:.3f}]; a bare sampler {row['bare_ratio']:.3f} "
                  f"[{row['bare_ci95'][0]:.3f}-{row['bare_ci95'][1]:.3f}]; {len(whole)} rounds of 3 x {slot_s:g} s "
-                 f"({row['with_rps']:.1f} vs {row['without_rps']:.1f} calls/s)  target {target}: {row['verdict']}")
+                 f"({row['with_rps']:.1f} vs {row['without_rps']:.1f} calls/s; a tick {tick_cpu_us['gpuscope']:.0f} us "
+                 f"of CPU, the bare one's {tick_cpu_us['bare']:.0f})  target {target}: {row['verdict']}")
     return {"rows": rows, "device": device, "core_speed_s": [speed_before_s, core_speed_s()],
             "method": "predictor threads calling the model; slots of no sampler, a bare one and gpuscope's, "
                       "rotating in each round; ratios per round"}
