@@ -245,6 +245,16 @@ class SampleWriter:
         row["v"] = pairs
         return row
 
+    def __del__(self) -> None:
+        """A writer dropped without close() gives its descriptor back (a file object did so by itself)."""
+        fd = getattr(self, "_fd", None)  # absent when __init__ failed to open the file
+        if fd is not None:
+            self._fd = None
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
     def close(self) -> None:
         with self._lock:
             if self._fd is not None:

@@ -474,3 +474,23 @@ def test_a_step_end_request_reads_everything_at_once_and_the_cadence_counts_from
     keys = set(as_keys(probe.read()))
     assert ("host", "mem_used_bytes") in keys and (scope, "uss_bytes") in keys and (scope, "ctx_switches_involuntary") in keys
     assert [("host", "cpu_util_pct") in set(as_keys(probe.read())) for _ in range(5)] == [False] * 4 + [True]
+
+
+def test_a_writer_dropped_without_close_gives_its_descriptor_back(samples_path):
+    """The writer holds a plain descriptor (one os.write a line): dropped unclosed, it must not leak it."""
+    import gc
+
+    writer = SampleWriter(str(samples_path), {"t0_ns": T0})
+    fd, file_id = writer._fd, (os.stat(samples_path).st_dev, os.stat(samples_path).st_ino)
+
+    def still_the_file() -> bool:  # by identity: another thread may be given the number again at once
+        try:
+            status = os.fstat(fd)
+        except OSError:
+            return False
+        return (status.st_dev, status.st_ino) == file_id
+
+    assert still_the_file()
+    del writer
+    gc.collect()
+    assert not still_the_file()
