@@ -176,13 +176,15 @@ def _rotated_rounds(model: Any, predictors: int, interval_s: float, rounds: int,
             {arm: sampler.mean_tick_cpu_us for arm, sampler in samplers.items()})
 
 
-def bench_sampler_overhead(quick: bool, echo: Echo, rounds: int | None = None) -> dict[str, Any]:
+def bench_sampler_overhead(quick: bool, echo: Echo, rounds: int | None = None,
+                           rows_wanted: list[tuple[float, int]] | None = None) -> dict[str, Any]:
     """Throughput of predictor threads with gpuscope's sampler against none, and a bare sampler against
     none, in rotating slots of one measurement (`_rotated_rounds`).
 
     Each round gives a ratio per arm; the figure is their mean with a 95% bootstrap interval. The
     machine's noise decides whether 1% is resolved: the row says so (`resolved`: the interval is within
-    +-1%); a target is met or not only where the whole interval lies on one side of it.
+    +-1%); a target is met or not only where the whole interval lies on one side of it. `rows_wanted`
+    ((interval_ms, predictors), ...) measures only those rows, e.g. one row with many rounds.
     """
     device = _device()
     model = _model(device)
@@ -194,6 +196,8 @@ def bench_sampler_overhead(quick: bool, echo: Echo, rounds: int | None = None) -
     tmp = tempfile.mkdtemp(prefix="gpuscope-bench-")
     for predictors in (1, 2):
         for interval, target in targets.items():
+            if rows_wanted and (round(interval * 1000, 3), predictors) not in rows_wanted:
+                continue
             rates, tick_cpu_us = _rotated_rounds(model, predictors, interval, rounds, slot_s, device,
                                                  os.path.join(tmp, f"s-{predictors}-{interval}.jsonl"))
             # a round where a predictor finished under 3 calls in a slot (a stall of the whole VM) has no rate
@@ -877,11 +881,14 @@ BENCHMARKS: dict[str, Callable[[bool, Echo], dict[str, Any]]] = {
 }
 
 
-def run_all(quick: bool, only: list[str] | None, echo: Echo, overhead_rounds: int | None = None) -> dict[str, Any]:
-    """Run the benchmarks (`only` those named); `overhead_rounds` overrides sampler_overhead's rounds per row."""
+def run_all(quick: bool, only: list[str] | None, echo: Echo, overhead_rounds: int | None = None,
+            overhead_rows: list[tuple[float, int]] | None = None) -> dict[str, Any]:
+    """Run the benchmarks (`only` those named); `overhead_rounds` overrides sampler_overhead's rounds per row,
+    `overhead_rows` ((interval_ms, predictors), ...) its rows."""
     benchmarks = dict(BENCHMARKS)
-    if overhead_rounds:
-        benchmarks["sampler_overhead"] = lambda quick, echo: bench_sampler_overhead(quick, echo, overhead_rounds)
+    if overhead_rounds or overhead_rows:
+        benchmarks["sampler_overhead"] = lambda quick, echo: bench_sampler_overhead(quick, echo, overhead_rounds,
+                                                                                    overhead_rows)
     if REPO not in sys.path:
         sys.path.insert(0, REPO)
     results: dict[str, Any] = {"machine": _machine(), "quick": quick, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
