@@ -395,6 +395,24 @@ def test_the_live_status_line_refreshes_on_a_terminal(sleeper, tmp_path):
     assert any(part.endswith("\u2026") for part in refreshes)
 
 
+def test_at_50ms_the_status_line_keeps_the_threads_read_every_quarter_second(sleeper, tmp_path):
+    """At intervals under 125 ms the process's threads (and CPU) are read every 5th tick; the status line and
+    the exporter show the last reading at every tick, not a gap on four ticks of five (samples.jsonl still
+    holds it only where it was read)."""
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    stream = Tty()
+    watch(sleeper.pid, tmp_path / "w", interval="50ms", duration="1s",
+          progress=Progress(stream=stream, columns=lambda: 300))
+    refreshes = [part for part in stream.getvalue().split("\r\033[K") if part.startswith("watch pid")]
+    assert len(refreshes) >= 15
+    assert all(" threads" in part for part in refreshes), [part for part in refreshes if " threads" not in part]
+    column = load_timeline(str(tmp_path / "w" / "samples.jsonl")).column(f"pid:{sleeper.pid}", "num_threads")
+    assert len(column) >= 15 and 0 < sum(value is not None for value in column) <= len(column) // 4 + 1
+
+
 # -- the live rules and bounded memory ------------------------------------------------------------------
 
 def live_record(series: dict[str, Any] | None = None, devices: list[dict[str, Any]] | None = None) -> RunRecord:

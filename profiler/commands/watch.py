@@ -122,6 +122,8 @@ class WatchSession:
         self._handle_signals = handle_signals
         self.view: Any = None          # the exporter's LiveView, replaced after every tick
         self.findings: list[Any] = []  # provisional findings (exporter), final ones after finish()
+        self._cadenced_keys: frozenset[tuple[str, str]] = frozenset()  # set with the host probe (_setup)
+        self._held: dict[tuple[str, str], Any] = {}
         self.exporter: Any = None
         self.ended_by = ENDED_BY_DURATION
 
@@ -158,6 +160,9 @@ class WatchSession:
             host = HostProbe(self.pid, uss_every_s=uss_every, clock_s=self._clock, interval_s=self.interval_s)
         except Exception as exc:
             raise UsageError(f"--pid {self.pid}: cannot read the process ({exc})") from None
+        # readings the host probe takes less often than every tick (CPU and threads every quarter second at
+        # short intervals): the status line and the exporter show their last value, not a gap between reads
+        self._cadenced_keys = frozenset(host.cadence_s())
         probes: dict[str, Any] = {"host": host}
         if self.gpu_probe is not None:
             probes["gpu"] = self.gpu_probe
@@ -178,6 +183,20 @@ class WatchSession:
         self._save_progress()
 
     # -- the loop
+    def _latest(self, values: list[ScopedValue]) -> list[ScopedValue]:
+        """The tick's readings, and the last reading of each key on a slower cadence that this tick lacks: what
+        the status line and the exporter show (samples.jsonl keeps each reading at the tick it was taken)."""
+        cadenced, held = self._cadenced_keys, self._held
+        if not cadenced:
+            return values
+        present = set()
+        for scope, metric, value in values:
+            key = (scope, metric)
+            if key in cadenced:
+                held[key] = value
+                present.add(key)
+        return values + [(scope, metric, value) for (scope, metric), value in held.items() if (scope, metric) not in present]
+
     def _status_line(self, values: list[ScopedValue], elapsed_s: float) -> str:
         me = scopes.process(self.pid)
         figures = {(s, m): v for s, m, v in values}
@@ -255,8 +274,9 @@ class WatchSession:
             if not process_alive(self.proc):
                 self.ended_by = ENDED_BY_EXIT
                 return
-            self.progress.update(self._status_line(values, now - start))
-            self._after_tick(values, now)
+            latest = self._latest(values)
+            self.progress.update(self._status_line(latest, now - start))
+            self._after_tick(latest, now)
             if self.stop.is_set() or now >= deadline:
                 return
             tick_index += 1
