@@ -81,8 +81,13 @@ def read_smaps_rollup(pid: int, proc_root: str = "/proc") -> dict[str, int] | No
 def read_rss_bytes(pid: int, proc_root: str = "/proc") -> int | Unavailable:
     """RSS from /proc/PID/statm: microseconds, where smaps_rollup (USS, PSS) costs milliseconds."""
     try:
+        page_bytes = os.sysconf("SC_PAGE_SIZE")
         with open(f"{proc_root}/{pid}/statm", "rb") as fh:
-            return parse_statm_rss_bytes(fh.read(), os.sysconf("SC_PAGE_SIZE"))
+            rss = parse_statm_rss_bytes(fh.read(), page_bytes)
+        if rss is None:
+            with open(f"{proc_root}/{pid}/stat", "rb") as fh:
+                rss = rss_of_mapless(ProcessStat(fh.read(), os.sysconf("SC_CLK_TCK"), page_bytes))
+        return rss
     except OSError as exc:
         return _unavailable_for(exc, pid)
     except (ValueError, IndexError) as exc:
@@ -209,14 +214,22 @@ class ProcessStat:
         self.rss_bytes = int(fields[21]) * page_bytes  # the same counter statm's "resident" shows
 
 
-def parse_statm_rss_bytes(statm_text: bytes, page_bytes: int) -> int:
-    """RSS from /proc/PID/statm ("size resident shared ..." in pages). A process whose memory map is gone (a
-    zombie: it has exited and waits for its parent) shows a size of 0: that raises ESRCH, as a read of a
-    process that has been reaped does, so both read as PROCESS_GONE."""
+def parse_statm_rss_bytes(statm_text: bytes, page_bytes: int) -> int | None:
+    """RSS from /proc/PID/statm ("size resident shared ..." in pages), or None where the task has no memory
+    map (a size of 0): a zombie (it has exited and waits for its parent) or a kernel thread, which only
+    /proc/PID/stat's state tells apart (`rss_of_mapless`)."""
     size_end = statm_text.index(b" ")
     if statm_text[:size_end] == b"0":
-        raise OSError(errno.ESRCH, "no memory map: the process has exited")
+        return None
     return int(statm_text[size_end + 1:statm_text.index(b" ", size_end + 1)]) * page_bytes
+
+
+def rss_of_mapless(stat: "ProcessStat") -> int:
+    """The RSS of a task statm showed without a memory map: a zombie's raises ESRCH (as a read of a reaped
+    process does: both read as PROCESS_GONE), a kernel thread's is its RSS (0)."""
+    if stat.state in (b"Z", b"X"):
+        raise OSError(errno.ESRCH, "a zombie: the process has exited")
+    return stat.rss_bytes
 
 
 def parse_ctx_switches(status_text: bytes) -> tuple[int, int]:
@@ -356,8 +369,8 @@ class HostProbe:
         return 100.0 * (history[-1][1] - cpu_then) / (now - since)
 
     def request_all(self) -> None:
-        """Take every reading at the next read() whatever the cadences (USS, host-wide CPU and memory,
-        context switches): a short step still gets readings of its own (diagnose asks at each step's
+        """Take every reading at the next read() whatever the cadences (USS, host-wide CPU and memory, the
+        process's CPU, threads and context switches): a short step still gets readings of its own (diagnose asks at each step's
         final tick)."""
         self._uss_requested = True
         self._reads_to_host = 0
@@ -438,7 +451,10 @@ class HostProbe:
                 switches = parse_ctx_switches(self._pid_status.read())
                 out.append((scope, "rss_bytes", stat.rss_bytes))
             else:
-                out.append((scope, "rss_bytes", parse_statm_rss_bytes(self._pid_statm.read(), self._page_bytes)))
+                rss = parse_statm_rss_bytes(self._pid_statm.read(), self._page_bytes)
+                if rss is None:  # no memory map: a zombie, or a kernel thread (rare: stat says which)
+                    rss = rss_of_mapless(ProcessStat(self._pid_stat.read(), self._ticks_per_s, self._page_bytes))
+                out.append((scope, "rss_bytes", rss))
             if self._uss_due():
                 out.append((scope, "uss_bytes", self._read_uss()))
             if whole:

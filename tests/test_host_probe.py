@@ -291,8 +291,11 @@ def test_a_zombie_reads_process_gone(tmp_path):
 
 
 def test_a_process_that_exits_between_quarter_second_reads_reads_process_gone_from_statm(tmp_path):
-    """At 50 ms the ticks between the quarter-second reads take RSS from /proc/PID/statm alone: a zombie
-    (its memory map gone, size 0) reads PROCESS_GONE there too, never an RSS of 0."""
+    """At 50 ms the ticks between the quarter-second reads take RSS from /proc/PID/statm alone. A zombie (its
+    memory map gone: statm all zeros, stat's state Z) reads PROCESS_GONE there too, never an RSS of 0; a
+    kernel thread (no memory map either, but alive) reads its RSS."""
+    from gpuscope.probes.host import read_rss_bytes
+
     root = _fake_proc(tmp_path, 81)
     probe = HostProbe(81, uss_every_s=None, proc_root=root, interval_s=0.05)
     page = os.sysconf("SC_PAGE_SIZE")
@@ -301,10 +304,11 @@ def test_a_process_that_exits_between_quarter_second_reads_reads_process_gone_fr
     between = as_dict(probe.read())
     assert between[("pid:81", "rss_bytes")] == 310 * page and ("pid:81", "num_threads") not in between
     (tmp_path / "81" / "statm").write_text("0 0 0 0 0 0 0\n")
+    (tmp_path / "81" / "stat").write_text("81 (kworker/0:1) I 2 0 0 0 -1 0 0 0 0 0 5 9 0 0 20 0 1 0 100 0 0 0\n")
+    assert as_dict(probe.read())[("pid:81", "rss_bytes")] == 0 and read_rss_bytes(81, root) == 0
+    (tmp_path / "81" / "stat").write_text("81 (srv) Z 1 1 1 0 -1 0 0 0 0 0 150 50 0 0 20 0 1 0 100 0 0 0\n")
     gone = as_dict(probe.read())[("pid:81", "rss_bytes")]
     assert isinstance(gone, Unavailable) and gone.reason == PROCESS_GONE
-    from gpuscope.probes.host import read_rss_bytes
-
     assert read_rss_bytes(81, root).reason == PROCESS_GONE
 
 
@@ -330,14 +334,24 @@ def test_the_live_process_reads_as_psutil_reads_it():
 
 
 def test_the_kept_descriptors_are_closed(tmp_path):
-    probe = HostProbe(80, uss_every_s=None, proc_root=_fake_proc(tmp_path, 80))
+    """Every kept /proc descriptor, statm's included (read between the quarter-second reads at 50 ms), is
+    given back; checked by the file each number held (another thread may be given a number again at once)."""
+    probe = HostProbe(80, uss_every_s=None, proc_root=_fake_proc(tmp_path, 80), interval_s=0.05)
     probe.read()
-    fds = [handle._fd for handle in (probe._stat, probe._meminfo, probe._pid_stat, probe._pid_status)]
+    probe.read()
+    fds = [handle._fd for handle in (probe._stat, probe._meminfo, probe._pid_stat, probe._pid_statm, probe._pid_status)]
     assert all(isinstance(fd, int) for fd in fds)
+
+    def identity(fd: int):
+        try:
+            status = os.fstat(fd)
+        except OSError:
+            return None
+        return status.st_dev, status.st_ino
+
+    before = [identity(fd) for fd in fds]
     probe.close()
-    for fd in fds:
-        with pytest.raises(OSError):
-            os.fstat(fd)
+    assert all(identity(fd) != held for fd, held in zip(fds, before))
 
 
 def test_meminfo_heads_the_kernel_writes_and_those_it_does_not():
