@@ -204,6 +204,12 @@ def bench_sampler_overhead(quick: bool, echo: Echo, rounds: int | None = None,
             # for that slot: the round is left out whole, and the row says how many were
             whole = [r for r in range(rounds) if all(math.isfinite(rates[arm][r]) for arm in rates)]
             rates = {arm: [values[r] for r in whole] for arm, values in rates.items()}
+            if len(whole) < 3:
+                echo(f"  sampler {interval * 1000:4.0f} ms, {predictors} predictor(s): {len(whole)} of {rounds} rounds "
+                     "had a rate in every slot (the machine stalled): no figure")
+                rows.append({"predictors": predictors, "interval_ms": round(interval * 1000, 3), "rounds": len(whole),
+                             "rounds_without_a_rate": rounds - len(whole), "target": target, "verdict": "unresolved"})
+                continue
             row: dict[str, Any] = {"predictors": predictors, "interval_ms": round(interval * 1000, 3),
                                    "rounds": len(whole), "rounds_without_a_rate": rounds - len(whole),
                                    "slot_s": slot_s, "tick_cpu_us": tick_cpu_us, "without_rps": _median(rates["off"]),
@@ -441,7 +447,9 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
                     {name: 100 for name in probes}, probe_cpu)
     smaps_us = _median(_interleaved_us({"smaps_rollup": lambda: read_smaps_rollup(pid)}, 5, {"smaps_rollup": 5})
                        ["smaps_rollup"])
-    floor_us = _median(times["floor"]) + smaps_us / uss_every_ticks  # smaps_rollup at the probe's USS cadence
+    # smaps_rollup as often as the probe read it in the measured ticks (every 600th at 50 ms, or less often
+    # where one read took over 6 ms: USS_MAX_TIME_SHARE)
+    floor_us = _median(times["floor"]) + smaps_us * max(1, sum(uss_ticks)) / len(uss_ticks)
     host_us = _median(times["host_probe"])
     without_uss = [us for us, uss in zip(per_tick_us, uss_ticks) if not uss]
     with_uss = [us for us, uss in zip(per_tick_us, uss_ticks) if uss]
@@ -477,7 +485,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     echo(f"  host readings, medians of {rounds} interleaved rounds: probe {host_us:.1f} us (reading everything every "
          f"tick: {result['host_probe_every_tick_us']:.1f} us), psutil as before "
          f"{result['psutil_hot_path_before_us']:.1f} us, psutil as a user writes it {result['psutil_baseline_us']:.0f} us, "
-         f"floor {floor_us:.1f} us (preads {result['floor_preads_us']:.1f} + smaps_rollup {smaps_us:.0f} us / {uss_every_ticks})")
+         f"floor {floor_us:.1f} us (preads {result['floor_preads_us']:.1f} + smaps_rollup {smaps_us:.0f} us x {max(1, sum(uss_ticks))} / {len(uss_ticks)})")
     echo("  CPU time (thread), medians: " + ", ".join(f"{k} {v:.1f} us" for k, v in result["cpu_us"].items())
          + "; per probe " + ", ".join(f"{k} {v:.1f} us" for k, v in result["per_probe_cpu_us"].items()))
     echo(f"  samples.jsonl: {result['samples_bytes_per_tick']['v2']:.0f} bytes a tick, "

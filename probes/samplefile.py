@@ -29,6 +29,7 @@ report reads, as a day at 5 ms is 17 million rows). Both go through `Timeline.ch
 """
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import math
@@ -134,6 +135,8 @@ class SampleWriter:
             try:
                 written = os.write(fd, data)  # one line a tick in the kernel at once: a kill -9 loses none
                 while written < len(data):  # short only as a disk fills: the next write says why
+                    if written == 0:  # a file system that takes nothing and says nothing: never spin on it
+                        raise OSError(errno.EIO, f"wrote nothing of a {len(data)}-byte line")
                     data = data[written:]
                     written = os.write(fd, data)
                 self.lines_written += 1

@@ -396,9 +396,10 @@ def test_the_header_line_of_a_reused_file_does_not_confuse_the_rows(samples_path
     assert timeline.column("gpu:0", "used_bytes") == [100, 100, 100, None]
 
 
-def test_host_cpu_memory_and_context_switches_come_every_quarter_second_at_50ms_and_are_never_shown_between(
+def test_host_cpu_memory_and_the_process_cpu_threads_and_switches_come_every_quarter_second_at_50ms(
         tmp_path, samples_path):
-    """At 50 ms the host-wide readings and the context switches are read every 5th tick (0.25 s), declared so,
+    """At 50 ms the host-wide readings and the process's CPU, threads and context switches are read every 5th
+    tick (0.25 s), never shown between (RSS at every tick, from statm between the reads), declared so,
     and the ticks between hold None; each read holds what /proc said at that very tick, and the per-core busy
     share covers the whole quarter second since the read before (not the last 50 ms)."""
     from gpuscope.probes.host import HostProbe
