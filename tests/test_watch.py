@@ -523,14 +523,21 @@ def test_a_days_watch_does_not_keep_every_process_that_came_and_went(sleeper, tm
             "departed ones that held the most are listed; none of the others held more than") in page
 
 
-def test_a_full_tracker_forgets_the_departed_neighbour_that_held_least_never_a_present_one():
+def _tracker_of_four() -> tuple[LiveTracker, Callable[[int, dict[int, float]], None]]:
+    """A LiveTracker bounded at 4 (pid, device) spans, and `tick(k, {pid: used_bytes})`: tick k, 1 s apart,
+    with those pids on GPU 0."""
     tracker = LiveTracker(pid=1, t0_ns=0)
     tracker.MAX_PIDS = 4
-    tick_s = 1_000_000_000
 
     def tick(k: int, rows: dict[int, float]) -> None:
-        tracker(k * tick_s, [(scopes.process_on_device(pid, 0), "used_bytes", used) for pid, used in rows.items()])
+        tracker(k * 1_000_000_000,
+                [(scopes.process_on_device(pid, 0), "used_bytes", used) for pid, used in rows.items()])
 
+    return tracker, tick
+
+
+def test_a_full_tracker_forgets_the_departed_neighbour_that_held_least_never_a_present_one():
+    tracker, tick = _tracker_of_four()
     tick(0, {1: 9 * GiB, 10: 5 * MiB, 11: 7 * MiB, 12: 1 * MiB})
     tick(1, {1: 9 * GiB, 11: 7 * MiB})  # 10 and 12 left; 12 held least
     tick(2, {1: 9 * GiB, 11: 7 * MiB, 13: 2 * MiB})
@@ -566,13 +573,7 @@ def test_a_full_tracker_never_takes_a_pid_later_in_the_same_tick_for_departed():
     """Four spans kept, and a fifth pid first in the next tick's order: the four still listed after it were
     taken for departed mid-tick and forgotten one after another (5 'forgotten', first-seen times reset).
     The bound is applied after the tick: the one that held least goes, and nothing else moves."""
-    tracker = LiveTracker(pid=1, t0_ns=0)
-    tracker.MAX_PIDS = 4
-    tick_s = 1_000_000_000
-
-    def tick(k: int, rows: dict[int, float]) -> None:
-        tracker(k * tick_s, [(scopes.process_on_device(pid, 0), "used_bytes", used) for pid, used in rows.items()])
-
+    tracker, tick = _tracker_of_four()
     tick(0, {10: 4 * MiB, 11: 5 * MiB, 12: 6 * MiB, 13: 7 * MiB})
     tick(1, {14: 1 * MiB, 10: 4 * MiB, 11: 5 * MiB, 12: 6 * MiB, 13: 7 * MiB})
     spans = tracker.pid_spans()
