@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -377,8 +378,8 @@ def test_the_harness_runs_a_planted_model_and_reads_back_its_steps_polls_and_tor
 
 def test_a_planted_model_plants_once_on_its_first_cuda_request_on_the_right_thread_and_never_on_the_cpu():
     """plants_once, on the CPU: tensors that say they are on CUDA stand in for CUDA ones. Eight predictor
-    threads race to the first request: the plant runs exactly once; a model keyed to a thread no predictor
-    has never plants; CPU tensors never do."""
+    threads race to the first request, and the plant takes 20 ms, so without the lock several would plant:
+    it runs exactly once; a model keyed to one thread plants on that thread only; CPU tensors never plant."""
     torch = pytest.importorskip("torch")
     from tests.gpu import plants
 
@@ -388,22 +389,37 @@ def test_a_planted_model_plants_once_on_its_first_cuda_request_on_the_right_thre
             return True
 
     planted: list[Any] = []
-    model = plants.plants_once("Racing", lambda device: planted.append(device))
-    assert type(model).__name__ == "Racing" and model in sc._HELD
-    model(torch.ones(8, 1024))
-    assert planted == [] and not model.planted  # a CPU request
-    start = threading.Barrier(8)
 
-    def request() -> None:
-        start.wait()
-        model(torch.Tensor._make_subclass(OnCuda, torch.ones(8, 1024)))
+    def slow_plant(device: Any) -> None:
+        planted.append((device, threading.current_thread().name))
+        time.sleep(0.02)  # the racing threads reach the check while this one is still planting
 
-    threads = [threading.Thread(target=request) for _ in range(8)]
-    for thread in threads:
-        thread.start()
-    for thread in threads:
-        thread.join()
-    assert planted == [torch.device("cpu")] and model.planted
-    elsewhere = plants.plants_once("Elsewhere", lambda device: planted.append(device), lambda: False)
-    elsewhere(torch.Tensor._make_subclass(OnCuda, torch.ones(8, 1024)))
-    assert len(planted) == 1 and not elsewhere.planted
+    def race(model: Any) -> None:
+        start = threading.Barrier(8)
+
+        def request() -> None:
+            start.wait()
+            model(torch.Tensor._make_subclass(OnCuda, torch.ones(8, 1024)))
+
+        threads = [threading.Thread(target=request, name=f"predictor-{i}") for i in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+
+    held_before = list(sc._HELD)
+    try:
+        model = plants.plants_once("Racing", slow_plant)
+        assert type(model).__name__ == "Racing" and model in sc._HELD
+        model(torch.ones(8, 1024))
+        assert planted == [] and not model.planted  # a CPU request
+        race(model)
+        assert [device for device, _thread in planted] == [torch.device("cpu")] and model.planted
+        keyed = plants.plants_once("Keyed", slow_plant, lambda: threading.current_thread().name == "predictor-5")
+        race(keyed)
+        assert planted[1:] == [(torch.device("cpu"), "predictor-5")] and keyed.planted
+        elsewhere = plants.plants_once("Elsewhere", slow_plant, lambda: False)
+        elsewhere(torch.Tensor._make_subclass(OnCuda, torch.ones(8, 1024)))
+        assert len(planted) == 2 and not elsewhere.planted
+    finally:
+        sc._HELD[:] = held_before  # the planted models are not this session's to hold to exit
