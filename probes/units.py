@@ -2,7 +2,9 @@
 from __future__ import annotations
 
 import math
+import numbers
 import re
+from typing import Any
 
 KiB = 1024
 MiB = 1024**2
@@ -44,12 +46,13 @@ def format_bytes(num_bytes: float) -> str:
     return f"{sign}{value:.0f} B"
 
 
-def format_ms(value_ms: float) -> str:
+def format_ms(value_ms: Any) -> str:
     """`123 ms`, `18.0 ms`, `0.45 ms`, `85 us`: the digits that matter for a latency. Sub-millisecond models
-    are common on a GPU and on small CPU models; a fixed `.1f` printed their p50 as "0.0 ms"."""
-    value = float(value_ms)
-    if not math.isfinite(value):
+    are common on a GPU and on small CPU models; a fixed `.1f` printed their p50 as "0.0 ms". Anything but a
+    finite number (None from an old or damaged run.json, NaN, an Unavailable) is "n/a", never an error."""
+    if isinstance(value_ms, bool) or not isinstance(value_ms, numbers.Real) or not math.isfinite(value_ms):
         return "n/a"
+    value = float(value_ms)
     if value >= 100:
         return f"{value:.0f} ms"
     if value >= 10:

@@ -19,7 +19,7 @@ from datetime import datetime, timezone
 from typing import TYPE_CHECKING, Any, Iterable
 
 from gpuscope.probes.readings import is_available
-from gpuscope.probes.redact import REDACTED, is_secret_name, redact_cmdline, redact_text
+from gpuscope.probes.redact import REDACTED, is_secret_name, redact_argv, redact_cmdline, redact_text
 from gpuscope.probes.units import format_bytes
 from gpuscope.record.catalogue import LIVE_MODES, SEVERITY_ORDER
 from gpuscope.record.layers import CPU_LAYERS, GPU_LAYERS, LAYER_LABELS
@@ -276,7 +276,7 @@ def _redacted_evidence(value: Any, key: str = "") -> Any:
     if isinstance(value, dict):
         return {k: _redacted_evidence(v, str(k)) for k, v in value.items()}
     if key == "cmdline" and isinstance(value, list):  # argv as a list: a flag and its value are two items
-        return redact_cmdline(" ".join(str(v) for v in value))
+        return redact_argv([str(v) for v in value])  # item by item: a secret with a space stays whole
     if isinstance(value, list):
         return [_redacted_evidence(v, key) for v in value]
     if isinstance(value, str):

@@ -81,7 +81,8 @@ def test_max_reading_of_nothing_readable_keeps_the_reason():
 
 
 @pytest.mark.parametrize("value_ms, shown", [(250.0, "250 ms"), (18.04, "18.0 ms"), (0.45, "0.45 ms"),
-                                             (0.085, "85 us"), (float("nan"), "n/a"), (float("inf"), "n/a")])
+                                             (0.085, "85 us"), (float("nan"), "n/a"), (float("inf"), "n/a"),
+                                             (None, "n/a"), ("12", "n/a"), (True, "n/a"), (3, "3.00 ms")])
 def test_a_latency_is_shown_with_the_digits_that_matter_and_never_as_nan_us(value_ms, shown):
     from gpuscope.probes.units import format_ms
 

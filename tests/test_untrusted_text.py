@@ -243,10 +243,12 @@ def test_a_command_line_held_as_an_argv_list_in_a_findings_evidence_is_redacted_
     record = RunRecord(tool_version="test", started_at="2026-11-26T00:00:00+00:00", pid=1)
     record.config = {"device": "cuda:0", "gpu_index": 0}
     record.findings = [Finding("FOREIGN_PROCESS", "warn", "another process holds memory",
-                               {"processes": [{"pid": 2, "cmdline": ["python", "serve.py", "--password", "pw123"]}]},
+                               {"processes": [{"pid": 2, "cmdline": ["python", "serve.py", "--password", "pw123",
+                                                                     "--token", "open sesame"]}]},
                                "move it", None)]
     html = render_html(record, [], notes=[])
     assert "pw123" not in html and "--password" in html
+    assert "sesame" not in html and "--token" in html  # a secret with a space in it stays one argv item
 
 
 # ---------------------------------------------------------------- nothing reaches a shell or eval
