@@ -347,10 +347,6 @@ class HostProbe:
             cadence.update({(self.scope, metric): self._host_every_s for metric in self.CADENCED_PROCESS_METRICS})
         return cadence
 
-    def read_rss(self) -> int | Unavailable:
-        """This process's RSS now (a one-off reading outside the sampler)."""
-        return read_rss_bytes(self.pid, self._proc_root)
-
     def _cpu_pct(self, cpu_s: float) -> float | Unavailable:
         """The process's CPU over the last CPU_WINDOW_S or more (100 = one core busy).
 

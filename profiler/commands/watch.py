@@ -160,9 +160,6 @@ class WatchSession:
             host = HostProbe(self.pid, uss_every_s=uss_every, clock_s=self._clock, interval_s=self.interval_s)
         except Exception as exc:
             raise UsageError(f"--pid {self.pid}: cannot read the process ({exc})") from None
-        # readings the host probe takes less often than every tick (CPU and threads every quarter second at
-        # short intervals): the status line and the exporter show their last value, not a gap between reads
-        self._cadenced_keys = frozenset(host.cadence_s())
         probes: dict[str, Any] = {"host": host}
         if self.gpu_probe is not None:
             probes["gpu"] = self.gpu_probe
@@ -176,6 +173,10 @@ class WatchSession:
                                                     {"target": self.target_info.to_json()},
                                                     clock_ns=lambda: int(self._clock() * 1e9))
         self.writer = self.recording.writer
+        # readings the probes take less often than every tick (the sampler declared them to the samples file:
+        # CPU and threads every quarter second at short intervals): the status line and the exporter show
+        # their last value, not a gap between reads
+        self._cadenced_keys = frozenset(self.writer.cadence_s) if self.writer is not None else frozenset()
         self.recording.config({"target_pid": self.pid, "device": "cpu", "gpu_index": None,
                                "interval_s": self.interval_s, "duration_s": self.duration_s, "out": self.out_dir,
                                "device_index_space": "nvml", "prometheus_port": self.port,
@@ -368,7 +369,7 @@ class WatchSession:
             self.progress.stream.flush()
         exit_code = EXIT_SIGTERM if self.ended_by == ENDED_BY_SIGTERM else EXIT_OK
         if self.port is not None:  # the last view carries the final findings until the exporter closes
-            self._after_tick(self.tracker.last_values, self._clock())
+            self._after_tick(self._latest(self.tracker.last_values), self._clock())
         self._close_exporter()
         self.recording.close_devices()
         result = self.recording.finish(exit_code, self.opts.report, render_run)
