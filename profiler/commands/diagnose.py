@@ -145,7 +145,7 @@ def run_diagnose(opts: DiagnoseOptions, progress: Progress | None = None,
         record.steps = list(hooks.steps)
         recording.save_progress()  # a kill -9 still leaves every finished step on disk
 
-    def step_end_tick() -> Any:  # every step gets readings of its own (USS, host CPU), however short it is
+    def step_end_tick() -> Any:  # every step gets readings of its own (USS, process CPU), however short it is
         host_probe.request_all()
         return sampler.tick()
 

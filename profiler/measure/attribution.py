@@ -28,17 +28,15 @@ def end_figures(last: dict[tuple[str, str], Any], pid: int, gpu_index: int) -> d
 
 # the names a step's peaks give the readings of the device, of this process on it, and of this process
 _DEVICE_FIGURES = {"used_bytes": "device_used_bytes", "total_bytes": "device_total_bytes",
-                   "driver_reserved_bytes": "driver_reserved_bytes", "free_bytes": "device_free_bytes",
-                   "util_pct": "device_util_pct"}
+                   "driver_reserved_bytes": "driver_reserved_bytes", "free_bytes": "device_free_bytes"}
 _PROCESS_ON_DEVICE_FIGURES = {"used_bytes": "process_gpu_bytes", "torch_allocated_bytes": "torch_allocated_now_bytes",
                               "torch_reserved_bytes": "torch_reserved_now_bytes",
                               "torch_peak_allocated_bytes": "torch_allocated_bytes",
                               "torch_peak_reserved_bytes": "torch_reserved_bytes",
                               "torch_inactive_split_bytes": "torch_inactive_split_bytes",
-                              "torch_alloc_retries": "torch_alloc_retries", "torch_ooms": "torch_ooms",
-                              "sm_util_pct": "process_sm_util_pct"}
-_PROCESS_FIGURES = frozenset(("rss_bytes", "uss_bytes", "cpu_util_pct", "num_threads", "ctx_switches_involuntary",
-                              "ctx_switches_voluntary"))
+                              "torch_alloc_retries": "torch_alloc_retries", "torch_ooms": "torch_ooms"}
+# (a step keeps only the figures its record uses: utilisation, threads and host CPU are drawn from the samples)
+_PROCESS_FIGURES = frozenset(("rss_bytes", "uss_bytes", "cpu_util_pct", "ctx_switches_involuntary"))
 
 
 class StepMonitor:
@@ -93,8 +91,6 @@ class StepMonitor:
                 key = _PROCESS_ON_DEVICE_FIGURES.get(metric)
             elif scope == me:
                 key = metric if metric in _PROCESS_FIGURES else None
-            elif scope == scopes.HOST:
-                key = "host_cpu_util_pct" if metric == "cpu_util_pct" else None
             else:
                 continue
             if key:

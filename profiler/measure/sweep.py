@@ -77,8 +77,6 @@ def step_from_run(run: StepRun, memory: dict[str, Any], intra_op_threads: int, t
     sampled_cpu = memory.pop("cpu_util_pct", None)
     cpu = run.cpu_util_pct if run.cpu_util_pct is not None else sampled_cpu
     switches = memory.pop("ctx_switches_involuntary", None)
-    for key in ("ctx_switches_voluntary", "num_threads", "host_cpu_util_pct", "device_util_pct", "process_sm_util_pct"):
-        memory.pop(key, None)
     step = Step(
         predictors=run.predictors, requests=run.requests, errors=run.errors, duration_s=run.duration_s,
         throughput_rps=run.requests / run.duration_s, latency_ms=percentiles_ms(latencies),
