@@ -291,18 +291,20 @@ def _v1_line_bytes(t_ns: int, values: list[tuple[str, str, Any]]) -> int:
     return len(json.dumps(reading_to_json({"t_ns": t_ns, "v": grouped}), separators=(",", ":"), default=str)) + 1
 
 
-def _host_variants(pid: int, clock_s: Callable[[], float]) -> dict[str, Callable[[], Any]]:
+def _host_variants(pid: int) -> dict[str, Callable[[], Any]]:
     """The same host readings five ways: our probe at 50 ms (host-wide CPU and memory, the process's CPU,
     threads and context switches every 5th tick, RSS at every tick, as diagnose makes it); the same probe reading everything every tick (before
     the quarter-second cadence); the psutil calls the probe made before issue 17; what a user would write
     with psutil; and the floor, the bare preads of the same /proc files on open descriptors at the
-    probe's cadence, with no parsing (USS's smaps_rollup is added at its cadence by the caller)."""
+    probe's cadence, with no parsing. None of them reads USS: the caller adds smaps_rollup's cost to each
+    of ours at the cadence the tick's probe read it (each read here interleaved on a shared clock had put
+    a USS read in two rounds of three)."""
     import psutil
 
     from gpuscope.probes.host import HostProbe, ticks_between_host_reads
 
-    probe = HostProbe(pid, clock_s=clock_s, interval_s=0.05)
-    every_tick = HostProbe(pid, clock_s=clock_s)
+    probe = HostProbe(pid, uss_every_s=None, interval_s=0.05)
+    every_tick = HostProbe(pid, uss_every_s=None)
     proc = psutil.Process(pid)
     psutil.cpu_percent(None, percpu=True)
 
@@ -360,7 +362,7 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
     host readings side by side with psutil and with the floor; the samples file's bytes per tick."""
     import torch  # noqa: F401  (loaded, as in a real run: it changes /proc costs)
 
-    from gpuscope.probes.host import USS_EVERY_S, HostProbe, read_smaps_rollup
+    from gpuscope.probes.host import USS_EVERY_S, HostProbe, read_smaps_rollup, ticks_between_host_reads
     from gpuscope.probes.samplefile import SampleWriter
     from gpuscope.probes.sampler import PeakTracker, Sampler
 
@@ -434,8 +436,8 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
         v2_bytes = sum(len(line) for line in fh.readlines() if '"event"' not in line)
     per_probe = {name: (cost - probe_before.get(name, 0)) / ticks / 1000 for name, cost in sampler.probe_cost_ns.items()}
 
-    # the host readings four ways, interleaved (a simulated 50 ms clock again for the probe's USS cadence)
-    variants = _host_variants(pid, clock_s)
+    # the host readings five ways, interleaved, USS apart (added below at the cadence the ticks read it)
+    variants = _host_variants(pid)
     rounds = 11 if quick else 21
     calls = {"host_probe": 200, "host_probe_every_tick": 200, "psutil_hot_path_before": 200, "psutil_user": 5,
              "floor": 200}
@@ -449,8 +451,10 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
                        ["smaps_rollup"])
     # smaps_rollup as often as the probe read it in the measured ticks (every 600th at 50 ms, or less often
     # where one read took over 6 ms: USS_MAX_TIME_SHARE)
-    floor_us = _median(times["floor"]) + smaps_us * max(1, sum(uss_ticks)) / len(uss_ticks)
-    host_us = _median(times["host_probe"])
+    uss_share_us = smaps_us * max(1, sum(uss_ticks)) / len(uss_ticks)
+    floor_us = _median(times["floor"]) + uss_share_us
+    host_us = _median(times["host_probe"]) + uss_share_us
+    every_tick_us = _median(times["host_probe_every_tick"]) + uss_share_us
     without_uss = [us for us, uss in zip(per_tick_us, uss_ticks) if not uss]
     with_uss = [us for us, uss in zip(per_tick_us, uss_ticks) if uss]
     result = {"ticks": ticks, "warmup_ticks": warmup, "gpu_source": source, "mean_tick_wall_us": mean_wall_us,
@@ -466,9 +470,9 @@ def bench_tick_cost(quick: bool, echo: Echo) -> dict[str, Any]:
               "host_over_floor": host_us / floor_us,
               "psutil_baseline_over_host": _median(times["psutil_user"]) / host_us,
               "before_over_host": _median(times["psutil_hot_path_before"]) / host_us,
-              "host_probe_every_tick_us": _median(times["host_probe_every_tick"]),
-              "every_tick_over_host": _median(times["host_probe_every_tick"]) / host_us,
-              "host_every_ticks": 5,
+              "host_probe_every_tick_us": every_tick_us, "uss_share_us": uss_share_us,
+              "every_tick_over_host": every_tick_us / host_us,
+              "host_every_ticks": ticks_between_host_reads(0.05),
               "rounds": rounds, "uss_every_ticks": uss_every_ticks,
               "cpu_us": {name: _median(values) for name, values in cpu.items()},
               "per_probe_cpu_us": {name: _median(values) for name, values in probe_cpu.items()},
