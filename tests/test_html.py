@@ -210,7 +210,9 @@ def test_an_unavailable_sharing_figure_keeps_its_reason(gpu_record) -> None:
     text = render_html(record, _fake_plots())
     reason = record.sharing["bytes_per_extra_predictor"]
     assert isinstance(reason, Unavailable)
-    assert f"unavailable ({reason.reason}: {reason.detail})" in text
+    at = text.index(f"unavailable ({reason.reason}: {reason.detail})")
+    around = text[max(0, at - 300):at + 300]  # the sharing row, and what stands beside the reason
+    assert not re.search(r"(?<![\d.])0(\.0+)? (B|KiB|MiB|GiB)\b", around), around
 
 
 def test_unavailable_reads_as_unavailable_never_zero(tmp_path: Path) -> None:

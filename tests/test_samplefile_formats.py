@@ -210,8 +210,15 @@ def _cadenced_ticks(seed: int, count: int) -> list[Tick]:
 @pytest.mark.parametrize("seed", [3, 4])
 def test_ticks_that_alternate_layouts_take_the_short_path_and_write_the_bytes_the_key_by_key_path_writes(
         tmp_path, seed):
+    class CountsShortRows(SampleWriter):
+        short_rows = 0
+
+        def _layout_row(self, *args):
+            self.short_rows += 1
+            return super()._layout_row(*args)
+
     short, by_key = tmp_path / "short.jsonl", tmp_path / "by_key.jsonl"
-    writers = [SampleWriter(str(short), {"t0_ns": T0}, 97), _EveryTickByKey(str(by_key), {"t0_ns": T0}, 97)]
+    writers = [CountsShortRows(str(short), {"t0_ns": T0}, 97), _EveryTickByKey(str(by_key), {"t0_ns": T0}, 97)]
     ticks = _cadenced_ticks(seed, 800)
     for tick in ticks:
         for writer in writers:
@@ -219,6 +226,7 @@ def test_ticks_that_alternate_layouts_take_the_short_path_and_write_the_bytes_th
     for writer in writers:
         writer.close()
     assert short.read_bytes() == by_key.read_bytes()
+    assert writers[0].short_rows > 600  # most rows by a kept layout (the rest: keyframes, new keys, new layouts)
     lines = short.read_text().splitlines()[1:]
     # declarations only where the format needs them: a keyframe every 97 rows, and a row between keyframes
     # only when it brings a key the file has not declared since the last keyframe
