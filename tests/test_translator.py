@@ -199,10 +199,33 @@ def test_a_model_that_takes_the_mapping_or_the_tuple_whole_gets_it_whole():
     assert call({"ids": ids, "mask": mask}).tolist() == [3.0, 3.0] and call((ids, mask)).tolist() == [3.0, 3.0]
     assert call({"ids": ids}).tolist() == [2.0, 2.0]  # another set of keys is decided again
 
-
     class Both(torch.nn.Module):
         def forward(self, ids, mask):
             return ids * mask
 
     with pytest.raises(TypeError, match="nope"):  # neither way binds: spread, the model's own error says why
         keyword_or_positional(Both())({"nope": ids})
+
+
+def test_an_input_that_does_not_fit_a_spreading_model_gets_the_model_s_own_error_not_a_whole_mapping():
+    """forward(self, input_ids, attention_mask=None) given an extra key, or forward(x, y=None) a 3-tuple:
+    passing it whole would bind (to input_ids, to x) and fail deep inside the model ("'dict' object has no
+    attribute ..."); spread, the error names what does not fit."""
+    import torch
+
+    from gpuscope.measure.translator import keyword_or_positional
+
+    class Bert(torch.nn.Module):
+        def forward(self, input_ids, attention_mask=None):
+            return input_ids.sum()
+
+    class Pair(torch.nn.Module):
+        def forward(self, x, y=None):
+            return x.sum()
+
+    ids = torch.ones(2)
+    with pytest.raises(TypeError, match="token_type_ids"):
+        keyword_or_positional(Bert())({"input_ids": ids, "token_type_ids": ids})
+    with pytest.raises(TypeError, match="positional"):
+        keyword_or_positional(Pair())((ids, ids, ids))
+    assert keyword_or_positional(Bert())({"input_ids": ids}).item() == 2.0  # one that fits is spread

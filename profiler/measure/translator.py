@@ -138,12 +138,17 @@ def keyword_or_positional(module: Any) -> Callable[[Any], Any]:
     arguments (`model(**tokenizer(text))`, every Hugging Face model), a tuple as positional arguments
     (`model(ids, mask)`), anything else as the one input. A model whose forward takes the mapping or the
     tuple whole (`forward(self, batch)`) gets it whole: decided once per mapping's keys or tuple's length
-    from forward's signature (binding costs ~10 us: not at every request), and spread where the signature
-    cannot be read (TorchScript) or neither way binds (the model's own error then says why)."""
+    from forward's signature (binding costs ~10 us: not at every request). It is spread where the signature
+    cannot be read (TorchScript), where a key of the mapping names a parameter of forward or forward takes
+    more than one positional argument (the input does not fit the model: its own error, "unexpected keyword
+    argument", then says why), and where neither way binds."""
     try:
         signature: inspect.Signature | None = inspect.signature(getattr(module, "forward", module))
     except (TypeError, ValueError):
         signature = None
+    parameters = signature.parameters if signature is not None else {}
+    positional = sum(1 for p in parameters.values()
+                     if p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD))
     spread_by_shape: dict[Any, bool] = {}
 
     def spreads(value: Any) -> bool:
@@ -154,6 +159,8 @@ def keyword_or_positional(module: Any) -> Callable[[Any], Any]:
             return True
         except TypeError:
             pass
+        if any(key in parameters for key in value) if isinstance(value, Mapping) else positional != 1:
+            return True  # meant to be spread, and wrong: whole, the error would be about something else
         try:
             signature.bind(value)
             return False
